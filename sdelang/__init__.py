@@ -1,0 +1,16 @@
+"""sdelang: declare a forward SDE, get its score-based diffusion machinery as a PyTorch module.
+
+    import sdelang
+    sde = sdelang.load("examples/vp.sde", beta_max=30)   # a torch.nn.Module
+    mean, std = sde.marginal_prob(x0, t)
+
+The pipeline, one module per stage: parse -> check -> derive -> codegen (see compiler.py).
+"""
+__version__ = "0.1.0"
+
+from .compiler import Compiled, compile_file, compile_source  # noqa: E402
+from .errors import InternalCompilerError, SdeError, Source  # noqa: E402
+from .loader import load, load_module  # noqa: E402
+
+__all__ = ["Compiled", "InternalCompilerError", "SdeError", "Source", "__version__", "compile_file",
+           "compile_source", "load", "load_module"]

@@ -1,0 +1,129 @@
+"""The command line: ``sdelang compile`` and ``sdelang show``."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import sympy as sp
+
+from .compiler import compile_file, compile_source, read_source
+from .derive import Derivation
+from .derive.reverse import SCORE
+from .errors import InternalCompilerError, SdeError
+
+
+def _param(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not sep or not name.strip().isidentifier() or not math.isfinite(number):
+        raise SdeError(f"--param expects NAME=NUMBER, got {text!r}", hint="for example --param beta_max=30")
+    return name.strip(), number
+
+
+def _params(items: list[str]) -> dict[str, float]:
+    return dict(_param(item) for item in items)
+
+
+def _rows(d: Derivation) -> list[tuple[str, sp.Expr | str]]:
+    p, k, imp = d.program, d.kernel, d.importance
+    score = sp.Symbol("s(x,t)")
+    return [
+        ("drift f(x, t)", p.drift),
+        ("a(t) (f = a x + b)", d.a),
+        ("b(t)", d.b),
+        ("diffusion g(t)", p.diffusion),
+        ("g(t)^2", d.g2),
+        ("kernel", d.kernel_path),
+        ("mean coefficient m(t)", k.m),
+        ("mean offset c(t)", k.c),
+        ("variance v(t)", k.v),
+        ("std sigma(t)", k.std),
+        ("logSNR(t) = log(m^2/v)", d.log_snr),
+        ("reverse drift f - g^2 s", d.reverse_drift.xreplace({SCORE: score})),
+        ("flow drift f - g^2 s / 2", d.flow_drift.xreplace({SCORE: score})),
+        (f"weighting lambda(t) ({p.weighting})", d.weight),
+        (f"t sampling", p.t_sampling),
+        ("importance density q(t)", imp.density),
+        ("importance CDF Q(t)", imp.cdf),
+        ("importance inverse CDF", imp.inverse if imp.inverse is not None else d.inverse_cdf_path),
+        ("prior mean", d.prior_mean),
+        ("prior variance", d.prior_variance),
+        ("step ratio m(t)/m(s)", d.step.ratio),
+        ("step variance G^2", d.step.variance),
+        ("drift divergence", d.divergence),
+        ("[eps, T]", f"[{sp.sstr(p.eps)}, {sp.sstr(p.T)}]"),
+        ("N (steps)", str(p.N)),
+        ("v0", p.v0),
+    ]
+
+
+def show(d: Derivation, latex: bool = False) -> str:
+    rows = _rows(d)
+    width = max(len(name) for name, _ in rows)
+    out = [f"sde {d.program.name} ({d.program.source.path})"]
+    for name, value in rows:
+        if isinstance(value, str):
+            text = value
+        else:
+            text = sp.latex(value) if latex else sp.sstr(value)
+        out.append(f"  {name.ljust(width)}  {text}")
+    return "\n".join(out)
+
+
+def _compile(args) -> int:
+    params = _params(args.param)
+    for path in args.files:
+        target = compile_file(path, args.output, params)
+        print(f"{path} -> {target}")
+    return 0
+
+
+def _show(args) -> int:
+    compiled = compile_source(read_source(args.file), _params(args.param))
+    print(show(compiled.derivation, latex=args.latex))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdelang", description="Compile forward SDEs into PyTorch modules.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compile", help="compile .sde files into generated/<name>.py")
+    c.add_argument("files", nargs="+", metavar="FILE")
+    c.add_argument("-o", "--output", default="generated", metavar="DIR", help="output folder (default: generated)")
+    c.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="override a parameter default")
+    c.set_defaults(run=_compile)
+    s = sub.add_parser("show", help="print every derived quantity")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--latex", action="store_true", help="print LaTeX instead of plain text")
+    s.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="override a parameter default")
+    s.set_defaults(run=_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except SdeError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 2
+    except InternalCompilerError as exc:
+        print(f"sdelang: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: say so plainly; the traceback with SDELANG_DEBUG=1
+        if os.environ.get("SDELANG_DEBUG"):
+            raise
+        print(f"sdelang: internal compiler error (a bug in sdelang, please report it): "
+              f"{type(exc).__name__}: {exc}\n  rerun with SDELANG_DEBUG=1 for the traceback", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

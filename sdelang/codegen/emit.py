@@ -1,0 +1,121 @@
+"""Stage 4: derivation -> the text of a standalone PyTorch module (templates/module.py.j2)."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import jinja2
+import numpy as np
+import sympy as sp
+
+from .. import __version__
+from ..derive import Derivation
+from ..derive.discretize import START
+from ..derive.divergence import DIM
+from ..derive.importance import U, Y
+from ..derive.symbolic import size
+from .printer import Code, ConstantPool, ScalarPrinter, generate, stable
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+QUADRATURE_NODES = 48  # Gauss-Legendre nodes for the numeric path
+MAX_FORMULA_SIZE = 120  # expression nodes shown in a docstring
+
+_env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
+                          keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+
+
+def class_name(sde_name: str) -> str:
+    """vp -> VPSDE, cosine_vp -> CosineVPSDE: short parts upper-cased, as in VPSDE and VESDE."""
+    parts = [p.upper() if len(p) <= 3 else p.capitalize() for p in sde_name.split("_") if p]
+    return "".join(parts) + "SDE"
+
+
+def _formula(expr: sp.Expr) -> str:
+    """A one-line formula for a docstring; long numeric-path expressions are summarised."""
+    if size(expr) > MAX_FORMULA_SIZE:
+        return "(a long expression with numeric integrals; see `sdelang show`)"
+    return sp.sstr(stable(expr)).replace("**", "^")
+
+
+def emit(d: Derivation) -> str:
+    """The generated module's source text; the same derivation always gives the same bytes."""
+    p = d.program
+    t = p.t
+    names = {t: "t", p.x: "x", START: "s", U: "u", Y: "y", DIM: "d"}
+    names.update({prm.symbol: f"self.{prm.name}" for prm in p.params})
+    pool = ConstantPool(frozenset(prm.symbol for prm in p.params))
+    imp = d.importance
+    k = d.kernel
+    uniform = p.t_sampling == "uniform"
+
+    def code(*exprs: sp.Expr) -> Code:
+        return generate(list(exprs), pool, names)
+
+    lsnr_eps, lsnr_T = d.log_snr.xreplace({t: p.eps}), d.log_snr.xreplace({t: p.T})
+    methods = {
+        "sde": code(d.a, d.b, p.diffusion),
+        "diffusion": code(p.diffusion),
+        "marginal_prob": code(k.m, k.c, k.std),
+        "mean_coeff": code(k.m),
+        "mean_offset": code(k.c),
+        "std": code(k.std),
+        "log_snr": code(d.log_snr),
+        "prior": code(d.prior_mean, d.prior_variance),
+        "discretize": code(d.step.ratio, d.step.offset),
+        "weight": code(d.weight),
+        "t_density": code(1 / (p.T - p.eps) if uniform else imp.density),
+        # The per-dimension divergence; the template multiplies by d = x[0].numel().
+        "divergence": code(d.divergence / DIM),
+    }
+    if uniform:
+        methods["t_cdf"] = code((t - p.eps) / (p.T - p.eps))
+        methods["t_icdf"] = code(p.eps + U * (p.T - p.eps))
+    else:
+        methods["t_cdf"] = code(imp.cdf)
+        if imp.by_log_snr:
+            methods["log_snr_bounds"] = code(lsnr_eps, lsnr_T)
+        if imp.inverse is not None:
+            methods["t_icdf"] = code(imp.inverse)
+    numeric_inverse = not uniform and imp.inverse is None
+    settings = code(p.eps, p.T, p.v0)
+
+    scalar = ScalarPrinter({prm.symbol: f"self.{prm.name}" for prm in p.params})
+    params = [(prm.name, repr(float(prm.default)), prm.default > 0) for prm in p.params]
+    nodes, weights = np.polynomial.legendre.leggauss(QUADRATURE_NODES)
+    uses_quadrature = any("self._quad(" in line for c in methods.values() for line in (*c.lines, *c.results))
+    source_text = p.source.text
+    context = dict(
+        version=__version__,
+        source_name=Path(p.source.path).name,
+        source_sha256=hashlib.sha256(source_text.encode()).hexdigest(),
+        source_lines=source_text.rstrip("\n").splitlines(),
+        name=p.name,
+        class_name=class_name(p.name),
+        params=params,
+        N=p.N,
+        constants=pool.lines(scalar.names),
+        settings=settings,
+        m=methods,
+        b_is_zero=d.b == 0,
+        c_is_zero=k.c == 0,
+        uniform=uniform,
+        by_log_snr=imp.by_log_snr and not uniform,
+        body=lambda c: "".join(f"\n        {line}" for line in c.lines),
+        numeric_inverse=numeric_inverse,
+        kernel_path=d.kernel_path,
+        inverse_cdf_path="not needed (t ~ uniform)" if uniform else d.inverse_cdf_path,
+        weighting=p.weighting,
+        t_sampling=p.t_sampling,
+        uses_quadrature=uses_quadrature,
+        quadrature_nodes=[repr(float(x)) for x in nodes],
+        quadrature_weights=[repr(float(w)) for w in weights],
+        f=dict(
+            a=_formula(d.a), b=_formula(d.b), g=_formula(p.diffusion), g2=_formula(d.g2), m=_formula(k.m),
+            c=_formula(k.c), v=_formula(k.v), std=_formula(k.std), log_snr=_formula(d.log_snr),
+            weight=_formula(d.weight), density=_formula(imp.density), cdf=_formula(imp.cdf),
+            inverse=_formula(imp.inverse) if imp.inverse is not None else None,
+            prior_mean=_formula(d.prior_mean), prior_variance=_formula(d.prior_variance),
+            eps=_formula(p.eps), T=_formula(p.T), v0=_formula(p.v0),
+        ),
+    )
+    return _env.get_template("module.py.j2").render(**context)

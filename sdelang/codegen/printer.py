@@ -1,0 +1,183 @@
+"""SymPy expressions -> straight-line torch code.
+
+Three passes turn the expressions of one method into readable, fast code:
+
+1. rewrite ``exp(u) - 1`` as ``expm1(u)`` and ``log(1 + u)`` as ``log1p(u)``,
+   which keep their digits near t = 0 in float32;
+2. hoist every subexpression in the parameters alone into a constant that the
+   module computes once, in float64 with :mod:`math`, when it is built;
+3. eliminate common subexpressions (``cse(order='canonical')``, deterministic).
+
+An unevaluated ``Integral`` (the numeric path) prints as a call of the module's
+vectorised Gauss-Legendre quadrature ``self._quad(lambda s: ..., lo, hi)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+from sympy.codegen.cfunctions import expm1, log1p
+from sympy.codegen.rewriting import expm1_opt, log1p_opt, optimize
+from sympy.printing.precedence import PRECEDENCE, precedence
+from sympy.printing.pycode import PythonCodePrinter
+from sympy.printing.pytorch import TorchPrinter
+
+from ..derive.symbolic import bounded
+from ..errors import InternalCompilerError
+
+REWRITE_LIMIT = 2.0  # seconds for the expm1/log1p rewrites of one expression
+
+_OPTIMIZATIONS = (expm1_opt, log1p_opt)
+
+
+def stable(expr: sp.Expr) -> sp.Expr:
+    """expm1/log1p rewrites, which keep float32 precision near t = 0 (unchanged if they run out of time)."""
+    rewritten = bounded(optimize, expr, _OPTIMIZATIONS, seconds=REWRITE_LIMIT)
+    return expr if rewritten is None else rewritten
+
+
+class _PowMixin:
+    """Powers as ``**``, square roots as sqrt, reciprocals as division."""
+
+    _sqrt = "torch.sqrt"
+
+    def _print_Pow(self, expr, rational=False):
+        base, exp = expr.args
+        if exp == sp.Rational(1, 2):
+            return f"{self._sqrt}({self._print(base)})"
+        if exp == -1:
+            return f"1 / {self.parenthesize(base, PRECEDENCE['Pow'])}"
+        if exp == sp.Rational(-1, 2):
+            return f"1 / {self._sqrt}({self._print(base)})"
+        if exp.is_Integer and exp < 0:
+            return f"1 / {self.parenthesize(base, PRECEDENCE['Pow'])}**{-exp}"
+        return f"{self.parenthesize(base, PRECEDENCE['Pow'])}**{self.parenthesize(exp, PRECEDENCE['Pow'])}"
+
+    def _print_Rational(self, expr):
+        return f"{expr.p}/{expr.q}" if expr.q != 1 else str(expr.p)
+
+    def _print_Float(self, expr):
+        return repr(float(expr))
+
+
+class TensorPrinter(_PowMixin, TorchPrinter):
+    """Prints for tensors; names map to locals or ``self.<attribute>``."""
+
+    def __init__(self, names: dict[sp.Symbol, str]):
+        super().__init__({"strict": True})
+        self.names = names
+
+    def _print_Symbol(self, expr):
+        if expr in self.names:
+            return self.names[expr]
+        raise InternalCompilerError(f"no name for symbol {expr} in generated code")
+
+    _print_Dummy = _print_Symbol
+
+    def _print_expm1(self, expr):
+        return f"torch.expm1({self._print(expr.args[0])})"
+
+    def _print_log1p(self, expr):
+        return f"torch.log1p({self._print(expr.args[0])})"
+
+    def _print_Abs(self, expr):
+        return f"torch.abs({self._print(expr.args[0])})"
+
+    def _print_Integral(self, expr):
+        (var, lo, hi), = expr.limits
+        inner = dict(self.names)
+        arg = f"s{sum(1 for v in self.names.values() if v.startswith('s') and v[1:].isdigit())}"
+        inner[var] = arg
+        body = TensorPrinter(inner).doprint(expr.function)
+        return f"self._quad(lambda {arg}: {body}, {self._print(lo)}, {self._print(hi)})"
+
+
+class ScalarPrinter(_PowMixin, PythonCodePrinter):
+    """Prints parameter-only constants with :mod:`math` (Python floats, float64)."""
+
+    _sqrt = "math.sqrt"
+
+    def __init__(self, names: dict[sp.Symbol, str]):
+        super().__init__({"fully_qualified_modules": True, "strict": True})
+        self.names = names
+
+    def _print_Symbol(self, expr):
+        if expr in self.names:
+            return self.names[expr]
+        raise InternalCompilerError(f"no name for symbol {expr} in a constant")
+
+
+@dataclass
+class ConstantPool:
+    """Parameter-only subexpressions, named ``_k0, _k1, ...`` in order of first use."""
+
+    params: frozenset
+    entries: dict[sp.Expr, sp.Symbol] = field(default_factory=dict)
+
+    def is_constant(self, expr: sp.Expr) -> bool:
+        return expr.free_symbols <= self.params and not expr.has(sp.Integral)
+
+    def hoist(self, expr: sp.Expr) -> sp.Expr:
+        if expr.is_Atom and not isinstance(expr, sp.NumberSymbol):
+            return expr
+        if self.is_constant(expr):
+            if expr.is_Rational or (expr.is_Mul and len(expr.args) == 2 and expr.args[0] == -1
+                                    and expr.args[1].is_Symbol):
+                return expr
+            if expr not in self.entries:
+                self.entries[expr] = sp.Symbol(f"_k{len(self.entries)}")
+            return self.entries[expr]
+        if isinstance(expr, sp.Integral):
+            (var, lo, hi), = expr.limits
+            return sp.Integral(self.hoist(expr.function), (var, self.hoist(lo), self.hoist(hi)))
+        return expr.func(*(self.hoist(a) for a in expr.args))
+
+    def lines(self, names: dict[sp.Symbol, str]) -> list[str]:
+        printer = ScalarPrinter(names)
+        return [f"self.{sym.name} = {printer.doprint(expr)}" for expr, sym in self.entries.items()]
+
+
+@dataclass(frozen=True)
+class Code:
+    """Straight-line statements and the expressions they return."""
+
+    lines: tuple[str, ...]
+    results: tuple[str, ...]
+    constant: tuple[bool, ...]  # result is a Python float (no tensor input)
+
+
+def generate(exprs: list[sp.Expr], pool: ConstantPool, names: dict[sp.Symbol, str]) -> Code:
+    """Code for exprs after the stable rewrites, constant hoisting and CSE."""
+    rewritten = [stable(e) for e in exprs]
+    hoisted = [pool.hoist(e) for e in rewritten]
+    # Integrals hold a bound variable: hide them from CSE, which would lift
+    # pieces of the integrand out of the integral.
+    integrals: dict[sp.Integral, sp.Symbol] = {}
+
+    def hide(e):
+        if isinstance(e, sp.Integral):
+            if e not in integrals:
+                integrals[e] = sp.Symbol(f"_q{len(integrals)}")
+            return integrals[e]
+        if e.is_Atom:
+            return e
+        return e.func(*(hide(a) for a in e.args))
+
+    hidden = [hide(e) for e in hoisted]
+    replacements, reduced = sp.cse(hidden, symbols=sp.numbered_symbols("_w"), order="canonical")
+    local = dict(names)
+    local.update({sym: f"self.{sym.name}" for sym in pool.entries.values()})
+    printer = TensorPrinter(local)
+    lines = []
+    for integral, sym in integrals.items():
+        local[sym] = sym.name.lstrip("_")
+        lines.append(f"{local[sym]} = {printer.doprint(integral)}")
+    for sym, value in replacements:
+        local[sym] = sym.name.lstrip("_")
+        lines.append(f"{local[sym]} = {printer.doprint(value)}")
+    results = tuple(printer.doprint(r) for r in reduced)
+    constant = tuple(pool.is_constant(e) for e in rewritten)
+    return Code(tuple(lines), results, constant)
+
+
+__all__ = ["Code", "ConstantPool", "ScalarPrinter", "TensorPrinter", "generate", "stable", "expm1", "log1p"]

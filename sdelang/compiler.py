@@ -1,0 +1,82 @@
+"""The compiler driver: one call per stage.
+
+    source text --parse--> AST --check--> IR (SymPy) --derive--> Derivation --emit--> Python source
+
+parse:  grammar/sde.lark with lark; syntax errors point at the token.
+check:  resolves names, inlines helpers, refuses what is wrong or not supported yet.
+derive: classification, kernel, logSNR, reverse/flow drifts, weighting, importance
+        sampler, prior, discretisation, divergence (sdelang/derive/, one module each).
+emit:   a standalone torch module from codegen/templates/module.py.j2.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .check import check
+from .codegen import emit
+from .derive import Derivation, derive
+from .errors import SdeError, Source
+from .parse import parse
+from .timelimit import Budget
+
+SYMPY_BUDGET = 20.0  # seconds of bounded SymPy work per compilation
+
+
+@dataclass(frozen=True)
+class Compiled:
+    derivation: Derivation
+    code: str
+    timeouts: int  # SymPy calls that ran out of time (their numeric fallbacks were used)
+
+    @property
+    def name(self) -> str:
+        return self.derivation.program.name
+
+
+def read_source(path: str | os.PathLike) -> Source:
+    if Path(path).suffix != ".sde":
+        raise SdeError(f"{path}: expected a .sde file")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SdeError(f"no such file: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SdeError(f"cannot read {path}: {exc}") from None
+    return Source(text, str(path))
+
+
+def compile_source(source: Source, params: dict[str, float] | None = None) -> Compiled:
+    """Run every stage on a program; ``params`` overrides parameter defaults."""
+    try:
+        program = check(parse(source), source, params or {})
+        with Budget(SYMPY_BUDGET) as budget:
+            derivation = derive(program)
+            code = emit(derivation)
+        return Compiled(derivation, code, budget.exhausted)
+    except SdeError as exc:
+        raise exc.with_source(source) from None
+
+
+def compile_file(path: str | os.PathLike, out_dir: str | os.PathLike = "generated",
+                 params: dict[str, float] | None = None) -> Path:
+    """Compile ``path`` into ``out_dir/<name>.py`` (written atomically) and return that path."""
+    compiled = compile_source(read_source(path), params)
+    target = Path(out_dir) / f"{compiled.name}.py"
+    write_atomic(target, compiled.code)
+    return target
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder and rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,64 @@
+"""Stage 3: IR -> derived quantities, one pure function per module."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+from ..ir import Program
+from .classify import classify
+from .discretize import Step, discretize
+from .divergence import drift_divergence
+from .importance import Importance, importance
+from .kernel import Kernel, kernel
+from .prior import prior
+from .reverse import flow_drift, reverse_drift
+from .snr import log_snr
+from .symbolic import Accuracy
+from .weighting import weighting
+
+__all__ = ["Derivation", "derive"]
+
+
+@dataclass(frozen=True)
+class Derivation:
+    program: Program
+    a: sp.Expr
+    b: sp.Expr
+    g2: sp.Expr
+    kernel: Kernel
+    log_snr: sp.Expr
+    reverse_drift: sp.Expr
+    flow_drift: sp.Expr
+    weight: sp.Expr
+    importance: Importance
+    prior_mean: sp.Expr
+    prior_variance: sp.Expr
+    step: Step
+    divergence: sp.Expr
+
+    @property
+    def kernel_path(self) -> str:
+        return "closed form" if self.kernel.closed_form else "numeric (Gauss-Legendre quadrature)"
+
+    @property
+    def inverse_cdf_path(self) -> str:
+        return "closed form" if self.importance.inverse is not None else "numeric (bisection)"
+
+
+def derive(p: Program) -> Derivation:
+    t = p.t
+    # The kernel needs the affine split and g^2; everything after it needs the kernel.
+    a, b = classify(p.drift, p.x)
+    g2 = p.diffusion**2
+    defaults = p.defaults
+    accuracy = Accuracy(defaults, float(p.eps.subs(defaults)), float(p.T.subs(defaults)))
+    k = kernel(a, b, g2, p.v0, t, accuracy)
+    lsnr = log_snr(k, t, accuracy)
+    lam = weighting(p.weighting, p.weighting_expr, g2, k.v)
+    # Importance sampling only matters when asked for, but its density is also
+    # reported by t_density() for uniform sampling, so it is always derived.
+    imp = importance(p.weighting, lam, k.v, lsnr, t, p.eps, p.T, p.defaults)
+    mean, variance = prior(k, t, p.T, p.prior_mean, p.prior_variance)
+    return Derivation(p, a, b, g2, k, lsnr, reverse_drift(p.drift, g2), flow_drift(p.drift, g2), lam, imp,
+                      mean, variance, discretize(k, lsnr, t), drift_divergence(a))

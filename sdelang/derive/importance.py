@@ -1,0 +1,99 @@
+"""Importance sampling of t: q(t) = lambda(t) / (Z v(t)) on [eps, T], Z = int_eps^T lambda / v.
+
+With t ~ q the weighted loss lambda |s + z/sigma|^2 / 2 becomes Z/2 |sigma s + z|^2,
+whose weight is constant.
+
+- likelihood weighting (lambda = g^2): g^2 / v = -d/dt logSNR, so q is uniform
+  in logSNR:  Q(t) = (logSNR(eps) - logSNR(t)) / Z,  Z = logSNR(eps) - logSNR(T),
+  and Q^-1(u) = logSNR^-1(logSNR(eps) - u Z).
+- score_matching weighting (lambda = v): q is uniform on [eps, T].
+- any other weighting: Z and Q by integration (closed form or quadrature in
+  log t, where lambda / v is smooth even when it behaves like 1/t near 0).
+
+The inverse is symbolic when SymPy solves the equation in time and the root
+checks out numerically; otherwise the generated module inverts by bisection
+(the CDF is monotone).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import sympy as sp
+
+from .symbolic import SOLVE_LIMIT, bounded, integrate_from, simplest
+
+# Dummies, so that a user's parameter named u, y or w never collides with them.
+U = sp.Dummy("u", positive=True)  # a uniform draw in (0, 1)
+Y = sp.Dummy("y", real=True)       # a logSNR value
+W = sp.Dummy("w", positive=True)   # a noise-to-signal ratio v/m^2 = exp(-logSNR)
+
+
+@dataclass(frozen=True)
+class Importance:
+    density: sp.Expr           # q(t)
+    cdf: sp.Expr               # Q(t)
+    inverse: sp.Expr | None    # Q^-1(u), or None: invert numerically
+    by_log_snr: bool           # True: Q^-1 goes through logSNR^-1 (inverse is in Y)
+
+
+def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol, eps: sp.Expr,
+               T: sp.Expr, defaults: dict) -> Importance:
+    if kind == "likelihood":
+        lo, hi = lsnr.xreplace({t: eps}), lsnr.xreplace({t: T})
+        Z = lo - hi
+        density = simplest(-sp.diff(lsnr, t)) / Z
+        cdf = (lo - lsnr) / Z
+        # Solving v/m^2 = W is easier for SymPy than logSNR = y (no log of a ratio).
+        nsr = sp.exp(-lsnr)
+        inverse = _solve(sp.Eq(simplest(nsr), W), t, W, simplest(nsr), defaults, eps, T)
+        if inverse is not None:
+            inverse = inverse.xreplace({W: sp.exp(-Y)})
+        return Importance(density, cdf, inverse, True)
+    if kind == "score_matching":
+        return Importance(1 / (T - eps), (t - eps) / (T - eps), eps + U * (T - eps), False)
+    ratio = simplest(lam / v)
+    Z = _log_time_integral(ratio, t, eps, T)
+    partial = _log_time_integral(ratio, t, eps, t)
+    cdf = partial / Z
+    inverse = None
+    if not cdf.has(sp.Integral):
+        inverse = _solve(sp.Eq(cdf, U), t, U, cdf, defaults, eps, T)
+    return Importance(ratio / Z, cdf, inverse, False)
+
+
+def _log_time_integral(f: sp.Expr, t: sp.Symbol, lo: sp.Expr, hi: sp.Expr) -> sp.Expr:
+    """int_lo^hi f dt; a quadrature fallback in w = log t, where 1/t-like integrands are smooth."""
+    closed = integrate_from(f, t, lo, hi)
+    if not closed.has(sp.Integral):
+        return closed
+    w = sp.Dummy("w", real=True)
+    return sp.Integral(f.xreplace({t: sp.exp(w)}) * sp.exp(w), (w, sp.log(lo), sp.log(hi)))
+
+
+def _solve(equation, t, target, forward, defaults, eps, T) -> sp.Expr | None:
+    """A root t(target) of the equation that inverts ``forward`` on [eps, T] at the defaults."""
+    roots = bounded(sp.solve, equation, t, check=False, simplify=False, seconds=SOLVE_LIMIT)
+    if not roots:
+        return None
+    subs = {k: v for k, v in defaults.items()}
+    lo, hi = float(eps.subs(subs)), float(T.subs(subs))
+    probes = np.exp(np.linspace(np.log(lo), np.log(hi), 7))[1:-1]
+    for root in roots:
+        # expand_log(force) turns log((1 + e^-y)^k) into k log(1 + e^-y), which cannot overflow.
+        root = sp.expand_log(simplest(root), force=True)
+        if _inverts(root, forward, t, target, subs, probes):
+            return root
+    return None
+
+
+def _inverts(root, forward, t, target, subs, probes) -> bool:
+    for probe in probes:
+        try:
+            value = complex(forward.subs(subs).subs(t, probe).evalf(30))
+            back = complex(root.subs(subs).subs(target, value).evalf(30))
+        except (TypeError, ValueError, ZeroDivisionError):
+            return False
+        if not abs(back.real - probe) <= 1e-8 * max(1.0, probe) or not abs(back.imag) <= 1e-9:
+            return False  # written so that NaN fails
+    return True

@@ -1,0 +1,47 @@
+"""The Gaussian transition kernel of an affine SDE.
+
+For dx = (a(t) x + b(t)) dt + g(t) dw with x(0) ~ data + N(0, v0):
+
+    m(t) = exp( int_0^t a(s) ds )
+    c(t) = m(t) int_0^t b(s) / m(s) ds
+    v(t) = m(t)^2 ( v0 + int_0^t g(s)^2 / m(s)^2 ds )
+
+(the solutions of m' = a m, c' = a c + b, v' = 2 a v + g^2 with m(0) = 1,
+c(0) = 0, v(0) = v0). An integral SymPy cannot do in time stays an unevaluated
+Integral and is computed by quadrature in the generated module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+from .symbolic import Accuracy, integrate_from, is_closed, rewrites, simplest
+
+
+@dataclass(frozen=True)
+class Kernel:
+    m: sp.Expr      # mean coefficient
+    c: sp.Expr      # mean offset
+    v: sp.Expr      # variance
+    std: sp.Expr    # sqrt(v)
+
+    @property
+    def closed_form(self) -> bool:
+        return all(is_closed(e) for e in (self.m, self.c, self.v))
+
+
+def kernel(a: sp.Expr, b: sp.Expr, g2: sp.Expr, v0: sp.Expr, t: sp.Symbol, accuracy: Accuracy) -> Kernel:
+    """Of the equivalent forms found for v and sigma, keep the one most accurate in float32."""
+    zero = sp.Integer(0)
+    A = integrate_from(a, t, zero, t)
+    m = sp.exp(simplest(A))
+    if b == 0:
+        c = zero
+    else:
+        c = simplest(m * integrate_from(b / m, t, zero, t))
+    noise = integrate_from(simplest(g2 / m**2), t, zero, t)
+    vs = rewrites(m**2 * (v0 + noise))
+    v = accuracy.best(vs, t)
+    stds = [sp.sqrt(u) for u in vs] + [simplest(sp.sqrt(v))]
+    return Kernel(m, c, v, accuracy.best(stds, t))

@@ -1,0 +1,22 @@
+"""The log signal-to-noise ratio of the kernel, logSNR(t) = log(m(t)^2 / v(t))."""
+from __future__ import annotations
+
+import sympy as sp
+
+from .kernel import Kernel
+from .symbolic import Accuracy, rewrites, simplest
+
+
+def log_snr(k: Kernel, t: sp.Symbol, accuracy: Accuracy) -> sp.Expr:
+    """log(m^2 / v), expanded so that no huge or tiny ratio is formed before the log.
+
+    It decreases strictly in t: d/dt logSNR = -g^2 / v < 0.
+    """
+    candidates = [-sp.log(nsr) for nsr in rewrites(k.v / k.m**2)]
+    candidates += [sp.expand_log(c) for c in candidates]
+    return accuracy.best(candidates, t)
+
+
+def noise_to_signal(k: Kernel) -> sp.Expr:
+    """v / m^2 = exp(-logSNR), simplified: for VP it is expm1(B(t))."""
+    return simplest(k.v / k.m**2)

@@ -1,0 +1,150 @@
+"""Bounded SymPy helpers shared by the derivations.
+
+Every call that can run long (integrate, simplify, solve) goes through
+:func:`bounded`, which returns None when SymPy runs out of time; the caller
+then takes its numeric path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mpmath
+import numpy as np
+import sympy as sp
+
+from ..timelimit import call_with_time_limit
+
+TIME_LIMIT = 4.0      # seconds per SymPy call
+SIMPLIFY_LIMIT = 1.0  # seconds per rewrite tried by simplest()
+SOLVE_LIMIT = 1.5     # seconds for solving CDF(t) = u
+MAX_REWRITE_SIZE = 80  # larger expressions are kept as they are: simplify is slow and rarely helps
+
+
+def bounded(fn, *args, seconds: float = TIME_LIMIT, **kwargs):
+    """fn(*args, **kwargs), or None if it runs out of time or SymPy gives up with an error."""
+    def attempt():
+        try:
+            return fn(*args, **kwargs)
+        except Exception:  # SymPy signals "cannot do this" with many exception types
+            return None
+    ok, value = call_with_time_limit(seconds, attempt)
+    return value if ok else None
+
+
+def integrate_from(integrand: sp.Expr, var: sp.Symbol, lower: sp.Expr, upper: sp.Expr) -> sp.Expr:
+    """int_lower^upper integrand d(var): closed form if SymPy finds one in time, else an Integral.
+
+    The unevaluated Integral is kept as a node; code generation turns it into
+    Gauss-Legendre quadrature.
+    """
+    dummy = sp.Dummy("s", positive=True)
+    body = integrand.xreplace({var: dummy})
+    if not body.has(dummy):
+        return body * (upper - lower)
+    # An antiderivative evaluated at the limits is much faster than SymPy's
+    # definite integration; the expanded, power-simplified form is a second try.
+    for form in (body, sp.powsimp(sp.expand(body))):
+        result = bounded(_definite, form, dummy, lower, upper, seconds=TIME_LIMIT / 2)
+        if result is not None and not result.has(sp.Integral, sp.Piecewise, sp.zoo, sp.nan, sp.oo):
+            return result
+    return sp.Integral(body, (dummy, lower, upper))
+
+
+def _definite(body, var, lower, upper):
+    antiderivative = sp.integrate(body, var, conds="none")
+    if antiderivative.has(sp.Integral):
+        return None
+    return antiderivative.xreplace({var: upper}) - antiderivative.xreplace({var: lower})
+
+
+def simplest(expr: sp.Expr) -> sp.Expr:
+    """The form with the fewest operations among a few bounded rewrites."""
+    return min(rewrites(expr), key=lambda e: (size(e), sp.default_sort_key(e)))
+
+
+def size(expr: sp.Expr) -> int:
+    """The number of nodes in the expression tree: a cheap stand-in for count_ops."""
+    return sum(1 for _ in sp.preorder_traversal(expr))
+
+
+def rewrites(expr: sp.Expr) -> list[sp.Expr]:
+    """expr and the forms a few bounded SymPy rewrites give it."""
+    if expr.has(sp.Integral) or size(expr) > MAX_REWRITE_SIZE:
+        return [expr]
+    candidates = [expr]
+    for rewrite in (sp.simplify, sp.factor, sp.powsimp, sp.expand_log, factor_exponentials):
+        value = bounded(rewrite, expr, seconds=SIMPLIFY_LIMIT)
+        if value is not None and not value.has(sp.zoo, sp.nan, sp.Piecewise):
+            candidates.append(value)
+    return candidates
+
+
+def is_closed(expr: sp.Expr) -> bool:
+    return not expr.has(sp.Integral)
+
+
+def factor_exponentials(expr: sp.Expr) -> sp.Expr:
+    """Factor expr as a rational function of E = exp(u) when every exponential is exp(k u), k rational.
+
+    This finds, e.g., e^B - 2 + e^-B = (e^B - 1)^2 / e^B, which code generation
+    then prints as expm1(B)^2 * exp(-B): no cancellation near B = 0.
+    """
+    exps = sorted(expr.atoms(sp.exp), key=sp.default_sort_key)
+    if not exps:
+        return expr
+    base = sp.expand(exps[0].args[0])
+    E = sp.Dummy("E", positive=True)
+    replacements = {}
+    for e in exps:
+        k = sp.cancel(sp.expand(e.args[0]) / base)
+        if not k.is_Rational:
+            return expr
+        replacements[e] = E**k
+    factored = sp.factor(expr.xreplace(replacements))
+    return sp.powsimp(factored.xreplace({E: sp.exp(base)}))
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Where candidate forms are compared: default parameters and the interval [eps, T]."""
+
+    defaults: dict
+    eps: float
+    T: float
+
+    def best(self, candidates: list[sp.Expr], t: sp.Symbol) -> sp.Expr:
+        return most_accurate(candidates, t, self.defaults, self.eps, self.T)
+
+
+def most_accurate(candidates: list[sp.Expr], t: sp.Symbol, defaults: dict, eps: float, T: float) -> sp.Expr:
+    """The candidate whose float32 evaluation is closest to a 30-digit reference on [eps, T].
+
+    Ties (within a factor of two in error) go to the form with fewer operations.
+    Errors are measured at the default parameters on a log-spaced grid, so
+    forms that lose digits near t = eps (1 - exp(-B) against -expm1(-B)) lose.
+    """
+    from sympy.codegen.rewriting import optimize, optims_c99
+
+    grid = np.geomspace(eps, T, 25)
+    scored = []
+    for expr in dict.fromkeys(candidates):
+        at = expr.subs(defaults)
+        if at.has(sp.Integral) or at.free_symbols - {t}:
+            return candidates[0]
+        try:
+            exact = sp.lambdify(t, at, modules="mpmath")
+            with mpmath.workdps(30):
+                reference = np.array([float(exact(mpmath.mpf(g))) for g in grid])
+            fn = sp.lambdify(t, optimize(at, optims_c99), modules="numpy")
+            with np.errstate(all="ignore"):
+                values = np.asarray(fn(grid.astype(np.float32)), dtype=np.float64) * np.ones_like(grid)
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+            continue
+        err = np.max(np.abs(values - reference) / np.maximum(np.abs(reference), 1e-300))
+        if not np.isfinite(err):
+            err = np.inf
+        scored.append((err, size(expr), sp.default_sort_key(expr), expr))
+    if not scored:
+        return candidates[0]
+    best_err = min(s[0] for s in scored)
+    return min((s for s in scored if s[0] <= 2 * best_err + 1e-300), key=lambda s: (s[1], s[2]))[3]

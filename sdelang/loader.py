@@ -1,0 +1,48 @@
+"""Compile into a cache keyed by the source's hash, import, instantiate."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .compiler import compile_source, read_source, write_atomic
+from .errors import Source
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SDELANG_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sdelang")
+    return Path(root)
+
+
+def _source(path_or_source: str | os.PathLike) -> Source:
+    text = str(path_or_source)
+    if "\n" in text or not text.endswith(".sde"):
+        if "\n" in text:
+            return Source(text, "<string>")
+    return read_source(path_or_source)
+
+
+def load_module(path_or_source: str | os.PathLike):
+    """The generated Python module for a .sde file (or program text), compiled once and cached."""
+    source = _source(path_or_source)
+    key = hashlib.sha256(f"{__version__}\0{source.text}".encode()).hexdigest()[:20]
+    target = cache_dir() / f"sde_{key}.py"
+    if not target.exists():
+        write_atomic(target, compile_source(source).code)
+    name = f"sdelang_generated_{key}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
+
+
+def load(path_or_source: str | os.PathLike, **params):
+    """An instance of the SDE in a .sde file or program text; keyword arguments override parameters."""
+    return load_module(path_or_source).SDE(**params)

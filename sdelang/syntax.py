@@ -1,0 +1,154 @@
+"""The abstract syntax tree: frozen dataclasses, each node carrying its source span."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from .errors import Span
+
+
+# -- expressions -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Number:
+    text: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class Name:
+    id: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class Call:
+    func: str
+    args: tuple["Expr", ...]
+    span: Span
+    func_span: Span
+
+
+@dataclass(frozen=True)
+class Derivative:
+    """``d/dt(expr)``."""
+
+    expr: "Expr"
+    span: Span
+
+
+@dataclass(frozen=True)
+class BinOp:
+    op: str  # one of + - * / ^
+    left: "Expr"
+    right: "Expr"
+    span: Span
+
+
+@dataclass(frozen=True)
+class Neg:
+    operand: "Expr"
+    span: Span
+
+
+Expr = Union[Number, Name, Call, Derivative, BinOp, Neg]
+
+
+# -- statements --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Header:
+    name: str
+    name_span: Span
+    span: Span
+
+
+@dataclass(frozen=True)
+class ParamDef:
+    name: str
+    value: Expr
+    name_span: Span
+    span: Span
+
+
+@dataclass(frozen=True)
+class ConstDef:
+    name: str
+    value: Expr
+    name_span: Span
+    span: Span
+
+
+@dataclass(frozen=True)
+class FunctionDef:
+    name: str
+    args: tuple[str, ...]
+    arg_spans: tuple[Span, ...]
+    body: Expr
+    name_span: Span
+    span: Span
+
+
+@dataclass(frozen=True)
+class SdeDef:
+    """``dx = drift dt + diffusion dw``; a missing term is None."""
+
+    differential: str  # as written, e.g. "dx"
+    drift: Expr | None
+    diffusion: Expr | None
+    name_span: Span
+    span: Span
+
+
+@dataclass(frozen=True)
+class TimeDef:
+    var: str
+    eps: Expr
+    T: Expr
+    var_span: Span
+    span: Span
+
+
+@dataclass(frozen=True)
+class StepsDef:
+    value: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
+class V0Def:
+    value: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
+class PriorDef:
+    """``prior normal(mean, variance)``, or ``prior kernel`` (both None)."""
+
+    mean: Expr | None
+    variance: Expr | None
+    span: Span
+
+
+@dataclass(frozen=True)
+class WeightingDef:
+    kind: str  # "likelihood", "score_matching" or "custom"
+    expr: Expr | None
+    span: Span
+
+
+@dataclass(frozen=True)
+class SamplingDef:
+    var: str
+    kind: str  # "uniform" or "importance"
+    var_span: Span
+    span: Span
+
+
+Statement = Union[Header, ParamDef, ConstDef, FunctionDef, SdeDef, TimeDef, StepsDef, V0Def,
+                  PriorDef, WeightingDef, SamplingDef]
+
+
+@dataclass(frozen=True)
+class Module:
+    statements: tuple[Statement, ...]

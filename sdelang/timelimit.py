@@ -1,0 +1,105 @@
+"""Run SymPy calls under a wall-clock limit, so that no derivation can hang.
+
+On the main thread of a POSIX process the limit is a SIGALRM timer, which costs
+nothing when the call finishes in time. Elsewhere (a worker thread, Windows) the
+call runs in a forked child process when fork is available, and without a
+limit otherwise.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+
+class TimeLimitExceeded(BaseException):
+    """Raised inside a call that ran out of time.
+
+    A BaseException, so that SymPy's own ``except Exception`` handlers do not
+    swallow it.
+    """
+
+
+def _on_alarm(signum, frame):
+    raise TimeLimitExceeded()
+
+
+class Budget:
+    """A total allowance of seconds shared by the bounded calls of one compilation.
+
+    Each call gets at most what is left, so a compilation ends in bounded time
+    however many SymPy calls run out of time on the way.
+    """
+
+    def __init__(self, seconds: float):
+        self.left = seconds
+        self.exhausted = 0  # calls cut short or skipped
+
+    def __enter__(self):
+        _budgets.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _budgets.pop()
+
+
+_budgets: list[Budget] = []
+
+
+def call_with_time_limit(seconds: float, fn: Callable[..., Any], *args, **kwargs) -> tuple[bool, Any]:
+    """Return ``(True, fn(*args, **kwargs))``, or ``(False, None)`` if it took over ``seconds``.
+
+    Inside ``with Budget(total):`` the limit is also capped by what is left of the total.
+    """
+    budget = _budgets[-1] if _budgets else None
+    if budget is None:
+        return _call(seconds, fn, args, kwargs)
+    limit = min(seconds, budget.left)
+    if limit <= 0.01:
+        budget.exhausted += 1
+        return False, None
+    start = time.perf_counter()
+    ok, value = _call(limit, fn, args, kwargs)
+    budget.left -= time.perf_counter() - start
+    if not ok:
+        budget.exhausted += 1
+    return ok, value
+
+
+def _call(seconds, fn, args, kwargs):
+    if hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGALRM, _on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            return True, fn(*args, **kwargs)
+        except TimeLimitExceeded:
+            return False, None
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    if "fork" in multiprocessing.get_all_start_methods():
+        return _call_in_child(seconds, fn, args, kwargs)
+    return True, fn(*args, **kwargs)
+
+
+def _child(conn, fn, args, kwargs):
+    conn.send(fn(*args, **kwargs))
+    conn.close()
+
+
+def _call_in_child(seconds, fn, args, kwargs):
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, fn, args, kwargs), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if parent.poll(seconds):
+            return True, parent.recv()
+        return False, None
+    finally:
+        proc.kill()
+        proc.join()
+        parent.close()
