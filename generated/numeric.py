@@ -111,14 +111,10 @@ class NumericSDE(torch.nn.Module):
         return torch.sqrt(q0)*torch.exp(-1/6*t**3 - 1/2*t + (1/6)*torch.cos(3*t) - 1/6)
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = -log(Integral(exp(_s^3/3)*exp(_s)*exp(-cos(3*_s)/3), (_s, 0, t)) + Integral(_s^2*exp(_s^3/3)*exp(_s)*exp(-cos(3*_s)/3), (_s, 0, t)) + Integral(_s^3*exp(_s^3/3)*exp(_s)*exp(-cos(3*_s)/3), (_s, 0, t)) + Integral(_s*exp(_s^3/3)*exp(_s)*exp(-cos(3*_s)/3), (_s, 0, t)) + Integral(exp(_s^3/3)*exp(_s)*exp(-cos(3*_s)/3)*sin(3*_s), (_s, 0, t)) + Integral(_s*exp(_s^3/3)*exp(_s)*exp(-cos(3*_s)/3)*sin(3*_s), (_s, 0, t))) - 1/3"""
-        q0 = self._quad(lambda s0: torch.exp((1/3)*s0**3)*torch.exp(s0)*torch.exp(-1/3*torch.cos(3*s0)), 0, t)
-        q1 = self._quad(lambda s0: s0**2*torch.exp((1/3)*s0**3)*torch.exp(s0)*torch.exp(-1/3*torch.cos(3*s0)), 0, t)
-        q2 = self._quad(lambda s0: s0**3*torch.exp((1/3)*s0**3)*torch.exp(s0)*torch.exp(-1/3*torch.cos(3*s0)), 0, t)
-        q3 = self._quad(lambda s0: s0*torch.exp((1/3)*s0**3)*torch.exp(s0)*torch.exp(-1/3*torch.cos(3*s0)), 0, t)
-        q4 = self._quad(lambda s0: torch.exp((1/3)*s0**3)*torch.exp(s0)*torch.exp(-1/3*torch.cos(3*s0))*torch.sin(3*s0), 0, t)
-        q5 = self._quad(lambda s0: s0*torch.exp((1/3)*s0**3)*torch.exp(s0)*torch.exp(-1/3*torch.cos(3*s0))*torch.sin(3*s0), 0, t)
-        return -torch.log(q0 + q1 + q2 + q3 + q4 + q5) - 1/3
+        """logSNR(t) = log(m(t)^2 / v(t)) = -log(exp(-t^3/3 - t + cos(3*t)/3 - 1/3)*exp(t^3/3 + t - cos(3*t)/3 + 1/3)*Integral((_s + 1)*(_s^2 + sin(3*_s) + 1)*exp(_s^3/3 + _s - cos(3*_s)/3 + 1/3), (_s, 0, t)))"""
+        q0 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, t)
+        w0 = (1/3)*t**3 + t - 1/3*torch.cos(3*t) + 1/3
+        return -torch.log(q0)
 
     def _prior(self):
         """Mean 0 and variance exp(-37/3 + cos(9)/3)*Integral((_s + 1)*(_s^2 + sin(3*_s) + 1)*exp(_s^3/3 + _s - cos(3*_s)/3 + 1/3), (_s, 0, 3)) of the prior."""
@@ -162,16 +158,9 @@ class NumericSDE(torch.nn.Module):
         q0 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, 1/100000)
         q1 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, 3)
         q2 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, t)
-        w0 = t**3
-        w1 = 3*t
-        w2 = torch.cos(w1)
-        w3 = (1/3)*w0 - 1/3*w2 + t + 1/3
-        w4 = torch.exp(w3)
-        w5 = torch.exp(-w3)
-        w6 = t**2 + torch.sin(w1) + 1
-        w7 = w5*w6
-        w8 = q2*w4
-        return w4*w5*(-w5*w6*w8 + w7*w8 + w7*(t + 1)*torch.exp((2/3)*w0 - 2/3*w2 + 2*t + 2/3))/(q2*(torch.log(self._k0*self._k3*q1) - torch.log(self._k1*self._k2*q0)))
+        w0 = 3*t
+        w1 = t**2 + torch.sin(w0) + 1
+        return w1*(t + 1)*torch.exp((1/3)*t**3 + t - 1/3*torch.cos(w0) + 1/3)/(q2*(torch.log(self._k0*self._k3*q1) - torch.log(self._k1*self._k2*q0)))
 
     def t_cdf(self, t):
         """CDF of the training time t: (a long expression with numeric integrals; see `sdelang show`)"""

@@ -166,7 +166,7 @@ class OUSDE(torch.nn.Module):
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (not needed (t ~ uniform))."""
-        # t = (-_y + log(theta + exp(_y)))/(2*theta)
+        # t = eps + u * (T - eps)
 
         return torch.clamp((499999/100000)*u + 1/100000, self.eps, self.T)
 

@@ -161,7 +161,7 @@ class SubvpSDE(torch.nn.Module):
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (not needed (t ~ uniform))."""
-        # t = None
+        # t = eps + u * (T - eps)
 
         return torch.clamp((99999/100000)*u + 1/100000, self.eps, self.T)
 

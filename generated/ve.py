@@ -103,7 +103,7 @@ class VESDE(torch.nn.Module):
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        return self._expand(torch.full_like(t, 1), x0) * x0, self._k1**t*self.sigma_min
+        return x0, self.sigma_max**t*self.sigma_min**(1 - t)
 
     def mean_coeff(self, t):
         """m(t) = 1"""
@@ -114,8 +114,8 @@ class VESDE(torch.nn.Module):
         return torch.full_like(t, 0)
 
     def std(self, t):
-        """sigma(t) = sqrt(v(t)) = sigma_min*(sigma_max/sigma_min)^t"""
-        return self._k1**t*self.sigma_min
+        """sigma(t) = sqrt(v(t)) = sigma_max^t*sigma_min^(1 - t)"""
+        return self.sigma_max**t*self.sigma_min**(1 - t)
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -2*t*log(sigma_max) - (2 - 2*t)*log(sigma_min)"""
@@ -169,7 +169,7 @@ class VESDE(torch.nn.Module):
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (not needed (t ~ uniform))."""
-        # t = (99999*_u + 1)/100000
+        # t = eps + u * (T - eps)
 
         return torch.clamp((99999/100000)*u + 1/100000, self.eps, self.T)
 

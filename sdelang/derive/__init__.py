@@ -43,6 +43,8 @@ class Derivation:
 
     @property
     def inverse_cdf_path(self) -> str:
+        if self.program.t_sampling == "uniform":
+            return "not needed (t ~ uniform)"
         return "closed form" if self.importance.inverse is not None else "numeric (bisection)"
 
 
@@ -56,9 +58,9 @@ def derive(p: Program) -> Derivation:
     k = kernel(a, b, g2, p.v0, t, accuracy)
     lsnr = log_snr(k, t, accuracy)
     lam = weighting(p.weighting, p.weighting_expr, g2, k.v)
-    # Importance sampling only matters when asked for, but its density is also
-    # reported by t_density() for uniform sampling, so it is always derived.
-    imp = importance(p.weighting, lam, k.v, lsnr, t, p.eps, p.T, p.defaults)
+    # The importance density is always derived (`sdelang show` reports it);
+    # its inverse CDF only when the source samples t by importance.
+    imp = importance(p.weighting, lam, k.v, lsnr, t, p.eps, p.T, defaults, invert=p.t_sampling == "importance")
     mean, variance = prior(k, t, p.T, p.prior_mean, p.prior_variance)
     return Derivation(p, a, b, g2, k, lsnr, reverse_drift(p.drift, g2), flow_drift(p.drift, g2), lam, imp,
                       mean, variance, discretize(k, lsnr, t), drift_divergence(a))

@@ -38,7 +38,8 @@ class Importance:
 
 
 def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol, eps: sp.Expr,
-               T: sp.Expr, defaults: dict) -> Importance:
+               T: sp.Expr, defaults: dict, invert: bool = True) -> Importance:
+    """q, Q and (when ``invert``; only importance sampling needs it) Q^-1."""
     if kind == "likelihood":
         lo, hi = lsnr.xreplace({t: eps}), lsnr.xreplace({t: T})
         Z = lo - hi
@@ -46,7 +47,7 @@ def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol,
         cdf = (lo - lsnr) / Z
         # Solving v/m^2 = W is easier for SymPy than logSNR = y (no log of a ratio).
         nsr = sp.exp(-lsnr)
-        inverse = _solve(sp.Eq(simplest(nsr), W), t, W, simplest(nsr), defaults, eps, T)
+        inverse = _solve(sp.Eq(simplest(nsr), W), t, W, simplest(nsr), defaults, eps, T) if invert else None
         if inverse is not None:
             inverse = inverse.xreplace({W: sp.exp(-Y)})
         return Importance(density, cdf, inverse, True)
@@ -57,7 +58,7 @@ def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol,
     partial = _log_time_integral(ratio, t, eps, t)
     cdf = partial / Z
     inverse = None
-    if not cdf.has(sp.Integral):
+    if invert and not cdf.has(sp.Integral):
         inverse = _solve(sp.Eq(cdf, U), t, U, cdf, defaults, eps, T)
     return Importance(ratio / Z, cdf, inverse, False)
 
