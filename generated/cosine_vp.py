@@ -77,11 +77,6 @@ class CosineVPSDE(torch.nn.Module):
         self._k5 = math.sqrt(2)
         self._k6 = 1 / math.cos((1/2)*math.pi*self.s/(self.s + 1))**2
         self._k7 = math.cos(math.pi*self.s/(self.s + 1))
-        self._k8 = math.pi*self.s/(2*self.s + 2)
-        self._k9 = 1 / (2*self.s + 2)
-        self._k10 = -math.cos(math.pi*self.s/(self.s + 1))
-        self._k11 = math.pi*self.s/(self.s + 1)
-        self._k12 = math.log(2)
 
         self.eps = 1/100000
         self.T = 4973/5000
@@ -125,9 +120,9 @@ class CosineVPSDE(torch.nn.Module):
         return (1/2)*self._k5*torch.sqrt(self._k6*(self._k7 - torch.cos(self._k0*self._k1*(self.s + t))))
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = -log(-(-cos(pi*s/(s + 1)) + cos(pi*s/(s + 1) + pi*t/(s + 1)))/cos(pi*s/(2*s + 2) + pi*t/(2*s + 2))^2) + log(2)"""
-        w0 = self._k0*t
-        return self._k12 - torch.log(-(self._k10 + torch.cos(self._k1*w0 + self._k11))/torch.cos(self._k8 + self._k9*w0)**2)
+        """logSNR(t) = log(m(t)^2 / v(t)) = -log((cos(pi*s/(s + 1)) - cos(pi*(s + t)/(s + 1)))/(2*cos(pi*(s + t)/(2*(s + 1)))^2))"""
+        w0 = self._k0*self._k1*(self.s + t)
+        return -torch.log((1/2)*(self._k7 - torch.cos(w0))/torch.cos((1/2)*w0)**2)
 
     def _prior(self):
         """Mean 0 and variance 1 of the prior."""

@@ -70,10 +70,9 @@ class EDMVESDE(torch.nn.Module):
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
         self._k0 = math.sqrt(2)
-        self._k1 = 1 / (math.log(80) + math.log(500))
-        self._k2 = math.log(500)
-        self._k3 = 2*math.log(500)
-        self._k4 = -2*math.log(80)
+        self._k1 = 1 / (2*math.log(80) + 2*math.log(500))
+        self._k2 = 2*math.log(500)
+        self._k3 = -2*math.log(80)
 
         self.eps = 1/500
         self.T = 80
@@ -152,17 +151,17 @@ class EDMVESDE(torch.nn.Module):
         return 2*t
 
     def t_density(self, t):
-        """Density of the training time t (importance): q(t) = lambda / (Z v) = 1/(t*(log(80) + log(500)))"""
-        return self._k1/t
+        """Density of the training time t (importance): q(t) = lambda / (Z v) = 2/(t*(2*log(80) + 2*log(500)))"""
+        return 2*self._k1/t
 
     def t_cdf(self, t):
-        """CDF of the training time t: (log(t) + log(500))/(log(80) + log(500))"""
-        return self._k1*(self._k2 + torch.log(t))
+        """CDF of the training time t: (2*log(t) + 2*log(500))/(2*log(80) + 2*log(500))"""
+        return self._k1*(self._k2 + 2*torch.log(t))
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""
 
-        y = self._k3 - u * (self._k3 - self._k4)
+        y = self._k2 - u * (self._k2 - self._k3)
         # t = logSNR^-1(y) = exp(-_y/2)
 
         return torch.clamp(torch.exp(-1/2*y), self.eps, self.T)

@@ -4,7 +4,7 @@ Recompile the source instead: `sdelang compile numeric.sde`.
 Source sha256: c99c41a34a58e8a242319506b783b23f68b42488b235d9e7ffa8aa41784613b6
 
     dx = (a(t) x + b(t)) dt + g(t) dw
-    a(t)   = -(t^2 + sin(3*t) + 1)/2
+    a(t)   = -t^2/2 - sin(3*t)/2 - 1/2
     b(t)   = 0
     g(t)^2 = (t + 1)*(t^2 + sin(3*t) + 1)
 
@@ -159,8 +159,7 @@ class NumericSDE(torch.nn.Module):
         q1 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, 3)
         q2 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, t)
         w0 = 3*t
-        w1 = t**2 + torch.sin(w0) + 1
-        return w1*(t + 1)*torch.exp((1/3)*t**3 + t - 1/3*torch.cos(w0) + 1/3)/(q2*(torch.log(self._k0*self._k3*q1) - torch.log(self._k1*self._k2*q0)))
+        return (t + 1)*(t**2 + torch.sin(w0) + 1)*torch.exp((1/3)*t**3 + t - 1/3*torch.cos(w0) + 1/3)/(q2*(torch.log(self._k0*self._k3*q1) - torch.log(self._k1*self._k2*q0)))
 
     def t_cdf(self, t):
         """CDF of the training time t: (a long expression with numeric integrals; see `sdelang show`)"""

@@ -11,7 +11,7 @@ Source sha256: af42937468f44459ab7b474c517e82099cc80a12160412a6355a5b196c6dcd64
 Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     m(t) = exp(-t*theta)
     c(t) = -mu*expm1(-t*theta)
-    v(t) = -expm1(-2*t*theta)/theta
+    v(t) = (exp(t*theta) + 1)*exp(-2*t*theta)*expm1(t*theta)/theta
 
 Weighting lambda(t) = 2 (likelihood); t ~ uniform; inverse CDF of the
 importance sampler: not needed (t ~ uniform).
@@ -71,9 +71,9 @@ class OUSDE(torch.nn.Module):
         self._k0 = self.mu*self.theta
         self._k1 = math.sqrt(2)
         self._k2 = 1 / math.sqrt(self.theta)
-        self._k3 = math.log(self.theta)
+        self._k3 = 1 / self.theta
         self._k4 = -self.mu*math.expm1(-5*self.theta)
-        self._k5 = -math.expm1(-10*self.theta)/self.theta
+        self._k5 = 1 / self.theta - math.exp(-10*self.theta)/self.theta
 
         self.eps = 1/100000
         self.T = 5
@@ -116,12 +116,12 @@ class OUSDE(torch.nn.Module):
         return self._k2*torch.sqrt(-torch.expm1(-2*t*self.theta))
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = log(theta) - log(expm1(t*theta)) - log1p(exp(t*theta))"""
+        """logSNR(t) = log(m(t)^2 / v(t)) = -log((exp(t*theta) + 1)*expm1(t*theta)/theta)"""
         w0 = t*self.theta
-        return self._k3 - torch.log(torch.expm1(w0)) - torch.log1p(torch.exp(w0))
+        return -torch.log(self._k3*(torch.exp(w0) + 1)*torch.expm1(w0))
 
     def _prior(self):
-        """Mean -mu*expm1(-5*theta) and variance -expm1(-10*theta)/theta of the prior."""
+        """Mean -mu*expm1(-5*theta) and variance 1/theta - exp(-10*theta)/theta of the prior."""
         return self._k4, self._k5
 
     def prior_sampling(self, shape, generator=None):

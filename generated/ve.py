@@ -6,14 +6,14 @@ Source sha256: b9a9b3e7d5c547bd091c3de1f13631e044beac9e50c8943d2a786f05a83fc711
     dx = (a(t) x + b(t)) dt + g(t) dw
     a(t)   = 0
     b(t)   = 0
-    g(t)^2 = 2*sigma_min^2*(sigma_max/sigma_min)^(2*t)*(log(sigma_max) - log(sigma_min))
+    g(t)^2 = 2*sigma_min^2*(sigma_max/sigma_min)^(2*t)*log(sigma_max/sigma_min)
 
 Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     m(t) = 1
     c(t) = 0
-    v(t) = sigma_max^(2*t)*sigma_min^(2 - 2*t)
+    v(t) = 2*sigma_max^(2*t)*sigma_min^2*log(sigma_max)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) - 2*sigma_max^(2*t)*sigma_min^2*log(sigma_min)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) + sigma_min^2 - 2*sigma_min^2*log(sigma_max)/(2*log(sigma_max) - 2*log(sigma_min)) + 2*sigma_min^2*log(sigma_min)/(2*log(sigma_max) - 2*log(sigma_min))
 
-Weighting lambda(t) = sigma_max^(2*t)*sigma_min^(2 - 2*t) (score_matching); t ~ uniform; inverse CDF of the
+Weighting lambda(t) = 2*sigma_max^(2*t)*sigma_min^2*log(sigma_max)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) - 2*sigma_max^(2*t)*sigma_min^2*log(sigma_min)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) + sigma_min^2 - 2*sigma_min^2*log(sigma_max)/(2*log(sigma_max) - 2*log(sigma_min)) + 2*sigma_min^2*log(sigma_min)/(2*log(sigma_max) - 2*log(sigma_min)) (score_matching); t ~ uniform; inverse CDF of the
 importance sampler: not needed (t ~ uniform).
 
 The source:
@@ -75,15 +75,17 @@ class VESDE(torch.nn.Module):
         # Subexpressions in the parameters alone, computed once in float64.
         self._k0 = math.sqrt(2)
         self._k1 = self.sigma_max/self.sigma_min
-        self._k2 = math.log(self.sigma_max) - math.log(self.sigma_min)
-        self._k3 = math.log(self.sigma_min)
-        self._k4 = math.log(self.sigma_max)
-        self._k5 = self.sigma_max**2
-        self._k6 = self.sigma_min**2
+        self._k2 = math.log(self.sigma_max/self.sigma_min)
+        self._k3 = self.sigma_min**2
+        self._k4 = -2*self.sigma_min**2*math.log(self.sigma_max)/(2*math.log(self.sigma_max) - 2*math.log(self.sigma_min))
+        self._k5 = 2*self.sigma_min**2*math.log(self.sigma_min)/(2*math.log(self.sigma_max) - 2*math.log(self.sigma_min))
+        self._k6 = math.log(self.sigma_min)
+        self._k7 = math.log(self.sigma_max)
+        self._k8 = self.sigma_max**2
 
         self.eps = 1/100000
         self.T = 1
-        self.v0 = self._k6
+        self.v0 = self._k3
         # Follows .to(device, dtype): new tensors are made on its device, in its dtype.
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 
@@ -98,12 +100,15 @@ class VESDE(torch.nn.Module):
         return a * x, self._k0*self.sigma_min*torch.sqrt(self._k1**(2*t)*self._k2)
 
     def diffusion(self, t):
-        """g(t) = sqrt(2)*sigma_min*sqrt((sigma_max/sigma_min)^(2*t)*(log(sigma_max) - log(sigma_min)))"""
+        """g(t) = sqrt(2)*sigma_min*sqrt((sigma_max/sigma_min)^(2*t)*log(sigma_max/sigma_min))"""
         return self._k0*self.sigma_min*torch.sqrt(self._k1**(2*t)*self._k2)
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        return x0, self.sigma_max**t*self.sigma_min**(1 - t)
+        w0 = 2*t
+        w1 = self.sigma_min**w0
+        w2 = 2*self._k3*self.sigma_max**w0/(-2*self._k6*w1 + 2*self._k7*w1)
+        return x0, torch.sqrt(self._k3 + self._k4 + self._k5 - self._k6*w2 + self._k7*w2)
 
     def mean_coeff(self, t):
         """m(t) = 1"""
@@ -114,17 +119,22 @@ class VESDE(torch.nn.Module):
         return torch.full_like(t, 0)
 
     def std(self, t):
-        """sigma(t) = sqrt(v(t)) = sigma_max^t*sigma_min^(1 - t)"""
-        return self.sigma_max**t*self.sigma_min**(1 - t)
+        """sigma(t) = sqrt(v(t)) = sqrt(2*sigma_max^(2*t)*sigma_min^2*log(sigma_max)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) - 2*sigma_max^(2*t)*sigma_min^2*log(sigma_min)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) + sigma_min^2 - 2*sigma_min^2*log(sigma_max)/(2*log(sigma_max) - 2*log(sigma_min)) + 2*sigma_min^2*log(sigma_min)/(2*log(sigma_max) - 2*log(sigma_min)))"""
+        w0 = 2*t
+        w1 = self.sigma_min**w0
+        w2 = 2*self._k3*self.sigma_max**w0/(-2*self._k6*w1 + 2*self._k7*w1)
+        return torch.sqrt(self._k3 + self._k4 + self._k5 - self._k6*w2 + self._k7*w2)
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = -2*t*log(sigma_max) - (2 - 2*t)*log(sigma_min)"""
+        """logSNR(t) = log(m(t)^2 / v(t)) = -log(2*sigma_max^(2*t)*sigma_min^2*log(sigma_max)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) - 2*sigma_max^(2*t)*sigma_min^2*log(sigma_min)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) + sigma_min^2 - 2*sigma_min^2*log(sigma_max)/(2*log(sigma_max) - 2*log(sigma_min)) + 2*sigma_min^2*log(sigma_min)/(2*log(sigma_max) - 2*log(sigma_min)))"""
         w0 = 2*t
-        return -self._k3*(2 - w0) - self._k4*w0
+        w1 = self.sigma_min**w0
+        w2 = 2*self._k3*self.sigma_max**w0/(-2*self._k6*w1 + 2*self._k7*w1)
+        return -torch.log(self._k3 + self._k4 + self._k5 - self._k6*w2 + self._k7*w2)
 
     def _prior(self):
         """Mean 0 and variance sigma_max^2 of the prior."""
-        return 0, self._k5
+        return 0, self._k8
 
     def prior_sampling(self, shape, generator=None):
         """z ~ N(mean, variance I) of the given shape."""
@@ -155,9 +165,11 @@ class VESDE(torch.nn.Module):
         return ReverseVESDE(self, score_fn, probability_flow)
 
     def weight(self, t):
-        """lambda(t) = sigma_max^(2*t)*sigma_min^(2 - 2*t) (score_matching weighting)"""
+        """lambda(t) = 2*sigma_max^(2*t)*sigma_min^2*log(sigma_max)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) - 2*sigma_max^(2*t)*sigma_min^2*log(sigma_min)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) + sigma_min^2 - 2*sigma_min^2*log(sigma_max)/(2*log(sigma_max) - 2*log(sigma_min)) + 2*sigma_min^2*log(sigma_min)/(2*log(sigma_max) - 2*log(sigma_min)) (score_matching weighting)"""
         w0 = 2*t
-        return self.sigma_max**w0*self.sigma_min**(2 - w0)
+        w1 = self.sigma_min**w0
+        w2 = 2*self._k3*self.sigma_max**w0/(-2*self._k6*w1 + 2*self._k7*w1)
+        return self._k3 + self._k4 + self._k5 - self._k6*w2 + self._k7*w2
 
     def t_density(self, t):
         """Density of the training time t (uniform): 1 / (T - eps)"""

@@ -73,6 +73,7 @@ class VPSDE(torch.nn.Module):
         self._k1 = self.beta_max - self.beta_min
         self._k2 = -2*self.beta_min
         self._k3 = -self.beta_max + self.beta_min
+        self._k4 = 2*self.beta_min
 
         self.eps = 1/100000
         self.T = 1
@@ -112,9 +113,8 @@ class VPSDE(torch.nn.Module):
         return torch.sqrt(-torch.expm1((1/2)*t*(self._k2 - self.beta_max*t + self.beta_min*t)))
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = -log(expm1(beta_max*t^2/2 - beta_min*t^2/2 + beta_min*t))"""
-        w0 = (1/2)*t**2
-        return -torch.log(torch.expm1(w0*self.beta_max - w0*self.beta_min + self.beta_min*t))
+        """logSNR(t) = log(m(t)^2 / v(t)) = -log(expm1(t*(beta_max*t - beta_min*t + 2*beta_min)/2))"""
+        return -torch.log(torch.expm1((1/2)*t*(self._k4 + self.beta_max*t - self.beta_min*t)))
 
     def _prior(self):
         """Mean 0 and variance 1 of the prior."""

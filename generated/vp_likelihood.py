@@ -74,12 +74,13 @@ class VPLikelihoodSDE(torch.nn.Module):
         self._k1 = self.beta_max - self.beta_min
         self._k2 = -2*self.beta_min
         self._k3 = -self.beta_max + self.beta_min
-        self._k4 = 1 / (-math.log(math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)) + math.log(math.expm1((1/2)*self.beta_max + (1/2)*self.beta_min)))
-        self._k5 = -math.log(math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min))
-        self._k6 = -math.log(math.expm1((1/2)*self.beta_max + (1/2)*self.beta_min))
-        self._k7 = 1 / (self.beta_max - self.beta_min)
-        self._k8 = self.beta_min**2
-        self._k9 = 2*self.beta_max - 2*self.beta_min
+        self._k4 = 2*self.beta_min
+        self._k5 = 1 / (-math.log(math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)) + math.log(math.expm1((1/2)*self.beta_max + (1/2)*self.beta_min)))
+        self._k6 = -math.log(math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min))
+        self._k7 = -math.log(math.expm1((1/2)*self.beta_max + (1/2)*self.beta_min))
+        self._k8 = 1 / (self.beta_max - self.beta_min)
+        self._k9 = self.beta_min**2
+        self._k10 = 2*self.beta_max - 2*self.beta_min
 
         self.eps = 1/100000
         self.T = 1
@@ -119,9 +120,8 @@ class VPLikelihoodSDE(torch.nn.Module):
         return torch.sqrt(-torch.expm1((1/2)*t*(self._k2 - self.beta_max*t + self.beta_min*t)))
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = -log(expm1(beta_max*t^2/2 - beta_min*t^2/2 + beta_min*t))"""
-        w0 = (1/2)*t**2
-        return -torch.log(torch.expm1(w0*self.beta_max - w0*self.beta_min + self.beta_min*t))
+        """logSNR(t) = log(m(t)^2 / v(t)) = -log(expm1(t*(beta_max*t - beta_min*t + 2*beta_min)/2))"""
+        return -torch.log(torch.expm1((1/2)*t*(self._k4 + self.beta_max*t - self.beta_min*t)))
 
     def _prior(self):
         """Mean 0 and variance 1 of the prior."""
@@ -160,23 +160,22 @@ class VPLikelihoodSDE(torch.nn.Module):
         return self._k1*t + self.beta_min
 
     def t_density(self, t):
-        """Density of the training time t (importance): q(t) = lambda / (Z v) = (beta_max*t - beta_min*t + beta_min)*exp(t*(beta_max*t/2 + beta_min))/((-exp(beta_min*t^2/2) + exp(t*(beta_max*t/2 + beta_min)))*(-log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)) + log(expm1(beta_max/2 + beta_min/2))))"""
-        w0 = self.beta_max*t
-        w1 = torch.exp(t*((1/2)*w0 + self.beta_min))
-        return self._k4*w1*(w0 - self.beta_min*t + self.beta_min)/(w1 - torch.exp((1/2)*self.beta_min*t**2))
+        """Density of the training time t (importance): q(t) = lambda / (Z v) = -(beta_min + t*(beta_max - beta_min))/((-log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)) + log(expm1(beta_max/2 + beta_min/2)))*expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)))"""
+        return -self._k5*(self._k1*t + self.beta_min)/torch.expm1(t*(-1/2*self.beta_max*t + (1/2)*self.beta_min*t - self.beta_min))
 
     def t_cdf(self, t):
-        """CDF of the training time t: (-log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)) + log(expm1(beta_max*t^2/2 - beta_min*t^2/2 + beta_min*t)))/(-log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)) + log(expm1(beta_max/2 + beta_min/2)))"""
-        w0 = (1/2)*t**2
-        return self._k4*(self._k5 + torch.log(torch.expm1(w0*self.beta_max - w0*self.beta_min + self.beta_min*t)))
+        """CDF of the training time t: (log(expm1(t*(beta_max*t - beta_min*t + 2*beta_min)/2)) - log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)))/(-log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)) + log(expm1(beta_max/2 + beta_min/2)))"""
+        return self._k5*(self._k6 + torch.log(torch.expm1((1/2)*t*(self._k4 + self.beta_max*t - self.beta_min*t))))
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""
 
-        y = self._k5 - u * (self._k5 - self._k6)
-        # t = logSNR^-1(y) = (-beta_min + sqrt(beta_min^2 + (-_y + log1p(exp(_y)))*(2*beta_max - 2*beta_min)))/(beta_max - beta_min)
+        y = self._k6 - u * (self._k6 - self._k7)
+        # t = logSNR^-1(y) = (2*beta_max*log1p(exp(-_y)) - 2*beta_min*log1p(exp(-_y)))/((beta_max - beta_min)*(beta_min + sqrt(beta_min^2 + (2*beta_max - 2*beta_min)*log1p(exp(-_y)))))
 
-        return torch.clamp(self._k7*(-self.beta_min + torch.sqrt(self._k8 + self._k9*(-y + torch.log1p(torch.exp(y))))), self.eps, self.T)
+        w0 = torch.log1p(torch.exp(-y))
+        w1 = 2*w0
+        return torch.clamp(self._k8*(w1*self.beta_max - w1*self.beta_min)/(self.beta_min + torch.sqrt(self._k10*w0 + self._k9)), self.eps, self.T)
 
     def sample_t(self, batch_size, generator=None):
         """batch_size training times drawn from q(t) by inverting its CDF."""

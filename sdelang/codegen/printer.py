@@ -17,25 +17,20 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
-from sympy.codegen.rewriting import expm1_opt, log1p_opt, optimize
 from sympy.printing.precedence import PRECEDENCE, precedence
 from sympy.printing.pycode import PythonCodePrinter
 from sympy.printing.pytorch import TorchPrinter
 
-from ..derive.symbolic import bounded, size
+from ..derive.symbolic import bounded, use_expm1_log1p
 from ..errors import InternalCompilerError
 
 REWRITE_LIMIT = 2.0  # seconds for the expm1/log1p rewrites of one expression
-MAX_STABLE_SIZE = 200  # expression nodes
 
-_OPTIMIZATIONS = (expm1_opt, log1p_opt)
 
 
 def stable(expr: sp.Expr) -> sp.Expr:
     """expm1/log1p rewrites, which keep float32 precision near t = 0 (unchanged if they run out of time)."""
-    if expr.has(sp.Integral) or size(expr) > MAX_STABLE_SIZE:
-        return expr  # the rewrites factor, which is slow on large numeric-path expressions
-    rewritten = bounded(optimize, expr, _OPTIMIZATIONS, seconds=REWRITE_LIMIT)
+    rewritten = bounded(use_expm1_log1p, expr, seconds=REWRITE_LIMIT)
     return expr if rewritten is None else rewritten
 
 

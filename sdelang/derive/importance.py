@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
-from .symbolic import SOLVE_LIMIT, bounded, integrate_from, simplest
+from .symbolic import SOLVE_LIMIT, bounded, integrate_from, most_accurate, rationalize_roots, simplest
 
 # Dummies, so that a user's parameter named u, y or w never collides with them.
 U = sp.Dummy("u", positive=True)  # a uniform draw in (0, 1)
@@ -43,13 +43,13 @@ def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol,
     if kind == "likelihood":
         lo, hi = lsnr.xreplace({t: eps}), lsnr.xreplace({t: T})
         Z = lo - hi
-        density = simplest(-sp.diff(lsnr, t)) / Z
+        density = lam / (v * Z)  # = -logSNR'(t) / Z, in a form that cannot overflow
         cdf = (lo - lsnr) / Z
         # Solving v/m^2 = W is easier for SymPy than logSNR = y (no log of a ratio).
         nsr = sp.exp(-lsnr)
         inverse = _solve(sp.Eq(simplest(nsr), W), t, W, simplest(nsr), defaults, eps, T) if invert else None
         if inverse is not None:
-            inverse = inverse.xreplace({W: sp.exp(-Y)})
+            inverse = _accurate_inverse(inverse.xreplace({W: sp.exp(-Y)}), Y, lsnr, t, defaults, eps, T)
         return Importance(density, cdf, inverse, True)
     if kind == "score_matching":
         return Importance(1 / (T - eps), (t - eps) / (T - eps), eps + U * (T - eps), False)
@@ -70,6 +70,16 @@ def _log_time_integral(f: sp.Expr, t: sp.Symbol, lo: sp.Expr, hi: sp.Expr) -> sp
         return closed
     w = sp.Dummy("w", real=True)
     return sp.Integral(f.xreplace({t: sp.exp(w)}) * sp.exp(w), (w, sp.log(lo), sp.log(hi)))
+
+
+def _accurate_inverse(inverse, y, lsnr, t, defaults, eps, T) -> sp.Expr:
+    """Of the equivalent forms of logSNR^-1(y), the one most accurate in float32 over [logSNR(T), logSNR(eps)]."""
+    forms = [inverse, sp.expand_log(inverse, force=True), rationalize_roots(inverse)]
+    forms += [rationalize_roots(sp.expand_log(inverse, force=True))]
+    lsnr_at = sp.lambdify(t, lsnr.subs(defaults), modules="mpmath")
+    lo, hi = float(eps.subs(defaults)), float(T.subs(defaults))
+    grid = np.array([float(lsnr_at(s)) for s in np.geomspace(lo, hi, 25)])
+    return most_accurate(forms, y, defaults, grid)
 
 
 def _solve(equation, t, target, forward, defaults, eps, T) -> sp.Expr | None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import mpmath
 import numpy as np
 import sympy as sp
+from sympy.codegen.cfunctions import expm1, log1p
 
 from ..timelimit import call_with_time_limit
 
@@ -115,19 +116,17 @@ class Accuracy:
     T: float
 
     def best(self, candidates: list[sp.Expr], t: sp.Symbol) -> sp.Expr:
-        return most_accurate(candidates, t, self.defaults, self.eps, self.T)
+        return most_accurate(candidates, t, self.defaults, np.geomspace(self.eps, self.T, 25))
 
 
-def most_accurate(candidates: list[sp.Expr], t: sp.Symbol, defaults: dict, eps: float, T: float) -> sp.Expr:
-    """The candidate whose float32 evaluation is closest to a 30-digit reference on [eps, T].
+def most_accurate(candidates: list[sp.Expr], t: sp.Symbol, defaults: dict, grid: np.ndarray) -> sp.Expr:
+    """The candidate whose float32 evaluation on the grid is closest to a 30-digit reference.
 
     Ties (within a factor of two in error) go to the form with fewer operations.
-    Errors are measured at the default parameters on a log-spaced grid, so
-    forms that lose digits near t = eps (1 - exp(-B) against -expm1(-B)) lose.
+    Errors are measured at the default parameters; on a log-spaced grid of
+    [eps, T], forms that lose digits near t = eps (1 - exp(-B) against
+    -expm1(-B)) lose.
     """
-    from sympy.codegen.rewriting import optimize, optims_c99
-
-    grid = np.geomspace(eps, T, 25)
     forms = [(e, e.subs(defaults)) for e in dict.fromkeys(candidates)]
     if any(at.has(sp.Integral) or at.free_symbols - {t} for _, at in forms):
         return candidates[0]
@@ -146,7 +145,7 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol, defaults: dict, eps: 
     scored = []
     for expr, at in forms:
         try:
-            fn = sp.lambdify(t, optimize(at, optims_c99), modules="numpy")
+            fn = sp.lambdify(t, use_expm1_log1p(at), modules="numpy")
             with np.errstate(all="ignore"):
                 values = np.asarray(fn(grid.astype(np.float32)), dtype=np.float64) * np.ones_like(grid)
         except (TypeError, ValueError, ZeroDivisionError, OverflowError):
@@ -159,3 +158,49 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol, defaults: dict, eps: 
         return candidates[0]
     best_err = min(s[0] for s in scored)
     return min((s for s in scored if s[0] <= 2 * best_err + 1e-300), key=lambda s: (s[1], s[2]))[3]
+
+
+def rationalize_roots(expr: sp.Expr) -> sp.Expr:
+    """Rewrite sqrt(P) - q as (P - q^2) / (sqrt(P) + q), which does not cancel when sqrt(P) ~ q.
+
+    The root of a quadratic, (-b + sqrt(b^2 + 4ac)) / 2a, loses most of its
+    digits in float32 when 4ac is small; this form keeps them.
+    """
+    def rewrite(e):
+        if e.is_Add and len(e.args) == 2:
+            roots = [a for a in e.args if a.is_Pow and a.exp == sp.Rational(1, 2)]
+            if len(roots) == 1:
+                root = roots[0]
+                q = -(e - root)
+                return sp.expand(root.base - q**2) / (root + q)
+        return e
+    return expr.replace(lambda e: e.is_Add, rewrite)
+
+
+def use_expm1_log1p(expr: sp.Expr) -> sp.Expr:
+    """Rewrite exp(u) - 1 as expm1(u) and log(1 + u) as log1p(u), literally and nothing more.
+
+    These keep float32 digits near t = 0. (SymPy's own optimizer factors and
+    may trade log(1 + exp(-y)) for -y + log1p(exp(y)), which cancels.)
+    """
+    def rewrite_add(e):
+        args = list(e.args)
+        for sign in (1, -1):
+            if -sign in args:
+                for i, a in enumerate(args):
+                    if sign == 1 and isinstance(a, sp.exp):
+                        rest = [b for j, b in enumerate(args) if j != i and b != -1]
+                        return sp.Add(expm1(a.args[0]), *rest, evaluate=False)
+                    if sign == -1 and a.is_Mul and a.args[0] == -1 and len(a.args) == 2 and isinstance(a.args[1], sp.exp):
+                        rest = [b for j, b in enumerate(args) if j != i and b != 1]
+                        return sp.Add(-expm1(a.args[1].args[0]), *rest, evaluate=False)
+        return e
+
+    def rewrite_log(e):
+        arg = e.args[0]
+        if arg.is_Add and 1 in arg.args:
+            return log1p(sp.Add(*[a for a in arg.args if a != 1]))
+        return e
+
+    expr = expr.replace(lambda e: e.is_Add, rewrite_add)
+    return expr.replace(lambda e: isinstance(e, sp.log), rewrite_log)
