@@ -77,7 +77,6 @@ class CosineVPSDE(torch.nn.Module):
         self._k5 = math.sqrt(2)
         self._k6 = 1 / math.cos((1/2)*math.pi*self.s/(self.s + 1))**2
         self._k7 = math.cos(math.pi*self.s/(self.s + 1))
-
         self.eps = 1/100000
         self.T = 4973/5000
         self.v0 = 0
@@ -174,7 +173,6 @@ class CosineVPSDE(torch.nn.Module):
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (not needed (t ~ uniform))."""
         # t = eps + u * (T - eps)
-
         return torch.clamp((99459/100000)*u + 1/100000, self.eps, self.T)
 
     def sample_t(self, batch_size, generator=None):
@@ -187,7 +185,7 @@ class CosineVPSDE(torch.nn.Module):
         d = x[0].numel()
         w0 = (1/2)*self._k0*self._k1
         w1 = w0*(self.s + t)
-        return d * -w0*torch.sin(w1)/torch.cos(w1)
+        return d * (-w0*torch.sin(w1)/torch.cos(w1))
 
 
 class ReverseCosineVPSDE:

@@ -73,7 +73,6 @@ class EDMVESDE(torch.nn.Module):
         self._k1 = 1 / (2*math.log(80) + 2*math.log(500))
         self._k2 = 2*math.log(500)
         self._k3 = -2*math.log(80)
-
         self.eps = 1/500
         self.T = 80
         self.v0 = 0
@@ -160,10 +159,9 @@ class EDMVESDE(torch.nn.Module):
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""
-
-        y = self._k2 - u * (self._k2 - self._k3)
-        # t = logSNR^-1(y) = exp(-_y/2)
-
+        lo, hi = self._k2, self._k3
+        y = lo - u * (lo - hi)
+        # t = logSNR^-1(y) = exp(-y/2)
         return torch.clamp(torch.exp(-1/2*y), self.eps, self.T)
 
     def sample_t(self, batch_size, generator=None):
@@ -174,7 +172,7 @@ class EDMVESDE(torch.nn.Module):
     def drift_divergence(self, x, t):
         """div_x f(x, t) = d a(t), d the number of entries of one sample."""
         d = x[0].numel()
-        return d * torch.full_like(t, 0)
+        return d * (torch.full_like(t, 0))
 
 
 class ReverseEDMVESDE:

@@ -11,7 +11,7 @@ Source sha256: c99c41a34a58e8a242319506b783b23f68b42488b235d9e7ffa8aa41784613b6
 Transition kernel N(m(t) x0 + c(t), v(t) I), numeric (Gauss-Legendre quadrature):
     m(t) = exp(-t^3/6 - t/2 + cos(3*t)/6 - 1/6)
     c(t) = 0
-    v(t) = exp(-t^3/3 - t + cos(3*t)/3 - 1/3)*Integral((_s + 1)*(_s^2 + sin(3*_s) + 1)*exp(_s^3/3 + _s - cos(3*_s)/3 + 1/3), (_s, 0, t))
+    v(t) = exp(-t^3/3 - t + cos(3*t)/3 - 1/3)*Integral((s + 1)*(s^2 + sin(3*s) + 1)*exp(s^3/3 + s - cos(3*s)/3 + 1/3), (s, 0, t))
 
 Weighting lambda(t) = (t + 1)*(t^2 + sin(3*t) + 1) (likelihood); t ~ importance; inverse CDF of the
 importance sampler: numeric (bisection).
@@ -66,7 +66,6 @@ class NumericSDE(torch.nn.Module):
         self._k1 = math.exp(-1000030000000001/3000000000000000 + (1/3)*math.cos(3/100000))
         self._k2 = math.exp(1000030000000001/3000000000000000 - 1/3*math.cos(3/100000))
         self._k3 = math.exp(37/3 - 1/3*math.cos(9))
-
         self.eps = 1/100000
         self.T = 3
         self.v0 = 0
@@ -106,18 +105,18 @@ class NumericSDE(torch.nn.Module):
         return torch.full_like(t, 0)
 
     def std(self, t):
-        """sigma(t) = sqrt(v(t)) = exp(-t^3/6 - t/2 + cos(3*t)/6 - 1/6)*sqrt(Integral((_s + 1)*(_s^2 + sin(3*_s) + 1)*exp(_s^3/3 + _s - cos(3*_s)/3 + 1/3), (_s, 0, t)))"""
+        """sigma(t) = sqrt(v(t)) = exp(-t^3/6 - t/2 + cos(3*t)/6 - 1/6)*sqrt(Integral((s + 1)*(s^2 + sin(3*s) + 1)*exp(s^3/3 + s - cos(3*s)/3 + 1/3), (s, 0, t)))"""
         q0 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, t)
         return torch.sqrt(q0)*torch.exp(-1/6*t**3 - 1/2*t + (1/6)*torch.cos(3*t) - 1/6)
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = -log(exp(-t^3/3 - t + cos(3*t)/3 - 1/3)*exp(t^3/3 + t - cos(3*t)/3 + 1/3)*Integral((_s + 1)*(_s^2 + sin(3*_s) + 1)*exp(_s^3/3 + _s - cos(3*_s)/3 + 1/3), (_s, 0, t)))"""
+        """logSNR(t) = log(m(t)^2 / v(t)) = -log(exp(-t^3/3 - t + cos(3*t)/3 - 1/3)*exp(t^3/3 + t - cos(3*t)/3 + 1/3)*Integral((s + 1)*(s^2 + sin(3*s) + 1)*exp(s^3/3 + s - cos(3*s)/3 + 1/3), (s, 0, t)))"""
         q0 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, t)
         w0 = (1/3)*t**3 + t - 1/3*torch.cos(3*t) + 1/3
         return -torch.log(q0)
 
     def _prior(self):
-        """Mean 0 and variance exp(-37/3 + cos(9)/3)*Integral((_s + 1)*(_s^2 + sin(3*_s) + 1)*exp(_s^3/3 + _s - cos(3*_s)/3 + 1/3), (_s, 0, 3)) of the prior."""
+        """Mean 0 and variance exp(-37/3 + cos(9)/3)*Integral((s + 1)*(s^2 + sin(3*s) + 1)*exp(s^3/3 + s - cos(3*s)/3 + 1/3), (s, 0, 3)) of the prior."""
         q0 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, 3)
         return 0, self._k0*q0
 
@@ -175,7 +174,8 @@ class NumericSDE(torch.nn.Module):
         # logSNR decreases in t: find logSNR(t) = logSNR(eps) - u (logSNR(eps) - logSNR(T)).
         q0 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, 1/100000)
         q1 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, 3)
-        y = -torch.log(self._k1*self._k2*q0) - u * (-torch.log(self._k1*self._k2*q0) - -torch.log(self._k0*self._k3*q1))
+        lo, hi = -torch.log(self._k1*self._k2*q0), -torch.log(self._k0*self._k3*q1)
+        y = lo - u * (lo - hi)
         return self._bisect(lambda t: -self.log_snr(t), -y)
 
     def sample_t(self, batch_size, generator=None):
@@ -186,7 +186,7 @@ class NumericSDE(torch.nn.Module):
     def drift_divergence(self, x, t):
         """div_x f(x, t) = d a(t), d the number of entries of one sample."""
         d = x[0].numel()
-        return d * -1/2*t**2 - 1/2*torch.sin(3*t) - 1/2
+        return d * (-1/2*t**2 - 1/2*torch.sin(3*t) - 1/2)
 
     def _bisect(self, increasing, target, iterations=64):
         """t in [eps, T] with increasing(t) = target, elementwise; a fixed number of halvings, no sync."""

@@ -74,7 +74,6 @@ class OUSDE(torch.nn.Module):
         self._k3 = 1 / self.theta
         self._k4 = -self.mu*math.expm1(-5*self.theta)
         self._k5 = 1 / self.theta - math.exp(-10*self.theta)/self.theta
-
         self.eps = 1/100000
         self.T = 5
         self.v0 = 0
@@ -167,7 +166,6 @@ class OUSDE(torch.nn.Module):
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (not needed (t ~ uniform))."""
         # t = eps + u * (T - eps)
-
         return torch.clamp((499999/100000)*u + 1/100000, self.eps, self.T)
 
     def sample_t(self, batch_size, generator=None):
@@ -178,7 +176,7 @@ class OUSDE(torch.nn.Module):
     def drift_divergence(self, x, t):
         """div_x f(x, t) = d a(t), d the number of entries of one sample."""
         d = x[0].numel()
-        return d * torch.full_like(t, -self.theta)
+        return d * (torch.full_like(t, -self.theta))
 
 
 class ReverseOUSDE:

@@ -72,7 +72,6 @@ class SubvpSDE(torch.nn.Module):
         self._k2 = -2*self.beta_min
         self._k3 = -self.beta_max + self.beta_min
         self._k4 = 2*self.beta_min
-
         self.eps = 1/100000
         self.T = 1
         self.v0 = 0
@@ -162,7 +161,6 @@ class SubvpSDE(torch.nn.Module):
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (not needed (t ~ uniform))."""
         # t = eps + u * (T - eps)
-
         return torch.clamp((99999/100000)*u + 1/100000, self.eps, self.T)
 
     def sample_t(self, batch_size, generator=None):
@@ -173,7 +171,7 @@ class SubvpSDE(torch.nn.Module):
     def drift_divergence(self, x, t):
         """div_x f(x, t) = d a(t), d the number of entries of one sample."""
         d = x[0].numel()
-        return d * self._k0 - 1/2*self._k1*t
+        return d * (self._k0 - 1/2*self._k1*t)
 
 
 class ReverseSubvpSDE:

@@ -82,7 +82,6 @@ class VESDE(torch.nn.Module):
         self._k6 = math.log(self.sigma_min)
         self._k7 = math.log(self.sigma_max)
         self._k8 = self.sigma_max**2
-
         self.eps = 1/100000
         self.T = 1
         self.v0 = self._k3
@@ -182,7 +181,6 @@ class VESDE(torch.nn.Module):
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (not needed (t ~ uniform))."""
         # t = eps + u * (T - eps)
-
         return torch.clamp((99999/100000)*u + 1/100000, self.eps, self.T)
 
     def sample_t(self, batch_size, generator=None):
@@ -193,7 +191,7 @@ class VESDE(torch.nn.Module):
     def drift_divergence(self, x, t):
         """div_x f(x, t) = d a(t), d the number of entries of one sample."""
         d = x[0].numel()
-        return d * torch.full_like(t, 0)
+        return d * (torch.full_like(t, 0))
 
 
 class ReverseVESDE:

@@ -81,7 +81,6 @@ class VPLikelihoodSDE(torch.nn.Module):
         self._k8 = 1 / (self.beta_max - self.beta_min)
         self._k9 = self.beta_min**2
         self._k10 = 2*self.beta_max - 2*self.beta_min
-
         self.eps = 1/100000
         self.T = 1
         self.v0 = 0
@@ -169,10 +168,9 @@ class VPLikelihoodSDE(torch.nn.Module):
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""
-
-        y = self._k6 - u * (self._k6 - self._k7)
-        # t = logSNR^-1(y) = (2*beta_max*log1p(exp(-_y)) - 2*beta_min*log1p(exp(-_y)))/((beta_max - beta_min)*(beta_min + sqrt(beta_min^2 + (2*beta_max - 2*beta_min)*log1p(exp(-_y)))))
-
+        lo, hi = self._k6, self._k7
+        y = lo - u * (lo - hi)
+        # t = logSNR^-1(y) = (2*beta_max*log1p(exp(-y)) - 2*beta_min*log1p(exp(-y)))/((beta_max - beta_min)*(beta_min + sqrt(beta_min^2 + (2*beta_max - 2*beta_min)*log1p(exp(-y)))))
         w0 = torch.log1p(torch.exp(-y))
         w1 = 2*w0
         return torch.clamp(self._k8*(w1*self.beta_max - w1*self.beta_min)/(self.beta_min + torch.sqrt(self._k10*w0 + self._k9)), self.eps, self.T)
@@ -185,7 +183,7 @@ class VPLikelihoodSDE(torch.nn.Module):
     def drift_divergence(self, x, t):
         """div_x f(x, t) = d a(t), d the number of entries of one sample."""
         d = x[0].numel()
-        return d * self._k0 - 1/2*self._k1*t
+        return d * (self._k0 - 1/2*self._k1*t)
 
 
 class ReverseVPLikelihoodSDE:

@@ -34,7 +34,8 @@ def _formula(expr: sp.Expr) -> str:
     """A one-line formula for a docstring; long numeric-path expressions are summarised."""
     if size(expr) > MAX_FORMULA_SIZE:
         return "(a long expression with numeric integrals; see `sdelang show`)"
-    return sp.sstr(stable(expr)).replace("**", "^")
+    plain = {d: sp.Symbol(d.name) for d in expr.atoms(sp.Dummy)}  # _y -> y
+    return sp.sstr(stable(expr.xreplace(plain))).replace("**", "^")
 
 
 def emit(d: Derivation) -> str:
@@ -101,7 +102,8 @@ def emit(d: Derivation) -> str:
         m_is_one=k.m == 1,
         uniform=uniform,
         by_log_snr=imp.by_log_snr and not uniform,
-        body=lambda c: "".join(f"\n        {line}" for line in c.lines),
+        # Statements of a method body, placed at the start of the line that follows them.
+        body=lambda c: "".join(f"        {line}\n" for line in c.lines),
         numeric_inverse=numeric_inverse,
         kernel_path=d.kernel_path,
         inverse_cdf_path=d.inverse_cdf_path,
