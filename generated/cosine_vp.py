@@ -11,7 +11,7 @@ Source sha256: e3f9d114a8d7bac260099ac550f14457484f932f4c393a63da9fe86335cf83d8
 Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     m(t) = cos(pi*(s + t)/(2*(s + 1)))/cos(pi*s/(2*(s + 1)))
     c(t) = 0
-    v(t) = (cos(pi*s/(s + 1)) - cos(pi*(s + t)/(s + 1)))/(2*cos(pi*s/(2*(s + 1)))^2)
+    v(t) = sin(pi*t/(2*(s + 1)))*sin(pi*(2*s + t)/(2*(s + 1)))/cos(pi*s/(2*(s + 1)))^2
 
 Weighting lambda(t) = pi*sin(pi*(s + t)/(2*(s + 1)))/((s + 1)*cos(pi*(s + t)/(2*(s + 1)))) (likelihood); t ~ uniform; inverse CDF of the
 importance sampler: not needed (t ~ uniform).
@@ -74,9 +74,7 @@ class CosineVPSDE(torch.nn.Module):
         self._k2 = math.sqrt(math.pi)
         self._k3 = 1 / math.sqrt(self.s + 1)
         self._k4 = 1 / math.cos((1/2)*math.pi*self.s/(self.s + 1))
-        self._k5 = math.sqrt(2)
-        self._k6 = 1 / math.cos((1/2)*math.pi*self.s/(self.s + 1))**2
-        self._k7 = math.cos(math.pi*self.s/(self.s + 1))
+        self._k5 = 1 / math.cos((1/2)*math.pi*self.s/(self.s + 1))**2
         self.eps = 1/100000
         self.T = 4973/5000
         self.v0 = 0
@@ -103,8 +101,9 @@ class CosineVPSDE(torch.nn.Module):
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        w0 = self._k0*self._k1*(self.s + t)
-        return self._expand(self._k4*torch.cos((1/2)*w0), x0) * x0, (1/2)*self._k5*torch.sqrt(self._k6*(self._k7 - torch.cos(w0)))
+        w0 = self._k0*self._k1
+        w1 = (1/2)*t
+        return self._expand(self._k4*torch.cos((1/2)*w0*(self.s + t)), x0) * x0, torch.sqrt(self._k5*torch.sin(w0*w1)*torch.sin(w0*(w1 + self.s)))
 
     def mean_coeff(self, t):
         """m(t) = cos(pi*(s + t)/(2*(s + 1)))/cos(pi*s/(2*(s + 1)))"""
@@ -115,13 +114,16 @@ class CosineVPSDE(torch.nn.Module):
         return torch.full_like(t, 0)
 
     def std(self, t):
-        """sigma(t) = sqrt(v(t)) = sqrt(2)*sqrt((cos(pi*s/(s + 1)) - cos(pi*(s + t)/(s + 1)))/cos(pi*s/(2*(s + 1)))^2)/2"""
-        return (1/2)*self._k5*torch.sqrt(self._k6*(self._k7 - torch.cos(self._k0*self._k1*(self.s + t))))
+        """sigma(t) = sqrt(v(t)) = sqrt(sin(pi*t/(2*(s + 1)))*sin(pi*(s + t/2)/(s + 1))/cos(pi*s/(2*(s + 1)))^2)"""
+        w0 = (1/2)*t
+        w1 = self._k0*self._k1
+        return torch.sqrt(self._k5*torch.sin(w0*w1)*torch.sin(w1*(w0 + self.s)))
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = -log((cos(pi*s/(s + 1)) - cos(pi*(s + t)/(s + 1)))/(2*cos(pi*(s + t)/(2*(s + 1)))^2))"""
-        w0 = self._k0*self._k1*(self.s + t)
-        return -torch.log((1/2)*(self._k7 - torch.cos(w0))/torch.cos((1/2)*w0)**2)
+        """logSNR(t) = log(m(t)^2 / v(t)) = -log(sin(pi*t/(2*(s + 1)))*sin(pi*(s + t/2)/(s + 1))/cos(pi*(s + t)/(2*(s + 1)))^2)"""
+        w0 = (1/2)*t
+        w1 = self._k0*self._k1
+        return -torch.log(torch.sin(w0*w1)*torch.sin(w1*(w0 + self.s))/torch.cos((1/2)*w1*(self.s + t))**2)
 
     def _prior(self):
         """Mean 0 and variance 1 of the prior."""

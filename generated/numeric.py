@@ -201,12 +201,16 @@ class NumericSDE(torch.nn.Module):
 
     def _quad(self, fn, lo, hi):
         """int_lo^hi fn(s) ds by 48-point Gauss-Legendre quadrature, vectorised over lo and hi."""
-        like = self._anchor
-        lo = torch.as_tensor(lo, dtype=like.dtype, device=like.device)
-        hi = torch.as_tensor(hi, dtype=like.dtype, device=like.device)
+        like = hi if torch.is_tensor(hi) else lo if torch.is_tensor(lo) else None
+        # Bounds in t: t's dtype. Constant bounds: a float64 scalar, which keeps its digits and, being
+        # 0-dimensional, leaves the dtype of the result to t.
+        dtype = torch.float64 if like is None else like.dtype
+        device = self._anchor.device if like is None else like.device
+        lo = torch.as_tensor(lo, dtype=dtype, device=device)
+        hi = torch.as_tensor(hi, dtype=dtype, device=device)
         half = ((hi - lo) / 2).unsqueeze(-1)
-        s = ((hi + lo) / 2).unsqueeze(-1) + half * self._gl_nodes.to(like.dtype)
-        return (fn(s) * self._gl_weights.to(like.dtype)).sum(-1) * half.squeeze(-1)
+        s = ((hi + lo) / 2).unsqueeze(-1) + half * self._gl_nodes.to(dtype)
+        return (fn(s) * self._gl_weights.to(dtype)).sum(-1) * half.squeeze(-1)
 
 
 class ReverseNumericSDE:

@@ -8,7 +8,10 @@ that is not affine in x, a diffusion that depends on x).
 """
 from __future__ import annotations
 
+import decimal
 import difflib
+import builtins
+import keyword
 import math
 from dataclasses import dataclass, field
 
@@ -18,6 +21,8 @@ import sympy as sp
 from . import syntax as ast
 from .errors import SdeError, Source, Span
 from .ir import Parameter, Program
+from .parse import RESERVED_WORDS
+from .timelimit import call_with_time_limit
 
 DEFAULT_EPS = sp.Rational(1, 100000)
 DEFAULT_T = sp.Integer(1)
@@ -40,8 +45,29 @@ BUILTINS = {
 BUILTIN_CONSTANTS = {"pi": sp.pi}
 # Names the checker refuses as user definitions, with the reason.
 RESERVED = {"t": "the time variable", **{k: "a builtin function" for k in BUILTINS},
-            "pi": "a builtin constant"}
+            "pi": "a builtin constant", **{k: "a reserved word of the language" for k in RESERVED_WORDS}}
+# A parameter becomes an argument and an attribute of the generated torch module, so it cannot be
+# a Python keyword or one of the module's own attributes.
+MODULE_ATTRIBUTES = frozenset({
+    "self", "T", "N", "eps", "kernel_path", "inverse_cdf_path", "t_sampling", "diffusion",
+    "marginal_prob", "mean_coeff", "mean_offset", "std", "log_snr", "prior_sampling", "prior_logp",
+    "discretize", "reverse", "weight", "t_density", "t_cdf", "t_icdf", "sample_t", "drift_divergence",
+    "training", "forward", "sde", "v0", "weighting", "SDE", "math", "torch",
+    # torch.nn.Module's public attributes (tests/test_programs.py checks this list against torch).
+    "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children",
+    "compile", "cpu", "cuda", "double", "dump_patches", "eval", "extra_repr", "float", "get_buffer",
+    "get_extra_state", "get_parameter", "get_submodule", "half", "ipu", "load_state_dict", "modules",
+    "mtia", "named_buffers", "named_children", "named_modules", "named_parameters", "parameters",
+    "register_backward_hook", "register_buffer", "register_forward_hook", "register_forward_pre_hook",
+    "register_full_backward_hook", "register_full_backward_pre_hook", "register_load_state_dict_post_hook",
+    "register_load_state_dict_pre_hook", "register_module", "register_parameter",
+    "register_state_dict_post_hook", "register_state_dict_pre_hook", "requires_grad_", "set_extra_state",
+    "set_submodule", "share_memory", "state_dict", "to", "to_empty", "train", "type", "xpu", "zero_grad",
+}) | frozenset(dir(builtins))
+PARAM_DEFAULT_HINT = "parameter defaults are numbers; use a constant 'name = expr' for derived values"
 GRID_POINTS = 257  # where positivity of g(t) and lambda(t) is checked on [eps, T]
+MAX_DIGITS = 308   # exact numbers beyond float64's range are refused before SymPy expands them
+EVALUATE_SECONDS = 5.0  # sp.N on a constant such as exp(exp(exp(100))) would otherwise never end
 
 
 @dataclass
@@ -52,7 +78,8 @@ class _Scope:
     context: str                    # e.g. "the drift", "function 'beta'"
     allow_t_free: bool = False      # may it use the global t?
     derivative_var: sp.Symbol | None = None
-    state: str | None = None
+    t_hint: str = ("only the drift, the diffusion, the weighting and helper functions "
+                   "with an argument named t may use t")
 
 
 @dataclass
@@ -68,6 +95,8 @@ class _Checker:
     _function_bodies: dict[str, tuple[tuple[sp.Dummy, ...], sp.Expr]] = field(default_factory=dict)
     _in_progress: list[str] = field(default_factory=list)
     overrides: dict[str, float] = field(default_factory=dict)
+    state: str | None = None        # the x of 'dx = ...', once the SDE line is found
+    _resolving: str | None = None   # the parameter whose default is being evaluated
 
     def error(self, message: str, span: Span | None, hint: str | None = None) -> SdeError:
         return SdeError(message, span, self.source, hint)
@@ -77,7 +106,6 @@ class _Checker:
     def collect(self) -> dict[type, ast.Statement]:
         singles: dict[type, ast.Statement] = {}
         where: dict[str, Span] = {}
-        state_name = None
         for st in self.module.statements:
             if isinstance(st, (ast.ParamDef, ast.ConstDef, ast.FunctionDef)):
                 self._define(st, where)
@@ -86,17 +114,20 @@ class _Checker:
                 if kind in singles:
                     first = singles[kind].span
                     raise self.error(f"{_DESCRIBE[kind]} is already given on line {first.line}", st.span,
-                                     "give it once")
+                                     "each setting is given at most once; remove one of them")
                 singles[kind] = st
                 if isinstance(st, ast.SdeDef):
-                    state_name = self._state_name(st)
-        if state_name is not None and state_name in where:
-            raise self.error(f"'{state_name}' is the state variable of the SDE and cannot be redefined",
-                             where[state_name])
+                    self.state = self._state_name(st)
+        if self.state in where:
+            raise self.error(f"'{self.state}' is the state variable of the SDE and cannot be redefined",
+                             where[self.state], "choose another name")
         return singles
 
     def _define(self, st, where: dict[str, Span]) -> None:
         name = st.name
+        if name in RESERVED_WORDS:
+            raise self.error(f"'{name}' is a reserved word and cannot be used as a name", st.name_span,
+                             f"choose another name, e.g. '{name}_'")
         if name in RESERVED:
             raise self.error(f"'{name}' is {RESERVED[name]} and cannot be redefined", st.name_span,
                              "choose another name")
@@ -105,6 +136,7 @@ class _Checker:
                              "each name is defined once; rename one of them")
         where[name] = st.name_span
         if isinstance(st, ast.ParamDef):
+            self._check_param_name(st)
             self.params[name] = st
         elif isinstance(st, ast.ConstDef):
             self.consts[name] = st
@@ -112,11 +144,26 @@ class _Checker:
             seen: set[str] = set()
             for arg, span in zip(st.args, st.arg_spans):
                 if arg in seen:
-                    raise self.error(f"argument '{arg}' appears twice in function '{name}'", span)
-                if arg in BUILTINS or arg == "pi":
-                    raise self.error(f"'{arg}' is {RESERVED[arg]} and cannot be an argument name", span)
+                    raise self.error(f"argument '{arg}' appears twice in function '{name}'", span,
+                                     "give each argument its own name")
+                if arg in RESERVED_WORDS:
+                    raise self.error(f"'{arg}' is a reserved word and cannot be used as a name", span,
+                                     f"choose another name, e.g. '{arg}_'")
+                if arg in RESERVED and arg != "t":
+                    raise self.error(f"'{arg}' is {RESERVED[arg]} and cannot be an argument name", span,
+                                     "choose another name")
                 seen.add(arg)
             self.functions[name] = st
+
+    def _check_param_name(self, st: ast.ParamDef) -> None:
+        name = st.name
+        if keyword.iskeyword(name) or name in MODULE_ATTRIBUTES or name.startswith("_"):
+            why = ("a Python keyword" if keyword.iskeyword(name) else
+                   "a Python builtin" if name in dir(builtins) else
+                   "taken by the generated module" if name in MODULE_ATTRIBUTES else "private in Python")
+            raise self.error(f"'{name}' cannot name a parameter: it is {why}", st.name_span,
+                             f"a parameter becomes an argument of the generated module; "
+                             f"choose another name, e.g. '{name.strip('_')}_param'")
 
     def _state_name(self, st: ast.SdeDef) -> str:
         d = st.differential
@@ -125,29 +172,44 @@ class _Checker:
                              "write the SDE as 'dx = <drift> dt + <diffusion> dw'")
         state = d[1:]
         if state in RESERVED:
-            raise self.error(f"the state cannot be called '{state}': it is {RESERVED[state]}", st.name_span)
+            raise self.error(f"the state cannot be called '{state}': it is {RESERVED[state]}", st.name_span,
+                             "call the state x: 'dx = <drift> dt + <diffusion> dw'")
         return state
 
     def resolve_params(self) -> None:
         unknown = sorted(set(self.overrides) - set(self.params))
         if unknown:
-            known = ", ".join(self.params) or "none"
-            raise self.error(f"unknown parameter '{unknown[0]}' (the parameters are: {known})", None)
+            name = unknown[0]
+            if not self.params:
+                raise self.error(f"unknown parameter '{name}': the program declares no parameters", None,
+                                 "only names declared with 'param' can be overridden")
+            close = difflib.get_close_matches(name, list(self.params), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise self.error(f"unknown parameter '{name}'", None,
+                             f"{hint}the parameters are: {', '.join(self.params)}")
         for name, st in self.params.items():
-            value = self.constant(st.value, f"the default of parameter '{name}'", params_allowed=False)
-            if name in self.overrides:
-                value = float(self.overrides[name])
-                if not math.isfinite(value):
-                    raise self.error(f"parameter '{name}' must be finite, got {value}", None)
-            self.param_defaults[name] = value
+            self._resolving = name
+            value = self.constant(st.value, f"the default of parameter '{name}'", fixed=PARAM_DEFAULT_HINT)
+            # The file's default fixes the sign the derivation assumes; an override must keep it.
             assumptions = {"positive": True} if value > 0 else {"real": True}
+            if name in self.overrides:
+                override = float(self.overrides[name])
+                if not math.isfinite(override):
+                    raise self.error(f"parameter '{name}' must be finite, got {override}", None)
+                if value > 0 and override <= 0:
+                    raise self.error(f"--param {name}={override:g}: parameter '{name}' has a positive default, "
+                                     f"so it must stay positive", st.value.span,
+                                     "the derivation assumes the sign of the default; give a positive value, "
+                                     "or change the default in the file")
+                value = override
+            self.param_defaults[name] = value
             self.param_symbols[name] = sp.Symbol(name, **assumptions)
 
     # -- expressions ---------------------------------------------------------
 
     def lower(self, expr: ast.Expr, scope: _Scope) -> sp.Expr:
         if isinstance(expr, ast.Number):
-            return sp.Rational(expr.text)
+            return self._number(expr)
         if isinstance(expr, ast.Name):
             return self._name(expr, scope)
         if isinstance(expr, ast.Neg):
@@ -155,7 +217,9 @@ class _Checker:
         if isinstance(expr, ast.BinOp):
             left, right = self.lower(expr.left, scope), self.lower(expr.right, scope)
             if expr.op == "/" and right == 0:
-                raise self.error("division by zero", expr.right.span)
+                raise self.error("division by zero", expr.right.span, "the divisor is zero everywhere")
+            if expr.op == "^":
+                self._check_power(left, right, expr)
             return {"+": sp.Add, "-": lambda a, b: a - b, "*": sp.Mul, "/": lambda a, b: a / b,
                     "^": sp.Pow}[expr.op](left, right)
         if isinstance(expr, ast.Call):
@@ -168,6 +232,22 @@ class _Checker:
             return sp.diff(self.lower(expr.expr, scope), scope.derivative_var)
         raise AssertionError(f"unknown expression node {expr!r}")
 
+    def _number(self, expr: ast.Number) -> sp.Rational:
+        value = decimal.Decimal(expr.text)  # SymPy would spend forever writing out 1e99999999
+        if not value.is_zero() and abs(value.adjusted()) > MAX_DIGITS:
+            raise self.error(f"the number {expr.text} is out of range", expr.span,
+                             "numbers must lie within float64's range, about 1e-308 to 1e308")
+        return sp.Rational(expr.text)
+
+    def _check_power(self, base: sp.Expr, exponent: sp.Expr, expr: ast.BinOp) -> None:
+        """Refuse a power whose exact value SymPy would expand into an enormous number, e.g. 10^10^10."""
+        if not exponent.is_Number:
+            return
+        digits = sum(math.log10(abs(n.p)) + math.log10(n.q) for n in base.atoms(sp.Rational) if n != 0)
+        if digits and abs(exponent) * sp.Float(digits) > MAX_DIGITS:
+            raise self.error("this power is too large to compute exactly", expr.span,
+                             "numbers must lie within float64's range, about 1e-308 to 1e308")
+
     def _name(self, expr: ast.Name, scope: _Scope) -> sp.Expr:
         name = expr.id
         if name in scope.bound:
@@ -175,37 +255,52 @@ class _Checker:
         if name == "t":
             if scope.allow_t_free:
                 return TIME
-            raise self.error(f"{scope.context} cannot depend on the time t", expr.span,
-                             "only the drift, the diffusion, the weighting and helper functions "
-                             "with an argument named t may use t")
-        if scope.state is not None and name == scope.state:
-            raise self.error(f"{scope.context} cannot depend on the state {name}", expr.span)
+            raise self.error(f"{scope.context} cannot depend on the time t", expr.span, scope.t_hint)
+        if name == self.state:
+            hint = ("a weighting lambda(t) is a function of time only" if scope.context == "the weighting" else
+                    "only the drift may use the state; pass it to a helper as an argument, e.g. 'f(x, t)'")
+            raise self.error(f"{scope.context} cannot depend on the state {name}", expr.span, hint)
         if name in self.param_symbols:
             return self.param_symbols[name]
-        if name in self.params:  # a parameter default that refers to a parameter
-            raise self.error(f"{scope.context} must be a number; it cannot use parameter '{name}'", expr.span,
-                             "parameter defaults are constants; use a constant 'name = expr' for derived values")
+        if name in self.params:  # met while the parameter defaults are being resolved
+            raise self.error(f"the default of parameter '{self._resolving}' must be a number; "
+                             f"it cannot use parameter '{name}'", expr.span, PARAM_DEFAULT_HINT)
         if name in self.consts:
             return self._const(name, expr.span)
         if name in BUILTIN_CONSTANTS:
             return BUILTIN_CONSTANTS[name]
         if name in self.functions or name in BUILTINS:
-            raise self.error(f"'{name}' is a function; call it with arguments, e.g. {name}(t)", expr.span)
+            raise self.error(f"'{name}' is a function, not a value", expr.span,
+                             f"call it with its arguments, e.g. '{name}(t)'")
         raise self._undefined(name, expr.span, scope)
 
     def _undefined(self, name: str, span: Span, scope: _Scope) -> SdeError:
+        if name in ("dt", "dw"):
+            return self.error(f"'{name}' is not a value: it marks the end of the "
+                              f"{'drift' if name == 'dt' else 'diffusion'}", span,
+                              "write the SDE as 'dx = <drift> dt + <diffusion> dw', with no '*' before "
+                              "'dt' or 'dw'")
+        if name in RESERVED_WORDS:
+            return self.error(f"'{name}' is a reserved word, not a value", span,
+                              f"'{name}' can only appear in its own statement; see 'Reserved words' "
+                              "in docs/language.md")
+        if name == "d":
+            return self.error("undefined name 'd'", span, "a derivative is written 'd/dt(expr)', without spaces")
         known = [*scope.bound, *self.params, *self.consts, *self.functions, *BUILTINS, *BUILTIN_CONSTANTS]
         if scope.allow_t_free:
             known.append("t")
         close = difflib.get_close_matches(name, known, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else "define it with 'param', 'name = expr' or 'name(t) = expr'"
+        hint = (f"did you mean '{close[0]}'?" if close else
+                "define it with 'param name = value', 'name = expr' or 'name(t) = expr'")
         return self.error(f"undefined name '{name}'", span, hint)
 
     def _const(self, name: str, span: Span) -> sp.Expr:
         if name not in self._const_values:
             self._enter(name, span)
             st = self.consts[name]
-            self._const_values[name] = self.lower(st.value, _Scope({}, f"constant '{name}'"))
+            scope = _Scope({}, f"constant '{name}'", t_hint=f"a constant does not change with time; make it "
+                           f"a helper, '{name}(t) = ...', and call it as {name}(t)")
+            self._const_values[name] = self.lower(st.value, scope)
             self._in_progress.pop()
         return self._const_values[name]
 
@@ -221,14 +316,16 @@ class _Checker:
         args = [self.lower(a, scope) for a in expr.args]
         if name in BUILTINS:
             if len(args) != 1:
-                raise self.error(f"'{name}' takes 1 argument, got {len(args)}", expr.span)
+                raise self.error(f"'{name}' takes 1 argument, got {len(args)}", expr.span,
+                                 f"builtin functions take exactly one argument, e.g. '{name}(t)'")
             return BUILTINS[name](args[0])
         if name in self.functions:
             formals, body = self._function(name, expr.func_span)
             if len(args) != len(formals):
                 st = self.functions[name]
-                raise self.error(f"'{name}' takes {len(formals)} argument{'s' * (len(formals) != 1)} "
-                                 f"({', '.join(st.args)}), got {len(args)}", expr.span)
+                raise self.error(f"'{name}' takes {len(formals)} argument{'s' * (len(formals) != 1)}, "
+                                 f"got {len(args)}", expr.span,
+                                 f"'{name}' is defined on line {st.span.line} as {name}({', '.join(st.args)})")
             return body.xreplace(dict(zip(formals, args)))
         if name in self.params or name in self.consts or name in BUILTIN_CONSTANTS or name == "t":
             raise self.error(f"'{name}' is not a function", expr.func_span,
@@ -242,20 +339,31 @@ class _Checker:
             formals = tuple(sp.Dummy(a, real=True) for a in st.args)
             bound = dict(zip(st.args, formals))
             t_var = bound.get("t")
-            scope = _Scope(bound, f"function '{name}'", derivative_var=t_var)
+            scope = _Scope(bound, f"function '{name}'", derivative_var=t_var,
+                           t_hint=f"a helper sees only its arguments: name one of them t, e.g. '{name}(t) = ...'")
             self._function_bodies[name] = (formals, self.lower(st.body, scope))
             self._in_progress.pop()
         return self._function_bodies[name]
 
-    def constant(self, expr: ast.Expr, context: str, params_allowed: bool = True) -> float:
-        """Lower a constant expression and evaluate it at the parameters' defaults."""
-        value = self.lower(expr, _Scope({}, context))
-        if not params_allowed and value.free_symbols:
-            raise self.error(f"{context} must be a number", expr.span)
+    def constant(self, expr: ast.Expr, context: str, fixed: str | None = None) -> float:
+        """Lower a constant expression and evaluate it at the parameters' defaults.
+
+        ``fixed``, when given, refuses parameters, with that as the hint.
+        """
+        value = self.lower(expr, self._constant_scope(context))
+        if fixed is not None and value.free_symbols:
+            used = min(str(s) for s in value.free_symbols)
+            raise self.error(f"{context} must be a number; it cannot use parameter '{used}'", expr.span, fixed)
         number = _evaluate(value.subs(self._defaults()))
         if number is None:
-            raise self.error(f"{context} is not a finite real number", expr.span)
+            raise self.error(f"{context} is not a finite real number", expr.span,
+                             "check for a logarithm or square root of a negative number, a division by zero "
+                             "or an overflow")
         return number
+
+    @staticmethod
+    def _constant_scope(context: str) -> _Scope:
+        return _Scope({}, context, t_hint=f"{context} is a constant; it cannot change with time")
 
     def _defaults(self) -> dict[sp.Symbol, float]:
         return {self.param_symbols[k]: v for k, v in self.param_defaults.items()}
@@ -263,28 +371,48 @@ class _Checker:
     # -- the program ---------------------------------------------------------
 
     def program(self) -> Program:
+        if not self.module.statements:
+            raise self.error("the file is empty", Span(1, 1, 1, 2),
+                             "a program needs at least 'sde NAME' and an SDE line, e.g. 'sde ou' and "
+                             "'dx = -x dt + sqrt(2) dw'")
         singles = self.collect()
         header = singles.get(ast.Header)
         if header is None:
             raise self.error("the program has no 'sde NAME' line", Span(1, 1, 1, 2),
                              "start the file with a name, e.g. 'sde my_sde'")
-        if not header.name.isidentifier() or header.name.startswith("_"):
-            raise self.error(f"'{header.name}' cannot name an SDE", header.name_span)
+        name = header.name
+        if name.startswith("_") or keyword.iskeyword(name) or name in RESERVED_WORDS:
+            why = "a Python keyword" if keyword.iskeyword(name) else (
+                "a reserved word" if name in RESERVED_WORDS else "private in Python")
+            raise self.error(f"'{name}' cannot name an SDE: it is {why}", header.name_span,
+                             "the name becomes a Python module; choose another, e.g. 'sde my_sde'")
         sde = singles.get(ast.SdeDef)
         if sde is None:
+            for st in self.module.statements:
+                if isinstance(st, ast.ConstDef) and st.name.startswith("d") and {"dt", "dw"} & _names(st.value):
+                    raise self.error(f"'{st.name} = ...' is not a valid SDE line", st.span,
+                                     "write the SDE as 'dx = <drift> dt + <diffusion> dw', with no operator "
+                                     "before 'dt' or 'dw'")
             raise self.error("the program has no SDE line", header.span,
                              "add the forward SDE, e.g. 'dx = -x dt + sqrt(2) dw'")
-        state = self._state_name(sde)
         self.resolve_params()
-        x = sp.Symbol(state, real=True)
+        self._resolving = None
+        # Lower every constant and helper once, in the order written, so that a mistake in one
+        # is reported even if nothing uses it.
+        for st in self.module.statements:
+            if isinstance(st, ast.ConstDef):
+                self._const(st.name, st.name_span)
+            elif isinstance(st, ast.FunctionDef):
+                self._function(st.name, st.name_span)
+        x = sp.Symbol(self.state, real=True)
 
         eps, T = DEFAULT_EPS, DEFAULT_T
         time = singles.get(ast.TimeDef)
         if time is not None:
             if time.var != "t":
                 raise self.error(f"the time variable is t, not '{time.var}'", time.var_span, "write 't in [eps, T]'")
-            eps = self.lower(time.eps, _Scope({}, "eps"))
-            T = self.lower(time.T, _Scope({}, "T"))
+            eps = self.lower(time.eps, self._constant_scope("eps"))
+            T = self.lower(time.T, self._constant_scope("T"))
             eps_value, T_value = self.constant(time.eps, "eps"), self.constant(time.T, "T")
             if eps_value <= 0:
                 raise self.error(f"eps must be positive, got {eps_value:g}", time.eps.span,
@@ -297,23 +425,25 @@ class _Checker:
         N = DEFAULT_N
         steps = singles.get(ast.StepsDef)
         if steps is not None:
-            n = self.constant(steps.value, "steps", params_allowed=False)
+            n = self.constant(steps.value, "steps", fixed="steps is fixed by the file; write a number, e.g. 'steps 1000'")
             if n != int(n) or n < 1:
-                raise self.error(f"steps must be a positive integer, got {n:g}", steps.value.span)
+                raise self.error(f"steps must be a positive integer, got {n:g}", steps.value.span,
+                                 "write a whole number of steps, e.g. 'steps 1000'")
             N = int(n)
 
         v0 = sp.Integer(0)
         v0_def = singles.get(ast.V0Def)
         if v0_def is not None:
-            v0 = self.lower(v0_def.value, _Scope({}, "v0"))
-            if self.constant(v0_def.value, "v0") < 0:
-                raise self.error("v0 is a variance and cannot be negative", v0_def.value.span)
+            v0 = self.lower(v0_def.value, self._constant_scope("v0"))
+            value = self.constant(v0_def.value, "v0")
+            if value < 0:
+                raise self.error(f"v0 is a variance and cannot be negative, got {value:g}", v0_def.value.span,
+                                 "v0 is the variance of the noise in x(0); leave it out for v0 = 0")
 
-        sde_scope = _Scope({}, "the SDE", allow_t_free=True, derivative_var=TIME)
-        sde_scope.bound[state] = x
+        sde_scope = _Scope({self.state: x}, "the SDE", allow_t_free=True, derivative_var=TIME)
         if sde.diffusion is None:
-            raise self.error("the SDE has no noise term", sde.span,
-                             "add a diffusion: 'dx = <drift> dt + <diffusion> dw'")
+            raise self.error("an SDE without noise is not supported: the diffusion must be positive", sde.span,
+                             "add a diffusion term: 'dx = <drift> dt + <diffusion> dw'")
         drift = self.lower(sde.drift, sde_scope) if sde.drift is not None else sp.Integer(0)
         diffusion = self.lower(sde.diffusion, sde_scope)
         drift_span = sde.drift.span if sde.drift is not None else sde.span
@@ -322,22 +452,25 @@ class _Checker:
         prior_mean = prior_variance = None
         prior = singles.get(ast.PriorDef)
         if prior is not None and prior.mean is not None:
-            prior_mean = self.lower(prior.mean, _Scope({}, "the prior mean"))
-            prior_variance = self.lower(prior.variance, _Scope({}, "the prior variance"))
+            prior_mean = self.lower(prior.mean, self._constant_scope("the prior mean"))
+            prior_variance = self.lower(prior.variance, self._constant_scope("the prior variance"))
             self.constant(prior.mean, "the prior mean")
-            if self.constant(prior.variance, "the prior variance") <= 0:
-                raise self.error("the prior variance must be positive", prior.variance.span,
-                                 "the second argument of normal(mean, variance) is a variance")
+            value = self.constant(prior.variance, "the prior variance")
+            if value <= 0:
+                raise self.error(f"the prior variance must be positive, got {value:g}", prior.variance.span,
+                                 "the second argument of normal(mean, variance) is a variance, e.g. normal(0, 1)")
 
         weighting, weighting_expr = "likelihood", None
         wdef = singles.get(ast.WeightingDef)
         if wdef is not None:
             weighting = wdef.kind
             if wdef.expr is not None:
-                scope = _Scope({}, "the weighting", allow_t_free=True, derivative_var=TIME, state=state)
+                self._check_weighting_word(wdef.expr)
+                scope = _Scope({}, "the weighting", allow_t_free=True, derivative_var=TIME)
                 weighting_expr = self.lower(wdef.expr, scope)
                 self._check_positive(weighting_expr, wdef.expr.span, eps_value, T_value, "the weighting",
-                                     "a weighting lambda(t) must be positive on [eps, T]")
+                                     "lambda(t) must be positive on [eps, T]; or choose 'weighting likelihood' "
+                                     "or 'weighting score_matching'")
 
         t_sampling = "uniform"
         sdef = singles.get(ast.SamplingDef)
@@ -353,17 +486,28 @@ class _Checker:
                        prior_mean, prior_variance, weighting, weighting_expr, t_sampling, drift_span,
                        sde.diffusion.span)
 
+    def _check_weighting_word(self, expr: ast.Expr) -> None:
+        """``weighting likelyhood``: a misspelled kind, not an undefined name in an expression."""
+        if not isinstance(expr, ast.Name) or expr.id in (*self.params, *self.consts, *BUILTIN_CONSTANTS, "t"):
+            return
+        close = difflib.get_close_matches(expr.id, ["likelihood", "score_matching"], n=1)
+        if close:
+            raise self.error(f"unknown weighting '{expr.id}'", expr.span, f"did you mean '{close[0]}'?")
+
     def _check_sde(self, drift, diffusion, x, drift_span, diffusion_span, eps, T) -> None:
         slope = sp.diff(drift, x)
-        if slope.has(x) and sp.simplify(slope).has(x):
-            raise self.error("the drift is not affine in x: only drifts a(t) * x + b(t) are supported yet",
-                             drift_span, "non-linear drifts are planned; write the drift as a(t) * x + b(t)")
+        if slope.has(x):
+            # A simplification that runs out of time counts as not affine: refusing is the safe side.
+            done, simple = call_with_time_limit(EVALUATE_SECONDS, sp.simplify, slope)
+            if not done or simple.has(x):
+                raise self.error("the drift is not affine in x: only drifts a(t) * x + b(t) are supported yet",
+                                 drift_span, "non-linear drifts are planned; write the drift as a(t) * x + b(t)")
         if diffusion.has(x):
             raise self.error("the diffusion depends on x: only a diffusion g(t) is supported yet",
                              diffusion_span, "state-dependent diffusions are planned; write g as a function of t")
         if diffusion == 0:
-            raise self.error("the diffusion is zero", diffusion_span,
-                             "an SDE needs noise: give a positive g(t) before 'dw'")
+            raise self.error("the diffusion is zero: an SDE without noise is not supported", diffusion_span,
+                             "give a positive g(t) before 'dw', e.g. 'sqrt(2) dw'")
         self._check_positive(diffusion, diffusion_span, eps, T, "the diffusion",
                              "g(t) must be positive on [eps, T]; write it as a square root, e.g. sqrt(beta(t))")
         for part, name in ((slope, "the drift"), (drift.subs(x, 0), "the drift")):
@@ -392,9 +536,10 @@ class _Checker:
             bad = grid[~np.isfinite(values)][0]
             raise self.error(f"{what} is not a finite real number at t = {bad:.6g}", span, hint)
         if np.any(values <= 0):
-            bad = grid[values <= 0][0]
-            word = "zero" if np.all(values == 0) else "negative or zero"
-            raise self.error(f"{what} is {word} at t = {bad:.6g} (with the default parameters)", span, hint)
+            first = np.flatnonzero(values <= 0)[0]
+            word = "negative" if values[first] < 0 else "zero"
+            where = " (with the default parameters)" if self.params else ""
+            raise self.error(f"{what} is {word} at t = {grid[first]:.6g}{where}", span, hint)
 
 
 _DESCRIBE = {ast.Header: "the 'sde NAME' line", ast.SdeDef: "the SDE", ast.TimeDef: "the time interval",
@@ -402,10 +547,26 @@ _DESCRIBE = {ast.Header: "the 'sde NAME' line", ast.SdeDef: "the SDE", ast.TimeD
              ast.WeightingDef: "the weighting", ast.SamplingDef: "the t sampling"}
 
 
+def _names(expr: ast.Expr) -> set[str]:
+    """The names an expression mentions, called functions included."""
+    if isinstance(expr, ast.Name):
+        return {expr.id}
+    if isinstance(expr, ast.Call):
+        return {expr.func}.union(*map(_names, expr.args))
+    if isinstance(expr, ast.BinOp):
+        return _names(expr.left) | _names(expr.right)
+    if isinstance(expr, ast.Neg):
+        return _names(expr.operand)
+    if isinstance(expr, ast.Derivative):
+        return _names(expr.expr)
+    return set()
+
+
 def _evaluate(expr: sp.Expr) -> float | None:
-    """A finite real float, or None."""
+    """A finite real float, or None (also when the evaluation takes too long)."""
+    number = call_with_time_limit(EVALUATE_SECONDS, sp.N, expr, 30)[1]  # None when out of time
     try:
-        value = complex(sp.N(expr, 30))
+        value = complex(number)
     except (TypeError, ValueError):
         return None
     if abs(value.imag) > 1e-12 * (1 + abs(value.real)) or not math.isfinite(value.real):

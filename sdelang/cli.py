@@ -8,6 +8,7 @@ import sys
 
 import sympy as sp
 
+from . import __version__
 from .compiler import compile_file, compile_source, read_source
 from .derive import Derivation
 from .derive.reverse import SCORE
@@ -91,6 +92,7 @@ def _show(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdelang", description="Compile forward SDEs into PyTorch modules.")
+    parser.add_argument("--version", action="version", version=f"sdelang {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile .sde files into generated/<name>.py")
     c.add_argument("files", nargs="+", metavar="FILE")

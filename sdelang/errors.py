@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+_ONE_SPACE = {ord("\t"): " ", ord("\f"): " "}
+
+
 @dataclass(frozen=True)
 class Span:
     """A region of a source file: 1-based line and column, end exclusive."""
@@ -28,8 +31,8 @@ class Source:
     path: str = "<string>"
 
     def line_text(self, line: int) -> str:
-        lines = self.text.splitlines()
-        return lines[line - 1] if 0 < line <= len(lines) else ""
+        lines = self.text.split("\n")  # as the parser counts lines: a form feed does not end one
+        return lines[line - 1].rstrip("\r") if 0 < line <= len(lines) else ""
 
 
 class SdeError(Exception):
@@ -57,7 +60,7 @@ class SdeError(Exception):
         span = self.span
         out = [f"{path}:{span.line}:{span.column}: error: {self.message}"]
         if self.source is not None:
-            text = self.source.line_text(span.line).expandtabs(1)
+            text = self.source.line_text(span.line).translate(_ONE_SPACE)  # keeps the caret's column
             width = (span.end_column - span.column) if span.end_line == span.line else len(text) - span.column + 1
             out.append(f"    {text}")
             out.append("    " + " " * (span.column - 1) + "^" + "~" * max(width - 1, 0))

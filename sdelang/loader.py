@@ -1,6 +1,7 @@
 """Compile into a cache keyed by the source's hash, import, instantiate."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -19,17 +20,29 @@ def cache_dir() -> Path:
 
 
 def _source(path_or_source: str | os.PathLike) -> Source:
+    """Program text (anything with a line break) or the path of a .sde file."""
     text = str(path_or_source)
-    if "\n" in text or not text.endswith(".sde"):
-        if "\n" in text:
-            return Source(text, "<string>")
+    if "\n" in text:
+        return Source(text, "<string>")
     return read_source(path_or_source)
+
+
+@functools.cache
+def compiler_fingerprint() -> str:
+    """A hash of the compiler's own files: a cached module is rebuilt whenever the compiler changes."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256(__version__.encode())
+    for path in sorted(package.rglob("*")):
+        if path.suffix in (".py", ".j2", ".lark") and path.is_file():
+            digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def load_module(path_or_source: str | os.PathLike):
     """The generated Python module for a .sde file (or program text), compiled once and cached."""
     source = _source(path_or_source)
-    key = hashlib.sha256(f"{__version__}\0{source.text}".encode()).hexdigest()[:20]
+    name = Path(source.path).name
+    key = hashlib.sha256(f"{compiler_fingerprint()}\0{name}\0{source.text}".encode()).hexdigest()[:20]
     target = cache_dir() / f"sde_{key}.py"
     if not target.exists():
         write_atomic(target, compile_source(source).code)

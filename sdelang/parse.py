@@ -1,11 +1,13 @@
 """Stage 1: source text -> AST (:mod:`sdelang.syntax`), with friendly syntax errors."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import re
 from pathlib import Path
 
 from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import syntax as ast
 from .errors import SdeError, Source, Span
@@ -45,62 +47,132 @@ def _join(a: Span, b: Span) -> Span:
     return Span(a.line, a.column, b.end_line, b.end_column)
 
 
+# The words of the language; none of them can name a parameter, constant, function or state.
+RESERVED_WORDS = ("sde", "param", "steps", "v0", "prior", "weighting", "dt", "dw", "in",
+                  "normal", "kernel", "likelihood", "score_matching", "uniform", "importance")
+STATEMENT_HINT = ("each line is one statement, e.g. 'name = expr', 'name(t) = expr', 'param name = expr', "
+                  "'dx = <drift> dt + <diffusion> dw', 't in [eps, T]' or 'steps 1000'")
+SDE_HINT = "write the SDE as 'dx = <drift> dt + <diffusion> dw', with no '*' before 'dt' or 'dw'"
+
 _HUMAN = {"_NL": "end of line", "$END": "end of file", "NAME": "a name", "NUMBER": "a number",
           "D_DT": "d/dt", "SAMPLER": "uniform or importance"}
+_OPERATORS = {"PLUS", "MINUS", "STAR", "SLASH", "CIRCUMFLEX", "__ANON_0"}
+_ENDS = {"_NL", "$END"}
+# A keyword at the start of a line followed by '=' or '(...) =': the keyword used as a name.
+_KEYWORD_AS_NAME = re.compile(r"\s*(sde|param|steps|v0|prior|weighting)\s*(\(.*?\)\s*)?=")
+# Characters that look like an operator but are not ASCII, with the one to write instead.
+_LOOKALIKES = {"\u2212": "-", "\u2013": "-", "\u00d7": "*", "\u00b7": "*", "\u22c5": "*", "\u2215": "/"}
 
 
 def _describe(terminal: str) -> str:
     if terminal in _HUMAN:
         return _HUMAN[terminal]
-    try:
-        pattern = _parser().get_terminal(terminal).pattern
-    except KeyError:
-        return terminal
+    pattern = _parser().get_terminal(terminal).pattern
     return f"'{pattern.value}'" if pattern.type == "str" else terminal
 
 
 def _syntax_error(exc: UnexpectedInput, source: Source) -> SdeError:
     if isinstance(exc, UnexpectedCharacters):
-        char = source.text[exc.pos_in_stream] if exc.pos_in_stream < len(source.text) else "?"
+        char = source.text[exc.pos_in_stream]
         span = Span(exc.line, exc.column, exc.line, exc.column + 1)
-        return SdeError(f"unexpected character {char!r}", span, source,
-                        hint="names are letters, digits and '_'; operators are + - * / ^ **")
-    if isinstance(exc, UnexpectedEOF):
-        lines = source.text.splitlines() or [""]
-        span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
-        return SdeError("unexpected end of file", span, source)
-    assert isinstance(exc, UnexpectedToken)
+        return SdeError(f"unexpected character {char!r}", span, source, hint=_character_hint(char))
+    assert isinstance(exc, UnexpectedToken)  # the LALR parser reports the end of input as a $END token
     tok = exc.token
-    expected = sorted(exc.expected)
     if tok.type == "$END":
-        lines = source.text.splitlines() or [""]
+        lines = source.text.split("\n")
         span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
     elif tok.type == "_NL":
         span = Span(tok.line, tok.column, tok.line, tok.column + 1)
     else:
         span = _token_span(tok)
-    message, hint = _explain(tok, expected, exc)
+    previous = exc.token_history[-1] if exc.token_history else None
+    message, hint, span = _explain(tok, previous, set(exc.expected), span, source)
     return SdeError(message, span, source, hint=hint)
 
 
-def _explain(tok: Token, expected: list[str], exc: UnexpectedToken) -> tuple[str, str | None]:
+def _character_hint(char: str) -> str:
+    if char in _LOOKALIKES:
+        return f"write the ASCII '{_LOOKALIKES[char]}' instead"
+    if char == ";":
+        return "there is no ';': put each statement on its own line"
+    if char == "\\":
+        return "a backslash continues a statement only as the last character of a line"
+    if char.isalpha():
+        return "names are ASCII letters, digits and '_': spell Greek letters out, e.g. 'beta'"
+    return "names are letters, digits and '_'; operators are + - * / ^ **"
+
+
+def _explain(tok: Token, previous: Token | None, expected: set[str], span: Span,
+             source: Source) -> tuple[str, str | None, Span]:
     """Turn the common mistakes into named errors; otherwise list what was expected."""
-    found = "end of line" if tok.type in ("_NL", "$END") else f"'{tok.value}'"
-    operators = {"STAR", "PLUS", "MINUS", "SLASH"}
-    if tok.type in ("NAME", "NUMBER", "LPAR", "D_DT") and operators & set(expected):
-        return (f"missing operator before {found}",
-                "multiplication is explicit: write '2 * t', not '2 t'")
-    if tok.type in ("DT", "DW") and "NAME" in expected:
-        return (f"'{tok.value}' must follow a whole term, not an operator",
-                "write the SDE as 'dx = <drift> dt + <diffusion> dw', e.g. 'dx = -x dt + sqrt(2) dw'")
-    if tok.type in ("_NL", "$END") and "RPAR" in expected:
-        return "unclosed '(' at end of line", "close every '(' before the end of the statement"
-    if tok.type in ("_NL", "$END") and "RSQB" in expected:
-        return "unclosed '[' at end of line", "the time interval is written 't in [1e-5, 1]'"
-    if tok.type == "RPAR" and "RPAR" not in expected:
-        return "unmatched ')'", None
-    wanted = ", ".join(dict.fromkeys(_describe(e) for e in expected))
-    return f"unexpected {found}; expected {wanted}", None
+    found = "end of line" if tok.type in _ENDS else f"'{tok.value}'"
+    line = source.line_text(span.line)
+    prev = previous.type if previous is not None else None
+    keyword = _KEYWORD_AS_NAME.match(line)
+    if keyword and not (keyword.group(1) == "v0" and keyword.group(2) is None):
+        word = keyword.group(1)
+        column = keyword.start(1) + 1
+        return (f"'{word}' is a reserved word and cannot be used as a name",
+                "choose another name, e.g. '" + word + "_'", Span(span.line, column, span.line, column + len(word)))
+    if prev == "SDE":
+        return f"expected the SDE's name after 'sde', got {found}", "name the SDE, e.g. 'sde my_sde'", span
+    if prev == "PARAM":
+        return (f"expected the parameter's name after 'param', got {found}",
+                "declare a parameter as 'param name = value', e.g. 'param beta_max = 20'", span)
+    if prev == "PRIOR":
+        return f"unknown prior {found}", "write 'prior normal(mean, variance)' or 'prior kernel'", span
+    if "SAMPLER" in expected:
+        return f"unknown distribution for t: {found}", "write 't ~ uniform' or 't ~ importance'", span
+    if prev == "DT" and "PLUS" in expected:
+        return f"expected '+' after 'dt', got {found}", SDE_HINT, span
+    if tok.type in ("NAME", "NUMBER", "LPAR", "D_DT") and _OPERATORS & expected:
+        hint = "multiplication is explicit: write '2 * t', not '2 t'"
+        column = _unclosed(line, "(", span.column)
+        if column is not None and re.search(r"\w\s*$", line[:column - 1]):
+            hint = "separate arguments with ','; " + hint
+        return f"missing operator before {found}", hint, span
+    if tok.type in _ENDS and "DW" in expected:
+        return "the SDE line must end with 'dw'", SDE_HINT, span
+    if tok.type in _ENDS and {"NAME", "NUMBER"} <= expected:
+        return (f"incomplete expression before {found}",
+                "complete it, or end the line with a backslash '\\' to continue on the next one", span)
+    for opening, closing, name in (("(", "RPAR", "'('"), ("[", "RSQB", "'['")):
+        if closing in expected and tok.type != closing:
+            column = _unclosed(line, opening, span.column)
+            if column is None:
+                return f"expected {_describe(closing)} before {found}", None, span
+            return (f"{name} is never closed", f"add {_describe(closing)} before {found}",
+                    Span(span.line, column, span.line, column + 1))
+    if tok.type == "RPAR":
+        return "unmatched ')'", "remove it, or add the '(' that it closes", span
+    if prev in (None, "_NL"):
+        hint = STATEMENT_HINT
+        if tok.type in _OPERATORS:
+            hint = "to continue the previous line, end it with a backslash '\\'"
+        return f"a statement cannot start with {found}", hint, span
+    if prev == "NAME" and expected <= {"EQUAL", "IN", "LPAR", "TILDE"}:
+        return f"unexpected {found} after '{previous.value}'", STATEMENT_HINT, span
+    if prev in ("LPAR", "COMMA") and expected == {"NAME"}:
+        return (f"the arguments of a function definition are names, not {found}",
+                "define a helper as 'name(t) = expr'; multiplication is explicit: 'a * (b)'", span)
+    if expected <= _ENDS:
+        if prev == "DW":
+            return f"unexpected {found} after 'dw'", "'dw' ends the SDE line; " + SDE_HINT, span
+        return f"unexpected {found} after the end of the statement", "one statement per line", span
+    wanted = ", ".join(sorted(dict.fromkeys(_describe(e) for e in expected)))
+    return f"unexpected {found}; expected {wanted}", None, span
+
+
+def _unclosed(line: str, opening: str, before: int) -> int | None:
+    """The 1-based column of the last bracket left open in ``line`` before column ``before``."""
+    closing = {"(": ")", "[": "]"}[opening]
+    stack = []
+    for i, char in enumerate(line[:before - 1]):
+        if char == opening:
+            stack.append(i + 1)
+        elif char == closing and stack:
+            stack.pop()
+    return stack[-1] if stack else None
 
 
 @v_args(meta=True)
@@ -194,6 +266,10 @@ class _ToAst(Transformer):
         return build
 
     add, sub, mul, div, pow = _binop("+"), _binop("-"), _binop("*"), _binop("/"), _binop("^")
+
+    def paren(self, meta, items):
+        """``(a)`` is ``a`` with the parentheses in its span, so that a caret covers them."""
+        return dataclasses.replace(items[0], span=_meta_span(meta))
 
     def neg(self, meta, items):
         return ast.Neg(items[0], _meta_span(meta))

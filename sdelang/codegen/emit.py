@@ -30,6 +30,11 @@ def class_name(sde_name: str) -> str:
     return "".join(parts) + "SDE"
 
 
+def _in_docstring(text: str) -> str:
+    """Text that reads back as itself inside a triple-quoted docstring: backslashes and quotes escaped."""
+    return text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+
+
 def _formula(expr: sp.Expr) -> str:
     """A one-line formula for a docstring; long numeric-path expressions are summarised."""
     if size(expr) > MAX_FORMULA_SIZE:
@@ -87,9 +92,9 @@ def emit(d: Derivation) -> str:
     source_text = p.source.text
     context = dict(
         version=__version__,
-        source_name=Path(p.source.path).name,
+        source_name=_in_docstring(Path(p.source.path).name),
         source_sha256=hashlib.sha256(source_text.encode()).hexdigest(),
-        source_lines=source_text.rstrip("\n").splitlines(),
+        source_lines=[_in_docstring(line.rstrip()) for line in source_text.rstrip("\n").splitlines()],
         name=p.name,
         class_name=class_name(p.name),
         params=params,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
-from .symbolic import SOLVE_LIMIT, bounded, integrate_from, most_accurate, rationalize_roots, simplest
+from .symbolic import SOLVE_LIMIT, bounded, integrate_from, most_accurate, printable, rationalize_roots, simplest
 
 # Dummies, so that a user's parameter named u, y or w never collides with them.
 U = sp.Dummy("u", positive=True)  # a uniform draw in (0, 1)
@@ -93,7 +93,7 @@ def _solve(equation, t, target, forward, defaults, eps, T) -> sp.Expr | None:
     for root in roots:
         # expand_log(force) turns log((1 + e^-y)^k) into k log(1 + e^-y), which cannot overflow.
         root = sp.expand_log(simplest(root), force=True)
-        if _inverts(root, forward, t, target, subs, probes):
+        if printable(root) and _inverts(root, forward, t, target, subs, probes):
             return root
     return None
 

@@ -21,6 +21,18 @@ SOLVE_LIMIT = 1.5     # seconds for solving CDF(t) = u
 MAX_REWRITE_SIZE = 80  # larger expressions are kept as they are: simplify is slow and rarely helps
 
 
+# Functions code generation prints for tensors (torch) and for constants (math). A closed form with
+# any other (LambertW, erfi, Ei, sign, ...) is not used: the numeric path takes its place.
+PRINTABLE = (sp.exp, sp.log, sp.sin, sp.cos, sp.tan, sp.tanh, sp.sinh, sp.cosh, sp.atan, sp.asin, sp.acos,
+             sp.asinh, sp.acosh, sp.atanh, sp.Abs, sp.erf, expm1, log1p)
+
+
+def printable(expr: sp.Expr) -> bool:
+    """True if every function in expr is one code generation can print (Integral aside)."""
+    return all(isinstance(f, PRINTABLE) for f in expr.atoms(sp.Function)) and not expr.has(
+        sp.zoo, sp.nan, sp.oo, -sp.oo, sp.Piecewise, sp.I)
+
+
 def bounded(fn, *args, seconds: float = TIME_LIMIT, **kwargs):
     """fn(*args, **kwargs), or None if it runs out of time or SymPy gives up with an error."""
     def attempt():
@@ -47,7 +59,7 @@ def integrate_from(integrand: sp.Expr, var: sp.Symbol, lower: sp.Expr, upper: sp
     # is the fast one for sums of exponentials and for tan-like integrands.
     for form in (sp.powsimp(sp.expand(body)), body):
         result = bounded(_definite, form, dummy, lower, upper, seconds=TIME_LIMIT / 2)
-        if result is not None and not result.has(sp.Integral, sp.Piecewise, sp.zoo, sp.nan, sp.oo):
+        if result is not None and not result.has(sp.Integral) and printable(result):
             return result
     return sp.Integral(body, (dummy, lower, upper))
 
@@ -77,9 +89,11 @@ def rewrites(expr: sp.Expr) -> list[sp.Expr]:
     candidates = [expr]
     for rewrite in (sp.simplify, sp.factor, sp.powsimp, sp.expand_log, factor_exponentials):
         value = bounded(rewrite, expr, seconds=SIMPLIFY_LIMIT)
-        if value is not None and not value.has(sp.zoo, sp.nan, sp.Piecewise):
+        if value is not None and printable(value):
             candidates.append(value)
-    return candidates
+    if expr.has(sp.cos):
+        candidates += [sum_to_product(c) for c in candidates]
+    return list(dict.fromkeys(candidates))
 
 
 def is_closed(expr: sp.Expr) -> bool:
@@ -105,6 +119,36 @@ def factor_exponentials(expr: sp.Expr) -> sp.Expr:
         replacements[e] = E**k
     factored = sp.factor(expr.xreplace(replacements))
     return sp.powsimp(factored.xreplace({E: sp.exp(base)}))
+
+
+def sum_to_product(expr: sp.Expr) -> sp.Expr:
+    """Rewrite cos(a) - cos(b) as 2 sin((a + b)/2) sin((b - a)/2), and 1 - cos(u) as 2 sin(u/2)^2.
+
+    A cosine schedule's variance is a difference of nearly equal cosines near
+    t = 0; the product of sines keeps every float32 digit there.
+    """
+    def half(u):
+        return sp.factor(sp.cancel(u / 2))
+
+    def rewrite(e):
+        terms = list(e.args)
+        for i, first in enumerate(terms):
+            c1, f1 = first.as_coeff_Mul()
+            if not isinstance(f1, sp.cos):
+                continue
+            for j, second in enumerate(terms):
+                c2, f2 = second.as_coeff_Mul()
+                partner = None
+                if j != i and isinstance(f2, sp.cos) and c2 == -c1:
+                    partner = 2 * c1 * sp.sin(half(f1.args[0] + f2.args[0])) * sp.sin(half(f2.args[0] - f1.args[0]))
+                elif j != i and second.is_Number and second == -c1:
+                    partner = -2 * c1 * sp.sin(half(f1.args[0])) ** 2
+                if partner is not None:
+                    rest = [u for k, u in enumerate(terms) if k not in (i, j)]
+                    return sp.Add(partner, *rest)
+        return e
+
+    return expr.replace(lambda e: e.is_Add and e.has(sp.cos), rewrite)
 
 
 @dataclass(frozen=True)
