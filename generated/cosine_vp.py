@@ -65,7 +65,8 @@ class CosineVPSDE(torch.nn.Module):
     def __init__(self, s: float = 0.008, N: int = 1000):
         super().__init__()
         if not s > 0:
-            raise ValueError(f"s must be positive (the derivation assumed so), got {s!r}")
+            raise ValueError(f"s must be positive (the derivation assumed so; declare it "
+                             f"'param s: real = ...' for any sign), got {s!r}")
         self.s = float(s)
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.

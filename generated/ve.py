@@ -66,10 +66,12 @@ class VESDE(torch.nn.Module):
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
         super().__init__()
         if not sigma_min > 0:
-            raise ValueError(f"sigma_min must be positive (the derivation assumed so), got {sigma_min!r}")
+            raise ValueError(f"sigma_min must be positive (the derivation assumed so; declare it "
+                             f"'param sigma_min: real = ...' for any sign), got {sigma_min!r}")
         self.sigma_min = float(sigma_min)
         if not sigma_max > 0:
-            raise ValueError(f"sigma_max must be positive (the derivation assumed so), got {sigma_max!r}")
+            raise ValueError(f"sigma_max must be positive (the derivation assumed so; declare it "
+                             f"'param sigma_max: real = ...' for any sign), got {sigma_max!r}")
         self.sigma_max = float(sigma_max)
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.

@@ -190,17 +190,19 @@ class _Checker:
         for name, st in self.params.items():
             self._resolving = name
             value = self.constant(st.value, f"the default of parameter '{name}'", fixed=PARAM_DEFAULT_HINT)
-            # The file's default fixes the sign the derivation assumes; an override must keep it.
-            assumptions = {"positive": True} if value > 0 else {"real": True}
+            # The file's default fixes the sign the derivation assumes, unless the parameter is
+            # declared real; an override must keep it.
+            positive = value > 0 and not st.real
+            assumptions = {"positive": True} if positive else {"real": True}
             if name in self.overrides:
                 override = float(self.overrides[name])
                 if not math.isfinite(override):
                     raise self.error(f"parameter '{name}' must be finite, got {override}", None)
-                if value > 0 and override <= 0:
+                if positive and override <= 0:
                     raise self.error(f"--param {name}={override:g}: parameter '{name}' has a positive default, "
                                      f"so it must stay positive", st.value.span,
-                                     "the derivation assumes the sign of the default; give a positive value, "
-                                     "or change the default in the file")
+                                     f"the derivation assumes the sign of the default; give a positive value, "
+                                     f"or declare it 'param {name}: real = ...' in the file")
                 value = override
             self.param_defaults[name] = value
             self.param_symbols[name] = sp.Symbol(name, **assumptions)

@@ -188,6 +188,12 @@ class _ToAst(Transformer):
         return ast.Header(str(name), _token_span(name), _meta_span(meta))
 
     def param_def(self, meta, items):
+        if len(items) == 3:
+            name, kind, value = items
+            if str(kind) != "real":
+                raise SdeError(f"unknown parameter kind '{kind}'", _token_span(kind),
+                               hint="the only kind is 'real', for a parameter of any sign: 'param mu: real = 0.5'")
+            return ast.ParamDef(str(name), value, _token_span(name), _meta_span(meta), real=True)
         name, value = items
         return ast.ParamDef(str(name), value, _token_span(name), _meta_span(meta))
 

@@ -69,6 +69,7 @@ class ParamDef:
     value: Expr
     name_span: Span
     span: Span
+    real: bool = False  # 'param mu: real = 0.5': any sign; otherwise the default's sign is assumed
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ PARAM_RANGES: dict[str, dict[str, tuple[float, float]]] = {
     "vp_likelihood": {"beta_min": (0.05, 1.0), "beta_max": (5.0, 30.0)},
     "cosine_vp": {"s": (0.001, 0.02)},
     "edm_ve": {},
-    "ou": {"theta": (0.2, 3.0), "mu": (0.1, 2.0)},
+    "ou": {"theta": (0.2, 3.0), "mu": (-2.0, 2.0)},  # mu is declared real
     "numeric": {},
 }
 EXAMPLE_NAMES = tuple(PARAM_RANGES)

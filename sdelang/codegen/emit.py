@@ -86,7 +86,7 @@ def emit(d: Derivation) -> str:
     settings = code(p.eps, p.T, p.v0)
 
     scalar = ScalarPrinter({prm.symbol: f"self.{prm.name}" for prm in p.params})
-    params = [(prm.name, repr(float(prm.default)), prm.default > 0) for prm in p.params]
+    params = [(prm.name, repr(float(prm.default)), bool(prm.symbol.is_positive)) for prm in p.params]
     nodes, weights = np.polynomial.legendre.leggauss(QUADRATURE_NODES)
     uses_quadrature = any("self._quad(" in line for c in methods.values() for line in (*c.lines, *c.results))
     source_text = p.source.text

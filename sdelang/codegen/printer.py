@@ -19,7 +19,6 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 from sympy.printing.precedence import PRECEDENCE, precedence
 from sympy.printing.pycode import PythonCodePrinter
-from sympy.printing.pytorch import TorchPrinter
 
 from ..derive.symbolic import bounded, use_expm1_log1p
 from ..errors import InternalCompilerError
@@ -58,11 +57,20 @@ class _PowMixin:
         return repr(float(expr))
 
 
-class TensorPrinter(_PowMixin, TorchPrinter):
-    """Prints for tensors; names map to locals or ``self.<attribute>``."""
+# The elementwise torch functions printed for tensors: those of derive.symbolic.PRINTABLE.
+TORCH_FUNCTIONS = ("exp", "log", "sin", "cos", "tan", "tanh", "sinh", "cosh", "atan", "asin", "acos",
+                   "asinh", "acosh", "atanh", "erf", "expm1", "log1p")
+
+
+class TensorPrinter(_PowMixin, PythonCodePrinter):
+    """Prints for tensors; names map to locals or ``self.<attribute>``.
+
+    (SymPy's own torch printer imports torch, a second of start-up the compiler does not need.)
+    """
 
     def __init__(self, names: dict[sp.Symbol, str]):
-        super().__init__({"strict": True})
+        super().__init__({"fully_qualified_modules": True, "strict": True})
+        self.known_functions = {name: f"torch.{name}" for name in TORCH_FUNCTIONS}
         self.names = names
 
     def _print_Symbol(self, expr):
