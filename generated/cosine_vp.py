@@ -14,7 +14,7 @@ Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     v(t) = sin(pi*t/(2*(s + 1)))*sin(pi*(2*s + t)/(2*(s + 1)))/cos(pi*s/(2*(s + 1)))^2
 
 Weighting lambda(t) = pi*sin(pi*(s + t)/(2*(s + 1)))/((s + 1)*cos(pi*(s + t)/(2*(s + 1)))) (likelihood); t ~ uniform; inverse CDF of the
-importance sampler: not needed (t ~ uniform).
+importance sampler: closed form (t ~ uniform).
 
 The source:
     # VP SDE with the cosine noise schedule.
@@ -58,14 +58,14 @@ class CosineVPSDE(torch.nn.Module):
     """
 
     kernel_path = "closed form"
-    inverse_cdf_path = "not needed (t ~ uniform)"
+    inverse_cdf_path = "closed form (t ~ uniform)"
     weighting = "likelihood"
     t_sampling = "uniform"
 
     def __init__(self, s: float = 0.008, N: int = 1000):
         super().__init__()
-        if not s > 0:
-            raise ValueError(f"s must be positive (the derivation assumed so; declare it "
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"s must be positive and finite (the derivation assumed so; declare it "
                              f"'param s: real = ...' for any sign), got {s!r}")
         self.s = float(s)
         self.N = int(N)
@@ -174,7 +174,7 @@ class CosineVPSDE(torch.nn.Module):
         return (100000/99459)*t - 1/99459
 
     def t_icdf(self, u):
-        """Inverse CDF of the training time t, u in [0, 1] (not needed (t ~ uniform))."""
+        """Inverse CDF of the training time t, u in [0, 1] (closed form (t ~ uniform))."""
         # t = eps + u * (T - eps)
         return torch.clamp((99459/100000)*u + 1/100000, self.eps, self.T)
 

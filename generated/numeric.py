@@ -63,16 +63,12 @@ class NumericSDE(torch.nn.Module):
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
         self._k0 = math.exp(-37/3 + (1/3)*math.cos(9))
-        self._k1 = math.exp(-1000030000000001/3000000000000000 + (1/3)*math.cos(3/100000))
-        self._k2 = math.exp(1000030000000001/3000000000000000 - 1/3*math.cos(3/100000))
-        self._k3 = math.exp(37/3 - 1/3*math.cos(9))
         self.eps = 1/100000
         self.T = 3
         self.v0 = 0
         # Follows .to(device, dtype): new tensors are made on its device, in its dtype.
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
-        self.register_buffer("_gl_nodes", torch.tensor(_GL_NODES, dtype=torch.float64), persistent=False)
-        self.register_buffer("_gl_weights", torch.tensor(_GL_WEIGHTS, dtype=torch.float64), persistent=False)
+        self._gl_nodes, self._gl_weights = self._gauss_legendre(self._anchor.device)
 
     @staticmethod
     def _expand(v, x):
@@ -110,9 +106,8 @@ class NumericSDE(torch.nn.Module):
         return torch.sqrt(q0)*torch.exp(-1/6*t**3 - 1/2*t + (1/6)*torch.cos(3*t) - 1/6)
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = -log(exp(-t^3/3 - t + cos(3*t)/3 - 1/3)*exp(t^3/3 + t - cos(3*t)/3 + 1/3)*Integral((s + 1)*(s^2 + sin(3*s) + 1)*exp(s^3/3 + s - cos(3*s)/3 + 1/3), (s, 0, t)))"""
+        """logSNR(t) = log(m(t)^2 / v(t)) = -log(Integral((s + 1)*(s^2 + sin(3*s) + 1)*exp(s^3/3 + s - cos(3*s)/3 + 1/3), (s, 0, t)))"""
         q0 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, t)
-        w0 = (1/3)*t**3 + t - 1/3*torch.cos(3*t) + 1/3
         return -torch.log(q0)
 
     def _prior(self):
@@ -158,23 +153,22 @@ class NumericSDE(torch.nn.Module):
         q1 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, 3)
         q2 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, t)
         w0 = 3*t
-        return (t + 1)*(t**2 + torch.sin(w0) + 1)*torch.exp((1/3)*t**3 + t - 1/3*torch.cos(w0) + 1/3)/(q2*(torch.log(self._k0*self._k3*q1) - torch.log(self._k1*self._k2*q0)))
+        return (t + 1)*(t**2 + torch.sin(w0) + 1)*torch.exp((1/3)*t**3 + t - 1/3*torch.cos(w0) + 1/3)/(q2*(-torch.log(q0) + torch.log(q1)))
 
     def t_cdf(self, t):
         """CDF of the training time t: (a long expression with numeric integrals; see `sdelang show`)"""
         q0 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, 1/100000)
         q1 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, 3)
         q2 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, t)
-        w0 = torch.log(self._k1*self._k2*q0)
-        w1 = (1/3)*t**3 + t - 1/3*torch.cos(3*t) + 1/3
-        return (-w0 + torch.log(q2))/(-w0 + torch.log(self._k0*self._k3*q1))
+        w0 = torch.log(q0)
+        return (-w0 + torch.log(q2))/(-w0 + torch.log(q1))
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (numeric (bisection))."""
         # logSNR decreases in t: find logSNR(t) = logSNR(eps) - u (logSNR(eps) - logSNR(T)).
         q0 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, 1/100000)
         q1 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, 3)
-        lo, hi = -torch.log(self._k1*self._k2*q0), -torch.log(self._k0*self._k3*q1)
+        lo, hi = -torch.log(q0), -torch.log(q1)
         y = lo - u * (lo - hi)
         return self._bisect(lambda t: -self.log_snr(t), -y)
 
@@ -199,15 +193,29 @@ class NumericSDE(torch.nn.Module):
             hi = torch.where(below, hi, mid)
         return (lo + hi) / 2
 
+    @staticmethod
+    def _gauss_legendre(device):
+        """Quadrature nodes and weights on [-1, 1], in float64 on the given device."""
+        return (torch.tensor(_GL_NODES, dtype=torch.float64, device=device),
+                torch.tensor(_GL_WEIGHTS, dtype=torch.float64, device=device))
+
+    def _apply(self, fn, *args, **kwargs):
+        """After .to(), .float(), .to_empty() and the like, rebuild the quadrature nodes, in float64
+        on the new device: a cast would round them, and memory from .to_empty() holds garbage."""
+        module = super()._apply(fn, *args, **kwargs)
+        self._gl_nodes, self._gl_weights = self._gauss_legendre(self._anchor.device)
+        return module
+
     def _quad(self, fn, lo, hi):
         """int_lo^hi fn(s) ds by 48-point Gauss-Legendre quadrature, vectorised over lo and hi."""
         like = hi if torch.is_tensor(hi) else lo if torch.is_tensor(lo) else None
         # Bounds in t: t's dtype. Constant bounds: a float64 scalar, which keeps its digits and, being
         # 0-dimensional, leaves the dtype of the result to t.
         dtype = torch.float64 if like is None else like.dtype
-        device = self._anchor.device if like is None else like.device
-        lo = torch.as_tensor(lo, dtype=dtype, device=device)
-        hi = torch.as_tensor(hi, dtype=dtype, device=device)
+        device = self._gl_nodes.device if like is None else like.device
+        # torch.full fills on the device; torch.as_tensor(number, device=...) would copy from the host.
+        lo = lo.to(dtype) if torch.is_tensor(lo) else torch.full((), lo, dtype=dtype, device=device)
+        hi = hi.to(dtype) if torch.is_tensor(hi) else torch.full((), hi, dtype=dtype, device=device)
         half = ((hi - lo) / 2).unsqueeze(-1)
         s = ((hi + lo) / 2).unsqueeze(-1) + half * self._gl_nodes.to(dtype)
         return (fn(s) * self._gl_weights.to(dtype)).sum(-1) * half.squeeze(-1)

@@ -14,7 +14,7 @@ Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     v(t) = (exp(t*theta) + 1)*exp(-2*t*theta)*expm1(t*theta)/theta
 
 Weighting lambda(t) = 2 (likelihood); t ~ uniform; inverse CDF of the
-importance sampler: not needed (t ~ uniform).
+importance sampler: closed form (t ~ uniform).
 
 The source:
     # Ornstein-Uhlenbeck process, mean-reverting to mu.
@@ -55,16 +55,18 @@ class OUSDE(torch.nn.Module):
     """
 
     kernel_path = "closed form"
-    inverse_cdf_path = "not needed (t ~ uniform)"
+    inverse_cdf_path = "closed form (t ~ uniform)"
     weighting = "likelihood"
     t_sampling = "uniform"
 
     def __init__(self, theta: float = 1.0, mu: float = 0.5, N: int = 1000):
         super().__init__()
-        if not theta > 0:
-            raise ValueError(f"theta must be positive (the derivation assumed so; declare it "
+        if not (math.isfinite(theta) and theta > 0):
+            raise ValueError(f"theta must be positive and finite (the derivation assumed so; declare it "
                              f"'param theta: real = ...' for any sign), got {theta!r}")
         self.theta = float(theta)
+        if not math.isfinite(mu):
+            raise ValueError(f"mu must be finite, got {mu!r}")
         self.mu = float(mu)
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
@@ -164,7 +166,7 @@ class OUSDE(torch.nn.Module):
         return (100000/499999)*t - 1/499999
 
     def t_icdf(self, u):
-        """Inverse CDF of the training time t, u in [0, 1] (not needed (t ~ uniform))."""
+        """Inverse CDF of the training time t, u in [0, 1] (closed form (t ~ uniform))."""
         # t = eps + u * (T - eps)
         return torch.clamp((499999/100000)*u + 1/100000, self.eps, self.T)
 

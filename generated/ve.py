@@ -14,7 +14,7 @@ Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     v(t) = 2*sigma_max^(2*t)*sigma_min^2*log(sigma_max)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) - 2*sigma_max^(2*t)*sigma_min^2*log(sigma_min)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) + sigma_min^2 - 2*sigma_min^2*log(sigma_max)/(2*log(sigma_max) - 2*log(sigma_min)) + 2*sigma_min^2*log(sigma_min)/(2*log(sigma_max) - 2*log(sigma_min))
 
 Weighting lambda(t) = 2*sigma_max^(2*t)*sigma_min^2*log(sigma_max)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) - 2*sigma_max^(2*t)*sigma_min^2*log(sigma_min)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) + sigma_min^2 - 2*sigma_min^2*log(sigma_max)/(2*log(sigma_max) - 2*log(sigma_min)) + 2*sigma_min^2*log(sigma_min)/(2*log(sigma_max) - 2*log(sigma_min)) (score_matching); t ~ uniform; inverse CDF of the
-importance sampler: not needed (t ~ uniform).
+importance sampler: closed form (t ~ uniform).
 
 The source:
     # Variance-exploding (VE) SDE: the continuous limit of NCSN's noise levels.
@@ -59,18 +59,18 @@ class VESDE(torch.nn.Module):
     """
 
     kernel_path = "closed form"
-    inverse_cdf_path = "not needed (t ~ uniform)"
+    inverse_cdf_path = "closed form (t ~ uniform)"
     weighting = "score_matching"
     t_sampling = "uniform"
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
         super().__init__()
-        if not sigma_min > 0:
-            raise ValueError(f"sigma_min must be positive (the derivation assumed so; declare it "
+        if not (math.isfinite(sigma_min) and sigma_min > 0):
+            raise ValueError(f"sigma_min must be positive and finite (the derivation assumed so; declare it "
                              f"'param sigma_min: real = ...' for any sign), got {sigma_min!r}")
         self.sigma_min = float(sigma_min)
-        if not sigma_max > 0:
-            raise ValueError(f"sigma_max must be positive (the derivation assumed so; declare it "
+        if not (math.isfinite(sigma_max) and sigma_max > 0):
+            raise ValueError(f"sigma_max must be positive and finite (the derivation assumed so; declare it "
                              f"'param sigma_max: real = ...' for any sign), got {sigma_max!r}")
         self.sigma_max = float(sigma_max)
         self.N = int(N)
@@ -181,7 +181,7 @@ class VESDE(torch.nn.Module):
         return (100000/99999)*t - 1/99999
 
     def t_icdf(self, u):
-        """Inverse CDF of the training time t, u in [0, 1] (not needed (t ~ uniform))."""
+        """Inverse CDF of the training time t, u in [0, 1] (closed form (t ~ uniform))."""
         # t = eps + u * (T - eps)
         return torch.clamp((99999/100000)*u + 1/100000, self.eps, self.T)
 

@@ -14,7 +14,7 @@ Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     v(t) = -expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))
 
 Weighting lambda(t) = -expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)) (score_matching); t ~ uniform; inverse CDF of the
-importance sampler: not needed (t ~ uniform).
+importance sampler: closed form (t ~ uniform).
 
 The source:
     # Variance-preserving (VP) SDE: the continuous limit of DDPM (Ho et al. 2020).
@@ -55,18 +55,18 @@ class VPSDE(torch.nn.Module):
     """
 
     kernel_path = "closed form"
-    inverse_cdf_path = "not needed (t ~ uniform)"
+    inverse_cdf_path = "closed form (t ~ uniform)"
     weighting = "score_matching"
     t_sampling = "uniform"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
         super().__init__()
-        if not beta_min > 0:
-            raise ValueError(f"beta_min must be positive (the derivation assumed so; declare it "
+        if not (math.isfinite(beta_min) and beta_min > 0):
+            raise ValueError(f"beta_min must be positive and finite (the derivation assumed so; declare it "
                              f"'param beta_min: real = ...' for any sign), got {beta_min!r}")
         self.beta_min = float(beta_min)
-        if not beta_max > 0:
-            raise ValueError(f"beta_max must be positive (the derivation assumed so; declare it "
+        if not (math.isfinite(beta_max) and beta_max > 0):
+            raise ValueError(f"beta_max must be positive and finite (the derivation assumed so; declare it "
                              f"'param beta_max: real = ...' for any sign), got {beta_max!r}")
         self.beta_max = float(beta_max)
         self.N = int(N)
@@ -162,7 +162,7 @@ class VPSDE(torch.nn.Module):
         return (100000/99999)*t - 1/99999
 
     def t_icdf(self, u):
-        """Inverse CDF of the training time t, u in [0, 1] (not needed (t ~ uniform))."""
+        """Inverse CDF of the training time t, u in [0, 1] (closed form (t ~ uniform))."""
         # t = eps + u * (T - eps)
         return torch.clamp((99999/100000)*u + 1/100000, self.eps, self.T)
 

@@ -62,12 +62,12 @@ class VPLikelihoodSDE(torch.nn.Module):
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
         super().__init__()
-        if not beta_min > 0:
-            raise ValueError(f"beta_min must be positive (the derivation assumed so; declare it "
+        if not (math.isfinite(beta_min) and beta_min > 0):
+            raise ValueError(f"beta_min must be positive and finite (the derivation assumed so; declare it "
                              f"'param beta_min: real = ...' for any sign), got {beta_min!r}")
         self.beta_min = float(beta_min)
-        if not beta_max > 0:
-            raise ValueError(f"beta_max must be positive (the derivation assumed so; declare it "
+        if not (math.isfinite(beta_max) and beta_max > 0):
+            raise ValueError(f"beta_max must be positive and finite (the derivation assumed so; declare it "
                              f"'param beta_max: real = ...' for any sign), got {beta_max!r}")
         self.beta_max = float(beta_max)
         self.N = int(N)

@@ -29,12 +29,18 @@ def _source(path_or_source: str | os.PathLike) -> Source:
 
 @functools.cache
 def compiler_fingerprint() -> str:
-    """A hash of the compiler's own files: a cached module is rebuilt whenever the compiler changes."""
+    """A hash of the compiler's own files and of SymPy's version: a cached module is rebuilt whenever
+    either changes."""
+    import sympy
+
     package = Path(__file__).resolve().parent
-    digest = hashlib.sha256(__version__.encode())
-    for path in sorted(package.rglob("*")):
-        if path.suffix in (".py", ".j2", ".lark") and path.is_file():
-            digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    digest = hashlib.sha256(f"{__version__}\0{sympy.__version__}".encode())
+    files = []
+    # followlinks: in a development checkout sdelang/grammar is a link to the top-level grammar/.
+    for folder, _, names in os.walk(package, followlinks=True):
+        files += [Path(folder) / n for n in names if n.endswith((".py", ".j2", ".lark"))]
+    for path in sorted(files, key=lambda p: p.relative_to(package).as_posix()):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 

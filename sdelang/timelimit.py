@@ -1,9 +1,12 @@
-"""Run SymPy calls under a wall-clock limit, so that no derivation can hang.
+"""Run SymPy calls under a time limit, so that no derivation can hang.
 
-On the main thread of a POSIX process the limit is a SIGALRM timer, which costs
-nothing when the call finishes in time. Elsewhere (a worker thread, Windows) the
-call runs in a forked child process when fork is available, and without a
-limit otherwise.
+On the main thread of a POSIX process the limit is on the CPU time of this
+process (an ITIMER_PROF timer, SIGPROF), which costs nothing when the call
+finishes in time and, unlike a wall-clock limit, does not shrink when other
+programs load the machine: the same source compiles to the same code on a busy
+machine as on an idle one. Elsewhere (a worker thread, Windows) the call runs in
+a forked child process under a wall-clock limit when fork is available, and
+without a limit otherwise.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ class TimeLimitExceeded(BaseException):
     """
 
 
-def _on_alarm(signum, frame):
+def _on_timer(signum, frame):
     raise TimeLimitExceeded()
 
 
@@ -60,9 +63,9 @@ def call_with_time_limit(seconds: float, fn: Callable[..., Any], *args, **kwargs
     if limit <= 0.01:
         budget.exhausted += 1
         return False, None
-    start = time.perf_counter()
+    start = time.process_time()
     ok, value = _call(limit, fn, args, kwargs)
-    budget.left -= time.perf_counter() - start
+    budget.left -= time.process_time() - start
     if not ok:
         budget.exhausted += 1
     return ok, value
@@ -70,15 +73,15 @@ def call_with_time_limit(seconds: float, fn: Callable[..., Any], *args, **kwargs
 
 def _call(seconds, fn, args, kwargs):
     if hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGALRM, _on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+        previous = signal.signal(signal.SIGPROF, _on_timer)
+        signal.setitimer(signal.ITIMER_PROF, seconds)
         try:
             return True, fn(*args, **kwargs)
         except TimeLimitExceeded:
             return False, None
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+            signal.setitimer(signal.ITIMER_PROF, 0)
+            signal.signal(signal.SIGPROF, previous)
     if "fork" in multiprocessing.get_all_start_methods():
         return _call_in_child(seconds, fn, args, kwargs)
     return True, fn(*args, **kwargs)

@@ -44,7 +44,7 @@ class Derivation:
     @property
     def inverse_cdf_path(self) -> str:
         if self.program.t_sampling == "uniform":
-            return "not needed (t ~ uniform)"
+            return "closed form (t ~ uniform)"
         return "closed form" if self.importance.inverse is not None else "numeric (bisection)"
 
 

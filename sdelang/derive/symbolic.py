@@ -173,7 +173,7 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol, defaults: dict, grid:
     """
     forms = [(e, e.subs(defaults)) for e in dict.fromkeys(candidates)]
     if any(at.has(sp.Integral) or at.free_symbols - {t} for _, at in forms):
-        return candidates[0]
+        return min(candidates, key=lambda e: (size(e), sp.default_sort_key(e)))  # no reference: the shortest
     # The candidates are equal as functions, so one 30-digit reference serves them all.
     reference = None
     for _, at in forms:

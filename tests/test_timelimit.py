@@ -1,0 +1,72 @@
+"""The time limit on SymPy calls: a call that runs long is cut short, one that does not is untouched."""
+from __future__ import annotations
+
+import threading
+import time
+
+import sympy as sp
+
+from sdelang.timelimit import Budget, call_with_time_limit
+
+
+def spin(seconds):
+    """Busy CPU work for about ``seconds`` of CPU time (the limit counts CPU time, not sleep)."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+    return "done"
+
+
+def test_a_quick_call_returns_its_value():
+    assert call_with_time_limit(1.0, lambda a, b: a + b, 2, b=3) == (True, 5)
+
+
+def test_a_long_call_is_cut_short():
+    start = time.process_time()
+    ok, value = call_with_time_limit(0.2, spin, 30.0)
+    assert (ok, value) == (False, None)
+    assert time.process_time() - start < 5.0
+
+
+def test_a_long_sympy_call_is_cut_short():
+    """SymPy's own exception handlers must not swallow the limit."""
+    x = sp.Symbol("x")
+    ok, _ = call_with_time_limit(0.3, sp.integrate, sp.exp(sp.sin(x) ** 3 + sp.tan(x) ** 5) / (1 + x**7), x)
+    assert not ok
+
+
+def test_exceptions_of_the_call_propagate():
+    def fail():
+        raise ValueError("boom")
+    try:
+        call_with_time_limit(1.0, fail)
+    except ValueError as exc:
+        assert str(exc) == "boom"
+    else:
+        raise AssertionError("the exception was swallowed")
+
+
+def test_budget_caps_the_total():
+    with Budget(0.5) as budget:
+        results = [call_with_time_limit(10.0, spin, 30.0) for _ in range(3)]
+    assert [ok for ok, _ in results] == [False, False, False]
+    assert budget.exhausted == 3 and budget.left <= 0.01
+
+
+def test_budget_counts_only_what_calls_use():
+    with Budget(5.0) as budget:
+        assert call_with_time_limit(1.0, spin, 0.05) == (True, "done")
+    assert budget.exhausted == 0 and 4.0 < budget.left < 4.96
+
+
+def test_off_the_main_thread_the_call_runs_in_a_child_process():
+    box = {}
+
+    def worker():
+        box["quick"] = call_with_time_limit(5.0, lambda: 42)
+        box["slow"] = call_with_time_limit(0.3, spin, 30.0)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(60)
+    assert box == {"quick": (True, 42), "slow": (False, None)}
