@@ -13,8 +13,8 @@ Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     c(t) = 0
     v(t) = sin(pi*t/(2*(s + 1)))*sin(pi*(2*s + t)/(2*(s + 1)))/cos(pi*s/(2*(s + 1)))^2
 
-Weighting lambda(t) = pi*sin(pi*(s + t)/(2*(s + 1)))/((s + 1)*cos(pi*(s + t)/(2*(s + 1)))) (likelihood); t ~ uniform; inverse CDF of the
-importance sampler: closed form (t ~ uniform).
+Weighting (likelihood): lambda(t) = pi*sin(pi*(s + t)/(2*(s + 1)))/((s + 1)*cos(pi*(s + t)/(2*(s + 1))))
+Training time: t ~ uniform on [eps, T].
 
 The source:
     # VP SDE with the cosine noise schedule.
@@ -76,6 +76,7 @@ class CosineVPSDE(torch.nn.Module):
         self._k3 = 1 / math.sqrt(self.s + 1)
         self._k4 = 1 / math.cos((1/2)*math.pi*self.s/(self.s + 1))
         self._k5 = 1 / math.cos((1/2)*math.pi*self.s/(self.s + 1))**2
+        self._k6 = 2*self.s
         self.eps = 1/100000
         self.T = 4973/5000
         self.v0 = 0
@@ -146,13 +147,20 @@ class CosineVPSDE(torch.nn.Module):
     def discretize(self, x, t):
         """Exact transition over [s, t], s = max(t - T/N, 0): x_t = x_s + f + G z.
 
-        r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = -v(t) expm1(logSNR(t) - logSNR(s)).
+        r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
+          = -(sin(pi*s'/(2*(s + 1)))*sin(pi*(s + s'/2)/(s + 1))*cos(pi*(s + t)/(2*(s + 1)))^2/(sin(pi*t/(2*(s + 1)))*sin(pi*(s + t/2)/(s + 1))*cos(pi*(s + s')/(2*(s + 1)))^2) - 1)*sin(pi*t/(2*(s + 1)))*sin(pi*(2*s + t)/(2*(s + 1)))/cos(pi*s/(2*(s + 1)))^2
         """
         s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = (1/2)*self._k0*self._k1
-        r = self._expand(torch.cos(w0*(self.s + t))/torch.cos(w0*(s + self.s)), x)
+        w0 = self._k0*self._k1
+        w1 = (1/2)*w0
+        w2 = torch.cos(w1*(self.s + t))
+        w3 = torch.cos(w1*(s + self.s))
+        w4 = (1/2)*t
+        w5 = torch.sin(w0*w4)
+        w6 = (1/2)*s
+        r = self._expand(w2/w3, x)
         f = (r - 1) * x
-        G2 = -self.std(t) ** 2 * torch.expm1(self.log_snr(t) - self.log_snr(s))
+        G2 = -self._k5*w5*(w2**2*torch.sin(w0*w6)*torch.sin(w0*(w6 + self.s))/(w3**2*w5*torch.sin(w0*(w4 + self.s))) - 1)*torch.sin(w1*(self._k6 + t))
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

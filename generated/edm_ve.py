@@ -13,8 +13,8 @@ Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     c(t) = 0
     v(t) = t^2
 
-Weighting lambda(t) = 2*t (likelihood); t ~ importance; inverse CDF of the
-importance sampler: closed form.
+Weighting (likelihood): lambda(t) = 2*t
+Training time: t ~ q(t) proportional to lambda(t) / v(t) (importance sampling); inverse CDF: closed form.
 
 The source:
     # VE SDE with sigma(t) = t, the noise schedule of EDM.
@@ -133,12 +133,14 @@ class EDMVESDE(torch.nn.Module):
     def discretize(self, x, t):
         """Exact transition over [s, t], s = max(t - T/N, 0): x_t = x_s + f + G z.
 
-        r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = -v(t) expm1(logSNR(t) - logSNR(s)).
+        r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
+          = -t^2*(s^2/t^2 - 1)
         """
         s = torch.clamp(t - self.T / self.N, min=0.0)
+        w0 = t**2
         r = self._expand(torch.full_like(t, 1), x)
         f = (r - 1) * x
-        G2 = -self.std(t) ** 2 * torch.expm1(self.log_snr(t) - self.log_snr(s))
+        G2 = -w0*(s**2/w0 - 1)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

@@ -9,12 +9,12 @@ Source sha256: c99c41a34a58e8a242319506b783b23f68b42488b235d9e7ffa8aa41784613b6
     g(t)^2 = (t + 1)*(t^2 + sin(3*t) + 1)
 
 Transition kernel N(m(t) x0 + c(t), v(t) I), numeric (Gauss-Legendre quadrature):
-    m(t) = exp(-t^3/6 - t/2 + cos(3*t)/6 - 1/6)
+    m(t) = exp((-t^3 - 3*t + cos(3*t) - 1)/6)
     c(t) = 0
     v(t) = exp(-t^3/3 - t + cos(3*t)/3 - 1/3)*Integral((s + 1)*(s^2 + sin(3*s) + 1)*exp(s^3/3 + s - cos(3*s)/3 + 1/3), (s, 0, t))
 
-Weighting lambda(t) = (t + 1)*(t^2 + sin(3*t) + 1) (likelihood); t ~ importance; inverse CDF of the
-importance sampler: numeric (bisection).
+Weighting (likelihood): lambda(t) = (t + 1)*(t^2 + sin(3*t) + 1)
+Training time: t ~ q(t) proportional to lambda(t) / v(t) (importance sampling); inverse CDF: numeric (bisection).
 
 The source:
     # A VP-like SDE with no closed-form kernel, to exercise the numeric path.
@@ -93,7 +93,7 @@ class NumericSDE(torch.nn.Module):
         return self._expand(w0, x0) * x0, torch.sqrt(q0)*w0
 
     def mean_coeff(self, t):
-        """m(t) = exp(-t^3/6 - t/2 + cos(3*t)/6 - 1/6)"""
+        """m(t) = exp((-t^3 - 3*t + cos(3*t) - 1)/6)"""
         return torch.exp(-1/6*t**3 - 1/2*t + (1/6)*torch.cos(3*t) - 1/6)
 
     def mean_offset(self, t):
@@ -131,12 +131,17 @@ class NumericSDE(torch.nn.Module):
     def discretize(self, x, t):
         """Exact transition over [s, t], s = max(t - T/N, 0): x_t = x_s + f + G z.
 
-        r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = -v(t) expm1(logSNR(t) - logSNR(s)).
+        r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
+          = (a long expression with numeric integrals; see `sdelang show`)
         """
         s = torch.clamp(t - self.T / self.N, min=0.0)
-        r = self._expand(torch.exp((1/6)*s**3 + (1/2)*s - 1/6*t**3 - 1/2*t - 1/6*torch.cos(3*s) + (1/6)*torch.cos(3*t)), x)
+        q0 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, t)
+        q1 = self._quad(lambda s0: (s0 + 1)*(s0**2 + torch.sin(3*s0) + 1)*torch.exp((1/3)*s0**3 + s0 - 1/3*torch.cos(3*s0) + 1/3), 0, s)
+        w0 = t**3
+        w1 = torch.cos(3*t)
+        r = self._expand(torch.exp((1/6)*s**3 + (1/2)*s - 1/6*w0 + (1/6)*w1 - 1/2*t - 1/6*torch.cos(3*s)), x)
         f = (r - 1) * x
-        G2 = -self.std(t) ** 2 * torch.expm1(self.log_snr(t) - self.log_snr(s))
+        G2 = -q0*(-1 + q1/q0)*torch.exp(-1/3*w0 + (1/3)*w1 - t - 1/3)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

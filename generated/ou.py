@@ -11,10 +11,10 @@ Source sha256: 900a66c95dd5e93f696fefc6659454a0f434de44ebd60375153261bd1776d8f4
 Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     m(t) = exp(-t*theta)
     c(t) = -mu*expm1(-t*theta)
-    v(t) = (exp(t*theta) + 1)*exp(-2*t*theta)*expm1(t*theta)/theta
+    v(t) = exp(-2*t*theta)*expm1(2*t*theta)/theta
 
-Weighting lambda(t) = 2 (likelihood); t ~ uniform; inverse CDF of the
-importance sampler: closed form (t ~ uniform).
+Weighting (likelihood): lambda(t) = 2
+Training time: t ~ uniform on [eps, T].
 
 The source:
     # Ornstein-Uhlenbeck process, mean-reverting to mu.
@@ -75,7 +75,7 @@ class OUSDE(torch.nn.Module):
         self._k2 = 1 / math.sqrt(self.theta)
         self._k3 = 1 / self.theta
         self._k4 = -self.mu*math.expm1(-5*self.theta)
-        self._k5 = 1 / self.theta - math.exp(-10*self.theta)/self.theta
+        self._k5 = -math.expm1(-10*self.theta)/self.theta
         self.eps = 1/100000
         self.T = 5
         self.v0 = 0
@@ -122,7 +122,7 @@ class OUSDE(torch.nn.Module):
         return -torch.log(self._k3*(torch.exp(w0) + 1)*torch.expm1(w0))
 
     def _prior(self):
-        """Mean -mu*expm1(-5*theta) and variance 1/theta - exp(-10*theta)/theta of the prior."""
+        """Mean -mu*expm1(-5*theta) and variance -expm1(-10*theta)/theta of the prior."""
         return self._k4, self._k5
 
     def prior_sampling(self, shape, generator=None):
@@ -141,12 +141,17 @@ class OUSDE(torch.nn.Module):
     def discretize(self, x, t):
         """Exact transition over [s, t], s = max(t - T/N, 0): x_t = x_s + f + G z.
 
-        r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = -v(t) expm1(logSNR(t) - logSNR(s)).
+        r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
+          = -(expm1(2*s*theta)/expm1(2*t*theta) - 1)*exp(-2*t*theta)*expm1(2*t*theta)/theta
         """
         s = torch.clamp(t - self.T / self.N, min=0.0)
-        r = self._expand(torch.exp(self.theta*(s - t)), x)
-        f = (r - 1) * x + self._expand(-self.mu*torch.exp(s*self.theta - t*self.theta) + self.mu, x)
-        G2 = -self.std(t) ** 2 * torch.expm1(self.log_snr(t) - self.log_snr(s))
+        w0 = self.theta*(s - t)
+        w1 = 2*self.theta
+        w2 = w1*t
+        w3 = torch.expm1(w2)
+        r = self._expand(torch.exp(w0), x)
+        f = (r - 1) * x + self._expand(-self.mu*torch.expm1(w0), x)
+        G2 = -self._k3*w3*(-1 + torch.expm1(s*w1)/w3)*torch.exp(-w2)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

@@ -11,10 +11,10 @@ Source sha256: a37ad91c8f922f9aabc42ec82b4f9baef1aadf74741003b7a21742692ed92e7c
 Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     m(t) = exp(t*(-2*beta_min + t*(-beta_max + beta_min))/4)
     c(t) = 0
-    v(t) = expm1(-beta_max*t^2/2 + beta_min*t^2/2 - beta_min*t)^2
+    v(t) = expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))^2
 
-Weighting lambda(t) = -(beta_min + t*(beta_max - beta_min))*expm1(-2*beta_min*t - t^2*(beta_max - beta_min)) (likelihood); t ~ uniform; inverse CDF of the
-importance sampler: closed form (t ~ uniform).
+Weighting (likelihood): lambda(t) = -(beta_min + t*(beta_max - beta_min))*expm1(-2*beta_min*t - t^2*(beta_max - beta_min))
+Training time: t ~ uniform on [eps, T].
 
 The source:
     # Sub-VP SDE: VP's drift with a smaller diffusion, so the variance stays below
@@ -73,7 +73,6 @@ class SubvpSDE(torch.nn.Module):
         self._k1 = self.beta_max - self.beta_min
         self._k2 = -2*self.beta_min
         self._k3 = -self.beta_max + self.beta_min
-        self._k4 = 2*self.beta_min
         self.eps = 1/100000
         self.T = 1
         self.v0 = 0
@@ -97,7 +96,8 @@ class SubvpSDE(torch.nn.Module):
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        return self._expand(torch.exp((1/4)*t*(self._k2 + self._k3*t)), x0) * x0, torch.abs(torch.expm1(-1/2*t*(self._k4 + self.beta_max*t - self.beta_min*t)))
+        w0 = (1/2)*t
+        return self._expand(torch.exp((1/4)*t*(self._k2 + self._k3*t)), x0) * x0, torch.abs(torch.expm1(-t*(w0*self.beta_max - w0*self.beta_min + self.beta_min)))
 
     def mean_coeff(self, t):
         """m(t) = exp(t*(-2*beta_min + t*(-beta_max + beta_min))/4)"""
@@ -108,13 +108,15 @@ class SubvpSDE(torch.nn.Module):
         return torch.full_like(t, 0)
 
     def std(self, t):
-        """sigma(t) = sqrt(v(t)) = Abs(expm1(-t*(beta_max*t - beta_min*t + 2*beta_min)/2))"""
-        return torch.abs(torch.expm1(-1/2*t*(self._k4 + self.beta_max*t - self.beta_min*t)))
+        """sigma(t) = sqrt(v(t)) = Abs(expm1(-t*(beta_max*t/2 - beta_min*t/2 + beta_min)))"""
+        w0 = (1/2)*t
+        return torch.abs(torch.expm1(-t*(w0*self.beta_max - w0*self.beta_min + self.beta_min)))
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = t*(-2*beta_min + t*(-beta_max + beta_min))/2 - log(expm1(-beta_max*t^2/2 + beta_min*t^2/2 - beta_min*t)^2)"""
-        w0 = t**2
-        return (1/2)*t*(self._k2 + self._k3*t) - torch.log(torch.expm1(-1/2*w0*self.beta_max + (1/2)*w0*self.beta_min - self.beta_min*t)**2)
+        """logSNR(t) = log(m(t)^2 / v(t)) = -t*(-beta_max*t/2 + beta_min*t/2 - beta_min) - log(expm1(t*(beta_max*t/2 - beta_min*t/2 + beta_min))^2)"""
+        w0 = (1/2)*t
+        w1 = w0*self.beta_max - w0*self.beta_min + self.beta_min
+        return w1*t - torch.log(torch.expm1(w1*t)**2)
 
     def _prior(self):
         """Mean 0 and variance 1 of the prior."""
@@ -136,12 +138,17 @@ class SubvpSDE(torch.nn.Module):
     def discretize(self, x, t):
         """Exact transition over [s, t], s = max(t - T/N, 0): x_t = x_s + f + G z.
 
-        r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = -v(t) expm1(logSNR(t) - logSNR(s)).
+        r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
+          = -(exp(s*(-beta_max*s + beta_min*s - 2*beta_min)/2 - t*(-beta_max*t + beta_min*t - 2*beta_min)/2)*expm1(s*(beta_max*s/2 - beta_min*s/2 + beta_min))^2/expm1(t*(beta_max*t/2 - beta_min*t/2 + beta_min))^2 - 1)*expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))^2
         """
         s = torch.clamp(t - self.T / self.N, min=0.0)
+        w0 = self.beta_max*t
+        w1 = (1/2)*w0 - 1/2*self.beta_min*t + self.beta_min
+        w2 = s*self.beta_max
+        w3 = s*self.beta_min
         r = self._expand(torch.exp(-1/4*s*(s*self._k3 + self._k2) + (1/4)*t*(self._k2 + self._k3*t)), x)
         f = (r - 1) * x
-        G2 = -self.std(t) ** 2 * torch.expm1(self.log_snr(t) - self.log_snr(s))
+        G2 = -(torch.exp((1/2)*s*(self._k2 - w2 + w3) - 1/2*t*(self._k2 - w0 + self.beta_min*t))*torch.expm1(s*((1/2)*w2 - 1/2*w3 + self.beta_min))**2/torch.expm1(w1*t)**2 - 1)*torch.expm1(-w1*t)**2
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

@@ -11,10 +11,10 @@ Source sha256: b9a9b3e7d5c547bd091c3de1f13631e044beac9e50c8943d2a786f05a83fc711
 Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     m(t) = 1
     c(t) = 0
-    v(t) = 2*sigma_max^(2*t)*sigma_min^2*log(sigma_max)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) - 2*sigma_max^(2*t)*sigma_min^2*log(sigma_min)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) + sigma_min^2 - 2*sigma_min^2*log(sigma_max)/(2*log(sigma_max) - 2*log(sigma_min)) + 2*sigma_min^2*log(sigma_min)/(2*log(sigma_max) - 2*log(sigma_min))
+    v(t) = sigma_max^(2*t)*sigma_min^(2 - 2*t)
 
-Weighting lambda(t) = 2*sigma_max^(2*t)*sigma_min^2*log(sigma_max)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) - 2*sigma_max^(2*t)*sigma_min^2*log(sigma_min)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) + sigma_min^2 - 2*sigma_min^2*log(sigma_max)/(2*log(sigma_max) - 2*log(sigma_min)) + 2*sigma_min^2*log(sigma_min)/(2*log(sigma_max) - 2*log(sigma_min)) (score_matching); t ~ uniform; inverse CDF of the
-importance sampler: closed form (t ~ uniform).
+Weighting (score_matching): lambda(t) = sigma_max^(2*t)*sigma_min^(2 - 2*t)
+Training time: t ~ uniform on [eps, T].
 
 The source:
     # Variance-exploding (VE) SDE: the continuous limit of NCSN's noise levels.
@@ -78,15 +78,12 @@ class VESDE(torch.nn.Module):
         self._k0 = math.sqrt(2)
         self._k1 = self.sigma_max/self.sigma_min
         self._k2 = math.log(self.sigma_max/self.sigma_min)
-        self._k3 = self.sigma_min**2
-        self._k4 = -2*self.sigma_min**2*math.log(self.sigma_max)/(2*math.log(self.sigma_max) - 2*math.log(self.sigma_min))
-        self._k5 = 2*self.sigma_min**2*math.log(self.sigma_min)/(2*math.log(self.sigma_max) - 2*math.log(self.sigma_min))
-        self._k6 = math.log(self.sigma_min)
-        self._k7 = math.log(self.sigma_max)
-        self._k8 = self.sigma_max**2
+        self._k3 = self.sigma_max**2
+        self._k4 = math.log(self.sigma_max) - math.log(self.sigma_min)
+        self._k5 = self.sigma_min**2
         self.eps = 1/100000
         self.T = 1
-        self.v0 = self._k3
+        self.v0 = self._k5
         # Follows .to(device, dtype): new tensors are made on its device, in its dtype.
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 
@@ -106,10 +103,7 @@ class VESDE(torch.nn.Module):
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        w0 = 2*t
-        w1 = self.sigma_min**w0
-        w2 = 2*self._k3*self.sigma_max**w0/(-2*self._k6*w1 + 2*self._k7*w1)
-        return x0, torch.sqrt(self._k3 + self._k4 + self._k5 - self._k6*w2 + self._k7*w2)
+        return x0, self.sigma_max**t*self.sigma_min**(1 - t)
 
     def mean_coeff(self, t):
         """m(t) = 1"""
@@ -120,22 +114,17 @@ class VESDE(torch.nn.Module):
         return torch.full_like(t, 0)
 
     def std(self, t):
-        """sigma(t) = sqrt(v(t)) = sqrt(2*sigma_max^(2*t)*sigma_min^2*log(sigma_max)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) - 2*sigma_max^(2*t)*sigma_min^2*log(sigma_min)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) + sigma_min^2 - 2*sigma_min^2*log(sigma_max)/(2*log(sigma_max) - 2*log(sigma_min)) + 2*sigma_min^2*log(sigma_min)/(2*log(sigma_max) - 2*log(sigma_min)))"""
-        w0 = 2*t
-        w1 = self.sigma_min**w0
-        w2 = 2*self._k3*self.sigma_max**w0/(-2*self._k6*w1 + 2*self._k7*w1)
-        return torch.sqrt(self._k3 + self._k4 + self._k5 - self._k6*w2 + self._k7*w2)
+        """sigma(t) = sqrt(v(t)) = sigma_max^t*sigma_min^(1 - t)"""
+        return self.sigma_max**t*self.sigma_min**(1 - t)
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = -log(2*sigma_max^(2*t)*sigma_min^2*log(sigma_max)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) - 2*sigma_max^(2*t)*sigma_min^2*log(sigma_min)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) + sigma_min^2 - 2*sigma_min^2*log(sigma_max)/(2*log(sigma_max) - 2*log(sigma_min)) + 2*sigma_min^2*log(sigma_min)/(2*log(sigma_max) - 2*log(sigma_min)))"""
+        """logSNR(t) = log(m(t)^2 / v(t)) = -log(sigma_max^(2*t)*sigma_min^(2 - 2*t))"""
         w0 = 2*t
-        w1 = self.sigma_min**w0
-        w2 = 2*self._k3*self.sigma_max**w0/(-2*self._k6*w1 + 2*self._k7*w1)
-        return -torch.log(self._k3 + self._k4 + self._k5 - self._k6*w2 + self._k7*w2)
+        return -torch.log(self.sigma_max**w0*self.sigma_min**(2 - w0))
 
     def _prior(self):
         """Mean 0 and variance sigma_max^2 of the prior."""
-        return 0, self._k8
+        return 0, self._k3
 
     def prior_sampling(self, shape, generator=None):
         """z ~ N(mean, variance I) of the given shape."""
@@ -153,12 +142,14 @@ class VESDE(torch.nn.Module):
     def discretize(self, x, t):
         """Exact transition over [s, t], s = max(t - T/N, 0): x_t = x_s + f + G z.
 
-        r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = -v(t) expm1(logSNR(t) - logSNR(s)).
+        r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
+          = -sigma_max^(2*t)*sigma_min^(2 - 2*t)*expm1(-2*(-s + t)*(log(sigma_max) - log(sigma_min)))
         """
         s = torch.clamp(t - self.T / self.N, min=0.0)
+        w0 = 2*t
         r = self._expand(torch.full_like(t, 1), x)
         f = (r - 1) * x
-        G2 = -self.std(t) ** 2 * torch.expm1(self.log_snr(t) - self.log_snr(s))
+        G2 = -self.sigma_max**w0*self.sigma_min**(2 - w0)*torch.expm1(-2*self._k4*(-s + t))
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):
@@ -166,11 +157,9 @@ class VESDE(torch.nn.Module):
         return ReverseVESDE(self, score_fn, probability_flow)
 
     def weight(self, t):
-        """lambda(t) = 2*sigma_max^(2*t)*sigma_min^2*log(sigma_max)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) - 2*sigma_max^(2*t)*sigma_min^2*log(sigma_min)/(2*sigma_min^(2*t)*log(sigma_max) - 2*sigma_min^(2*t)*log(sigma_min)) + sigma_min^2 - 2*sigma_min^2*log(sigma_max)/(2*log(sigma_max) - 2*log(sigma_min)) + 2*sigma_min^2*log(sigma_min)/(2*log(sigma_max) - 2*log(sigma_min)) (score_matching weighting)"""
+        """lambda(t) = sigma_max^(2*t)*sigma_min^(2 - 2*t) (score_matching weighting)"""
         w0 = 2*t
-        w1 = self.sigma_min**w0
-        w2 = 2*self._k3*self.sigma_max**w0/(-2*self._k6*w1 + 2*self._k7*w1)
-        return self._k3 + self._k4 + self._k5 - self._k6*w2 + self._k7*w2
+        return self.sigma_max**w0*self.sigma_min**(2 - w0)
 
     def t_density(self, t):
         """Density of the training time t (uniform): 1 / (T - eps)"""

@@ -13,8 +13,8 @@ Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     c(t) = 0
     v(t) = -expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))
 
-Weighting lambda(t) = -expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)) (score_matching); t ~ uniform; inverse CDF of the
-importance sampler: closed form (t ~ uniform).
+Weighting (score_matching): lambda(t) = -expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))
+Training time: t ~ uniform on [eps, T].
 
 The source:
     # Variance-preserving (VP) SDE: the continuous limit of DDPM (Ho et al. 2020).
@@ -75,7 +75,6 @@ class VPSDE(torch.nn.Module):
         self._k1 = self.beta_max - self.beta_min
         self._k2 = -2*self.beta_min
         self._k3 = -self.beta_max + self.beta_min
-        self._k4 = 2*self.beta_min
         self.eps = 1/100000
         self.T = 1
         self.v0 = 0
@@ -114,8 +113,9 @@ class VPSDE(torch.nn.Module):
         return torch.sqrt(-torch.expm1((1/2)*t*(self._k2 - self.beta_max*t + self.beta_min*t)))
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = -log(expm1(t*(beta_max*t - beta_min*t + 2*beta_min)/2))"""
-        return -torch.log(torch.expm1((1/2)*t*(self._k4 + self.beta_max*t - self.beta_min*t)))
+        """logSNR(t) = log(m(t)^2 / v(t)) = -log(expm1(t*(beta_max*t/2 - beta_min*t/2 + beta_min)))"""
+        w0 = (1/2)*t
+        return -torch.log(torch.expm1(t*(w0*self.beta_max - w0*self.beta_min + self.beta_min)))
 
     def _prior(self):
         """Mean 0 and variance 1 of the prior."""
@@ -137,12 +137,16 @@ class VPSDE(torch.nn.Module):
     def discretize(self, x, t):
         """Exact transition over [s, t], s = max(t - T/N, 0): x_t = x_s + f + G z.
 
-        r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = -v(t) expm1(logSNR(t) - logSNR(s)).
+        r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
+          = (expm1(s*(beta_max*s/2 - beta_min*s/2 + beta_min))/expm1(t*(beta_max*t/2 - beta_min*t/2 + beta_min)) - 1)*expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))
         """
         s = torch.clamp(t - self.T / self.N, min=0.0)
+        w0 = (1/2)*t
+        w1 = w0*self.beta_max - w0*self.beta_min + self.beta_min
+        w2 = (1/2)*s
         r = self._expand(torch.exp(-1/4*s*(s*self._k3 + self._k2) + (1/4)*t*(self._k2 + self._k3*t)), x)
         f = (r - 1) * x
-        G2 = -self.std(t) ** 2 * torch.expm1(self.log_snr(t) - self.log_snr(s))
+        G2 = (torch.expm1(s*(w2*self.beta_max - w2*self.beta_min + self.beta_min))/torch.expm1(w1*t) - 1)*torch.expm1(-w1*t)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

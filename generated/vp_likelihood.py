@@ -13,8 +13,8 @@ Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     c(t) = 0
     v(t) = -expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))
 
-Weighting lambda(t) = beta_min + t*(beta_max - beta_min) (likelihood); t ~ importance; inverse CDF of the
-importance sampler: closed form.
+Weighting (likelihood): lambda(t) = beta_min + t*(beta_max - beta_min)
+Training time: t ~ q(t) proportional to lambda(t) / v(t) (importance sampling); inverse CDF: closed form.
 
 The source:
     # VP SDE trained for likelihood: lambda(t) = g(t)^2 with importance-sampled t.
@@ -76,13 +76,12 @@ class VPLikelihoodSDE(torch.nn.Module):
         self._k1 = self.beta_max - self.beta_min
         self._k2 = -2*self.beta_min
         self._k3 = -self.beta_max + self.beta_min
-        self._k4 = 2*self.beta_min
-        self._k5 = 1 / (-math.log(math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)) + math.log(math.expm1((1/2)*self.beta_max + (1/2)*self.beta_min)))
-        self._k6 = -math.log(math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min))
-        self._k7 = -math.log(math.expm1((1/2)*self.beta_max + (1/2)*self.beta_min))
-        self._k8 = 1 / (self.beta_max - self.beta_min)
-        self._k9 = self.beta_min**2
-        self._k10 = 2*self.beta_max - 2*self.beta_min
+        self._k4 = 1 / (-math.log(math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)) + math.log(math.expm1((1/2)*self.beta_max + (1/2)*self.beta_min)))
+        self._k5 = -math.log(math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min))
+        self._k6 = -math.log(math.expm1((1/2)*self.beta_max + (1/2)*self.beta_min))
+        self._k7 = 1 / (self.beta_max - self.beta_min)
+        self._k8 = self.beta_min**2
+        self._k9 = 2*self.beta_max - 2*self.beta_min
         self.eps = 1/100000
         self.T = 1
         self.v0 = 0
@@ -121,8 +120,9 @@ class VPLikelihoodSDE(torch.nn.Module):
         return torch.sqrt(-torch.expm1((1/2)*t*(self._k2 - self.beta_max*t + self.beta_min*t)))
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = -log(expm1(t*(beta_max*t - beta_min*t + 2*beta_min)/2))"""
-        return -torch.log(torch.expm1((1/2)*t*(self._k4 + self.beta_max*t - self.beta_min*t)))
+        """logSNR(t) = log(m(t)^2 / v(t)) = -log(expm1(t*(beta_max*t/2 - beta_min*t/2 + beta_min)))"""
+        w0 = (1/2)*t
+        return -torch.log(torch.expm1(t*(w0*self.beta_max - w0*self.beta_min + self.beta_min)))
 
     def _prior(self):
         """Mean 0 and variance 1 of the prior."""
@@ -144,12 +144,16 @@ class VPLikelihoodSDE(torch.nn.Module):
     def discretize(self, x, t):
         """Exact transition over [s, t], s = max(t - T/N, 0): x_t = x_s + f + G z.
 
-        r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = -v(t) expm1(logSNR(t) - logSNR(s)).
+        r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
+          = (expm1(s*(beta_max*s/2 - beta_min*s/2 + beta_min))/expm1(t*(beta_max*t/2 - beta_min*t/2 + beta_min)) - 1)*expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))
         """
         s = torch.clamp(t - self.T / self.N, min=0.0)
+        w0 = (1/2)*t
+        w1 = w0*self.beta_max - w0*self.beta_min + self.beta_min
+        w2 = (1/2)*s
         r = self._expand(torch.exp(-1/4*s*(s*self._k3 + self._k2) + (1/4)*t*(self._k2 + self._k3*t)), x)
         f = (r - 1) * x
-        G2 = -self.std(t) ** 2 * torch.expm1(self.log_snr(t) - self.log_snr(s))
+        G2 = (torch.expm1(s*(w2*self.beta_max - w2*self.beta_min + self.beta_min))/torch.expm1(w1*t) - 1)*torch.expm1(-w1*t)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):
@@ -162,20 +166,21 @@ class VPLikelihoodSDE(torch.nn.Module):
 
     def t_density(self, t):
         """Density of the training time t (importance): q(t) = lambda / (Z v) = -(beta_min + t*(beta_max - beta_min))/((-log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)) + log(expm1(beta_max/2 + beta_min/2)))*expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)))"""
-        return -self._k5*(self._k1*t + self.beta_min)/torch.expm1(t*(-1/2*self.beta_max*t + (1/2)*self.beta_min*t - self.beta_min))
+        return -self._k4*(self._k1*t + self.beta_min)/torch.expm1(t*(-1/2*self.beta_max*t + (1/2)*self.beta_min*t - self.beta_min))
 
     def t_cdf(self, t):
-        """CDF of the training time t: (log(expm1(t*(beta_max*t - beta_min*t + 2*beta_min)/2)) - log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)))/(-log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)) + log(expm1(beta_max/2 + beta_min/2)))"""
-        return self._k5*(self._k6 + torch.log(torch.expm1((1/2)*t*(self._k4 + self.beta_max*t - self.beta_min*t))))
+        """CDF of the training time t: (log(expm1(t*(beta_max*t/2 - beta_min*t/2 + beta_min))) - log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)))/(-log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)) + log(expm1(beta_max/2 + beta_min/2)))"""
+        w0 = (1/2)*t
+        return self._k4*(self._k5 + torch.log(torch.expm1(t*(w0*self.beta_max - w0*self.beta_min + self.beta_min))))
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""
-        lo, hi = self._k6, self._k7
+        lo, hi = self._k5, self._k6
         y = lo - u * (lo - hi)
         # t = logSNR^-1(y) = (2*beta_max*log1p(exp(-y)) - 2*beta_min*log1p(exp(-y)))/((beta_max - beta_min)*(beta_min + sqrt(beta_min^2 + (2*beta_max - 2*beta_min)*log1p(exp(-y)))))
         w0 = torch.log1p(torch.exp(-y))
         w1 = 2*w0
-        return torch.clamp(self._k8*(w1*self.beta_max - w1*self.beta_min)/(self.beta_min + torch.sqrt(self._k10*w0 + self._k9)), self.eps, self.T)
+        return torch.clamp(self._k7*(w1*self.beta_max - w1*self.beta_min)/(self.beta_min + torch.sqrt(self._k8 + self._k9*w0)), self.eps, self.T)
 
     def sample_t(self, batch_size, generator=None):
         """batch_size training times drawn from q(t) by inverting its CDF."""

@@ -48,7 +48,7 @@ def _rows(d: Derivation) -> list[tuple[str, sp.Expr | str]]:
         ("reverse drift f - g^2 s", d.reverse_drift.xreplace({SCORE: score})),
         ("flow drift f - g^2 s / 2", d.flow_drift.xreplace({SCORE: score})),
         (f"weighting lambda(t) ({p.weighting})", d.weight),
-        (f"t sampling", p.t_sampling),
+        ("t sampling", p.t_sampling),
         ("importance density q(t)", imp.density),
         ("importance CDF Q(t)", imp.cdf),
         ("importance inverse CDF", imp.inverse if imp.inverse is not None else d.inverse_cdf_path),

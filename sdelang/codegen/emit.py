@@ -39,7 +39,14 @@ def _formula(expr: sp.Expr) -> str:
     """A one-line formula for a docstring; long numeric-path expressions are summarised."""
     if size(expr) > MAX_FORMULA_SIZE:
         return "(a long expression with numeric integrals; see `sdelang show`)"
-    plain = {d: sp.Symbol(d.name) for d in expr.atoms(sp.Dummy)}  # _y -> y
+    taken = {s.name for s in expr.free_symbols if not isinstance(s, sp.Dummy)}
+    plain = {}
+    for d in sorted(expr.atoms(sp.Dummy), key=lambda d: d.name):  # _y -> y; s -> s' beside a parameter s
+        name = d.name
+        while name in taken:
+            name += "'"
+        taken.add(name)
+        plain[d] = sp.Symbol(name)
     return sp.sstr(stable(expr.xreplace(plain))).replace("**", "^")
 
 
@@ -67,7 +74,7 @@ def emit(d: Derivation) -> str:
         "std": code(k.std),
         "log_snr": code(d.log_snr),
         "prior": code(d.prior_mean, d.prior_variance),
-        "discretize": code(d.step.ratio, d.step.offset),
+        "discretize": code(d.step.ratio, d.step.offset, d.step.variance),
         "weight": code(d.weight),
         "t_density": code(1 / (p.T - p.eps) if uniform else imp.density),
         # The per-dimension divergence; the template multiplies by d = x[0].numel().
@@ -123,7 +130,7 @@ def emit(d: Derivation) -> str:
             weight=_formula(d.weight), density=_formula(imp.density), cdf=_formula(imp.cdf),
             inverse="eps + u * (T - eps)" if uniform else _formula(imp.inverse) if imp.inverse is not None else None,
             prior_mean=_formula(d.prior_mean), prior_variance=_formula(d.prior_variance),
-            eps=_formula(p.eps), T=_formula(p.T), v0=_formula(p.v0),
+            eps=_formula(p.eps), T=_formula(p.T), v0=_formula(p.v0), step_variance=_formula(d.step.variance),
         ),
     )
     return _env.get_template("module.py.j2").render(**context)

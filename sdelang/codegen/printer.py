@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
-from sympy.printing.precedence import PRECEDENCE, precedence
+from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
 from ..derive.symbolic import bounded, use_expm1_log1p

@@ -63,4 +63,4 @@ def derive(p: Program) -> Derivation:
     imp = importance(p.weighting, lam, k.v, lsnr, t, p.eps, p.T, defaults, invert=p.t_sampling == "importance")
     mean, variance = prior(k, t, p.T, p.prior_mean, p.prior_variance)
     return Derivation(p, a, b, g2, k, lsnr, reverse_drift(p.drift, g2), flow_drift(p.drift, g2), lam, imp,
-                      mean, variance, discretize(k, lsnr, t), drift_divergence(a))
+                      mean, variance, discretize(k, lsnr, t, accuracy, p.N), drift_divergence(a))

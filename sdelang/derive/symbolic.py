@@ -83,14 +83,24 @@ def size(expr: sp.Expr) -> int:
 
 def rewrites(expr: sp.Expr) -> list[sp.Expr]:
     """expr and the forms a few bounded SymPy rewrites give it."""
-    if expr.has(sp.Integral) or size(expr) > MAX_REWRITE_SIZE:
+    if expr.has(sp.Integral):
         # powsimp alone is cheap and cancels exp(-A) exp(A) around numeric integrals.
         return [expr, sp.powsimp(expr)]
     candidates = [expr]
+    if size(expr) > MAX_REWRITE_SIZE:
+        # Too large for simplify; one fraction, factored, is cheap and often collapses what
+        # integration expanded (VE's variance: 60 nodes of logs and powers -> sigma_min^2 (sigma_max/sigma_min)^2t).
+        short = bounded(lambda e: sp.factor(sp.together(e)), expr, seconds=SIMPLIFY_LIMIT)
+        if short is None or not printable(short) or size(short) > MAX_REWRITE_SIZE:
+            return [expr, sp.powsimp(expr)]
+        candidates.append(short)
+        expr = short
     for rewrite in (sp.simplify, sp.factor, sp.powsimp, sp.expand_log, factor_exponentials):
         value = bounded(rewrite, expr, seconds=SIMPLIFY_LIMIT)
         if value is not None and printable(value):
             candidates.append(value)
+    # A common factor taken out turns mu - mu exp(u) into mu (1 - exp(u)), which prints as -mu expm1(u).
+    candidates += [sp.factor_terms(c) for c in candidates]
     if expr.has(sp.cos):
         candidates += [sum_to_product(c) for c in candidates]
     return list(dict.fromkeys(candidates))
@@ -162,40 +172,55 @@ class Accuracy:
     def best(self, candidates: list[sp.Expr], t: sp.Symbol) -> sp.Expr:
         return most_accurate(candidates, t, self.defaults, np.geomspace(self.eps, self.T, 25))
 
+    def best_over_steps(self, candidates: list[sp.Expr], t: sp.Symbol, s: sp.Symbol, step: float) -> sp.Expr:
+        """The most accurate form of a function of a step [s, t]: steps of the given length (from s = 0
+        near eps), half of t and a thousandth of t, for t across [eps, T]."""
+        ts = np.geomspace(self.eps, self.T, 25)
+        starts = (np.maximum(ts - step, 0.0), ts / 2, ts * 0.999)
+        return most_accurate(candidates, (t, s), self.defaults, (np.tile(ts, 3), np.concatenate(starts)))
 
-def most_accurate(candidates: list[sp.Expr], t: sp.Symbol, defaults: dict, grid: np.ndarray) -> sp.Expr:
+
+def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...], defaults: dict,
+                  grid: np.ndarray | tuple[np.ndarray, ...]) -> sp.Expr:
     """The candidate whose float32 evaluation on the grid is closest to a 30-digit reference.
 
     Ties (within a factor of two in error) go to the form with fewer operations.
     Errors are measured at the default parameters; on a log-spaced grid of
     [eps, T], forms that lose digits near t = eps (1 - exp(-B) against
-    -expm1(-B)) lose.
+    -expm1(-B)) lose. With several variables, ``t`` and ``grid`` are tuples:
+    the symbols and the columns of their values at the same points.
     """
+    variables = t if isinstance(t, tuple) else (t,)
+    columns = grid if isinstance(grid, tuple) else (grid,)
     forms = [(e, e.subs(defaults)) for e in dict.fromkeys(candidates)]
-    if any(at.has(sp.Integral) or at.free_symbols - {t} for _, at in forms):
+    if any(at.has(sp.Integral) or at.free_symbols - set(variables) for _, at in forms):
         return min(candidates, key=lambda e: (size(e), sp.default_sort_key(e)))  # no reference: the shortest
     # The candidates are equal as functions, so one 30-digit reference serves them all.
     reference = None
     for _, at in forms:
         try:
-            exact = sp.lambdify(t, at, modules="mpmath")
+            exact = sp.lambdify(variables, at, modules="mpmath")
             with mpmath.workdps(30):
-                reference = np.array([float(exact(mpmath.mpf(g))) for g in grid])
+                reference = np.array([float(exact(*map(mpmath.mpf, point))) for point in zip(*columns)])
             break
         except (TypeError, ValueError, ZeroDivisionError, OverflowError):
             continue
     if reference is None:
         return candidates[0]
+    finite = np.isfinite(reference)
     scored = []
     for expr, at in forms:
         try:
-            fn = sp.lambdify(t, use_expm1_log1p(at), modules="numpy")
+            fn = sp.lambdify(variables, use_expm1_log1p(at), modules="numpy")
             with np.errstate(all="ignore"):
-                values = np.asarray(fn(grid.astype(np.float32)), dtype=np.float64) * np.ones_like(grid)
+                values = np.asarray(fn(*(c.astype(np.float32) for c in columns)), dtype=np.float64)
+                values = values * np.ones_like(reference)
         except (TypeError, ValueError, ZeroDivisionError, OverflowError):
             continue
-        err = np.max(np.abs(values - reference) / np.maximum(np.abs(reference), 1e-300))
-        if not np.isfinite(err):
+        with np.errstate(all="ignore"):
+            rel = np.abs(values - reference) / np.maximum(np.abs(reference), 1e-300)
+        err = np.max(rel[finite]) if finite.any() else 0.0
+        if not np.isfinite(err) or np.isnan(values).any():
             err = np.inf
         scored.append((err, size(expr), sp.default_sort_key(expr), expr))
     if not scored:
