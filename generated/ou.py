@@ -142,16 +142,15 @@ class OUSDE(torch.nn.Module):
         """Exact transition over [s, t], s = max(t - T/N, 0): x_t = x_s + f + G z.
 
         r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
-          = -(expm1(2*s*theta)/expm1(2*t*theta) - 1)*exp(-2*t*theta)*expm1(2*t*theta)/theta
+          = -((exp(s*theta) + 1)*expm1(s*theta)/((exp(t*theta) + 1)*expm1(t*theta)) - 1)*exp(-2*t*theta)*expm1(2*t*theta)/theta
         """
         s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = self.theta*(s - t)
-        w1 = 2*self.theta
-        w2 = w1*t
-        w3 = torch.expm1(w2)
-        r = self._expand(torch.exp(w0), x)
-        f = (r - 1) * x + self._expand(-self.mu*torch.expm1(w0), x)
-        G2 = -self._k3*w3*(-1 + torch.expm1(s*w1)/w3)*torch.exp(-w2)
+        w0 = s*self.theta
+        w1 = t*self.theta
+        w2 = 2*w1
+        r = self._expand(torch.exp(w0 - w1), x)
+        f = (r - 1) * x + self._expand(-self.mu*torch.expm1(self.theta*(s - t)), x)
+        G2 = -self._k3*((torch.exp(w0) + 1)*torch.expm1(w0)/((torch.exp(w1) + 1)*torch.expm1(w1)) - 1)*torch.exp(-w2)*torch.expm1(w2)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

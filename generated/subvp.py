@@ -139,16 +139,16 @@ class SubvpSDE(torch.nn.Module):
         """Exact transition over [s, t], s = max(t - T/N, 0): x_t = x_s + f + G z.
 
         r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
-          = -(exp(s*(-beta_max*s + beta_min*s - 2*beta_min)/2 - t*(-beta_max*t + beta_min*t - 2*beta_min)/2)*expm1(s*(beta_max*s/2 - beta_min*s/2 + beta_min))^2/expm1(t*(beta_max*t/2 - beta_min*t/2 + beta_min))^2 - 1)*expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))^2
+          = -(exp(s*(-beta_max*s/2 + beta_min*s/2 - beta_min) - t*(-beta_max*t/2 + beta_min*t/2 - beta_min))*expm1(s*(beta_max*s/2 - beta_min*s/2 + beta_min))^2/expm1(t*(beta_max*t/2 - beta_min*t/2 + beta_min))^2 - 1)*expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))^2
         """
         s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = self.beta_max*t
-        w1 = (1/2)*w0 - 1/2*self.beta_min*t + self.beta_min
-        w2 = s*self.beta_max
-        w3 = s*self.beta_min
+        w0 = (1/2)*self.beta_max*t - 1/2*self.beta_min*t + self.beta_min
+        w1 = -w0*t
+        w2 = (1/2)*s
+        w3 = w2*self.beta_max - w2*self.beta_min + self.beta_min
         r = self._expand(torch.exp(-1/4*s*(s*self._k3 + self._k2) + (1/4)*t*(self._k2 + self._k3*t)), x)
         f = (r - 1) * x
-        G2 = -(torch.exp((1/2)*s*(self._k2 - w2 + w3) - 1/2*t*(self._k2 - w0 + self.beta_min*t))*torch.expm1(s*((1/2)*w2 - 1/2*w3 + self.beta_min))**2/torch.expm1(w1*t)**2 - 1)*torch.expm1(-w1*t)**2
+        G2 = -(torch.exp(-s*w3 - w1)*torch.expm1(s*w3)**2/torch.expm1(w0*t)**2 - 1)*torch.expm1(w1)**2
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

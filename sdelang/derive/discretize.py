@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .kernel import Kernel
-from .symbolic import Accuracy, rewrites, simplest
+from .symbolic import SIMPLIFY_LIMIT, Accuracy, bounded, printable, rewrites
 
 START = sp.Dummy("s", positive=True)  # the start of the step (a Dummy: never a user's name)
 
@@ -38,9 +38,13 @@ def discretize(k: Kernel, lsnr: sp.Expr, t: sp.Symbol, accuracy: Accuracy, N: in
     def best(candidates):
         return accuracy.best_over_steps(candidates, t, START, step)
 
-    ratio = best(rewrites(k.m / k.m.xreplace(at_start)))
+    # m = exp(A): the ratio is exp(A(t) - A(s)), and powsimp finds it; simplify on two variables
+    # is slow and adds nothing here.
+    ratio = sp.powsimp(k.m / k.m.xreplace(at_start))
     offset = best(rewrites(k.c - ratio * k.c.xreplace(at_start))) if k.c != 0 else sp.Integer(0)
-    drops = rewrites(lsnr - lsnr.xreplace(at_start))
-    drops += [simplest(sp.expand_log(d, force=True)) for d in drops]
+    drop = lsnr - lsnr.xreplace(at_start)
+    # Logs expanded and like terms collected: VE's drop becomes -2 (t - s) log(sigma_max / sigma_min).
+    collected = bounded(lambda d: sp.factor(sp.expand(sp.expand_log(d, force=True))), drop, seconds=SIMPLIFY_LIMIT)
+    drops = [drop] if collected is None or not printable(collected) else [drop, collected]
     variance = best([-k.v * (sp.exp(d) - 1) for d in drops])
     return Step(ratio, offset, variance)

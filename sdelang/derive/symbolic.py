@@ -195,16 +195,7 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...
     forms = [(e, e.subs(defaults)) for e in dict.fromkeys(candidates)]
     if any(at.has(sp.Integral) or at.free_symbols - set(variables) for _, at in forms):
         return min(candidates, key=lambda e: (size(e), sp.default_sort_key(e)))  # no reference: the shortest
-    # The candidates are equal as functions, so one 30-digit reference serves them all.
-    reference = None
-    for _, at in forms:
-        try:
-            exact = sp.lambdify(variables, at, modules="mpmath")
-            with mpmath.workdps(30):
-                reference = np.array([float(exact(*map(mpmath.mpf, point))) for point in zip(*columns)])
-            break
-        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
-            continue
+    reference = _reference(forms, variables, columns)
     if reference is None:
         return candidates[0]
     finite = np.isfinite(reference)
@@ -227,6 +218,36 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...
         return candidates[0]
     best_err = min(s[0] for s in scored)
     return min((s for s in scored if s[0] <= 2 * best_err + 1e-300), key=lambda s: (s[1], s[2]))[3]
+
+
+def _reference(forms, variables, columns) -> np.ndarray | None:
+    """Accurate values of the (equal) candidate functions at the points.
+
+    Where numpy's long double has 64 bits of mantissa (x86), the elementwise median of the candidates
+    evaluated in it: fast, vectorised and some twelve digits beyond float32 even for a form that loses
+    a few to cancellation. Elsewhere, one candidate evaluated by mpmath with 30 digits.
+    """
+    if np.finfo(np.longdouble).eps < 1e-18:
+        values = []
+        for _, at in forms:
+            try:
+                fn = sp.lambdify(variables, use_expm1_log1p(at), modules="numpy")
+                with np.errstate(all="ignore"):
+                    value = np.asarray(fn(*(c.astype(np.longdouble) for c in columns)), dtype=np.longdouble)
+                values.append(value * np.ones(len(columns[0]), dtype=np.longdouble))
+            except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+                continue
+        if values:
+            with np.errstate(all="ignore"):
+                return np.nanmedian(np.array(values), axis=0).astype(np.float64)
+    for _, at in forms:
+        try:
+            exact = sp.lambdify(variables, at, modules="mpmath")
+            with mpmath.workdps(30):
+                return np.array([float(exact(*map(mpmath.mpf, point))) for point in zip(*columns)])
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+            continue
+    return None
 
 
 def rationalize_roots(expr: sp.Expr) -> sp.Expr:
