@@ -192,7 +192,8 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...
     """
     variables = t if isinstance(t, tuple) else (t,)
     columns = grid if isinstance(grid, tuple) else (grid,)
-    forms = [(e, e.subs(defaults)) for e in dict.fromkeys(candidates)]
+    at_defaults = {k: sp.sympify(v) for k, v in defaults.items()}
+    forms = [(e, e.xreplace(at_defaults)) for e in dict.fromkeys(candidates)]  # xreplace: subs is slow
     if any(at.has(sp.Integral) or at.free_symbols - set(variables) for _, at in forms):
         return min(candidates, key=lambda e: (size(e), sp.default_sort_key(e)))  # no reference: the shortest
     reference = _reference(forms, variables, columns)
