@@ -11,6 +11,8 @@ import sympy as sp
 from . import __version__
 from .compiler import compile_file, compile_source, read_source
 from .derive import Derivation
+from .codegen.emit import plain_names
+from .codegen.printer import stable
 from .derive.reverse import SCORE
 from .errors import InternalCompilerError, SdeError
 
@@ -51,7 +53,7 @@ def _rows(d: Derivation) -> list[tuple[str, sp.Expr | str]]:
         ("t sampling", p.t_sampling),
         ("importance density q(t)", imp.density),
         ("importance CDF Q(t)", imp.cdf),
-        ("importance inverse CDF", imp.inverse if imp.inverse is not None else d.inverse_cdf_path),
+        *_inverse_rows(d),
         ("prior mean", d.prior_mean),
         ("prior variance", d.prior_variance),
         ("step ratio m(t)/m(s)", d.step.ratio),
@@ -63,6 +65,16 @@ def _rows(d: Derivation) -> list[tuple[str, sp.Expr | str]]:
     ]
 
 
+def _inverse_rows(d: Derivation) -> list[tuple[str, sp.Expr | str]]:
+    imp = d.importance
+    if imp.inverse is None:
+        return [("importance inverse CDF", d.inverse_cdf_path)]
+    if imp.by_log_snr:
+        return [("importance inverse CDF t(y)", imp.inverse),
+                ("  at", "y = logSNR(eps) - u (logSNR(eps) - logSNR(T)), u ~ uniform(0, 1)")]
+    return [("importance inverse CDF t(u)", imp.inverse)]
+
+
 def show(d: Derivation, latex: bool = False) -> str:
     rows = _rows(d)
     width = max(len(name) for name, _ in rows)
@@ -71,7 +83,8 @@ def show(d: Derivation, latex: bool = False) -> str:
         if isinstance(value, str):
             text = value
         else:
-            text = sp.latex(value) if latex else sp.sstr(value)
+            value = plain_names(value)
+            text = sp.latex(value) if latex else sp.sstr(stable(value))
         out.append(f"  {name.ljust(width)}  {text}")
     return "\n".join(out)
 

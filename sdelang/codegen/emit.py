@@ -39,15 +39,21 @@ def _formula(expr: sp.Expr) -> str:
     """A one-line formula for a docstring; long numeric-path expressions are summarised."""
     if size(expr) > MAX_FORMULA_SIZE:
         return "(a long expression with numeric integrals; see `sdelang show`)"
+    return sp.sstr(stable(plain_names(expr))).replace("**", "^")
+
+
+def plain_names(expr: sp.Expr) -> sp.Expr:
+    """expr with its dummies (the step start, the dimension, u, y) as plain symbols: _y -> y, and
+    s -> s' beside a parameter called s."""
     taken = {s.name for s in expr.free_symbols if not isinstance(s, sp.Dummy)}
     plain = {}
-    for d in sorted(expr.atoms(sp.Dummy), key=lambda d: d.name):  # _y -> y; s -> s' beside a parameter s
+    for d in sorted(expr.atoms(sp.Dummy), key=lambda d: d.name):
         name = d.name
         while name in taken:
             name += "'"
         taken.add(name)
         plain[d] = sp.Symbol(name)
-    return sp.sstr(stable(expr.xreplace(plain))).replace("**", "^")
+    return expr.xreplace(plain)
 
 
 def emit(d: Derivation) -> str:
