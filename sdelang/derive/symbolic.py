@@ -172,6 +172,24 @@ class Accuracy:
     def best(self, candidates: list[sp.Expr], t: sp.Symbol) -> sp.Expr:
         return most_accurate(candidates, t, self.defaults, np.geomspace(self.eps, self.T, 25))
 
+    def float32_error(self, expr: sp.Expr, t: sp.Symbol) -> float:
+        """The largest relative error of expr evaluated in float32 on the grid, against 30 digits."""
+        grid = np.geomspace(self.eps, self.T, 25)
+        at = expr.xreplace({k: sp.sympify(v) for k, v in self.defaults.items()})
+        if at.has(sp.Integral) or at.free_symbols - {t}:
+            return 0.0  # quadrature: no cancellation to measure
+        try:
+            exact = sp.lambdify(t, at, modules="mpmath")
+            with mpmath.workdps(30):
+                reference = np.array([float(exact(mpmath.mpf(g))) for g in grid])
+            fn = sp.lambdify(t, use_expm1_log1p(at), modules="numpy")
+            with np.errstate(all="ignore"):
+                values = np.asarray(fn(grid.astype(np.float32)), dtype=np.float64) * np.ones_like(grid)
+                err = np.max(np.abs(values - reference) / np.maximum(np.abs(reference), 1e-300))
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+            return np.inf
+        return float(err) if np.isfinite(err) else np.inf
+
     def best_over_steps(self, candidates: list[sp.Expr], t: sp.Symbol, s: sp.Symbol, step: float) -> sp.Expr:
         """The most accurate form of a function of a step [s, t]: steps of the given length (from s = 0
         near eps), half of t and a thousandth of t, for t across [eps, T]."""
