@@ -25,8 +25,16 @@ class TimeLimitExceeded(BaseException):
     """
 
 
+# Once a call is over time the timer keeps firing at this interval (CPU seconds) until the call
+# has stopped: an exception raised where Python ignores it (a __del__, a weakref callback, a bare
+# except in the library) would otherwise leave the call running with no limit at all.
+REPEAT = 0.05
+_running = [False]  # a call is under the limit: the handler raises only then
+
+
 def _on_timer(signum, frame):
-    raise TimeLimitExceeded()
+    if _running[0]:
+        raise TimeLimitExceeded()
 
 
 class Budget:
@@ -74,13 +82,21 @@ def call_with_time_limit(seconds: float, fn: Callable[..., Any], *args, **kwargs
 def _call(seconds, fn, args, kwargs):
     if hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGPROF, _on_timer)
-        signal.setitimer(signal.ITIMER_PROF, seconds)
+        _running[0] = True
+        signal.setitimer(signal.ITIMER_PROF, seconds, REPEAT)
         try:
-            return True, fn(*args, **kwargs)
-        except TimeLimitExceeded:
+            try:
+                return True, fn(*args, **kwargs)
+            except TimeLimitExceeded:
+                return False, None
+            finally:
+                _running[0] = False
+                signal.setitimer(signal.ITIMER_PROF, 0)
+        except TimeLimitExceeded:  # a repeat that fired before the lines above ran
+            _running[0] = False
+            signal.setitimer(signal.ITIMER_PROF, 0)
             return False, None
         finally:
-            signal.setitimer(signal.ITIMER_PROF, 0)
             signal.signal(signal.SIGPROF, previous)
     if "fork" in multiprocessing.get_all_start_methods():
         return _call_in_child(seconds, fn, args, kwargs)

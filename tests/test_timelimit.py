@@ -70,3 +70,26 @@ def test_off_the_main_thread_the_call_runs_in_a_child_process():
     thread.start()
     thread.join(60)
     assert box == {"quick": (True, 42), "slow": (False, None)}
+
+
+def test_a_limit_swallowed_once_still_stops_the_call():
+    """The first TimeLimitExceeded lands where it is ignored (here a bare except, like some library
+    code): the timer fires again, so the call still ends."""
+    def stubborn():
+        try:
+            spin(30.0)
+        except BaseException:
+            pass
+        return spin(30.0)
+
+    start = time.process_time()
+    assert call_with_time_limit(0.2, stubborn) == (False, None)
+    assert time.process_time() - start < 5.0
+
+
+def test_no_timer_is_left_running():
+    import signal
+
+    call_with_time_limit(0.1, spin, 30.0)
+    assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)
+    assert spin(0.3) == "done"  # would raise if a repeat were still armed
