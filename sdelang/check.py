@@ -123,11 +123,14 @@ class _Checker:
                              where[self.state], "choose another name")
         return singles
 
+    def _refuse_reserved_word(self, name: str, span: Span) -> None:
+        if name in RESERVED_WORDS:
+            raise self.error(f"'{name}' is a reserved word and cannot be used as a name", span,
+                             f"choose another name, e.g. '{name}_'")
+
     def _define(self, st, where: dict[str, Span]) -> None:
         name = st.name
-        if name in RESERVED_WORDS:
-            raise self.error(f"'{name}' is a reserved word and cannot be used as a name", st.name_span,
-                             f"choose another name, e.g. '{name}_'")
+        self._refuse_reserved_word(name, st.name_span)
         if name in RESERVED:
             raise self.error(f"'{name}' is {RESERVED[name]} and cannot be redefined", st.name_span,
                              "choose another name")
@@ -146,9 +149,7 @@ class _Checker:
                 if arg in seen:
                     raise self.error(f"argument '{arg}' appears twice in function '{name}'", span,
                                      "give each argument its own name")
-                if arg in RESERVED_WORDS:
-                    raise self.error(f"'{arg}' is a reserved word and cannot be used as a name", span,
-                                     f"choose another name, e.g. '{arg}_'")
+                self._refuse_reserved_word(arg, span)
                 if arg in RESERVED and arg != "t":
                     raise self.error(f"'{arg}' is {RESERVED[arg]} and cannot be an argument name", span,
                                      "choose another name")

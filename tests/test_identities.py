@@ -148,26 +148,19 @@ def test_flow_drift_is_mean_of_forward_and_reverse(examples, name, data):
     sde, t = draws(data, examples[name])
     x = states(data, t.shape[0])
     rev, flow = sde.reverse(_score), sde.reverse(_score, probability_flow=True)
-    f, g = sde.sde(x, t)
-    f_rev, g_rev = rev.sde(x, t)
-    f_flow, g_flow = flow.sde(x, t)
-    g2s = batch_view(g**2, x) * _score(x, t)
-    scale = f.abs() + g2s.abs()
-    assert_close(f_rev, f - g2s, scale, 1e-13, "reverse drift f - g^2 s")
-    assert_close(f_flow, (f + f_rev) / 2, scale, 1e-13, "flow drift = mean of forward and reverse")
-    assert_close(g_rev, g, g, 0.0, "reverse diffusion = g")
-    assert torch.equal(g_flow, torch.zeros_like(g)), "the flow ODE has no noise"
     assert (rev.N, rev.T, rev.eps) == (sde.N, sde.T, sde.eps)
-
-    # The same for the discretised reverse-diffusion predictor (score_sde's ReverseDiffusionPredictor).
-    fd, Gd = sde.discretize(x, t)
-    fd_rev, Gd_rev = rev.discretize(x, t)
-    fd_flow, Gd_flow = flow.discretize(x, t)
-    G2s = batch_view(Gd**2, x) * _score(x, t)
-    scale = fd.abs() + G2s.abs()
-    assert_close(fd_rev, fd - G2s, scale, 1e-13, "reverse step f - G^2 s")
-    assert_close(fd_flow, (fd + fd_rev) / 2, scale, 1e-13, "flow step = mean of forward and reverse")
-    assert torch.equal(Gd_rev, Gd) and torch.equal(Gd_flow, torch.zeros_like(Gd))
+    # The SDE itself, then the discretised reverse-diffusion predictor (score_sde's
+    # ReverseDiffusionPredictor) with the step's f and G in place of f and g.
+    for method in ("sde", "discretize"):
+        f, g = getattr(sde, method)(x, t)
+        f_rev, g_rev = getattr(rev, method)(x, t)
+        f_flow, g_flow = getattr(flow, method)(x, t)
+        g2s = batch_view(g**2, x) * _score(x, t)
+        scale = f.abs() + g2s.abs()
+        assert_close(f_rev, f - g2s, scale, 1e-13, f"{method}: reverse drift f - g^2 s")
+        assert_close(f_flow, (f + f_rev) / 2, scale, 1e-13, f"{method}: flow drift = mean of forward and reverse")
+        assert torch.equal(g_rev, g), f"{method}: reverse noise = forward noise"
+        assert torch.equal(g_flow, torch.zeros_like(g)), f"{method}: the flow ODE has no noise"
 
 
 @pytest.mark.parametrize("name", ALL)

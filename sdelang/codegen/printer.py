@@ -20,7 +20,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
-from ..derive.symbolic import bounded, use_expm1_log1p
+from ..derive.symbolic import PRINTABLE, bounded, use_expm1_log1p
 from ..errors import InternalCompilerError
 
 REWRITE_LIMIT = 2.0  # seconds for the expm1/log1p rewrites of one expression
@@ -57,9 +57,9 @@ class _PowMixin:
         return repr(float(expr))
 
 
-# The elementwise torch functions printed for tensors: those of derive.symbolic.PRINTABLE.
-TORCH_FUNCTIONS = ("exp", "log", "sin", "cos", "tan", "tanh", "sinh", "cosh", "atan", "asin", "acos",
-                   "asinh", "acosh", "atanh", "erf", "expm1", "log1p")
+# The elementwise torch functions printed for tensors: derive.symbolic.PRINTABLE's, by name
+# (torch.exp, torch.expm1, ...); Abs has its own printer method.
+TORCH_FUNCTIONS = tuple(f.__name__ for f in PRINTABLE if f is not sp.Abs)
 
 
 class TensorPrinter(_PowMixin, PythonCodePrinter):

@@ -51,8 +51,7 @@ def kernel(a: sp.Expr, b: sp.Expr, g2: sp.Expr, v0: sp.Expr, t: sp.Symbol, accur
     if accuracy.float32_error(v, t) > CLOSED_FORM_TOLERANCE:
         # Every closed form found cancels near t = eps (e.g. e^x - 1 - x when g(0) = 0 and a != 0):
         # quadrature of the integral itself cannot, so it replaces them.
-        s = sp.Dummy("s", positive=True)
-        vs = [m**2 * (v0 + sp.Integral(integrand.xreplace({t: s}), (s, zero, t)))]
+        vs = [m**2 * (v0 + integrate_from(integrand, t, zero, t, closed=False))]
         v = vs[0]
     stds = [sp.sqrt(u) for u in vs] + [simplest(sp.sqrt(v))]
     return Kernel(m, c, v, accuracy.best(stds, t))

@@ -44,16 +44,19 @@ def bounded(fn, *args, seconds: float = TIME_LIMIT, **kwargs):
     return value if ok else None
 
 
-def integrate_from(integrand: sp.Expr, var: sp.Symbol, lower: sp.Expr, upper: sp.Expr) -> sp.Expr:
+def integrate_from(integrand: sp.Expr, var: sp.Symbol, lower: sp.Expr, upper: sp.Expr,
+                   closed: bool = True) -> sp.Expr:
     """int_lower^upper integrand d(var): closed form if SymPy finds one in time, else an Integral.
 
     The unevaluated Integral is kept as a node; code generation turns it into
-    Gauss-Legendre quadrature.
+    Gauss-Legendre quadrature. ``closed=False`` asks for that Integral directly.
     """
     dummy = sp.Dummy("s", positive=True)
     body = integrand.xreplace({var: dummy})
     if not body.has(dummy):
         return body * (upper - lower)
+    if not closed:
+        return sp.Integral(body, (dummy, lower, upper))
     # An antiderivative evaluated at the limits is much faster than SymPy's
     # definite integration. The expanded, power-simplified form goes first: it
     # is the fast one for sums of exponentials and for tan-like integrands.
@@ -169,31 +172,29 @@ class Accuracy:
     eps: float
     T: float
 
+    @property
+    def grid(self) -> np.ndarray:
+        return np.geomspace(self.eps, self.T, 25)
+
     def best(self, candidates: list[sp.Expr], t: sp.Symbol) -> sp.Expr:
-        return most_accurate(candidates, t, self.defaults, np.geomspace(self.eps, self.T, 25))
+        return most_accurate(candidates, t, self.defaults, self.grid)
 
     def float32_error(self, expr: sp.Expr, t: sp.Symbol) -> float:
         """The largest relative error of expr evaluated in float32 on the grid, against 30 digits."""
-        grid = np.geomspace(self.eps, self.T, 25)
-        at = expr.xreplace({k: sp.sympify(v) for k, v in self.defaults.items()})
+        at = _at_defaults(expr, self.defaults)
         if at.has(sp.Integral) or at.free_symbols - {t}:
             return 0.0  # quadrature: no cancellation to measure
-        try:
-            exact = sp.lambdify(t, at, modules="mpmath")
-            with mpmath.workdps(30):
-                reference = np.array([float(exact(mpmath.mpf(g))) for g in grid])
-            fn = sp.lambdify(t, use_expm1_log1p(at), modules="numpy")
-            with np.errstate(all="ignore"):
-                values = np.asarray(fn(grid.astype(np.float32)), dtype=np.float64) * np.ones_like(grid)
-                err = np.max(np.abs(values - reference) / np.maximum(np.abs(reference), 1e-300))
-        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        columns = (self.grid,)
+        reference = _exact((at,), (t,), columns)
+        if reference is None or not np.isfinite(reference).all():
             return np.inf
-        return float(err) if np.isfinite(err) else np.inf
+        err = _float32_error(at, (t,), columns, reference)
+        return np.inf if err is None else err
 
     def best_over_steps(self, candidates: list[sp.Expr], t: sp.Symbol, s: sp.Symbol, step: float) -> sp.Expr:
         """The most accurate form of a function of a step [s, t]: steps of the given length (from s = 0
         near eps), half of t and a thousandth of t, for t across [eps, T]."""
-        ts = np.geomspace(self.eps, self.T, 25)
+        ts = self.grid
         starts = (np.maximum(ts - step, 0.0), ts / 2, ts * 0.999)
         return most_accurate(candidates, (t, s), self.defaults, (np.tile(ts, 3), np.concatenate(starts)))
 
@@ -210,56 +211,52 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...
     """
     variables = t if isinstance(t, tuple) else (t,)
     columns = grid if isinstance(grid, tuple) else (grid,)
-    at_defaults = {k: sp.sympify(v) for k, v in defaults.items()}
-    forms = [(e, e.xreplace(at_defaults)) for e in dict.fromkeys(candidates)]  # xreplace: subs is slow
+    forms = [(e, _at_defaults(e, defaults)) for e in dict.fromkeys(candidates)]
     if any(at.has(sp.Integral) or at.free_symbols - set(variables) for _, at in forms):
         return min(candidates, key=lambda e: (size(e), sp.default_sort_key(e)))  # no reference: the shortest
-    reference = _reference(forms, variables, columns)
+    reference = _reference([at for _, at in forms], variables, columns)
     if reference is None:
         return candidates[0]
-    finite = np.isfinite(reference)
-    scored = []
-    for expr, at in forms:
-        try:
-            fn = sp.lambdify(variables, use_expm1_log1p(at), modules="numpy")
-            with np.errstate(all="ignore"):
-                values = np.asarray(fn(*(c.astype(np.float32) for c in columns)), dtype=np.float64)
-                values = values * np.ones_like(reference)
-        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
-            continue
-        with np.errstate(all="ignore"):
-            rel = np.abs(values - reference) / np.maximum(np.abs(reference), 1e-300)
-        err = np.max(rel[finite]) if finite.any() else 0.0
-        if not np.isfinite(err) or np.isnan(values).any():
-            err = np.inf
-        scored.append((err, size(expr), sp.default_sort_key(expr), expr))
+    scored = [(err, size(expr), sp.default_sort_key(expr), expr) for expr, at in forms
+              if (err := _float32_error(at, variables, columns, reference)) is not None]
     if not scored:
         return candidates[0]
     best_err = min(s[0] for s in scored)
     return min((s for s in scored if s[0] <= 2 * best_err + 1e-300), key=lambda s: (s[1], s[2]))[3]
 
 
-def _reference(forms, variables, columns) -> np.ndarray | None:
-    """Accurate values of the (equal) candidate functions at the points.
+def _at_defaults(expr: sp.Expr, defaults: dict) -> sp.Expr:
+    return expr.xreplace({k: sp.sympify(v) for k, v in defaults.items()})  # xreplace: subs is slow
 
-    Where numpy's long double has 64 bits of mantissa (x86), the elementwise median of the candidates
-    evaluated in it: fast, vectorised and some twelve digits beyond float32 even for a form that loses
-    a few to cancellation. Elsewhere, one candidate evaluated by mpmath with 30 digits.
-    """
-    if np.finfo(np.longdouble).eps < 1e-18:
-        values = []
-        for _, at in forms:
-            try:
-                fn = sp.lambdify(variables, use_expm1_log1p(at), modules="numpy")
-                with np.errstate(all="ignore"):
-                    value = np.asarray(fn(*(c.astype(np.longdouble) for c in columns)), dtype=np.longdouble)
-                values.append(value * np.ones(len(columns[0]), dtype=np.longdouble))
-            except (TypeError, ValueError, ZeroDivisionError, OverflowError):
-                continue
-        if values:
-            with np.errstate(all="ignore"):
-                return np.nanmedian(np.array(values), axis=0).astype(np.float64)
-    for _, at in forms:
+
+def _evaluate(at: sp.Expr, variables, columns, dtype) -> np.ndarray | None:
+    """at (parameters substituted) on the points, in numpy with the given dtype; None if it cannot."""
+    try:
+        fn = sp.lambdify(variables, use_expm1_log1p(at), modules="numpy")
+        with np.errstate(all="ignore"):
+            value = np.asarray(fn(*(c.astype(dtype) for c in columns)), dtype=dtype)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return None
+    return value * np.ones(len(columns[0]), dtype=dtype)
+
+
+def _float32_error(at: sp.Expr, variables, columns, reference: np.ndarray) -> float | None:
+    """The largest relative error of ``at`` in float32 where the reference is finite; inf if it
+    gives NaN anywhere; None if it cannot be evaluated."""
+    values = _evaluate(at, variables, columns, np.float32)
+    if values is None:
+        return None
+    values = values.astype(np.float64)
+    finite = np.isfinite(reference)
+    with np.errstate(all="ignore"):
+        rel = np.abs(values - reference) / np.maximum(np.abs(reference), 1e-300)
+    err = np.max(rel[finite]) if finite.any() else 0.0
+    return float(err) if np.isfinite(err) and not np.isnan(values).any() else np.inf
+
+
+def _exact(ats, variables, columns) -> np.ndarray | None:
+    """The first of ``ats`` that mpmath can evaluate, with 30 digits, on the points."""
+    for at in ats:
         try:
             exact = sp.lambdify(variables, at, modules="mpmath")
             with mpmath.workdps(30):
@@ -267,6 +264,21 @@ def _reference(forms, variables, columns) -> np.ndarray | None:
         except (TypeError, ValueError, ZeroDivisionError, OverflowError):
             continue
     return None
+
+
+def _reference(ats, variables, columns) -> np.ndarray | None:
+    """Accurate values of the (equal) candidate functions at the points.
+
+    Where numpy's long double has 64 bits of mantissa (x86), the elementwise median of the candidates
+    evaluated in it: fast, vectorised and some twelve digits beyond float32 even for a form that loses
+    a few to cancellation. Elsewhere, one candidate evaluated by mpmath with 30 digits.
+    """
+    if np.finfo(np.longdouble).eps < 1e-18:
+        values = [v for at in ats if (v := _evaluate(at, variables, columns, np.longdouble)) is not None]
+        if values:
+            with np.errstate(all="ignore"):
+                return np.nanmedian(np.array(values), axis=0).astype(np.float64)
+    return _exact(ats, variables, columns)
 
 
 def rationalize_roots(expr: sp.Expr) -> sp.Expr:
