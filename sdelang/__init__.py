@@ -5,6 +5,8 @@
     mean, std = sde.marginal_prob(x0, t)
 
 The pipeline, one module per stage: parse -> check -> derive -> codegen (see compiler.py).
+The runtime lives in submodules, imported on demand (they need torch, the compiler does not):
+models, losses, sampling, likelihood, data, training, evaluate, plots, gaussian.
 """
 __version__ = "0.1.0"
 

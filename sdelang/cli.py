@@ -1,4 +1,4 @@
-"""The command line: ``sdelang compile`` and ``sdelang show``."""
+"""The command line: ``sdelang compile``, ``show``, and the runtime's ``train``, ``sample`` and ``nll``."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import sys
 
 import sympy as sp
 
-from . import __version__
+from . import __version__, commands
 from .compiler import compile_file, compile_source, read_source
 from .derive import Derivation
 from .codegen.emit import plain_names
@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latex", action="store_true", help="print LaTeX instead of plain text")
     s.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="override a parameter default")
     s.set_defaults(run=_show)
+    commands.add_train(sub, _params)
+    commands.add_sample(sub)
+    commands.add_nll(sub)
     return parser
 
 
@@ -130,14 +133,24 @@ def main(argv: list[str] | None = None) -> int:
     except InternalCompilerError as exc:
         print(f"sdelang: {exc}", file=sys.stderr)
         return 3
+    except (ValueError, FileNotFoundError) as exc:
+        if args.command in ("compile", "show"):  # the compiler reports user mistakes as SdeError
+            return _bug(exc)
+        print(f"sdelang {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # a bug: say so plainly; the traceback with SDELANG_DEBUG=1
-        if os.environ.get("SDELANG_DEBUG"):
-            raise
-        print(f"sdelang: internal compiler error (a bug in sdelang, please report it): "
-              f"{type(exc).__name__}: {exc}\n  rerun with SDELANG_DEBUG=1 for the traceback", file=sys.stderr)
-        return 3
+    except Exception as exc:
+        return _bug(exc)
+
+
+def _bug(exc: Exception) -> int:
+    """A bug: say so plainly; the traceback with SDELANG_DEBUG=1."""
+    if os.environ.get("SDELANG_DEBUG"):
+        raise exc
+    print(f"sdelang: internal error (a bug in sdelang, please report it): "
+          f"{type(exc).__name__}: {exc}\n  rerun with SDELANG_DEBUG=1 for the traceback", file=sys.stderr)
+    return 3
 
 
 if __name__ == "__main__":

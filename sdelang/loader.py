@@ -27,6 +27,12 @@ def _source(path_or_source: str | os.PathLike) -> Source:
     return read_source(path_or_source)
 
 
+# What decides a generated module's text; the runtime (training, sampling, likelihood) does not, so
+# editing it leaves cached modules valid.
+COMPILER_FILES = ("check.py", "compiler.py", "errors.py", "ir.py", "parse.py", "syntax.py", "timelimit.py")
+COMPILER_FOLDERS = ("codegen", "derive", "grammar")
+
+
 @functools.cache
 def compiler_fingerprint() -> str:
     """A hash of the compiler's own files and of SymPy's version: a cached module is rebuilt whenever
@@ -35,10 +41,11 @@ def compiler_fingerprint() -> str:
 
     package = Path(__file__).resolve().parent
     digest = hashlib.sha256(f"{__version__}\0{sympy.__version__}".encode())
-    files = []
+    files = [package / name for name in COMPILER_FILES]
     # followlinks: in a development checkout sdelang/grammar is a link to the top-level grammar/.
-    for folder, _, names in os.walk(package, followlinks=True):
-        files += [Path(folder) / n for n in names if n.endswith((".py", ".j2", ".lark"))]
+    for folder in COMPILER_FOLDERS:
+        for where, _, names in os.walk(package / folder, followlinks=True):
+            files += [Path(where) / n for n in names if n.endswith((".py", ".j2", ".lark"))]
     for path in sorted(files, key=lambda p: p.relative_to(package).as_posix()):
         digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()

@@ -33,6 +33,10 @@ settings.register_profile("thorough", derandomize=False, deadline=None, max_exam
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# The tests' tensors are small: a second OpenMP thread buys nothing and, on a loaded 2-core machine,
+# its spin-waiting makes small operations 5-20 times slower.
+torch.set_num_threads(1)
+
 # Ranges over which each example's parameters are drawn: around the published defaults,
 # wide enough to move every formula, and inside what each SDE supports.
 PARAM_RANGES: dict[str, dict[str, tuple[float, float]]] = {

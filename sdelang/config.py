@@ -1,0 +1,96 @@
+"""What a training run is made of: plain dataclasses, stored as JSON in the run directory.
+
+Kept free of torch so that the command line can show defaults without importing it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+OBJECTIVES = ("denoising", "sliced")
+REDUCTIONS = ("sum", "mean")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What to build; stored with a run so that `sdelang sample` can rebuild it."""
+
+    kind: str = "auto"          # "mlp", "unet" or "auto" (unet for [C, H, W] data, mlp otherwise)
+    width: int = 128            # MLP hidden width / U-Net base channels
+    depth: int = 3              # MLP residual blocks / U-Net resolution levels
+    embedding: int = 64         # size of the time features
+    data_std: float = 0.5       # s_data in the input scaling; set from the data when training starts
+    dropout: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on. Defaults train a 2-D toy in about a minute on a CPU."""
+
+    sde_source: str                 # the .sde program text
+    sde_name: str = "model.sde"     # its file name, for messages
+    params: dict = field(default_factory=dict)
+    data: str = "moons"
+    steps: int = 2000
+    batch: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup: int = 100               # steps of linear learning-rate warm-up
+    ema: float = 0.999
+    clip: float = 1.0               # gradient-norm clipping; 0 turns it off
+    objective: str = "denoising"    # "denoising" or "sliced"
+    reduction: str = "sum"
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 500
+    sample_every: int = 0           # sample plots every k steps (0: at the end only)
+    eval_every: int = 0             # NLL of held-out data every k steps (0: never during training)
+    plot_samples: int = 1000        # points (images: up to 64) in each sample plot; 0: no sample plots
+    device: str = "cpu"
+    dtype: str = "float32"
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self):
+        checks = [
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.batch >= 1, f"batch must be >= 1, got {self.batch}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"lr must be positive, got {self.lr}"),
+            (0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}"),
+            (self.clip >= 0, f"clip must be >= 0, got {self.clip}"),
+            (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}"),
+            (self.reduction in REDUCTIONS, f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}"),
+            (self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}"),
+            (min(self.log_every, self.checkpoint_every) >= 1, "log_every and checkpoint_every must be >= 1"),
+            (min(self.sample_every, self.eval_every, self.warmup, self.plot_samples) >= 0,
+             "sample_every, eval_every, warmup and plot_samples must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["model"] = self.model.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        data = dict(data)
+        data["model"] = ModelConfig.from_dict(data.get("model", {}))
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def same_run(self, other: "TrainConfig") -> bool:
+        """True when `other` continues this run: only the step count, logging cadence and device may
+        differ (and data_std, which the run measures)."""
+        def fixed(config):
+            return replace(config, steps=1, log_every=1, checkpoint_every=1, sample_every=0, eval_every=0,
+                           plot_samples=0, device="cpu", model=replace(config.model, data_std=1.0))
+        return fixed(self) == fixed(other)

@@ -1,0 +1,257 @@
+"""Likelihoods of a score model under a compiled SDE (MATH.md section 5).
+
+- `log_likelihood`: log p_eps(x) by integrating the probability-flow ODE dx/dt = f - g^2 s / 2 from eps
+  to T, log p_eps(x) = log prior(x(T)) + int_eps^T div f_flow(x(t), t) dt, with the divergence of the
+  score taken exactly or by Hutchinson's estimator.
+- `bits_per_dim`: nats of a density on the model's x -> bits per dimension of the data.
+- `bound`: ScoreFlow's per-datapoint upper bound on the cross-entropy at eps (Song et al. 2021,
+  Theorem 3), with t drawn uniformly in logSNR.
+
+A score function is any callable score_fn(x, t) -> [B, ...] with t of shape [B]. Both likelihoods
+assume it treats the rows of a batch independently (as any network in eval mode does): the batch is
+repeated per probe or per sample.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+from torchdiffeq import odeint
+
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+
+# torchdiffeq's adaptive solvers: the others need a step size, which rtol/atol do not give.
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+NOISES = ("rademacher", "gaussian")
+# Halvings of [log eps, log T] (width < 40) that leave it narrower than float64 resolution.
+BISECTION_STEPS = 64
+
+
+class LogLikelihood(NamedTuple):
+    logp: Tensor    # [B] log p_eps(x) in nats: the model density at time eps
+    stderr: Tensor  # [B] standard error of logp over the Hutchinson probes (0 exact, nan for one probe)
+    nfe: int        # evaluations of the flow drift, each one score call on the whole (repeated) batch
+
+
+class Bound(NamedTuple):
+    value: Tensor   # [B] upper bound on E_{x_eps ~ p_0eps(.|x)}[-log p_eps(x_eps)], nats
+    stderr: Tensor  # [B] Monte Carlo standard error of value (nan for one sample)
+    nfe: int        # score calls
+
+
+def log_likelihood(sde, score_fn: ScoreFn, x: Tensor, *, exact_trace: bool = False, probes: int = 1,
+                   noise: str = "rademacher", rtol: float = 1e-5, atol: float = 1e-5,
+                   method: str = "dopri5", generator: torch.Generator | None = None) -> LogLikelihood:
+    """log p_eps(x) = log prior(x(T)) + int_eps^T [div f - g^2 / 2 div s](x(t), t) dt along the flow ODE.
+
+    The state (x, accumulated divergence) goes from eps to T under dx/dt = f - g^2 s / 2 with
+    torchdiffeq's adaptive `method` at tolerances rtol, atol, on x's device and in x's dtype. The step
+    error is measured on x and on the divergence integral separately (the larger RMS decides), so the
+    log-likelihood itself is held to rtol, atol.
+    div f is the module's analytic `drift_divergence`; div s is
+      - exact_trace=True: tr(ds/dx), one backward pass per entry of a sample (for small d);
+      - otherwise Hutchinson's eps^T (ds/dx) eps, one backward pass, with a probe eps (`noise`:
+        Rademacher +-1 or standard normal) drawn once per solve and kept fixed. With probes=K the batch
+        is solved K times side by side with independent probes: logp is the mean of the K estimates and
+        stderr their standard deviation / sqrt(K).
+    `generator` draws the probes and must live on x's device. The result carries no gradient: the
+    solve runs without autograd, which is switched on only inside each step for ds/dx, so no-grad
+    callers are fine.
+    """
+    _check_batch(x)
+    if method not in ADAPTIVE_METHODS:
+        raise ValueError(f"method must be one of {', '.join(ADAPTIVE_METHODS)} (adaptive torchdiffeq "
+                         f"solvers), got {method!r}")
+    if not (rtol > 0 and atol > 0):
+        raise ValueError(f"rtol and atol must be positive, got rtol={rtol!r}, atol={atol!r}")
+    if noise not in NOISES:
+        raise ValueError(f"noise must be one of {', '.join(NOISES)}, got {noise!r}")
+    if not (isinstance(probes, int) and probes >= 1):
+        raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
+    if exact_trace and probes != 1:
+        raise ValueError(f"probes={probes} asks for Hutchinson estimates, but exact_trace=True computes the "
+                         f"trace exactly; pass one or the other")
+
+    batch = x.shape[0]
+    copies = 1 if exact_trace else probes
+    # Row k * batch + b holds datapoint b under probe k.
+    x0 = x.detach().repeat(copies, *(1,) * (x.dim() - 1))
+    divergence = _exact_divergence if exact_trace else _hutchinson(_probe(x0, noise, generator))
+    nfe = 0
+
+    def flow(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        nonlocal nfe
+        nfe += 1
+        xt = state[0]
+        tb = t.to(xt.dtype).expand(xt.shape[0])
+        with torch.enable_grad():
+            xg = xt.detach().requires_grad_(True)
+            s = score_fn(xg, tb)
+            div_s = divergence(s, xg)
+        f, g = sde.sde(xt, tb)
+        half_g2 = 0.5 * g**2
+        return f - sde._expand(half_g2, xt) * s.detach(), sde.drift_divergence(xt, tb) - half_g2 * div_s
+
+    # float64 times: torchdiffeq keeps time in float64 whatever the state's dtype.
+    times = torch.tensor([float(sde.eps), float(sde.T)], dtype=torch.float64, device=x.device)
+    with torch.no_grad():
+        # step_t = T: the last step ends on T instead of overshooting and interpolating back, since the
+        # coefficients may not exist past T (the cosine schedule's beta is infinite at t = 1).
+        xs, integrals = odeint(flow, (x0, x0.new_zeros(x0.shape[0])), times, rtol=rtol, atol=atol,
+                               method=method, options={"step_t": times[1:]})
+        estimates = (sde.prior_logp(xs[-1]) + integrals[-1]).reshape(copies, batch)
+    logp = estimates.mean(0)
+    if exact_trace:
+        stderr = torch.zeros_like(logp)
+    elif copies == 1:
+        stderr = torch.full_like(logp, math.nan)
+    else:
+        stderr = estimates.std(0) / math.sqrt(copies)
+    return LogLikelihood(logp, stderr, nfe)
+
+
+def _check_batch(x: Tensor) -> None:
+    if not (isinstance(x, Tensor) and x.dim() >= 2 and x.shape[0] >= 1 and x.is_floating_point()):
+        raise ValueError(f"x must be a floating-point tensor of shape [B, ...] with B >= 1 and at least one "
+                         f"data dimension, got {getattr(x, 'shape', type(x).__name__)}")
+
+
+def _probe(like: Tensor, noise: str, generator: torch.Generator | None) -> Tensor:
+    """A Hutchinson probe shaped like `like`: Rademacher (+-1) or standard normal entries."""
+    if noise == "gaussian":
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    bits = torch.randint(0, 2, like.shape, generator=generator, device=like.device)
+    return bits.to(like.dtype) * 2 - 1
+
+
+def _grad(out: Tensor, x: Tensor, retain_graph: bool) -> Tensor:
+    """d(out)/dx, zero where out does not depend on x (a constant score such as s = 0 is a valid model)."""
+    if not out.requires_grad:
+        return torch.zeros_like(x)
+    (grad,) = torch.autograd.grad(out, x, retain_graph=retain_graph, allow_unused=True)
+    return torch.zeros_like(x) if grad is None else grad
+
+
+def _hutchinson(probe: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """div s ~ eps^T (ds/dx) eps = eps . grad_x (s . eps): one backward pass, unbiased since E eps eps^T = I."""
+    def divergence(s: Tensor, x: Tensor) -> Tensor:
+        return (_grad((s * probe).sum(), x, retain_graph=False) * probe).flatten(1).sum(1)
+    return divergence
+
+
+def _exact_divergence(s: Tensor, x: Tensor) -> Tensor:
+    """div s = sum_i ds_i/dx_i, one backward pass per entry i of a sample.
+
+    Summing s_i over the batch before differentiating is exact because row b of s depends on row b of x only.
+    """
+    flat = s.flatten(1)
+    d = flat.shape[1]
+    trace = x.new_zeros(x.shape[0])
+    for i in range(d):
+        trace = trace + _grad(flat[:, i].sum(), x, retain_graph=i < d - 1).flatten(1)[:, i]
+    return trace
+
+
+def bits_per_dim(logp: Tensor, dims: int, *, scale: float = 2.0, levels: int | None = 256) -> Tensor:
+    """Bits per dimension of data whose model density on x is exp(logp), D = dims entries per datapoint.
+
+    levels=L (discrete data, e.g. 8-bit images with L = 256): the data y = (k + u) / L in [0, 1]^D,
+    k in {0..L-1}^D, u ~ U(0, 1)^D (uniform dequantisation), are seen by the model as
+    x = scale * y + shift, so log p_y = log p_x + D log(scale) and
+        bpd = -log p_y / (D ln 2) + log2(L),
+    an upper bound on the bits per dimension of the discrete k when logp is averaged over u. With
+    scale = 2 (data in [-1, 1]) and L = 256 this is -log p_x / (D ln 2) + 7 (MATH.md section 5).
+    levels=None (continuous data): bpd = -log p_x / (D ln 2), the density of x itself in bits; scale
+    does not enter.
+    """
+    if not (isinstance(dims, int) and dims >= 1):
+        raise ValueError(f"dims must be a positive integer (entries per datapoint), got {dims!r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be positive and finite, got {scale!r}")
+    if levels is None:
+        return -logp / (dims * math.log(2))
+    if not (isinstance(levels, int) and levels >= 2):
+        raise ValueError(f"levels must be an integer >= 2 (values per entry) or None for continuous data, "
+                         f"got {levels!r}")
+    return -(logp + dims * math.log(scale)) / (dims * math.log(2)) + math.log2(levels)
+
+
+def bound(sde, score_fn: ScoreFn, x: Tensor, *, samples: int = 1000, samples_per_call: int | None = None,
+          generator: torch.Generator | None = None) -> Bound:
+    """ScoreFlow's bound (Theorem 3) on the cross-entropy at eps, per datapoint, by Monte Carlo.
+
+    Convention: on [eps, T] with x_t ~ p_0t(. | x) = N(m x + c, v I), d entries per sample,
+        E_{x_eps ~ p_0eps(.|x)}[-log p_eps(x_eps)]
+            <= -E log prior(x_T) + 1/2 int_eps^T E[g^2 |s - k|^2 - g^2 |k|^2 - 2 div f] dt,   k = -z / sigma,
+    p_eps the density at eps of the SDE model (reverse SDE from the prior with score s): the path KL
+    on [eps, T] bounds the KL of the eps marginals (data processing), and the entropy of p_0t(.|x)
+    follows dH/dt = E div f + g^2 / 2 E|k|^2. It is an equality when s is the true score of data whose
+    p_T is the prior. The k-only terms are exact, since E|k|^2 = d / v and v' / v = 2 a + g^2 / v:
+        1/2 int_eps^T (-g^2 d / v - 2 d a) dt = -(d / 2) log(v(T) / v(eps)).
+    The score term is sampled with t ~ q(t) = g^2 / (v (L(eps) - L(T))), uniform in L = logSNR (as
+    -dL/dt = g^2 / v), so g^2 |s - k|^2 / q = (L(eps) - L(T)) |sigma s + z|^2; x_T is drawn from the
+    kernel at T. Each of `samples` draws per datapoint takes a fresh (t, z, x_T):
+        value = mean_j [ -log prior(x_T^j) + (L(eps) - L(T)) / 2 |sigma s + z|^2_j ] - (d / 2) log(v(T) / v(eps)),
+    stderr = their standard deviation / sqrt(samples). The score is called on samples_per_call
+    (default all) copies of the batch at a time. Runs under the caller's grad mode; `generator`
+    must live on x's device.
+    """
+    _check_batch(x)
+    if not (isinstance(samples, int) and samples >= 1):
+        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+    chunk = samples if samples_per_call is None else samples_per_call
+    if not (isinstance(chunk, int) and chunk >= 1):
+        raise ValueError(f"samples_per_call must be an integer >= 1 or None, got {samples_per_call!r}")
+
+    batch, d = x.shape[0], x[0].numel()
+    ends = torch.tensor([float(sde.eps), float(sde.T)], dtype=torch.float64, device=x.device)
+    log_snr_eps, log_snr_T = sde.log_snr(ends)
+    sigma_eps, sigma_T = sde.std(ends)
+    k_terms = (-d * torch.log(sigma_T / sigma_eps)).to(x.dtype)
+    span = (log_snr_eps - log_snr_T).to(x.dtype)
+    t_end = torch.full((chunk * batch,), float(sde.T), dtype=x.dtype, device=x.device)
+
+    draws = []
+    for start in range(0, samples, chunk):
+        n = min(chunk, samples - start)
+        xr = x.repeat(n, *(1,) * (x.dim() - 1))
+        t = _log_snr_uniform_times(sde, n * batch, x.device, generator).to(x.dtype)
+        z = torch.randn(xr.shape, generator=generator, dtype=x.dtype, device=x.device)
+        mean, std = sde.marginal_prob(xr, t)
+        std = sde._expand(std, xr)
+        residual = std * score_fn(mean + std * z, t) + z
+        mean_T, std_T = sde.marginal_prob(xr, t_end[: n * batch])
+        z_T = torch.randn(xr.shape, generator=generator, dtype=x.dtype, device=x.device)
+        prior = sde.prior_logp(mean_T + sde._expand(std_T, xr) * z_T)
+        draws.append((0.5 * span * residual.flatten(1).pow(2).sum(1) - prior).reshape(n, batch))
+    draws = torch.cat(draws)
+    value = draws.mean(0) + k_terms
+    stderr = draws.std(0) / math.sqrt(samples) if samples > 1 else torch.full_like(value, math.nan)
+    return Bound(value, stderr, -(-samples // chunk))
+
+
+def _log_snr_uniform_times(sde, n: int, device, generator: torch.Generator | None) -> Tensor:
+    """n float64 times t = L^{-1}(L(eps) - u (L(eps) - L(T))), u ~ U(0, 1): density g^2 / (v (L(eps) - L(T)))."""
+    ends = torch.tensor([float(sde.eps), float(sde.T)], dtype=torch.float64, device=device)
+    log_snr_eps, log_snr_T = sde.log_snr(ends)
+    u = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
+    return _log_snr_inverse(sde, log_snr_eps - u * (log_snr_eps - log_snr_T))
+
+
+def _log_snr_inverse(sde, target: Tensor) -> Tensor:
+    """t in [eps, T] with logSNR(t) = target (float64), by vectorised bisection.
+
+    logSNR decreases in t, so where logSNR(mid) > target the root lies above mid. Bisecting log t
+    rather than t resolves times near eps to full relative precision; the fixed step count keeps
+    the loop free of host-device synchronisation.
+    """
+    lo = torch.full_like(target, math.log(float(sde.eps)))
+    hi = torch.full_like(target, math.log(float(sde.T)))
+    for _ in range(BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        above = sde.log_snr(mid.exp()) > target
+        lo = torch.where(above, mid, lo)
+        hi = torch.where(above, hi, mid)
+    return (0.5 * (lo + hi)).exp().clamp(float(sde.eps), float(sde.T))

@@ -1,0 +1,446 @@
+"""Samplers: from the prior at t = T to data at t = eps with a score model s(x, t) ~ grad log p_t(x).
+
+Every sampler takes a compiled SDE module, a score function score_fn(x, t) (t of shape [B]) and the
+sample shape [B, ...], and returns Samples(x, nfe): the samples and the number of score evaluations,
+each on the whole batch. Fixed-step samplers walk a grid of steps + 1 times from T down to eps:
+
+    em                 Euler-Maruyama on the reverse SDE dx = [f - g^2 s] dt + g dw_bar
+    reverse_diffusion  the module's exact-kernel discretisation: x <- x - f_i + G_i^2 s + G_i z
+    ancestral          a draw from q(x_s | x_t, x0_hat), x0_hat the Tweedie estimate at t
+    pc                 a predictor step, then Langevin corrector steps at the new time
+    ald                annealed Langevin dynamics (NCSN) over the noise levels std(t_i)
+    heun               2nd-order Heun on the flow ODE dx/dt = f - g^2 s / 2
+    ddim, dpm2         exponential integrators (DPM-Solver-1 = DDIM; multistep DPM-Solver-2)
+and `ode` solves the flow ODE with an adaptive torchdiffeq solver.
+
+With denoise=True (the default, as in score_sde) every sampler ends with one more score evaluation,
+the Tweedie step x0 = (x + v s(x, eps) - c) / m at t = eps: the posterior mean E[x0 | x_eps], which
+removes the noise of std sqrt(v(eps)) that the kernel still adds at eps.
+
+Step loops make no host-device synchronisation: the schedule is computed once, before the loop.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from numbers import Integral
+from typing import Callable, NamedTuple
+
+import torch
+from torchdiffeq import odeint
+from tqdm.auto import tqdm
+
+METHODS = ("em", "reverse_diffusion", "ancestral", "pc", "ald", "ode", "heun", "ddim", "dpm2")
+PREDICTORS = ("em", "reverse_diffusion", "ancestral")
+SPACINGS = ("time", "logsnr")
+NORMS = ("sample", "batch")
+ODE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # torchdiffeq's adaptive ones
+# The kernel functions the exact-kernel samplers and the final Tweedie step evaluate.
+KERNEL_METHODS = ("mean_coeff", "mean_offset", "std", "log_snr")
+
+
+class Samples(NamedTuple):
+    x: torch.Tensor
+    nfe: int
+
+
+class _Counted:
+    """score_fn, counting its calls (NFE)."""
+
+    def __init__(self, score_fn: Callable):
+        self.score_fn = score_fn
+        self.calls = 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        return self.score_fn(x, t)
+
+
+class _Schedule(NamedTuple):
+    """The grid times and the kernel on them, [steps + 1] each: m(t), c(t), v(t), logSNR(t)."""
+
+    t: torch.Tensor
+    m: torch.Tensor
+    c: torch.Tensor
+    v: torch.Tensor
+    log_snr: torch.Tensor
+
+
+def _check_count(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _check_positive(name: str, value) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def _require_kernel(sde, what: str) -> None:
+    missing = [name for name in KERNEL_METHODS if not callable(getattr(sde, name, None))]
+    if missing:
+        raise ValueError(f"{what} needs the Gaussian kernel of an affine SDE, but the module lacks "
+                         f"{', '.join(missing)}; compile the SDE with sdelang to get them")
+
+
+def _start(sde, shape, generator, x_T) -> torch.Tensor:
+    """x_T: the given start, or a draw from the module's prior."""
+    if x_T is None:
+        return sde.prior_sampling(tuple(shape), generator=generator)
+    if tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+    return x_T
+
+
+def _noise(x: torch.Tensor, generator) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _flat_norm(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of each sample, [B]."""
+    return x.flatten(1).norm(dim=1)
+
+
+def _time_grid(sde, steps: int, spacing: str, device) -> torch.Tensor:
+    """steps + 1 times from T down to eps, in float64: uniform in t, or uniform in logSNR(t).
+
+    logSNR is monotone decreasing, so t = logSNR^-1(target) is found by bisection on [eps, T],
+    all targets at once; 64 halvings leave an interval of (T - eps) 2^-64, below float64 resolution.
+    """
+    eps, T = float(sde.eps), float(sde.T)
+    if spacing == "time":
+        return torch.linspace(T, eps, steps + 1, dtype=torch.float64, device=device)
+    ends = sde.log_snr(torch.tensor([T, eps], dtype=torch.float64, device=device))
+    target = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64, device=device)
+    target = ends[0] + target * (ends[1] - ends[0])
+    lo, hi = torch.full_like(target, eps), torch.full_like(target, T)
+    for _ in range(64):
+        mid = (lo + hi) / 2
+        later = sde.log_snr(mid) > target  # mid lies before the root: the root is later
+        lo, hi = torch.where(later, mid, lo), torch.where(later, hi, mid)
+    grid = (lo + hi) / 2
+    grid[0], grid[-1] = T, eps
+    return grid
+
+
+def _schedule(sde, times: torch.Tensor, like: torch.Tensor) -> _Schedule:
+    """The kernel on the float64 grid, evaluated in float64 once and cast to like's dtype."""
+    values = (times, sde.mean_coeff(times), sde.mean_offset(times), sde.std(times) ** 2, sde.log_snr(times))
+    return _Schedule(*(v.to(like.dtype) for v in values))
+
+
+def _tweedie(sde, score, x: torch.Tensor) -> torch.Tensor:
+    """x0 = (x + v s(x, eps) - c) / m at t = eps: E[x0 | x_eps] for the Gaussian kernel."""
+    t = torch.full(x.shape[:1], float(sde.eps), dtype=x.dtype, device=x.device)
+    m, c, std = (sde._expand(k, x) for k in (sde.mean_coeff(t), sde.mean_offset(t), sde.std(t)))
+    return (x + std**2 * score(x, t) - c) / m
+
+
+def _run(sde, score: _Counted, x, times, step, *, denoise, progress, after_step, desc) -> Samples:
+    """x <- step(x, i, t_i, t_{i+1}) over the grid (then after_step(x, t_{i+1})), then the Tweedie step."""
+    batch = x.shape[:1]
+    for i in tqdm(range(len(times) - 1), desc=desc, disable=not progress, leave=False):
+        t, t_next = times[i].expand(batch), times[i + 1].expand(batch)
+        x = step(x, i, t, t_next)
+        if after_step is not None:
+            x = after_step(x, t_next)
+    if denoise:
+        x = _tweedie(sde, score, x)
+    return Samples(x, score.calls)
+
+
+def _em_step(sde, score, generator):
+    """Euler-Maruyama on the reverse SDE, time running backwards by dt = t - t_next > 0:
+    x <- x - [f - g^2 s] dt + g sqrt(dt) z."""
+    reverse = sde.reverse(score)
+
+    def step(x, i, t, t_next):
+        drift, g = reverse.sde(x, t)
+        dt = sde._expand(t - t_next, x)
+        return x - drift * dt + sde._expand(g, x) * dt.sqrt() * _noise(x, generator)
+    return step
+
+
+def _reverse_diffusion_step(sde, score, generator, steps: int):
+    """score_sde's reverse-diffusion predictor x <- x - f + G^2 s + G z, (f, G) = sde.discretize(x, t).
+
+    sde.discretize steps back by T/N; a shallow copy of the module with N = T steps / (T - eps) makes
+    that the grid spacing (T - eps) / steps, so every step lands on the next grid time.
+    """
+    stepped = copy.copy(sde)
+    stepped.N = float(sde.T) * steps / (float(sde.T) - float(sde.eps))
+    reverse = stepped.reverse(score)
+
+    def step(x, i, t, t_next):
+        f, G = reverse.discretize(x, t)
+        return x - f + sde._expand(G, x) * _noise(x, generator)
+    return step
+
+
+def _ancestral_step(sde, score, generator, k: _Schedule):
+    """A draw from the posterior of the exact kernel, x_s ~ q(x_s | x_t, x0_hat), s = t_{i+1} < t = t_i.
+
+    With y = x - c, y_s ~ N(m_s x0, v_s) and y_t | y_s ~ N(r y_s, G^2), r = m_t / m_s,
+    G^2 = v_t - r^2 v_s = -v_t expm1(logSNR_t - logSNR_s). The posterior is
+    N((G^2 m_s x0 + r v_s y_t) / v_t, v_s G^2 / v_t); with x0_hat = (y_t + v_t s) / m_t its mean
+    simplifies to (y_t + G^2 s) / r. For VP this is DDPM's ancestral step, for VE score_sde's.
+    """
+    def step(x, i, t, t_next):
+        shrink = -torch.expm1(k.log_snr[i] - k.log_snr[i + 1])  # G^2 / v_t = 1 - SNR_t / SNR_s
+        r = k.m[i] / k.m[i + 1]
+        mean = k.c[i + 1] + (x - k.c[i] + k.v[i] * shrink * score(x, t)) / r
+        return mean + (k.v[i + 1] * shrink).sqrt() * _noise(x, generator)
+    return step
+
+
+def langevin_step(score_fn, x: torch.Tensor, t: torch.Tensor, snr: float, generator=None, *,
+                  norms="batch") -> torch.Tensor:
+    """One Langevin corrector step x <- x + delta s + sqrt(2 delta) z, z ~ N(0, I), with the step
+    delta = 2 (snr |z| / |s|)^2 (score_sde's rule, its alpha taken as 1).
+
+    norms="sample": |z| and |s| of each sample, a step per sample, independent of the rest of the batch.
+    This assumes high-dimensional samples, where |z| and |s| concentrate; in a few dimensions a sample
+    near a mode of p_t (|s| small) takes a very long step. norms="batch": the batch means of |z| and
+    |s|, one step for all, as score_sde does; robust in few dimensions.
+    """
+    _check_choice("norms", norms, NORMS)
+    s = score_fn(x, t)
+    z = _noise(x, generator)
+    if norms == "sample":
+        ratio = _flat_norm(z) / _flat_norm(s)
+        ratio = ratio.reshape(ratio.shape + (1,) * (x.dim() - 1))
+    else:
+        ratio = _flat_norm(z).mean() / _flat_norm(s).mean()
+    delta = 2 * (snr * ratio) ** 2
+    return x + delta * s + (2 * delta).sqrt() * z
+
+
+def _predictor(name, sde, score, generator, steps, schedule_of):
+    if name == "em":
+        return _em_step(sde, score, generator)
+    if name == "reverse_diffusion":
+        return _reverse_diffusion_step(sde, score, generator, steps)
+    return _ancestral_step(sde, score, generator, schedule_of())
+
+
+def _fixed_step(sde, score_fn, shape, steps, generator, x_T, *, what, kernel, spacing="time"):
+    """What every fixed-step sampler starts with: checks, the counted score, x_T, the grid.
+    kernel: whether the sampler evaluates the Gaussian kernel (its own steps, or the Tweedie step)."""
+    steps = _check_count("steps", steps, 1)
+    _check_choice("spacing", spacing, SPACINGS)
+    if kernel or spacing == "logsnr":
+        _require_kernel(sde, what)
+    x = _start(sde, shape, generator, x_T)
+    grid = _time_grid(sde, steps, spacing, x.device)
+    return steps, _Counted(score_fn), x, grid
+
+
+def euler_maruyama(sde, score_fn, shape, steps, *, spacing="time", generator=None, denoise=True,
+                   progress=False, x_T=None, after_step=None) -> Samples:
+    """Euler-Maruyama on the reverse SDE from T to eps. NFE: steps (+1 with denoise)."""
+    steps, score, x, grid = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="em", kernel=denoise,
+                                        spacing=spacing)
+    return _run(sde, score, x, grid.to(x.dtype), _em_step(sde, score, generator), denoise=denoise,
+                progress=progress, after_step=after_step, desc="em")
+
+
+def reverse_diffusion(sde, score_fn, shape, steps, *, generator=None, denoise=True, progress=False,
+                      x_T=None, after_step=None) -> Samples:
+    """The reverse-diffusion predictor x <- x - f_i + G_i^2 s + G_i z on a uniform time grid, (f_i, G_i)
+    the module's exact transition over each step. NFE: steps (+1)."""
+    steps, score, x, grid = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="reverse_diffusion",
+                                        kernel=denoise)
+    return _run(sde, score, x, grid.to(x.dtype), _reverse_diffusion_step(sde, score, generator, steps),
+                denoise=denoise, progress=progress, after_step=after_step, desc="reverse diffusion")
+
+
+def ancestral(sde, score_fn, shape, steps, *, spacing="time", generator=None, denoise=True, progress=False,
+              x_T=None, after_step=None) -> Samples:
+    """Ancestral sampling with the exact kernel's posterior (see _ancestral_step). NFE: steps (+1)."""
+    steps, score, x, grid = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="ancestral",
+                                        kernel=True, spacing=spacing)
+    k = _schedule(sde, grid, x)
+    return _run(sde, score, x, k.t, _ancestral_step(sde, score, generator, k), denoise=denoise,
+                progress=progress, after_step=after_step, desc="ancestral")
+
+
+def predictor_corrector(sde, score_fn, shape, steps, *, predictor="reverse_diffusion", corrector_steps=1,
+                        snr=0.16, norms="batch", spacing="time", generator=None, denoise=True,
+                        progress=False, x_T=None, after_step=None) -> Samples:
+    """Predictor-corrector: per step, one predictor step to t_{i+1} (one of PREDICTORS), then
+    corrector_steps Langevin steps at t_{i+1} (see langevin_step for snr and norms).
+    NFE: steps (corrector_steps + 1) (+1)."""
+    _check_choice("predictor", predictor, PREDICTORS)
+    _check_count("corrector_steps", corrector_steps, 0)
+    _check_positive("snr", snr)
+    _check_choice("norms", norms, NORMS)
+    if predictor == "reverse_diffusion" and spacing != "time":
+        raise ValueError("the reverse_diffusion predictor steps by sde.discretize, on a grid uniform in time: "
+                         "use spacing='time' or another predictor")
+    steps, score, x, grid = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="pc",
+                                        kernel=denoise or predictor == "ancestral", spacing=spacing)
+    predict = _predictor(predictor, sde, score, generator, steps, lambda: _schedule(sde, grid, x))
+
+    def step(x, i, t, t_next):
+        x = predict(x, i, t, t_next)
+        for _ in range(corrector_steps):
+            x = langevin_step(score, x, t_next, snr, generator, norms=norms)
+        return x
+    return _run(sde, score, x, grid.to(x.dtype), step, denoise=denoise, progress=progress,
+                after_step=after_step, desc="pc")
+
+
+def annealed_langevin(sde, score_fn, shape, steps, *, corrector_steps=5, step_lr=None, spacing="logsnr",
+                      generator=None, denoise=True, progress=False, x_T=None, after_step=None) -> Samples:
+    """Annealed Langevin dynamics (Song & Ermon 2019): at each noise level sigma_i = std(t_i), i = 1..steps,
+    corrector_steps steps x <- x + alpha_i / 2 s(x, t_i) + sqrt(alpha_i) z with
+    alpha_i = step_lr sigma_i^2 / sigma_min^2, sigma_min = std(eps). step_lr defaults to 0.2 sigma_min^2
+    (NCSN's 2e-5 at its sigma_min = 0.01), i.e. alpha_i = 0.2 sigma_i^2. NFE: steps corrector_steps (+1).
+    """
+    _check_count("corrector_steps", corrector_steps, 1)
+    if step_lr is not None:
+        _check_positive("step_lr", step_lr)
+    steps, score, x, grid = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="ald", kernel=True,
+                                        spacing=spacing)
+    k = _schedule(sde, grid, x)
+    alpha = k.v if step_lr is None else step_lr * k.v / k.v[-1]
+
+    def step(x, i, t, t_next):
+        for _ in range(corrector_steps):
+            x = x + alpha[i + 1] / 2 * score(x, t_next) + alpha[i + 1].sqrt() * _noise(x, generator)
+        return x
+    return _run(sde, score, x, k.t, step, denoise=denoise, progress=progress, after_step=after_step,
+                desc="ald")
+
+
+def probability_flow(sde, score_fn, shape, *, rtol=1e-5, atol=1e-5, method="dopri5", generator=None,
+                     denoise=True, x_T=None) -> Samples:
+    """The flow ODE dx/dt = f - g^2 s / 2 from T to eps with torchdiffeq's adaptive `method` (one of
+    ODE_SOLVERS). NFE: the solver's evaluations of the drift (+1 with denoise)."""
+    _check_choice("ODE solver", method, ODE_SOLVERS)
+    _check_positive("rtol", rtol)
+    _check_positive("atol", atol)
+    if denoise:
+        _require_kernel(sde, "the Tweedie denoising step")
+    x = _start(sde, shape, generator, x_T)
+    score = _Counted(score_fn)
+    flow = sde.reverse(score, probability_flow=True)
+    batch = x.shape[:1]
+    times = torch.tensor([float(sde.T), float(sde.eps)], dtype=x.dtype, device=x.device)
+    # torchdiffeq keeps times in float64; the drift is evaluated at x's dtype. Its adaptive steps may
+    # overshoot the last time and interpolate back, evaluating the score below eps (for VP below
+    # t = 0, where g^2 < 0): step_t makes the step that would cross eps end on it.
+    x = odeint(lambda t, y: flow.sde(y, t.to(y.dtype).expand(batch))[0], x, times, rtol=rtol, atol=atol,
+               method=method, options={"step_t": times[1:]})[-1]
+    if denoise:
+        x = _tweedie(sde, score, x)
+    return Samples(x, score.calls)
+
+
+def heun(sde, score_fn, shape, steps, *, spacing="time", generator=None, denoise=True, progress=False,
+         x_T=None, after_step=None) -> Samples:
+    """Heun's method on the flow ODE, d = f - g^2 s / 2: x_e = x + h d(x, t),
+    x <- x + h (d(x, t) + d(x_e, t_next)) / 2, h = t_next - t; the last step is Euler (x_e), which
+    keeps the global order 2. NFE: 2 steps - 1 (+1)."""
+    steps, score, x, grid = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="heun",
+                                        kernel=denoise, spacing=spacing)
+    flow = sde.reverse(score, probability_flow=True)
+
+    def step(x, i, t, t_next):
+        h = sde._expand(t_next - t, x)
+        d = flow.sde(x, t)[0]
+        euler = x + h * d
+        if i == steps - 1:
+            return euler
+        return x + h * (d + flow.sde(euler, t_next)[0]) / 2
+    return _run(sde, score, x, grid.to(x.dtype), step, denoise=denoise, progress=progress,
+                after_step=after_step, desc="heun")
+
+
+def exponential_integrator(sde, score_fn, shape, steps, *, order=2, spacing="logsnr", generator=None,
+                           denoise=True, progress=False, x_T=None, after_step=None) -> Samples:
+    """DPM-Solver for any affine SDE (Lu et al. 2022), order 1 (= DDIM) or multistep order 2.
+
+    With y = x - c(t) the flow ODE is dy/dt = a(t) y - g^2 s / 2, and in lambda = log(m / sigma)
+    = logSNR / 2 its exact solution from s to t is y_t = (m_t / m_s) y_s - m_t int e^-lambda eps(lambda),
+    eps = -sigma s the noise prediction. With h = lambda_t - lambda_s and eps_hat_i = -sigma_i s(x_i, t_i):
+        order 1: y_t = (m_t / m_s) y_s - sigma_t expm1(h) eps_hat_i
+        order 2: minus sigma_t (expm1(h) - h) (eps_hat_i - eps_hat_{i-1}) / h_{i-1}, the integral of the
+                 linear extrapolation of eps in lambda from the last two steps (no extra NFE);
+                 the first step is order 1.
+    Steps are uniform in logSNR by default. NFE: steps (+1).
+    """
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order!r}")
+    steps, score, x, grid = _fixed_step(sde, score_fn, shape, steps, generator, x_T,
+                                        what="the exponential integrator", kernel=True, spacing=spacing)
+    k = _schedule(sde, grid, x)
+    lam, sigma = k.log_snr / 2, k.v.sqrt()
+    previous = []  # eps_hat of the step before, for the multistep update
+
+    def step(x, i, t, t_next):
+        eps_hat = -sigma[i] * score(x, t)
+        h = lam[i + 1] - lam[i]
+        y = k.m[i + 1] / k.m[i] * (x - k.c[i]) - sigma[i + 1] * torch.expm1(h) * eps_hat
+        if order == 2 and previous:
+            slope = (eps_hat - previous[0]) / (lam[i] - lam[i - 1])
+            y = y - sigma[i + 1] * (torch.expm1(h) - h) * slope
+        previous[:] = [eps_hat]
+        return y + k.c[i + 1]
+    return _run(sde, score, x, k.t, step, denoise=denoise, progress=progress, after_step=after_step,
+                desc=f"dpm-solver-{order}")
+
+
+_FIXED_STEP = {
+    "em": euler_maruyama,
+    "reverse_diffusion": reverse_diffusion,
+    "ancestral": ancestral,
+    "pc": predictor_corrector,
+    "ald": annealed_langevin,
+    "heun": heun,
+    "ddim": functools.partial(exponential_integrator, order=1),
+    "dpm2": functools.partial(exponential_integrator, order=2),
+}
+
+
+def sample(sde, score_fn, shape, method="pc", steps=None, *, generator=None, denoise=True,
+           progress=False, **options) -> Samples:
+    """Samples of the given shape by `method` (one of METHODS); steps defaults to sde.N. `options` go to
+    the method's function (e.g. snr for pc, rtol for ode). `progress` shows a bar for fixed-step methods."""
+    _check_choice("sampling method", method, METHODS)
+    if method == "ode":
+        if steps is not None:
+            raise ValueError("method 'ode' is adaptive and takes no steps; set its rtol and atol instead")
+        return probability_flow(sde, score_fn, shape, generator=generator, denoise=denoise, **options)
+    steps = sde.N if steps is None else steps
+    return _FIXED_STEP[method](sde, score_fn, shape, steps, generator=generator, denoise=denoise,
+                               progress=progress, **options)
+
+
+def inpaint(sde, score_fn, known: torch.Tensor, mask: torch.Tensor, method="pc", steps=None, *,
+            generator=None, denoise=True, progress=False, **options) -> Samples:
+    """Samples that agree with `known` where mask == 1, by replacement: after every step to time t the
+    masked entries become a fresh draw of the forward kernel, m(t) known + c(t) + sigma(t) z, and the
+    returned samples equal `known` there exactly. Any fixed-step method of METHODS; mask is 0/1 and
+    broadcasts against known."""
+    if method == "ode":
+        raise ValueError("inpainting needs a fixed-step method: the adaptive 'ode' solver has no steps "
+                         "to constrain; use 'heun', 'ddim' or 'dpm2' for a deterministic sampler")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("mask must contain only 0 and 1 (1: keep the entry of known)")
+    keep = (mask == 1).expand(known.shape)
+
+    def replace(x, t):
+        mean, std = sde.marginal_prob(known, t)
+        return torch.where(keep, mean + sde._expand(std, x) * _noise(x, generator), x)
+
+    out = sample(sde, score_fn, known.shape, method, steps, generator=generator, denoise=denoise,
+                 progress=progress, after_step=replace, **options)
+    return Samples(torch.where(keep, known, out.x), out.nfe)

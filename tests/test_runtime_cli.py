@@ -1,0 +1,89 @@
+"""`sdelang train / sample / nll` end to end on tiny runs, and their error handling."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sdelang.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--steps", "20", "--batch", "64", "--width", "16", "--depth", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def moons_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "moons"
+    assert main(["train", str(ROOT / "examples" / "vp_likelihood.sde"), "--data", "moons", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_train_prints_a_summary_and_writes_the_run(moons_run, capsys):
+    assert (moons_run / "run.json").is_file() and (moons_run / "checkpoint.pt").is_file()
+    assert (moons_run / "samples_000020.png").is_file()
+
+
+def test_sample_json_reports_nfe_and_a_two_sample_test(moons_run, tmp_path, capsys):
+    plot = tmp_path / "s.png"
+    assert main(["sample", str(moons_run), "--method", "em", "--steps", "10", "-n", "200", "--json",
+                 "--plot", str(plot)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["method"] == "em" and result["n"] == 200
+    assert result["nfe"] == 11                        # 10 Euler-Maruyama steps + the final denoising step
+    assert 0 < result["p_value"] <= 1 and math.isfinite(result["mmd"])
+    assert plot.stat().st_size > 1000
+
+
+def test_sample_several_methods_prints_a_table(moons_run, tmp_path, capsys):
+    assert main(["sample", str(moons_run), "--method", "em,dpm", "--steps", "5", "-n", "50",
+                 "--plot", str(tmp_path / "s.png")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:4] == ["method", "n", "NFE", "seconds"]
+    assert {line.split()[0] for line in out.splitlines()[2:4]} == {"em", "dpm2"}
+    assert (tmp_path / "s_em.png").is_file() and (tmp_path / "s_dpm2.png").is_file()
+
+
+def test_nll_json_has_the_documented_keys(moons_run, capsys):
+    assert main(["nll", str(moons_run), "-n", "32", "--json", "--tol", "1e-3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"nll_nats", "bpd", "stderr", "nfe", "n"} <= result.keys()
+    assert result["n"] == 32 and result["nfe"] > 0 and result["stderr"] > 0
+    # continuous 2-D points: bits/dim is the NLL in bits divided by the dimension, no offset
+    assert result["bpd"] == pytest.approx(result["nll_nats"] / (2 * math.log(2)), rel=1e-9)
+
+
+def test_digits_train_and_bits_per_dim(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "digits"
+    assert main(["train", str(ROOT / "examples" / "vp.sde"), "--data", "digits", "--model", "unet", "--out", str(out),
+                 "--steps", "3", "--batch", "8", "--width", "8", "--depth", "2", "--quiet"]) == 0
+    assert main(["nll", str(out), "-n", "4", "--json", "--tol", "1e-3"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    # 8-bit data scaled to [-1, 1]: bpd = -(log p_x + D ln 2) / (D ln 2) + 8 = nll / (D ln 2) + 7
+    assert result["bpd"] == pytest.approx(result["nll_nats"] / (64 * math.log(2)) + 7, rel=1e-9)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "examples/vp.sde", "--data", "moon", "--out", "{tmp}/x", "--steps", "1"], "did you mean 'moons'"),
+    (["train", "examples/vp.sde", "--out", "{tmp}/x", "--steps", "0"], "steps must be >= 1"),
+    (["sample", "{tmp}"], "not a run directory"),
+    (["nll", "{tmp}"], "not a run directory"),
+    (["sample", "{run}", "--method", "magic"], "unknown sampling method 'magic'"),
+])
+def test_runtime_errors_are_reported_without_traceback(argv, message, tmp_path, moons_run, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    argv = [a.format(tmp=tmp_path, run=moons_run) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_train_param_overrides_reach_the_sde(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(ROOT / "examples" / "vp.sde"), "--data", "gaussian", "--out", str(out),
+                 "--param", "beta_max=10", "--steps", "2", "--batch", "16", "--width", "8", "--depth", "1", "--quiet"]) == 0
+    assert json.loads((out / "run.json").read_text())["params"] == {"beta_max": 10.0}
+    from sdelang.training import load_run
+    assert load_run(out).sde.beta_max == 10.0
