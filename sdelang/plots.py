@@ -26,15 +26,16 @@ def scatter(path, samples, reference=None, title=None) -> Path:
     the legend rather than allowed to shrink the picture.
     """
     points = _points(samples, "samples")
-    fig = _figure(5, 5)
-    ax = fig.add_subplot()
-    frame = points
-    if reference is not None:
-        frame = _points(reference, "reference")
-        ax.scatter(frame[:, 0], frame[:, 1], s=2, c=_GREY, alpha=0.5, linewidths=0, label="reference")
+    frame = points if reference is None else _points(reference, "reference")
     low, high = frame.min(0), frame.max(0)
     margin = 0.05 * np.maximum(high - low, 1e-12)
     low, high = low - margin, high + margin
+    # The figure takes the frame's aspect ratio (within 1:3 and 3:1), so equal axes leave no wide margins.
+    ratio = float(np.clip((high[1] - low[1]) / (high[0] - low[0]), 1 / 3, 3))
+    fig = _figure(5, 5 * ratio + 1.0)
+    ax = fig.add_subplot()
+    if reference is not None:
+        ax.scatter(frame[:, 0], frame[:, 1], s=2, c=_GREY, alpha=0.5, linewidths=0, label="reference")
     outside = int((~((points >= low) & (points <= high)).all(1)).sum())
     label = f"samples ({len(points)}" + (f", {outside} outside the frame)" if outside else ")")
     ax.scatter(points[:, 0], points[:, 1], s=2, c="C0", alpha=0.6, linewidths=0, label=label)

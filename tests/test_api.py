@@ -221,6 +221,15 @@ def test_fingerprint_changes_with_each_compiler_file(compiler_copy, edited):
     assert fingerprint() != original, f"editing {edited} leaves the fingerprint unchanged"
 
 
+@pytest.mark.parametrize("edited", ["training.py", "sampling.py", "likelihood.py"])
+def test_fingerprint_ignores_the_runtime(compiler_copy, edited):
+    """The runtime does not shape a generated module: editing it keeps cached modules valid."""
+    path = compiler_copy / edited
+    original = fingerprint()
+    path.write_bytes(path.read_bytes() + b"\n")
+    assert fingerprint() == original
+
+
 def test_cache_honours_SDELANG_CACHE(tmp_path, monkeypatch, compiles):
     """The module is written under $SDELANG_CACHE, created if missing, and is the compiled code itself."""
     cache = tmp_path / "elsewhere" / "cache"
