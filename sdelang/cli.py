@@ -14,7 +14,7 @@ from .derive import Derivation
 from .codegen.emit import plain_names
 from .codegen.printer import stable
 from .derive.reverse import SCORE
-from .errors import InternalCompilerError, SdeError
+from .errors import InternalCompilerError, SdeError, SolverError
 
 
 def _param(text: str) -> tuple[str, float]:
@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     except InternalCompilerError as exc:
         print(f"sdelang: {exc}", file=sys.stderr)
         return 3
+    except SolverError as exc:
+        print(f"sdelang {args.command}: {exc}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as exc:
         if args.command in ("compile", "show"):  # the compiler reports user mistakes as SdeError
             return _bug(exc)

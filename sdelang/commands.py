@@ -105,6 +105,9 @@ def add_sample(sub) -> None:
                                                   "ancestral, ald, ode, heun, ddim, dpm2 (dpm = dpm2)")
     p.add_argument("--steps", type=int, default=None, help="time steps (default: the SDE's N)")
     p.add_argument("-n", type=int, default=1000, help="number of samples")
+    p.add_argument("--spacing", choices=("time", "logsnr"), default=None,
+                   help="time grid of the fixed-step methods (default: each method's own; logsnr suits "
+                        "SDEs whose noise level spans decades, such as EDM-style VE)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="PNG", help="write a scatter plot or image grid (one per method)")
     p.add_argument("--save", metavar="NPY", help="write the samples of the first method as a .npy file")
@@ -122,6 +125,15 @@ def _methods(text: str) -> list[str]:
         raise ValueError(f"unknown sampling method {', '.join(unknown) or text!r}; choose from "
                          f"{', '.join(METHODS)} (aliases: {', '.join(f'{a}={b}' for a, b in ALIASES.items())})")
     return methods
+
+
+def _spacing(method: str, spacing: str | None) -> dict:
+    if spacing is None:
+        return {}
+    if method in ("ode", "reverse_diffusion"):
+        raise ValueError(f"--spacing does not apply to {method!r} (adaptive steps, or the module's own "
+                         f"uniform discretisation); leave it out or choose another method")
+    return {"spacing": spacing}
 
 
 def _sample(args) -> int:
@@ -149,7 +161,8 @@ def _sample(args) -> int:
         started = time.perf_counter()
         with torch.no_grad():
             steps = None if method == "ode" else args.steps     # the adaptive solver picks its own steps
-            out = sample(run.sde, run.model, shape, method=method, steps=steps, generator=generator)
+            out = sample(run.sde, run.model, shape, method=method, steps=steps, generator=generator,
+                         **_spacing(method, args.spacing))
         x = out.x.double().cpu()
         row = dict(method=method, n=args.n, nfe=out.nfe, seconds=time.perf_counter() - started,
                    finite=bool(torch.isfinite(x).all()))

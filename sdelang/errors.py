@@ -77,3 +77,7 @@ class InternalCompilerError(Exception):
 
     def __init__(self, message: str):
         super().__init__(f"internal compiler error (a bug in sdelang, please report it): {message}")
+
+
+class SolverError(RuntimeError):
+    """The runtime's adaptive ODE solver could not continue: the model, not sdelang, is the usual cause."""

@@ -18,12 +18,12 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
+
+from .ode import ADAPTIVE_SOLVERS, solve
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 # torchdiffeq's adaptive solvers: the others need a step size, which rtol/atol do not give.
-ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 NOISES = ("rademacher", "gaussian")
 # Halvings of [log eps, log T] (width < 40) that leave it narrower than float64 resolution.
 BISECTION_STEPS = 64
@@ -61,8 +61,8 @@ def log_likelihood(sde, score_fn: ScoreFn, x: Tensor, *, exact_trace: bool = Fal
     callers are fine.
     """
     _check_batch(x)
-    if method not in ADAPTIVE_METHODS:
-        raise ValueError(f"method must be one of {', '.join(ADAPTIVE_METHODS)} (adaptive torchdiffeq "
+    if method not in ADAPTIVE_SOLVERS:
+        raise ValueError(f"method must be one of {', '.join(ADAPTIVE_SOLVERS)} (adaptive torchdiffeq "
                          f"solvers), got {method!r}")
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be positive, got rtol={rtol!r}, atol={atol!r}")
@@ -97,10 +97,8 @@ def log_likelihood(sde, score_fn: ScoreFn, x: Tensor, *, exact_trace: bool = Fal
     # float64 times: torchdiffeq keeps time in float64 whatever the state's dtype.
     times = torch.tensor([float(sde.eps), float(sde.T)], dtype=torch.float64, device=x.device)
     with torch.no_grad():
-        # step_t = T: the last step ends on T instead of overshooting and interpolating back, since the
-        # coefficients may not exist past T (the cosine schedule's beta is infinite at t = 1).
-        xs, integrals = odeint(flow, (x0, x0.new_zeros(x0.shape[0])), times, rtol=rtol, atol=atol,
-                               method=method, options={"step_t": times[1:]})
+        # ode.solve lands the last step on T: the coefficients may not exist past it (cosine schedule).
+        xs, integrals = solve(flow, (x0, x0.new_zeros(x0.shape[0])), times, rtol=rtol, atol=atol, method=method)
         estimates = (sde.prior_logp(xs[-1]) + integrals[-1]).reshape(copies, batch)
     logp = estimates.mean(0)
     if exact_trace:

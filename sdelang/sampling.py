@@ -34,14 +34,14 @@ from numbers import Integral
 from typing import Callable, NamedTuple
 
 import torch
-from torchdiffeq import odeint
 from tqdm.auto import tqdm
+
+from .ode import ADAPTIVE_SOLVERS, solve
 
 METHODS = ("em", "reverse_diffusion", "ancestral", "pc", "ald", "ode", "heun", "ddim", "dpm2")
 PREDICTORS = ("em", "reverse_diffusion", "ancestral")
 SPACINGS = ("time", "logsnr")
 NORMS = ("sample", "batch")
-ODE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # torchdiffeq's adaptive ones
 # The kernel functions the exact-kernel samplers and the final Tweedie step evaluate.
 KERNEL_METHODS = ("mean_coeff", "mean_offset", "std", "log_snr")
 
@@ -339,8 +339,8 @@ def annealed_langevin(sde, score_fn, shape, steps, *, corrector_steps=5, step_lr
 def probability_flow(sde, score_fn, shape, *, rtol=1e-5, atol=1e-5, solver="dopri5", generator=None,
                      denoise=True, x_T=None) -> Samples:
     """The flow ODE dx/dt = f - g^2 s / 2 from T to eps with torchdiffeq's adaptive `solver` (one of
-    ODE_SOLVERS). NFE: the solver's evaluations of the drift (+1 with denoise)."""
-    _check_choice("ODE solver", solver, ODE_SOLVERS)
+    ADAPTIVE_SOLVERS). NFE: the solver's evaluations of the drift (+1 with denoise)."""
+    _check_choice("ODE solver", solver, ADAPTIVE_SOLVERS)
     _check_positive("rtol", rtol)
     _check_positive("atol", atol)
     if denoise:
@@ -350,11 +350,9 @@ def probability_flow(sde, score_fn, shape, *, rtol=1e-5, atol=1e-5, solver="dopr
     flow = sde.reverse(score, probability_flow=True)
     batch = x.shape[:1]
     times = torch.tensor([float(sde.T), float(sde.eps)], dtype=x.dtype, device=x.device)
-    # torchdiffeq keeps times in float64; the drift is evaluated at x's dtype. Its adaptive steps may
-    # overshoot the last time and interpolate back, evaluating the score below eps (for VP below
-    # t = 0, where g^2 < 0): step_t makes the step that would cross eps end on it.
-    x = odeint(lambda t, y: flow.sde(y, t.to(y.dtype).expand(batch))[0], x, times, rtol=rtol, atol=atol,
-               method=solver, options={"step_t": times[1:]})[-1]
+    # The drift is evaluated in x's dtype; ode.solve never steps past eps (below it, VP's g^2 < 0).
+    x = solve(lambda t, y: flow.sde(y, t.to(y.dtype).expand(batch))[0], x, times, rtol=rtol, atol=atol,
+              method=solver)[-1]
     if denoise:
         x = _tweedie(sde, score, x)
     return Samples(x, score.calls)
