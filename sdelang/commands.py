@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .compiler import read_source
-from .config import OBJECTIVES, ModelConfig, TrainConfig
+from .config import OBJECTIVES, REDUCTIONS, ModelConfig, TrainConfig
 
 # Sampler names the CLI accepts besides sampling.METHODS.
 ALIASES = {"dpm": "dpm2", "dpm1": "ddim", "reverse": "reverse_diffusion"}
@@ -40,6 +40,10 @@ def add_train(sub, params) -> None:
     p.add_argument("--ema", type=float, default=defaults.ema)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
+    p.add_argument("--reduction", choices=REDUCTIONS, default=defaults.reduction,
+                   help="sum (the weighted score-matching integral, in nats for the likelihood weighting) "
+                        "or mean over the entries of a sample")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=defaults.dtype)
     p.add_argument("--model", choices=("auto", "mlp", "unet"), default=model.kind)
     p.add_argument("--width", type=int, default=model.width)
     p.add_argument("--depth", type=int, default=model.depth)
@@ -58,8 +62,9 @@ def _train(args, params) -> int:
     config = TrainConfig(
         sde_source=source.text, sde_name=Path(args.file).name, params=params(args.param), data=args.data,
         steps=args.steps, batch=args.batch, lr=args.lr, ema=args.ema, seed=args.seed, objective=args.objective,
-        device=args.device, checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
-        eval_every=args.eval_every, model=ModelConfig(kind=args.model, width=args.width, depth=args.depth))
+        reduction=args.reduction, dtype=args.dtype, device=args.device, checkpoint_every=args.checkpoint_every,
+        sample_every=args.sample_every, eval_every=args.eval_every,
+        model=ModelConfig(kind=args.model, width=args.width, depth=args.depth))
     started = time.perf_counter()
     with _distributed(config) as config:
         run = train(config, args.out, progress=not args.quiet)
