@@ -10,7 +10,7 @@ import pytest
 from sdelang.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--steps", "20", "--batch", "64", "--width", "16", "--depth", "1", "--quiet"]
+TINY = ["--steps", "20", "--batch", "64", "--width", "16", "--depth", "1", "--quiet", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,13 @@ def test_sample_json_reports_nfe_and_a_two_sample_test(moons_run, tmp_path, caps
     assert result["nfe"] == 11                        # 10 Euler-Maruyama steps + the final denoising step
     assert 0 < result["p_value"] <= 1 and math.isfinite(result["mmd"])
     assert plot.stat().st_size > 1000
+
+
+def test_sample_json_for_several_methods_is_one_object(moons_run, capsys):
+    assert main(["sample", str(moons_run), "--method", "em,ddim", "--steps", "3", "-n", "20", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in result["results"]] == ["em", "ddim"]
+    assert [r["nfe"] for r in result["results"]] == [4, 4]
 
 
 def test_sample_several_methods_prints_a_table(moons_run, tmp_path, capsys):
@@ -71,6 +78,8 @@ def test_digits_train_and_bits_per_dim(tmp_path, capsys):
     (["sample", "{tmp}"], "not a run directory"),
     (["nll", "{tmp}"], "not a run directory"),
     (["sample", "{run}", "--method", "magic"], "unknown sampling method 'magic'"),
+    (["nll", "{run}", "--threads", "0"], "--threads must be >= 1"),
+    (["sample", "{run}", "--method", "ode", "--spacing", "logsnr"], "--spacing does not apply to 'ode'"),
 ])
 def test_runtime_errors_are_reported_without_traceback(argv, message, tmp_path, moons_run, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
