@@ -94,17 +94,36 @@ def loss_curve(path, steps, losses, title=None) -> Path:
 
 
 def save_samples(path, samples, dataset, title=None, reference=None) -> Path:
-    """Model-space samples of `dataset`: for 2-D points a scatter over `reference` (default: the
-    first 5000 rows of dataset.x), for images a grid of the first 64 as 8-bit values (Dataset.from_model)."""
+    """Model-space samples of `dataset`: for points a scatter over `reference` (default: the first 5000
+    rows of dataset.x; the first two coordinates beyond 2-D, a histogram in 1-D), for images a grid of
+    the first 64 as 8-bit values (Dataset.from_model)."""
     shape = tuple(samples.shape[1:])
     if shape != tuple(dataset.shape):
         raise ValueError(f"samples have shape {shape} each, but {dataset.name!r} has {tuple(dataset.shape)}")
     title = dataset.name if title is None else title
     if dataset.kind == "image":
         return image_grid(path, dataset.from_model(samples[:64]), title)
-    if shape != (2,):
-        raise ValueError(f"a scatter plot needs 2-D points; {dataset.name!r} has points of shape {shape}")
-    return scatter(path, samples, dataset.x[:_REFERENCE_POINTS] if reference is None else reference, title)
+    reference = dataset.x[:_REFERENCE_POINTS] if reference is None else reference
+    if len(shape) != 1:
+        raise ValueError(f"points must be vectors to plot; {dataset.name!r} has points of shape {shape}")
+    if shape == (1,):
+        return histogram(path, samples[:, 0], reference[:, 0], title)
+    if shape != (2,):  # higher dimensions: the first two coordinates, and the title says so
+        title = f"{title} (coordinates 1 and 2 of {shape[0]})"
+    return scatter(path, samples[:, :2], reference[:, :2], title)
+
+
+def histogram(path, samples, reference=None, title=None) -> Path:
+    """1-D values: a density histogram of the samples over the reference's (shared bins)."""
+    values = _numpy(samples).reshape(-1)
+    fig = _figure(5, 3.5)
+    ax = fig.add_subplot()
+    edges = np.histogram_bin_edges(values if reference is None else _numpy(reference).reshape(-1), bins=60)
+    if reference is not None:
+        ax.hist(_numpy(reference).reshape(-1), bins=edges, density=True, color=_GREY, alpha=0.6, label="reference")
+    ax.hist(values, bins=edges, density=True, histtype="step", color="C0", label=f"samples ({len(values)})")
+    ax.legend(frameon=False, fontsize="small")
+    return _save(fig, path, title)
 
 
 def _numpy(values) -> np.ndarray:

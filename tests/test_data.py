@@ -339,3 +339,11 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         plots.scatter(tmp_path / "a.png", torch.zeros(5, 2))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dim", [1, 3])
+def test_save_samples_plots_points_of_any_dimension(tmp_path, dim):
+    """1-D points as a histogram, more than two dimensions as the first two coordinates."""
+    data = Dataset("points", torch.randn(500, dim, generator=seeded(0)), "points", None, (dim,), 1.0, 0.0)
+    plots.save_samples(tmp_path / "s.png", torch.randn(200, dim, generator=seeded(1)), data)
+    assert_only_png(tmp_path, "s.png")
