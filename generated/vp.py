@@ -134,13 +134,15 @@ class VPSDE(torch.nn.Module):
         sq = ((z - mean) ** 2).flatten(1).sum(1)
         return -0.5 * d * math.log(2 * math.pi * variance) - sq / (2 * variance)
 
-    def discretize(self, x, t):
-        """Exact transition over [s, t], s = max(t - T/N, 0): x_t = x_s + f + G z.
+    def discretize(self, x, t, s=None):
+        """Exact transition over [s, t], by default s = max(t - T/N, 0): x_t = x_s + f + G z.
 
         r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
           = (expm1(s*(beta_max*s/2 - beta_min*s/2 + beta_min))/expm1(t*(beta_max*t/2 - beta_min*t/2 + beta_min)) - 1)*expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))
+        Pass s (shape [B], s <= t) for a step of another length, as samplers on their own grids do.
         """
-        s = torch.clamp(t - self.T / self.N, min=0.0)
+        if s is None:
+            s = torch.clamp(t - self.T / self.N, min=0.0)
         w0 = (1/2)*t
         w1 = w0*self.beta_max - w0*self.beta_min + self.beta_min
         w2 = (1/2)*s
@@ -202,9 +204,10 @@ class ReverseVPSDE:
         drift = drift - self.forward._expand(g**2 * scale, x) * self.score_fn(x, t)
         return drift, torch.zeros_like(g) if self.probability_flow else g
 
-    def discretize(self, x, t):
-        """Reverse-diffusion step: f - G^2 s (flow: f - G^2 s / 2) and G (flow: 0)."""
-        f, G = self.forward.discretize(x, t)
+    def discretize(self, x, t, s=None):
+        """Reverse-diffusion step from t back to s (default: t - T/N) with (f, G) the forward step over
+        [s, t]: drift f - G^2 score (flow: f - G^2 score / 2) and noise G (flow: 0)."""
+        f, G = self.forward.discretize(x, t, s)
         scale = 0.5 if self.probability_flow else 1.0
         rev_f = f - self.forward._expand(G**2 * scale, x) * self.score_fn(x, t)
         return rev_f, torch.zeros_like(G) if self.probability_flow else G

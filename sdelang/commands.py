@@ -152,9 +152,9 @@ def _methods(text: str) -> list[str]:
 def _spacing(method: str, spacing: str | None) -> dict:
     if spacing is None:
         return {}
-    if method in ("ode", "reverse_diffusion"):
-        raise ValueError(f"--spacing does not apply to {method!r} (adaptive steps, or the module's own "
-                         f"uniform discretisation); leave it out or choose another method")
+    if method == "ode":
+        raise ValueError("--spacing does not apply to 'ode' (the adaptive solver chooses its steps); "
+                         "leave it out or choose another method")
     return {"spacing": spacing}
 
 

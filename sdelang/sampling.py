@@ -19,7 +19,7 @@ removes the noise of std sqrt(v(eps)) that the kernel still adds at eps.
 
 Every sampler also takes generator (for the prior draw and all noise) and x_T (a start instead of a
 prior draw); fixed-step ones take progress (a tqdm bar), spacing ("time": uniform in t, "logsnr":
-uniform in logSNR, found by bisection; reverse_diffusion is uniform in t only) and after_step, a
+uniform in logSNR, found by bisection) and after_step, a
 function (x, t_next) -> x applied after every step (inpaint uses it).
 
 Step loops make no host-device synchronisation: the grid and the kernel on it are computed before the
@@ -27,7 +27,6 @@ loop, in float64, and nothing in the loop reads a tensor's value in Python.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import math
 from numbers import Integral
@@ -174,18 +173,13 @@ def _em_step(sde, score, generator):
     return step
 
 
-def _reverse_diffusion_step(sde, score, generator, steps: int):
-    """score_sde's reverse-diffusion predictor x <- x - f + G^2 s + G z, (f, G) = sde.discretize(x, t).
-
-    sde.discretize steps back by T/N; a shallow copy of the module with N = T steps / (T - eps) makes
-    that the grid spacing (T - eps) / steps, so every step lands on the next grid time.
-    """
-    stepped = copy.copy(sde)
-    stepped.N = float(sde.T) * steps / (float(sde.T) - float(sde.eps))
-    reverse = stepped.reverse(score)
+def _reverse_diffusion_step(sde, score, generator):
+    """score_sde's reverse-diffusion predictor x <- x - f + G^2 s + G z, (f, G) = sde.discretize(x, t, s):
+    the module's exact transition over [t_next, t], so every step lands on the next grid time."""
+    reverse = sde.reverse(score)
 
     def step(x, i, t, t_next):
-        f, G = reverse.discretize(x, t)
+        f, G = reverse.discretize(x, t, t_next)
         return x - f + sde._expand(G, x) * _noise(x, generator)
     return step
 
@@ -236,7 +230,7 @@ def _predictor(name: str, sde, score, generator, grid: torch.Tensor, like: torch
     if name == "em":
         return _em_step(sde, score, generator)
     if name == "reverse_diffusion":
-        return _reverse_diffusion_step(sde, score, generator, len(grid) - 1)
+        return _reverse_diffusion_step(sde, score, generator)
     return _ancestral_step(sde, score, generator, _schedule(sde, grid, like))
 
 
@@ -261,13 +255,13 @@ def euler_maruyama(sde, score_fn, shape, steps, *, spacing="time", generator=Non
                 progress=progress, after_step=after_step, desc="em")
 
 
-def reverse_diffusion(sde, score_fn, shape, steps, *, generator=None, denoise=True, progress=False,
-                      x_T=None, after_step=None) -> Samples:
-    """The reverse-diffusion predictor x <- x - f_i + G_i^2 s + G_i z on a uniform time grid, (f_i, G_i)
-    the module's exact transition over each step. NFE: steps (+1)."""
+def reverse_diffusion(sde, score_fn, shape, steps, *, spacing="time", generator=None, denoise=True,
+                      progress=False, x_T=None, after_step=None) -> Samples:
+    """The reverse-diffusion predictor x <- x - f_i + G_i^2 s + G_i z, (f_i, G_i) the module's exact
+    transition over each step of the grid. NFE: steps (+1)."""
     steps, score, x, grid = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="reverse_diffusion",
-                                        kernel=denoise)
-    return _run(sde, score, x, grid.to(x.dtype), _reverse_diffusion_step(sde, score, generator, steps),
+                                        kernel=denoise, spacing=spacing)
+    return _run(sde, score, x, grid.to(x.dtype), _reverse_diffusion_step(sde, score, generator),
                 denoise=denoise, progress=progress, after_step=after_step, desc="reverse diffusion")
 
 
@@ -291,9 +285,6 @@ def predictor_corrector(sde, score_fn, shape, steps, *, predictor="reverse_diffu
     _check_count("corrector_steps", corrector_steps, 0)
     _check_positive("snr", snr)
     _check_choice("norms", norms, NORMS)
-    if predictor == "reverse_diffusion" and spacing != "time":
-        raise ValueError("the reverse_diffusion predictor steps by sde.discretize, on a grid uniform in time: "
-                         "use spacing='time' or another predictor")
     steps, score, x, grid = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="pc",
                                         kernel=denoise or predictor == "ancestral", spacing=spacing)
     predict = _predictor(predictor, sde, score, generator, grid, x)

@@ -182,16 +182,22 @@ def test_drift_divergence_is_trace_of_jacobian(examples, name, data):
 # --- Discretisation: the exact transition over one step -------------------------------------------
 
 @pytest.mark.parametrize("name", ALL)
-@given(data=st.data(), N=st.sampled_from([1, 10, 1000]))
-def test_discretize_is_exact_transition(examples, name, data, N):
-    """x_t = x_s + f + G z with s = max(t - T/N, 0), r = m(t)/m(s):
+@given(data=st.data(), N=st.sampled_from([1, 10, 1000]), explicit=st.booleans())
+def test_discretize_is_exact_transition(examples, name, data, N, explicit):
+    """x_t = x_s + f + G z with s = max(t - T/N, 0) or a given s <= t, r = m(t)/m(s):
     f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) (docs: What the compiler derives)."""
     example = examples[name]
     sde = example.build(data.draw(example.params()), N=N)
     t = torch.cat([torch.tensor([float(sde.eps)], dtype=F64), data.draw(example.times(sde))])
     x = states(data, t.shape[0])
-    f, G = sde.discretize(x, t)
-    s = torch.clamp(t - sde.T / N, min=0.0)
+    if explicit:  # any earlier time, as samplers on their own grids pass it
+        fraction = torch.tensor(data.draw(st.lists(st.floats(0.0, 1.0), min_size=len(t), max_size=len(t))),
+                                dtype=F64)
+        s = fraction * t
+        f, G = sde.discretize(x, t, s)
+    else:
+        f, G = sde.discretize(x, t)
+        s = torch.clamp(t - sde.T / N, min=0.0)
     r = sde.mean_coeff(t) / sde.mean_coeff(s)
     c_t, c_s = sde.mean_offset(t), sde.mean_offset(s)
     v_t, v_s = sde.std(t) ** 2, sde.std(s) ** 2

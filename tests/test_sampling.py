@@ -146,6 +146,20 @@ def test_samples_match_the_data_fine_steps(examples, name, method):
     check_moments(examples, name, method, SLOW, n=50_000, seed=2)
 
 
+@pytest.mark.parametrize("name", SDES)
+def test_reverse_diffusion_on_a_logsnr_grid(examples, name):
+    """The module's discretize(x, t, s) steps between any two grid times, so reverse diffusion runs on a
+    logSNR grid too. Bias measured at 200 steps, n = 200,000: mean <= 0.022 std, variance <= 8.2 %
+    (subvp); on OU the variance error drops from 12 % (uniform grid) to 4.4 %. Allowances: those + 0.01."""
+    sde = build(examples, name)
+    data = gaussian(sde)
+    x_T, generator = start(data, 4000, seed=5)
+    out = sampling.sample(sde, data.score, x_T.shape, "reverse_diffusion", 200, spacing="logsnr",
+                          generator=generator, x_T=x_T)
+    assert out.nfe == 201
+    assert_moments(out.x, data.mean, STD, 0.032, 0.092, f"{name} reverse_diffusion logsnr")
+
+
 def test_default_start_is_a_draw_from_the_prior(examples):
     sde = build(examples, "ve")
     data = gaussian(sde)
@@ -447,7 +461,6 @@ class NoKernel:
     (lambda s, f: sampling.sample(s, f, (4, 2), "pc", 3, corrector_steps=-1), "corrector_steps must be"),
     (lambda s, f: sampling.sample(s, f, (4, 2), "pc", 3, snr=-0.1), "snr must be a positive number"),
     (lambda s, f: sampling.sample(s, f, (4, 2), "pc", 3, norms="max"), "unknown norms 'max'"),
-    (lambda s, f: sampling.sample(s, f, (4, 2), "pc", 3, spacing="logsnr"), "reverse_diffusion predictor"),
     (lambda s, f: sampling.sample(s, f, (4, 2), "ald", 3, corrector_steps=0), "corrector_steps must be"),
     (lambda s, f: sampling.sample(s, f, (4, 2), "ald", 3, step_lr=0.0), "step_lr must be a positive"),
     (lambda s, f: sampling.sample(s, f, (4, 2), "ddim", 3, spacing="log"), "unknown spacing 'log'"),
