@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from .logsnr import log_snr_times
 from .ode import ADAPTIVE_SOLVERS, solve
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -26,7 +27,6 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 # torchdiffeq's adaptive solvers: the others need a step size, which rtol/atol do not give.
 NOISES = ("rademacher", "gaussian")
 # Halvings of [log eps, log T] (width < 40) that leave it narrower than float64 resolution.
-BISECTION_STEPS = 64
 
 
 class LogLikelihood(NamedTuple):
@@ -232,24 +232,4 @@ def bound(sde, score_fn: ScoreFn, x: Tensor, *, samples: int = 1000, samples_per
 
 def _log_snr_uniform_times(sde, n: int, device, generator: torch.Generator | None) -> Tensor:
     """n float64 times t = L^{-1}(L(eps) - u (L(eps) - L(T))), u ~ U(0, 1): density g^2 / (v (L(eps) - L(T)))."""
-    ends = torch.tensor([float(sde.eps), float(sde.T)], dtype=torch.float64, device=device)
-    log_snr_eps, log_snr_T = sde.log_snr(ends)
-    u = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
-    return _log_snr_inverse(sde, log_snr_eps - u * (log_snr_eps - log_snr_T))
-
-
-def _log_snr_inverse(sde, target: Tensor) -> Tensor:
-    """t in [eps, T] with logSNR(t) = target (float64), by vectorised bisection.
-
-    logSNR decreases in t, so where logSNR(mid) > target the root lies above mid. Bisecting log t
-    rather than t resolves times near eps to full relative precision; the fixed step count keeps
-    the loop free of host-device synchronisation.
-    """
-    lo = torch.full_like(target, math.log(float(sde.eps)))
-    hi = torch.full_like(target, math.log(float(sde.T)))
-    for _ in range(BISECTION_STEPS):
-        mid = 0.5 * (lo + hi)
-        above = sde.log_snr(mid.exp()) > target
-        lo = torch.where(above, mid, lo)
-        hi = torch.where(above, hi, mid)
-    return (0.5 * (lo + hi)).exp().clamp(float(sde.eps), float(sde.T))
+    return log_snr_times(sde, torch.rand(n, generator=generator, dtype=torch.float64, device=device))

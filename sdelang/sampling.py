@@ -35,6 +35,7 @@ from typing import Callable, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from .logsnr import log_snr_times
 from .ode import ADAPTIVE_SOLVERS, solve
 
 METHODS = ("em", "reverse_diffusion", "ancestral", "pc", "ald", "ode", "heun", "ddim", "dpm2")
@@ -114,23 +115,11 @@ def _flat_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def _time_grid(sde, steps: int, spacing: str, device) -> torch.Tensor:
-    """steps + 1 times from T down to eps, in float64: uniform in t, or uniform in logSNR(t).
-
-    logSNR is monotone decreasing, so t = logSNR^-1(target) is found by bisection on [eps, T],
-    all targets at once; 64 halvings leave an interval of (T - eps) 2^-64, below float64 resolution.
-    """
+    """steps + 1 times from T down to eps, in float64: uniform in t, or uniform in logSNR(t)."""
     eps, T = float(sde.eps), float(sde.T)
     if spacing == "time":
         return torch.linspace(T, eps, steps + 1, dtype=torch.float64, device=device)
-    ends = sde.log_snr(torch.tensor([T, eps], dtype=torch.float64, device=device))
-    target = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64, device=device)
-    target = ends[0] + target * (ends[1] - ends[0])
-    lo, hi = torch.full_like(target, eps), torch.full_like(target, T)
-    for _ in range(64):
-        mid = (lo + hi) / 2
-        later = sde.log_snr(mid) > target  # mid lies before the root: the root is later
-        lo, hi = torch.where(later, mid, lo), torch.where(later, hi, mid)
-    grid = (lo + hi) / 2
+    grid = log_snr_times(sde, torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64, device=device))
     grid[0], grid[-1] = T, eps
     return grid
 

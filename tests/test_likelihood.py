@@ -15,7 +15,8 @@ import scipy.stats
 import torch
 
 from sdelang.gaussian import GaussianData
-from sdelang.likelihood import (Bound, LogLikelihood, _log_snr_inverse, _log_snr_uniform_times, bits_per_dim,
+from sdelang.logsnr import log_snr_inverse
+from sdelang.likelihood import (Bound, LogLikelihood, _log_snr_uniform_times, bits_per_dim,
                                 bound, log_likelihood)
 
 F64 = torch.float64
@@ -377,7 +378,7 @@ def test_log_snr_inverse(examples, name):
     ends = torch.tensor([sde.eps, float(sde.T)], dtype=F64)
     hi, lo = sde.log_snr(ends)
     target = lo + (hi - lo) * torch.linspace(0, 1, 101, dtype=F64)
-    t = _log_snr_inverse(sde, target)
+    t = log_snr_inverse(sde, target)
     assert ((t >= sde.eps) & (t <= sde.T)).all()
     torch.testing.assert_close(sde.log_snr(t), target, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(t[[0, -1]], ends.flip(0), rtol=1e-12, atol=0)
