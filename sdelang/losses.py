@@ -28,6 +28,14 @@ def _reduce(per_entry: torch.Tensor, reduction: str) -> torch.Tensor:
     return flat.sum(1) if reduction == "sum" else flat.mean(1)
 
 
+def _perturb(sde, x0: torch.Tensor, generator):
+    """t ~ q (the module's sampler), z ~ N(0, I) and x_t = m(t) x0 + c(t) + sigma(t) z."""
+    t = sde.sample_t(x0.shape[0], generator=generator)
+    z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    mean, std = sde.marginal_prob(x0, t)
+    return t, z, mean + sde._expand(std, x0) * z
+
+
 def time_weight(sde, t: torch.Tensor) -> torch.Tensor:
     """lambda(t) / (q(t) sigma(t)^2): the factor in front of 1/2 |eps_theta - z|^2."""
     return sde.weight(t) / (sde.t_density(t) * sde.std(t) ** 2)
@@ -40,10 +48,7 @@ def denoising_loss(sde, model, x0: torch.Tensor, *, generator=None, reduction: s
     `model(x, t, noise=True)` is eps_theta (a ScoreModel, or one wrapped in DistributedDataParallel);
     average the result for the batch loss.
     """
-    t = sde.sample_t(x0.shape[0], generator=generator)
-    z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    mean, std = sde.marginal_prob(x0, t)
-    x_t = mean + sde._expand(std, x0) * z
+    t, z, x_t = _perturb(sde, x0, generator)
     return time_weight(sde, t) * 0.5 * _reduce((model(x_t, t, noise=True) - z) ** 2, reduction)
 
 
@@ -57,11 +62,9 @@ def sliced_loss(sde, model, x0: torch.Tensor, *, generator=None, reduction: str 
     """
     if projections < 1:
         raise ValueError(f"projections must be >= 1, got {projections}")
-    t = sde.sample_t(x0.shape[0], generator=generator)
-    z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    mean, std = sde.marginal_prob(x0, t)
+    t, _, x_t = _perturb(sde, x0, generator)
     with torch.enable_grad():
-        x_t = (mean + sde._expand(std, x0) * z).detach().requires_grad_(True)
+        x_t = x_t.detach().requires_grad_(True)
         s = model(x_t, t)
         total = 0.5 * _reduce(s**2, reduction)
         for _ in range(projections):

@@ -147,18 +147,22 @@ class ScoreModel(nn.Module):
         self.data_std = float(data_std)
 
     def noise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._noise_and_std(x, t)[0]
+
+    def _noise_and_std(self, x: torch.Tensor, t: torch.Tensor):
+        """eps_theta(x, t) and sigma(t) (the score needs both; computed once)."""
         sde = self.sde
         m, c, std = sde.mean_coeff(t), sde.mean_offset(t), sde.std(t)
         scale = torch.rsqrt(m**2 * self.data_std**2 + std**2)
         x_in = (x - sde._expand(c, x)) * sde._expand(scale, x)
         tau = (t - sde.eps) / (sde.T - sde.eps)
-        return self.net(x_in, tau)
+        return self.net(x_in, tau), std
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, noise: bool = False) -> torch.Tensor:
         """The score s(x, t), or eps_theta(x, t) with noise=True (one entry point, so that
         DistributedDataParallel sees every training call)."""
-        eps = self.noise(x, t)
-        return eps if noise else -eps / self.sde._expand(self.sde.std(t), x)
+        eps, std = self._noise_and_std(x, t)
+        return eps if noise else -eps / self.sde._expand(std, x)
 
 
 def build_model(sde: nn.Module, shape: tuple[int, ...], config: ModelConfig) -> ScoreModel:
