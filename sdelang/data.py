@@ -80,16 +80,18 @@ class Dataset:
             raise ValueError(f"batch size must be a positive integer, got {size!r}")
         index = torch.randint(len(self), (size,), generator=generator, device=self.x.device)
         rows = self.x[index]
-        if self.kind == "points":
-            return rows
+        return rows if self.kind == "points" else self.dequantise(rows, generator)
+
+    def dequantise(self, k: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Images: the integers k with uniform noise, x = scale * (k + u) / levels + shift, u ~ U[0, 1)."""
         # u on the grid j / 2^bits, with bits the float's significand width less log2(levels): then k + u
         # is exact and (with the default powers of two scale / levels and shift -1) so is x, which lies
         # strictly inside k's bin, and floor recovers k. A float32 torch.rand would round k + u up to
         # k + 1 about once in 2^17 values. The grid is as fine as float32 resolves x near +-1.
-        precision = 1 - round(math.log2(torch.finfo(rows.dtype).eps))  # significand bits: 24 for float32
+        precision = 1 - round(math.log2(torch.finfo(k.dtype).eps))  # significand bits: 24 for float32
         bits = precision - math.ceil(math.log2(self.levels))
-        j = torch.randint(0, 2**bits, rows.shape, generator=generator, device=rows.device)
-        return self.to_model(rows, j.to(rows.dtype) * 2.0**-bits)
+        j = torch.randint(0, 2**bits, k.shape, generator=generator, device=k.device)
+        return self.to_model(k, j.to(k.dtype) * 2.0**-bits)
 
     def to_model(self, k: Tensor, u: Tensor) -> Tensor:
         """The image map: x = scale * (k + u) / levels + shift, for integers k and u in [0, 1)."""

@@ -31,9 +31,7 @@ class NLL(NamedTuple):
 def held_out(dataset, n: int, generator: torch.Generator) -> torch.Tensor:
     """The first n held-out datapoints in model space (images dequantised with the generator's noise)."""
     k = dataset.x[:n]
-    if dataset.levels is None:
-        return k
-    return dataset.to_model(k.double(), torch.rand(k.shape, generator=generator, dtype=torch.float64))
+    return k if dataset.levels is None else dataset.dequantise(k, generator)
 
 
 def nll(model, dataset, *, n: int = 512, batch: int = 256, seed: int = 0, probes: int = 1,
@@ -62,7 +60,7 @@ def nll(model, dataset, *, n: int = 512, batch: int = 256, seed: int = 0, probes
                 bounds.append(bound(sde, model, chunk, samples_per_call=per_call,
                                     generator=device_generator).value.double().cpu())
     logp = torch.cat(logps)
-    scale = getattr(dataset, "scale", 2.0)
+    scale = dataset.scale
     bpd = bits_per_dim(logp, dims, scale=scale, levels=dataset.levels)
     extra = {}
     if with_bound:

@@ -52,15 +52,14 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _build(config: TrainConfig, data_std: float | None = None):
-    """SDE, dataset and score model of a configuration, on its device and dtype."""
+def _build(config: TrainConfig, shape: tuple[int, ...], data_std: float | None = None):
+    """SDE and score model of a configuration for samples of `shape`, on its device and dtype."""
     dtype = getattr(torch, config.dtype)
     sde = load(config.sde_source if config.sde_source.endswith("\n") else config.sde_source + "\n",
                **config.params).to(config.device, dtype)
-    dataset = load_data(config.data, split="train")
     model_config = config.model if data_std is None else replace(config.model, data_std=data_std)
-    model = build_model(sde, tuple(dataset.shape), model_config).to(config.device, dtype)
-    return sde, dataset, model, model_config
+    model = build_model(sde, tuple(shape), model_config).to(config.device, dtype)
+    return sde, model, model_config
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -93,7 +92,8 @@ def load_run(out: str | os.PathLike, device: str | None = None) -> Trained:
     if not (out / CHECKPOINT).is_file():
         raise FileNotFoundError(f"{out} has no {CHECKPOINT} yet; train first")
     state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
-    sde, dataset, model, _ = _build(config)
+    dataset = load_data(config.data, split="train")
+    sde, model, _ = _build(config, dataset.shape)
     model.load_state_dict(state["ema"])
     return Trained(config, sde, model.eval().requires_grad_(False), dataset, state["step"], state["losses"])
 
@@ -135,11 +135,12 @@ def train(config: TrainConfig, out: str | os.PathLike, *, progress: bool = True,
     # Two streams: batches are drawn on the CPU where the data live, times and noise on the device.
     generator = torch.Generator("cpu").manual_seed(config.seed)
     noise = torch.Generator(config.device)
-    data_std = config.model.data_std if state is not None else _data_std(load_data(config.data, split="train"),
-                                                                         generator)
+    dataset = load_data(config.data, split="train")
+    data_std = config.model.data_std if state is not None else _data_std(dataset, generator)
     generator.manual_seed(config.seed * world + rank)
     noise.manual_seed(config.seed * world + rank + 2**31)
-    sde, dataset, model, model_config = _build(config, data_std)
+    sde, model, model_config = _build(config, dataset.shape, data_std)
+    held_out = load_data(config.data, split="test") if config.eval_every and rank == 0 else None
     config = replace(config, model=model_config)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -210,7 +211,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *, progress: bool = True,
                 and step < config.steps:
             _plot_samples(out, step, sde, ema, dataset, config.plot_samples)
         if rank == 0 and config.eval_every and step % config.eval_every == 0:
-            _evaluate(out, step, ema, config)
+            _evaluate(out, step, ema, held_out)
     if bar is not None:
         bar.close()
     if rank == 0:
@@ -233,10 +234,10 @@ def _plot_samples(out: Path, step: int, sde, ema, dataset, n: int, steps: int = 
     plots.save_samples(out / f"samples_{step:06d}.png", x.float().cpu(), dataset)
 
 
-def _evaluate(out: Path, step: int, ema, config: TrainConfig) -> None:
+def _evaluate(out: Path, step: int, ema, held_out) -> None:
     from .evaluate import nll
 
-    result = nll(ema, load_data(config.data, split="test"), n=256, seed=step)
+    result = nll(ema, held_out, n=256, seed=step)
     path = out / "eval.csv"
     previous = path.read_text(encoding="utf-8") if path.exists() else "step,nll_nats,bpd,stderr,nfe\n"
     write_atomic(path, previous + f"{step},{result.nll_nats:.6g},{result.bpd:.6g},{result.stderr:.3g},{result.nfe}\n")
