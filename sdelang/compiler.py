@@ -10,8 +10,9 @@ emit:   a standalone torch module from codegen/templates/module.py.j2.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,14 +70,25 @@ def compile_file(path: str | os.PathLike, out_dir: str | os.PathLike = "generate
     return target
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder and rename: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike):
+    """A binary file that replaces `path` when the block ends without error: written through a temporary
+    file in the same folder and renamed, so readers never see half a file. The permissions follow the
+    umask, like a plain open() (tempfile.mkstemp would make the file readable by its owner alone)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        with os.fdopen(handle, "wb") as file:
+            yield file
+        os.replace(temporary, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text (UTF-8, \\n line ends) atomically: see atomic_open."""
+    with atomic_open(path) as file:
+        file.write(text.encode("utf-8"))

@@ -2,18 +2,18 @@
 
 Figures are built on matplotlib's `Figure` directly, not through pyplot: no display, no global
 figure state, Agg rendering. Each file is written to a temporary file in the target folder and
-moved into place with os.replace, so a reader never sees half a PNG. matplotlib is imported inside
+moved into place (compiler.atomic_open), so a reader never sees half a PNG. matplotlib is imported inside
 the functions, which keeps `import sdelang` fast.
 """
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .compiler import atomic_open
 
 _GREY = "0.6"
 _REFERENCE_POINTS = 5000  # enough to show a toy density's shape without hiding the samples
@@ -146,8 +146,7 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path, title) -> Path:
-    """Write fig to path (format from the suffix, PNG when there is none) through a temporary file
-    in the same folder, then os.replace: atomic on one file system."""
+    """Write fig to path (format from the suffix, PNG when there is none), atomically."""
     path = Path(path)
     fmt = path.suffix[1:].lower() or "png"
     supported = fig.canvas.get_supported_filetypes()
@@ -156,16 +155,6 @@ def _save(fig, path, title) -> Path:
                          f"{', '.join(sorted(supported))}")
     if title:
         fig.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    # os.open with mode 0o666 leaves the permissions to the umask, like a plain open();
-    # tempfile.mkstemp would make the figure readable by its owner alone.
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            fig.savefig(file, format=fmt)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    with atomic_open(path) as file:
+        fig.savefig(file, format=fmt)
     return path

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .compiler import write_atomic
+from .compiler import atomic_open, write_atomic
 from .data import load_data
 from .loader import load
 from .config import TrainConfig
@@ -63,13 +63,9 @@ def _build(config: TrainConfig, shape: tuple[int, ...], data_std: float | None =
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save, atomically (compiler.atomic_open): a crash never leaves half a checkpoint."""
+    with atomic_open(path) as file:
+        torch.save(state, file)
 
 
 def _write_config(out: Path, config: TrainConfig) -> None:

@@ -95,7 +95,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch
     save_checkpoint(path, {"step": 1})
 
     def broken(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"half a file")
+        f.write(b"half a file")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken)
