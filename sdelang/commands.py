@@ -162,12 +162,12 @@ def _sample(args) -> int:
     import numpy as np
     import torch
 
-    _set_threads(args)
     from . import plots
     from .evaluate import held_out, two_sample_test
     from .sampling import sample
     from .training import load_run
 
+    _set_threads(args)
     methods = _methods(args.method)
     if args.n < 1:
         raise ValueError(f"-n must be >= 1, got {args.n}")

@@ -1,6 +1,8 @@
 """`sdelang train / sample / nll` end to end on tiny runs, and their error handling."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 from pathlib import Path
@@ -14,15 +16,28 @@ TINY = ["--steps", "20", "--batch", "64", "--width", "16", "--depth", "1", "--qu
 
 
 @pytest.fixture(scope="module")
-def moons_run(tmp_path_factory):
+def trained(tmp_path_factory):
+    """A tiny two-moons run, and what `sdelang train` printed."""
     out = tmp_path_factory.mktemp("runs") / "moons"
-    assert main(["train", str(ROOT / "examples" / "vp_likelihood.sde"), "--data", "moons", "--out", str(out), *TINY]) == 0
-    return out
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["train", str(ROOT / "examples" / "vp_likelihood.sde"), "--data", "moons", "--out", str(out),
+                     *TINY]) == 0
+    return out, printed.getvalue()
 
 
-def test_train_prints_a_summary_and_writes_the_run(moons_run, capsys):
-    assert (moons_run / "run.json").is_file() and (moons_run / "checkpoint.pt").is_file()
-    assert (moons_run / "samples_000020.png").is_file()
+@pytest.fixture
+def moons_run(trained):
+    return trained[0]
+
+
+def test_train_prints_a_summary_and_writes_the_run(trained):
+    out, printed = trained
+    header, _, row = printed.splitlines()
+    assert header.split() == ["run", "sde", "data", "steps", "final", "loss", "seconds", "parameters"]
+    assert row.split()[:4] == [str(out), "vp_likelihood.sde", "moons", "20"]
+    assert (out / "run.json").is_file() and (out / "checkpoint.pt").is_file()
+    assert (out / "samples_000020.png").is_file()
 
 
 def test_sample_json_reports_nfe_and_a_two_sample_test(moons_run, tmp_path, capsys):
