@@ -57,6 +57,8 @@ class CosineVPSDE(torch.nn.Module):
     Parameters are fixed when the module is built; `.to(device, dtype)` moves it.
     """
 
+    kind = "affine"
+    unavailable = {}  # every feature is available: the SDE has a Gaussian kernel
     kernel_path = "closed form"
     inverse_cdf_path = "closed form (t ~ uniform)"
     weighting = "likelihood"

@@ -53,6 +53,8 @@ class NumericSDE(torch.nn.Module):
     Parameters are fixed when the module is built; `.to(device, dtype)` moves it.
     """
 
+    kind = "affine"
+    unavailable = {}  # every feature is available: the SDE has a Gaussian kernel
     kernel_path = "numeric (Gauss-Legendre quadrature)"
     inverse_cdf_path = "numeric (bisection)"
     weighting = "likelihood"

@@ -54,6 +54,8 @@ class VPSDE(torch.nn.Module):
     Parameters are fixed when the module is built; `.to(device, dtype)` moves it.
     """
 
+    kind = "affine"
+    unavailable = {}  # every feature is available: the SDE has a Gaussian kernel
     kernel_path = "closed form"
     inverse_cdf_path = "closed form (t ~ uniform)"
     weighting = "score_matching"

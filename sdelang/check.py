@@ -3,8 +3,10 @@
 Every user mistake found here is an :class:`SdeError` pointing at the offending
 expression: undefined or misspelled names, wrong arity, redefinitions, bad
 settings (eps >= T, steps not a positive integer), a zero or negative
-diffusion, a negative weighting, and the features not supported yet (a drift
-that is not affine in x, a diffusion that depends on x).
+diffusion, a negative weighting, and what a kind of SDE cannot have: a general
+SDE (drift not affine in x, or a diffusion g(x, t)) has no kernel, so no
+importance sampling, no sigma^2 weighting and no derived prior; a coupled SDE
+(several 'd<name> = ...' lines) must be linear with one time profile.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import sympy as sp
 
 from . import syntax as ast
 from .errors import SdeError, Source, Span
-from .ir import Parameter, Program
+from .ir import Component, CoupledProgram, Parameter, Program
 from .parse import RESERVED_WORDS
 from .timelimit import call_with_time_limit
 
@@ -52,7 +54,11 @@ MODULE_ATTRIBUTES = frozenset({
     "self", "T", "N", "eps", "kernel_path", "inverse_cdf_path", "t_sampling", "diffusion",
     "marginal_prob", "mean_coeff", "mean_offset", "std", "log_snr", "prior_sampling", "prior_logp",
     "discretize", "reverse", "weight", "t_density", "t_cdf", "t_icdf", "sample_t", "drift_divergence",
-    "training", "forward", "sde", "v0", "weighting", "SDE", "math", "torch",
+    "training", "forward", "sde", "v0", "weighting", "SDE", "math", "torch", "kind", "unavailable",
+    # general and coupled modules
+    "noise_gradient", "components", "data_index", "noisy", "split", "join", "data", "profile", "time_change",
+    "transition", "kernel", "perturb", "noise_to_score", "init_sampling", "init_logp", "F0", "D0", "mean0",
+    "Sigma0",
     # torch.nn.Module's public attributes (tests/test_programs.py checks this list against torch).
     "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children",
     "compile", "cpu", "cuda", "double", "dump_patches", "eval", "extra_repr", "float", "get_buffer",
@@ -67,6 +73,7 @@ MODULE_ATTRIBUTES = frozenset({
 PARAM_DEFAULT_HINT = "parameter defaults are numbers; use a constant 'name = expr' for derived values"
 GRID_POINTS = 257  # where positivity of g(t) and lambda(t) is checked on [eps, T]
 MAX_DIGITS = 308   # exact numbers beyond float64's range are refused before SymPy expands them
+STATE_RANGE = 4.0  # where a state-dependent drift or diffusion is checked, x in [-4, 4]
 EVALUATE_SECONDS = 5.0  # sp.N on a constant such as exp(exp(exp(100))) would otherwise never end
 
 
@@ -95,7 +102,9 @@ class _Checker:
     _function_bodies: dict[str, tuple[tuple[sp.Dummy, ...], sp.Expr]] = field(default_factory=dict)
     _in_progress: list[str] = field(default_factory=list)
     overrides: dict[str, float] = field(default_factory=dict)
-    state: str | None = None        # the x of 'dx = ...', once the SDE line is found
+    state: str | None = None        # the x of the first 'dx = ...' line
+    sdes: dict[str, ast.SdeDef] = field(default_factory=dict)   # state name -> its SDE line
+    inits: dict[str, ast.InitDef] = field(default_factory=dict)  # component name -> 'v(0) ~ ...'
     _resolving: str | None = None   # the parameter whose default is being evaluated
 
     def error(self, message: str, span: Span | None, hint: str | None = None) -> SdeError:
@@ -109,6 +118,18 @@ class _Checker:
         for st in self.module.statements:
             if isinstance(st, (ast.ParamDef, ast.ConstDef, ast.FunctionDef)):
                 self._define(st, where)
+            elif isinstance(st, ast.SdeDef):
+                name = self._state_name(st)
+                if name in self.sdes:
+                    raise self.error(f"'d{name}' is already given on line {self.sdes[name].span.line}", st.name_span,
+                                     "each component has one SDE line; remove one of them")
+                self.sdes[name] = st
+                self.state = self.state or name
+            elif isinstance(st, ast.InitDef):
+                if st.var in self.inits:
+                    raise self.error(f"the initial law of '{st.var}' is already given on line "
+                                     f"{self.inits[st.var].span.line}", st.var_span, "remove one of them")
+                self.inits[st.var] = st
             else:
                 kind = type(st)
                 if kind in singles:
@@ -116,11 +137,17 @@ class _Checker:
                     raise self.error(f"{_DESCRIBE[kind]} is already given on line {first.line}", st.span,
                                      "each setting is given at most once; remove one of them")
                 singles[kind] = st
-                if isinstance(st, ast.SdeDef):
-                    self.state = self._state_name(st)
-        if self.state in where:
-            raise self.error(f"'{self.state}' is the state variable of the SDE and cannot be redefined",
-                             where[self.state], "choose another name")
+        for name in self.sdes:
+            if name in where:
+                raise self.error(f"'{name}' is a state variable of the SDE and cannot be redefined",
+                                 where[name], "choose another name")
+        for name, st in self.inits.items():
+            if name not in self.sdes:
+                raise self.error(f"'{name}' is not a component of the SDE", st.var_span,
+                                 f"an initial law belongs to a component with its own line 'd{name} = ...'")
+            if sp.Rational(st.time) != 0:
+                raise self.error(f"an initial law is given at time 0, not {st.time}", st.time_span,
+                                 f"write '{name}(0) ~ normal(mean, variance)'")
         return singles
 
     def _refuse_reserved_word(self, name: str, span: Span) -> None:
@@ -259,9 +286,9 @@ class _Checker:
             if scope.allow_t_free:
                 return TIME
             raise self.error(f"{scope.context} cannot depend on the time t", expr.span, scope.t_hint)
-        if name == self.state:
+        if name in self.sdes:
             hint = ("a weighting lambda(t) is a function of time only" if scope.context == "the weighting" else
-                    "only the drift may use the state; pass it to a helper as an argument, e.g. 'f(x, t)'")
+                    "only the SDE may use the state; pass it to a helper as an argument, e.g. 'f(x, t)'")
             raise self.error(f"{scope.context} cannot depend on the state {name}", expr.span, hint)
         if name in self.param_symbols:
             return self.param_symbols[name]
@@ -389,8 +416,7 @@ class _Checker:
                 "a reserved word" if name in RESERVED_WORDS else "private in Python")
             raise self.error(f"'{name}' cannot name an SDE: it is {why}", header.name_span,
                              "the name becomes a Python module; choose another, e.g. 'sde my_sde'")
-        sde = singles.get(ast.SdeDef)
-        if sde is None:
+        if not self.sdes:
             for st in self.module.statements:
                 if isinstance(st, ast.ConstDef) and st.name.startswith("d") and {"dt", "dw"} & _names(st.value):
                     raise self.error(f"'{st.name} = ...' is not a valid SDE line", st.span,
@@ -407,7 +433,7 @@ class _Checker:
                 self._const(st.name, st.name_span)
             elif isinstance(st, ast.FunctionDef):
                 self._function(st.name, st.name_span)
-        x = sp.Symbol(self.state, real=True)
+        symbols = {name: sp.Symbol(name, real=True) for name in self.sdes}
 
         eps, T = DEFAULT_EPS, DEFAULT_T
         time = singles.get(ast.TimeDef)
@@ -434,35 +460,6 @@ class _Checker:
                                  "write a whole number of steps, e.g. 'steps 1000'")
             N = int(n)
 
-        v0 = sp.Integer(0)
-        v0_def = singles.get(ast.V0Def)
-        if v0_def is not None:
-            v0 = self.lower(v0_def.value, self._constant_scope("v0"))
-            value = self.constant(v0_def.value, "v0")
-            if value < 0:
-                raise self.error(f"v0 is a variance and cannot be negative, got {value:g}", v0_def.value.span,
-                                 "v0 is the variance of the noise in x(0); leave it out for v0 = 0")
-
-        sde_scope = _Scope({self.state: x}, "the SDE", allow_t_free=True, derivative_var=TIME)
-        if sde.diffusion is None:
-            raise self.error("an SDE without noise is not supported: the diffusion must be positive", sde.span,
-                             "add a diffusion term: 'dx = <drift> dt + <diffusion> dw'")
-        drift = self.lower(sde.drift, sde_scope) if sde.drift is not None else sp.Integer(0)
-        diffusion = self.lower(sde.diffusion, sde_scope)
-        drift_span = sde.drift.span if sde.drift is not None else sde.span
-        self._check_sde(drift, diffusion, x, drift_span, sde.diffusion.span, eps_value, T_value)
-
-        prior_mean = prior_variance = None
-        prior = singles.get(ast.PriorDef)
-        if prior is not None and prior.mean is not None:
-            prior_mean = self.lower(prior.mean, self._constant_scope("the prior mean"))
-            prior_variance = self.lower(prior.variance, self._constant_scope("the prior variance"))
-            self.constant(prior.mean, "the prior mean")
-            value = self.constant(prior.variance, "the prior variance")
-            if value <= 0:
-                raise self.error(f"the prior variance must be positive, got {value:g}", prior.variance.span,
-                                 "the second argument of normal(mean, variance) is a variance, e.g. normal(0, 1)")
-
         weighting, weighting_expr = "likelihood", None
         wdef = singles.get(ast.WeightingDef)
         if wdef is not None:
@@ -485,9 +482,141 @@ class _Checker:
 
         params = tuple(Parameter(name, self.param_defaults[name], self.param_symbols[name], st.name_span)
                        for name, st in self.params.items())
+        sde_scope = _Scope(symbols, "the SDE", allow_t_free=True, derivative_var=TIME)
+        if len(self.sdes) > 1 or self.inits:
+            prior = singles.get(ast.PriorDef)
+            if prior is not None and prior.mean is not None:
+                raise self.error("a coupled SDE takes no 'prior normal(...)': its prior is the kernel at T", prior.span,
+                                 "write 'prior kernel' or leave the line out")
+            if ast.V0Def in singles:
+                raise self.error("a coupled SDE takes no 'v0'", singles[ast.V0Def].span,
+                                 "give the auxiliary components initial laws instead, e.g. 'v(0) ~ normal(0, 1)'")
+            if weighting == "custom":
+                raise self.error("a coupled SDE takes 'weighting likelihood' or 'weighting score_matching'",
+                                 wdef.span, "a custom lambda(t) is supported for one-component SDEs only")
+            components = self._components(symbols, sde_scope, eps_value, T_value)
+            return CoupledProgram(header.name, self.source, params, TIME, components, eps, T, N, weighting, t_sampling)
+
+        x = symbols[self.state]
+        sde = self.sdes[self.state]
+        v0 = sp.Integer(0)
+        v0_def = singles.get(ast.V0Def)
+        if v0_def is not None:
+            v0 = self.lower(v0_def.value, self._constant_scope("v0"))
+            value = self.constant(v0_def.value, "v0")
+            if value < 0:
+                raise self.error(f"v0 is a variance and cannot be negative, got {value:g}", v0_def.value.span,
+                                 "v0 is the variance of the noise in x(0); leave it out for v0 = 0")
+
+        if sde.diffusion is None:
+            raise self.error("an SDE without noise is not supported: the diffusion must be positive", sde.span,
+                             "add a diffusion term: 'dx = <drift> dt + <diffusion> dw'")
+        drift = self.lower(sde.drift, sde_scope) if sde.drift is not None else sp.Integer(0)
+        diffusion = self.lower(sde.diffusion, sde_scope)
+        drift_span = sde.drift.span if sde.drift is not None else sde.span
+        affine = self._check_sde(drift, diffusion, x, drift_span, sde.diffusion.span, eps_value, T_value)
+
+        prior_mean = prior_variance = None
+        prior = singles.get(ast.PriorDef)
+        if prior is not None and prior.mean is not None:
+            prior_mean = self.lower(prior.mean, self._constant_scope("the prior mean"))
+            prior_variance = self.lower(prior.variance, self._constant_scope("the prior variance"))
+            self.constant(prior.mean, "the prior mean")
+            value = self.constant(prior.variance, "the prior variance")
+            if value <= 0:
+                raise self.error(f"the prior variance must be positive, got {value:g}", prior.variance.span,
+                                 "the second argument of normal(mean, variance) is a variance, e.g. normal(0, 1)")
+        if not affine:
+            self._check_general(sde, diffusion, x, prior, wdef, weighting, sdef, t_sampling)
         return Program(header.name, self.source, params, TIME, x, drift, diffusion, eps, T, N, v0,
                        prior_mean, prior_variance, weighting, weighting_expr, t_sampling, drift_span,
-                       sde.diffusion.span)
+                       sde.diffusion.span, affine=affine)
+
+    def _check_general(self, sde, diffusion, x, prior, wdef, weighting, sdef, t_sampling) -> None:
+        """What an SDE without a Gaussian kernel cannot have, each refused where it is written."""
+        why = ("the drift is not affine in x" if diffusion.free_symbols.isdisjoint({x}) else
+               f"the diffusion depends on {x}")
+        if prior is None or prior.mean is None:
+            raise self.error(f"this SDE needs a stated prior: {why}, so there is no Gaussian kernel to derive "
+                             f"it from", prior.span if prior is not None else sde.span,
+                             "state the law at T, e.g. 'prior normal(0, 1)' (check it with 'sdelang check')")
+        if t_sampling == "importance":
+            raise self.error(f"importance sampling of t needs the kernel's variance v(t), and this SDE has no "
+                             f"Gaussian kernel ({why})", sdef.span, "write 't ~ uniform' or leave the line out")
+        if weighting == "score_matching":
+            raise self.error(f"'weighting score_matching' is lambda = v(t), the kernel's variance, and this SDE "
+                             f"has no Gaussian kernel ({why})", wdef.span,
+                             "write 'weighting likelihood' (lambda = g^2) or a lambda(t) such as 'weighting 1'")
+        if weighting == "likelihood" and diffusion.has(x):
+            raise self.error(f"the likelihood weighting lambda = g^2 is a function of time only, but g depends "
+                             f"on {x}", wdef.span if wdef is not None else sde.diffusion.span,
+                             "give the weighting as a function of t, e.g. 'weighting 1'")
+
+    def _components(self, symbols, scope, eps, T) -> tuple[Component, ...]:
+        """The lines of a coupled SDE: drifts linear in the components, noise g_k(t) >= 0, initial laws."""
+        components = []
+        for name, st in self.sdes.items():
+            drift = self.lower(st.drift, scope) if st.drift is not None else sp.Integer(0)
+            span = st.drift.span if st.drift is not None else st.span
+            for u in symbols.values():
+                if sp.diff(drift, u, 2) != 0 or any(sp.diff(drift, u).has(w) for w in symbols.values()):
+                    raise self.error(f"the drift of d{name} is not linear in the components", span,
+                                     "a coupled SDE has the drift F(t) u: a sum of terms c(t) * component")
+            if drift.subs({u: 0 for u in symbols.values()}) != 0:
+                raise self.error(f"the drift of d{name} has a term without a component", span,
+                                 "a coupled SDE has the drift F(t) u, with no constant term b(t)")
+            diffusion = sp.Integer(0)
+            if st.diffusion is not None:
+                diffusion = self.lower(st.diffusion, scope)
+                if any(diffusion.has(u) for u in symbols.values()):
+                    raise self.error(f"the diffusion of d{name} depends on the state", st.diffusion.span,
+                                     "a coupled SDE has diffusions g(t) of time only")
+                if diffusion != 0:
+                    self._check_positive(diffusion, st.diffusion.span, eps, T, f"the diffusion of d{name}",
+                                         "g(t) must be positive on [eps, T]; leave out '... dw' for no noise")
+            for part in (*(sp.diff(drift, u) for u in symbols.values()),):
+                values = self._on_grid(part, eps, T)
+                if not np.all(np.isfinite(values)):
+                    bad = self._grid(eps, T)[~np.isfinite(values)][0]
+                    raise self.error(f"the drift of d{name} is not finite at t = {bad:.6g}", span,
+                                     "choose [eps, T] inside the drift's domain")
+            init = self.inits.get(name)
+            mean = variance = None
+            if init is not None:
+                mean = self.lower(init.mean, self._constant_scope("an initial mean"))
+                variance = self.lower(init.variance, self._constant_scope("an initial variance"))
+                self.constant(init.mean, "the initial mean")
+                if self.constant(init.variance, "the initial variance") < 0:
+                    raise self.error("the initial variance cannot be negative", init.variance.span,
+                                     "the second argument of normal(mean, variance) is a variance")
+            components.append(Component(name, symbols[name], drift, diffusion, mean, variance, st.span))
+        data = [c for c in components if c.init_mean is None]
+        if not data:
+            raise self.error("every component has an initial law, so none is the data", self.inits[components[0].name].span,
+                             f"leave out the initial law of the data component, e.g. of '{components[0].name}'")
+        if len(data) > 1:
+            raise self.error(f"component '{data[1].name}' has no initial law; only the data component may lack one",
+                             data[1].span, f"add '{data[1].name}(0) ~ normal(mean, variance)', or make "
+                             f"'{data[1].name}' the data and give '{data[0].name}' an initial law")
+        if all(c.diffusion == 0 for c in components):
+            raise self.error("no component has noise: a coupled SDE needs at least one '... dw'",
+                             components[0].span, "add a diffusion to one line, e.g. 'dv = ... dt + sqrt(2) dw'")
+        self._check_time_profile(components)
+        return tuple(components)
+
+    def _check_time_profile(self, components) -> None:
+        """F(t) = phi(t) F0 and G(t)^2 = phi(t) D0 with one phi: then the kernel depends on t only through
+        B(t) = int_0^t phi, a matrix exponential of constant matrices (derive/coupled.py)."""
+        entries = [(sp.diff(c.drift, d.symbol), c) for c in components for d in components]
+        entries += [(c.diffusion**2, c) for c in components]
+        nonzero = [(e, c) for e, c in entries if e != 0]
+        phi, first = nonzero[0]
+        for e, c in nonzero:
+            done, ratio = call_with_time_limit(EVALUATE_SECONDS, sp.simplify, e / phi)
+            if not done or ratio.has(TIME):
+                raise self.error(f"the coefficients of d{c.name} and d{first.name} change with time differently",
+                                 c.span, "a coupled SDE's drift matrix F(t) and noise G(t)^2 share one time profile: "
+                                 "write every coefficient as a constant times the same phi(t), e.g. beta(t) * (...)")
 
     def _check_weighting_word(self, expr: ast.Expr) -> None:
         """``weighting likelyhood``: a misspelled kind, not an undefined name in an expression."""
@@ -497,28 +626,51 @@ class _Checker:
         if close:
             raise self.error(f"unknown weighting '{expr.id}'", expr.span, f"did you mean '{close[0]}'?")
 
-    def _check_sde(self, drift, diffusion, x, drift_span, diffusion_span, eps, T) -> None:
+    def _check_sde(self, drift, diffusion, x, drift_span, diffusion_span, eps, T) -> bool:
+        """Refuse a diffusion that vanishes or a drift that is not finite; return whether the SDE is affine."""
         slope = sp.diff(drift, x)
-        if slope.has(x):
-            # A simplification that runs out of time counts as not affine: refusing is the safe side.
+        affine = not slope.has(x)
+        if not affine:
+            # Only a slope that simplifies to a function of t is affine; out of time counts as general.
             done, simple = call_with_time_limit(EVALUATE_SECONDS, sp.simplify, slope)
-            if not done or simple.has(x):
-                raise self.error("the drift is not affine in x: only drifts a(t) * x + b(t) are supported yet",
-                                 drift_span, "non-linear drifts are planned; write the drift as a(t) * x + b(t)")
-        if diffusion.has(x):
-            raise self.error("the diffusion depends on x: only a diffusion g(t) is supported yet",
-                             diffusion_span, "state-dependent diffusions are planned; write g as a function of t")
+            affine = done and not simple.has(x)
         if diffusion == 0:
             raise self.error("the diffusion is zero: an SDE without noise is not supported", diffusion_span,
                              "give a positive g(t) before 'dw', e.g. 'sqrt(2) dw'")
-        self._check_positive(diffusion, diffusion_span, eps, T, "the diffusion",
-                             "g(t) must be positive on [eps, T]; write it as a square root, e.g. sqrt(beta(t))")
+        if diffusion.has(x):
+            self._check_on_states(diffusion**2, x, diffusion_span, eps, T, "the diffusion", positive=True)
+            affine = False
+        else:
+            self._check_positive(diffusion, diffusion_span, eps, T, "the diffusion",
+                                 "g(t) must be positive on [eps, T]; write it as a square root, e.g. sqrt(beta(t))")
+        if not affine:
+            self._check_on_states(drift, x, drift_span, eps, T, "the drift", positive=False)
+            return False
         for part, name in ((slope, "the drift"), (drift.subs(x, 0), "the drift")):
             values = self._on_grid(part, eps, T)
             if not np.all(np.isfinite(values)):
                 bad = self._grid(eps, T)[~np.isfinite(values)][0]
                 raise self.error(f"{name} is not finite at t = {bad:.6g}", drift_span,
                                  "choose [eps, T] inside the drift's domain")
+        return True
+
+    def _check_on_states(self, expr, x, span, eps, T, what, positive) -> None:
+        """expr(x, t) finite (and positive) on a grid of x in [-STATE_RANGE, STATE_RANGE] and t in [eps, T]."""
+        fn = sp.lambdify((x, TIME), expr.subs(self._defaults()), modules="numpy")
+        xs, ts = np.meshgrid(np.linspace(-STATE_RANGE, STATE_RANGE, 41), self._grid(eps, T))
+        with np.errstate(all="ignore"):
+            values = np.asarray(fn(xs, ts), dtype=complex) * np.ones(xs.shape)
+        bad = ~np.isfinite(values) | (np.abs(values.imag) > 1e-12 * (1 + np.abs(values.real)))
+        if positive:
+            bad |= values.real <= 0
+        if bad.any():
+            i = np.flatnonzero(bad.ravel())[0]
+            problem = "zero" if positive and np.isfinite(values.ravel()[i]) and values.ravel()[i].real == 0 else (
+                "not positive" if positive and np.isfinite(values.ravel()[i]) else "not a finite real number")
+            raise self.error(f"{what} is {problem} at {x} = {xs.ravel()[i]:.6g}, t = {ts.ravel()[i]:.6g}", span,
+                             f"sdelang checks {x} in [-{STATE_RANGE:g}, {STATE_RANGE:g}]; "
+                             + ("the noise must not vanish, e.g. sqrt(1 + x^2)" if positive else
+                                "choose a drift defined for every state"))
 
     def _grid(self, eps: float, T: float) -> np.ndarray:
         return np.linspace(eps, T, GRID_POINTS)

@@ -64,7 +64,11 @@ def compile_source(source: Source, params: dict[str, float] | None = None) -> Co
 def compile_file(path: str | os.PathLike, out_dir: str | os.PathLike = "generated",
                  params: dict[str, float] | None = None) -> Path:
     """Compile ``path`` into ``out_dir/<name>.py`` (written atomically) and return that path."""
-    compiled = compile_source(read_source(path), params)
+    return write_module(compile_source(read_source(path), params), out_dir)
+
+
+def write_module(compiled: Compiled, out_dir: str | os.PathLike = "generated") -> Path:
+    """Write ``out_dir/<name>.py`` atomically and return its path."""
     target = Path(out_dir) / f"{compiled.name}.py"
     write_atomic(target, compiled.code)
     return target

@@ -1,7 +1,13 @@
 """The intermediate representation: a checked program as SymPy expressions.
 
-Every expression is in the time symbol ``t``, the state symbol ``x`` and the
+Every expression is in the time symbol ``t``, the state symbols and the
 parameter symbols; helper functions and constants have been inlined.
+
+Two shapes of program:
+- `Program`: one state x per data entry, dx = f(x, t) dt + g(x, t) dw. Its `kind` is "affine"
+  (f = a(t) x + b(t), g = g(t): Gaussian kernel) or "general" (anything else: no kernel).
+- `CoupledProgram`: several components per data entry (e.g. position x and velocity v) with a drift
+  linear in all of them and one noise per line: du = F(t) u dt + G(t) dw, G diagonal.
 """
 from __future__ import annotations
 
@@ -40,6 +46,52 @@ class Program:
     t_sampling: str                  # "uniform" or "importance"
     drift_span: Span
     diffusion_span: Span
+    prior_span: Span | None = None   # the 'prior' line, when there is one
+    sampling_span: Span | None = None  # the 't ~ ...' line
+    weighting_span: Span | None = None
+    affine: bool = True   # f = a(t) x + b(t) and g = g(t): the SDE has a Gaussian transition kernel
+
+    @property
+    def kind(self) -> str:
+        return "affine" if self.affine else "general"
+
+    @property
+    def defaults(self) -> dict[sp.Symbol, float]:
+        return {p.symbol: p.default for p in self.params}
+
+
+@dataclass(frozen=True)
+class Component:
+    """One line d<name> = drift dt + diffusion dw of a coupled SDE."""
+
+    name: str
+    symbol: sp.Symbol
+    drift: sp.Expr                    # linear in the components
+    diffusion: sp.Expr                # g_k(t); 0 for a component without noise
+    init_mean: sp.Expr | None         # the initial law N(mean, variance) of an auxiliary component;
+    init_variance: sp.Expr | None     # None for the data component
+    span: Span
+
+
+@dataclass(frozen=True)
+class CoupledProgram:
+    name: str
+    source: Source
+    params: tuple[Parameter, ...]
+    t: sp.Symbol
+    components: tuple[Component, ...]  # in the order written
+    eps: sp.Expr
+    T: sp.Expr
+    N: int
+    weighting: str                     # "likelihood" or "score_matching"
+    t_sampling: str                    # "uniform" or "importance"
+
+    kind = "coupled"
+
+    @property
+    def data(self) -> int:
+        """Index of the data component (the one without an initial law)."""
+        return next(i for i, c in enumerate(self.components) if c.init_mean is None)
 
     @property
     def defaults(self) -> dict[sp.Symbol, float]:

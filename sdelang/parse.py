@@ -54,6 +54,7 @@ RESERVED_WORDS = ("sde", "param", "steps", "v0", "prior", "weighting", "dt", "dw
                   "normal", "kernel", "likelihood", "score_matching", "uniform", "importance")
 STATEMENT_HINT = ("each line is one statement, e.g. 'name = expr', 'name(t) = expr', 'param name = expr', "
                   "'dx = <drift> dt + <diffusion> dw', 't in [eps, T]' or 'steps 1000'")
+FUNCTION_ARGUMENT_HINT = "define a helper as 'name(t) = expr'; multiplication is explicit: 'a * (b)'"
 SDE_HINT = "write the SDE as 'dx = <drift> dt + <diffusion> dw', with no '*' before 'dt' or 'dw'"
 
 _HUMAN = {"_NL": "end of line", "$END": "end of file", "NAME": "a name", "NUMBER": "a number",
@@ -154,9 +155,14 @@ def _explain(tok: Token, previous: Token | None, expected: set[str], span: Span,
         return f"a statement cannot start with {found}", hint, span
     if prev == "NAME" and expected <= {"EQUAL", "IN", "LPAR", "TILDE"}:
         return f"unexpected {found} after '{previous.value}'", STATEMENT_HINT, span
+    if expected == {"TILDE"} and tok.type == "EQUAL":  # 'f(2) = ...' read as the start of 'v(0) ~ ...'
+        opening = re.match(r"\s*\w+\s*\(\s*", line)
+        number = re.match(r"[^)\s]*", line[opening.end():]).group(0)
+        column = opening.end() + 1
+        return (f"the arguments of a function definition are names, not '{number}'", FUNCTION_ARGUMENT_HINT,
+                Span(span.line, column, span.line, column + max(len(number), 1)))
     if prev in ("LPAR", "COMMA") and expected == {"NAME"}:
-        return (f"the arguments of a function definition are names, not {found}",
-                "define a helper as 'name(t) = expr'; multiplication is explicit: 'a * (b)'", span)
+        return f"the arguments of a function definition are names, not {found}", FUNCTION_ARGUMENT_HINT, span
     if expected <= _ENDS:
         if prev == "DW":
             return f"unexpected {found} after 'dw'", "'dw' ends the SDE line; " + SDE_HINT, span
@@ -249,6 +255,11 @@ class _ToAst(Transformer):
     def sampling_def(self, meta, items):
         var, kind = items
         return ast.SamplingDef(str(var), str(kind), _token_span(var), _meta_span(meta))
+
+    def init_def(self, meta, items):
+        var, time, mean, variance = items
+        return ast.InitDef(str(var), str(time), mean, variance, _token_span(var), _token_span(time),
+                           _meta_span(meta))
 
     # -- expressions
     def number(self, meta, items):

@@ -146,8 +146,21 @@ class SamplingDef:
     span: Span
 
 
+@dataclass(frozen=True)
+class InitDef:
+    """``v(0) ~ normal(mean, variance)``: the initial law of an auxiliary component."""
+
+    var: str
+    time: str        # as written; must be 0
+    mean: Expr
+    variance: Expr
+    var_span: Span
+    time_span: Span
+    span: Span
+
+
 Statement = Union[Header, ParamDef, ConstDef, FunctionDef, SdeDef, TimeDef, StepsDef, V0Def,
-                  PriorDef, WeightingDef, SamplingDef]
+                  PriorDef, WeightingDef, SamplingDef, InitDef]
 
 
 @dataclass(frozen=True)

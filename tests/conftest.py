@@ -50,6 +50,12 @@ PARAM_RANGES: dict[str, dict[str, tuple[float, float]]] = {
     "numeric": {},
 }
 EXAMPLE_NAMES = tuple(PARAM_RANGES)
+# The examples without a scalar Gaussian kernel (kind "coupled" or "general"), which the affine
+# identity tests above do not apply to: tests/test_coupled.py and tests/test_general.py cover them.
+OTHER_RANGES: dict[str, dict[str, tuple[float, float]]] = {
+    "cld": {"beta": (1.0, 8.0), "gamma": (0.01, 0.2), "M_inv": (1.0, 8.0)},
+    "cubic_langevin": {"beta": (0.5, 8.0)},
+}
 
 
 def pytest_configure(config):
@@ -126,6 +132,18 @@ def examples() -> dict[str, Example]:
     return {name: Example(name, import_path(ROOT / "generated" / f"{name}.py", f"sdelang_golden_{name}"),
                           PARAM_RANGES[name])
             for name in EXAMPLE_NAMES}
+
+
+@pytest.fixture(scope="session")
+def other_examples() -> dict[str, Example]:
+    """The coupled and general examples, by name."""
+    return {name: Example(name, import_path(ROOT / "generated" / f"{name}.py", f"sdelang_golden_{name}"), ranges)
+            for name, ranges in OTHER_RANGES.items()}
+
+
+@pytest.fixture(scope="session")
+def all_examples(examples, other_examples) -> dict[str, Example]:
+    return {**examples, **other_examples}
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,26 @@ def score(x, t):
 
 
 def deterministic(sde, x, t, u) -> dict[str, torch.Tensor]:
-    """Every method whose output is a function of its inputs, by name."""
+    """Every method whose output is a function of its inputs, by name (those of the module's kind)."""
     out = {}
+    kind = sde.kind
     out["sde.drift"], out["sde.diffusion"] = sde.sde(x, t)
-    out["marginal_prob.mean"], out["marginal_prob.std"] = sde.marginal_prob(x, t)
-    out["discretize.f"], out["discretize.G"] = sde.discretize(x, t)
-    for name in ("diffusion", "mean_coeff", "mean_offset", "std", "log_snr", "weight", "t_density", "t_cdf"):
+    names = ["weight", "t_density", "t_cdf"]
+    if kind == "affine":
+        out["marginal_prob.mean"], out["marginal_prob.std"] = sde.marginal_prob(x, t)
+        names += ["diffusion", "mean_coeff", "mean_offset", "std", "log_snr"]
+    if kind == "coupled":
+        data = sde.data(x)
+        out["marginal_prob.mean"], out["marginal_prob.cov"] = sde.marginal_prob(data, t)
+        out["perturb"] = sde.perturb(data, t, x)
+        out["noise_to_score"] = sde.noise_to_score(x, t)
+        out["init_logp"] = sde.init_logp(x)
+        names += ["diffusion", "profile", "time_change"]
+    else:
+        out["discretize.f"], out["discretize.G"] = sde.discretize(x, t)
+    if kind == "general":
+        out["noise_gradient"] = sde.noise_gradient(x, t)
+    for name in names:
         out[name] = getattr(sde, name)(t)
     out["t_icdf"] = sde.t_icdf(u)
     out["prior_logp"] = sde.prior_logp(x)
@@ -49,7 +63,8 @@ def deterministic(sde, x, t, u) -> dict[str, torch.Tensor]:
     for flow in (False, True):
         reverse = sde.reverse(score, probability_flow=flow)
         out[f"reverse(flow={flow}).sde.drift"], out[f"reverse(flow={flow}).sde.diffusion"] = reverse.sde(x, t)
-        out[f"reverse(flow={flow}).discretize.f"], out[f"reverse(flow={flow}).discretize.G"] = reverse.discretize(x, t)
+        if kind != "coupled":
+            out[f"reverse(flow={flow}).discretize.f"], out[f"reverse(flow={flow}).discretize.G"] = reverse.discretize(x, t)
     return out
 
 
@@ -88,10 +103,10 @@ CONVERSIONS = {
 
 @pytest.mark.parametrize("conversion", CONVERSIONS)
 @pytest.mark.parametrize("name", NAMES)
-def test_to_dtype_converts_every_output(examples, name, conversion):
+def test_to_dtype_converts_every_output(all_examples, name, conversion):
     """After a dtype conversion every method returns finite tensors of that dtype, given t of that dtype."""
     convert, dtype = CONVERSIONS[conversion]
-    sde = convert(examples[name].module.SDE())
+    sde = convert(all_examples[name].module.SDE())
     for key, value in everything(sde, dtype).items():
         assert torch.is_tensor(value), f"{key} returned a {type(value).__name__}"
         assert value.dtype == dtype, f"{key} is {value.dtype}, not {dtype}"
@@ -100,22 +115,22 @@ def test_to_dtype_converts_every_output(examples, name, conversion):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_dtype_round_trip_is_lossless(examples, name):
+def test_dtype_round_trip_is_lossless(all_examples, name):
     """.float().double() leaves a module computing bitwise what a module that stayed in float64 computes.
 
     The module holds no learned state, only constants of the SDE, so a round trip has nothing to lose;
     both modules then run the same operations on the same inputs, hence exact equality.
     """
-    cls = examples[name].module.SDE
+    cls = all_examples[name].module.SDE
     assert_identical(everything(cls().float().double()), everything(cls().double()))
 
 
 # --- meta device ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", NAMES)
-def test_meta_device_gives_the_shapes_and_dtypes(examples, name):
+def test_meta_device_gives_the_shapes_and_dtypes(all_examples, name):
     """On the meta device every method runs and returns what it returns on the CPU, minus the values."""
-    cls = examples[name].module.SDE
+    cls = all_examples[name].module.SDE
     meta = cls().to("meta", F64)
     assert meta._anchor.device.type == "meta"
     got, want = everything(meta, F64, "meta", seed=None), everything(cls().double())
@@ -125,13 +140,13 @@ def test_meta_device_gives_the_shapes_and_dtypes(examples, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_built_on_meta_then_materialised(examples, name):
+def test_built_on_meta_then_materialised(all_examples, name):
     """Built under torch.device('meta') and materialised with to_empty(), as large models are, it is exact.
 
     This is how big models are initialised (FSDP, torchtitan): build on meta, to_empty() onto the real
     device, then load a checkpoint. The SDE's state dict is empty, so nothing is loaded into it.
     """
-    cls = examples[name].module.SDE
+    cls = all_examples[name].module.SDE
     with torch.device("meta"):
         sde = cls()
     sde = sde.to_empty(device="cpu").double()
@@ -141,14 +156,14 @@ def test_built_on_meta_then_materialised(examples, name):
 # --- torch.compile ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["vp", "cosine_vp", QUADRATURE])
-def test_torch_compile_fullgraph_matches_eager(examples, name):
+def test_torch_compile_fullgraph_matches_eager(all_examples, name):
     """One function calling the training and sampling methods compiles as a single graph and agrees.
 
     fullgraph=True turns any graph break into an error, so this passes only if the closed forms, the
     Gauss-Legendre quadrature and the fixed-length bisection all trace. With the eager backend the
     graph runs the very same torch operations in the same order, so the results are bitwise equal.
     """
-    sde = examples[name].module.SDE().double()
+    sde = all_examples[name].module.SDE().double()
     reverse = sde.reverse(score)
 
     def fn(x, t, u):
@@ -170,13 +185,13 @@ def test_torch_compile_fullgraph_matches_eager(examples, name):
 # --- state ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", NAMES)
-def test_no_state_in_checkpoints(examples, name):
+def test_no_state_in_checkpoints(all_examples, name):
     """No parameters and an empty state dict: a model that gains an SDE still loads its old checkpoints.
 
     Also the other way round: a checkpoint of a model holding an SDE has only the network's entries
     and loads strictly into a model whose SDE was built with other parameters.
     """
-    cls = examples[name].module.SDE
+    cls = all_examples[name].module.SDE
     sde = cls()
     assert list(sde.parameters()) == []
     assert sde.state_dict() == {}
@@ -198,9 +213,9 @@ def test_no_state_in_checkpoints(examples, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_deepcopy_computes_the_same(examples, name):
+def test_deepcopy_computes_the_same(all_examples, name):
     """copy.deepcopy (as EMA and checkpointing code does) gives a module with identical outputs."""
-    sde = examples[name].module.SDE().double()
+    sde = all_examples[name].module.SDE().double()
     assert_identical(everything(copy.deepcopy(sde)), everything(sde))
 
 
@@ -223,9 +238,9 @@ def cuda_tolerance(dtype) -> float:
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["float32", "float64"])
 @pytest.mark.parametrize("name", NAMES)
-def test_cuda_matches_cpu(examples, name, dtype):
+def test_cuda_matches_cpu(all_examples, name, dtype):
     """Every deterministic method on CUDA returns a CUDA tensor of the dtype equal to the CPU's result."""
-    cls = examples[name].module.SDE
+    cls = all_examples[name].module.SDE
     cpu, cuda = cls().to(dtype), cls().to("cuda", dtype)
     want = deterministic(cpu, *inputs(cpu, dtype))
     got = deterministic(cuda, *inputs(cuda, dtype, "cuda"))
@@ -238,9 +253,9 @@ def test_cuda_matches_cpu(examples, name, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["float32", "float64"])
 @pytest.mark.parametrize("name", NAMES)
-def test_cuda_sampling(examples, name, dtype):
+def test_cuda_sampling(all_examples, name, dtype):
     """sample_t and prior_sampling draw on the device: sample_t is t_icdf of the device's uniforms."""
-    cuda = examples[name].module.SDE().to("cuda", dtype)
+    cuda = all_examples[name].module.SDE().to("cuda", dtype)
     draws = random(cuda, seed=7)
     for key, value in draws.items():
         assert (value.device.type, value.dtype) == ("cuda", dtype), key
@@ -255,9 +270,9 @@ def test_cuda_sampling(examples, name, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", NAMES)
-def test_cuda_round_trip_is_lossless(examples, name):
+def test_cuda_round_trip_is_lossless(all_examples, name):
     """.cuda().cpu() leaves a float64 module computing bitwise what a module that never moved computes."""
-    cls = examples[name].module.SDE
+    cls = all_examples[name].module.SDE
     moved = cls().double().to("cuda").to("cpu")
     assert moved._anchor.device.type == "cpu"
     assert_identical(everything(moved), everything(cls().double()))
@@ -266,13 +281,13 @@ def test_cuda_round_trip_is_lossless(examples, name):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["float32", "float64"])
 @pytest.mark.parametrize("name", NAMES)
-def test_no_host_device_sync(examples, name, dtype):
+def test_no_host_device_sync(all_examples, name, dtype):
     """No method waits for the GPU: with sync debug mode 'error' a synchronising operation raises.
 
     Covers sde, marginal_prob, discretize, sample_t, t_icdf and prior_sampling, and with them every
     other method. Each is called once beforehand, as lazy CUDA initialisation may synchronise once.
     """
-    cuda = examples[name].module.SDE().to("cuda", dtype)
+    cuda = all_examples[name].module.SDE().to("cuda", dtype)
     x, t, u = inputs(cuda, dtype, "cuda")
     calls = {
         "sde": lambda: cuda.sde(x, t),

@@ -83,9 +83,12 @@ def test_every_example_has_a_golden_module_and_vice_versa():
     assert not stray, f"unexpected entries in generated/: {stray}"
 
 
-def test_the_shared_fixtures_cover_every_example(examples):
-    """tests/conftest.py gives parameter ranges for exactly the examples, so the identity tests see each one."""
-    assert sorted(examples) == EXAMPLES
+def test_the_shared_fixtures_cover_every_example(examples, other_examples):
+    """tests/conftest.py gives parameter ranges for exactly the examples, so the identity tests see each one:
+    the affine ones in `examples`, the coupled and general ones in `other_examples`."""
+    assert sorted([*examples, *other_examples]) == EXAMPLES
+    assert {e.module.SDE.kind for e in examples.values()} == {"affine"}
+    assert all(e.module.SDE.kind != "affine" for e in other_examples.values())
 
 
 # --- (c) compiling is deterministic ----------------------------------------------------------------

@@ -10,6 +10,8 @@ import sympy as sp
 
 from .. import __version__
 from ..derive import Derivation
+from ..derive.coupled import R, CoupledDerivation
+from ..derive.general import GeneralDerivation, reason
 from ..derive.discretize import START
 from ..derive.divergence import DIM
 from ..derive.importance import U, Y
@@ -22,6 +24,7 @@ MAX_FORMULA_SIZE = 120  # expression nodes shown in a docstring
 
 _env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
                           keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+_env.filters["pyrepr"] = repr  # a Python literal, for strings in the generated code
 
 
 def class_name(sde_name: str) -> str:
@@ -56,8 +59,134 @@ def plain_names(expr: sp.Expr) -> sp.Expr:
     return expr.xreplace(plain)
 
 
-def emit(d: Derivation) -> str:
+def emit(d: Derivation | GeneralDerivation | CoupledDerivation) -> str:
     """The generated module's source text; the same derivation always gives the same bytes."""
+    if isinstance(d, GeneralDerivation):
+        return emit_general(d)
+    if isinstance(d, CoupledDerivation):
+        return emit_coupled(d)
+    return emit_affine(d)
+
+
+def _shared(p, pool: ConstantPool) -> dict:
+    """What every template needs: the header, the parameters and the hoisted constants (call last:
+    the constants are those the methods' code has put in the pool)."""
+    scalar = ScalarPrinter({prm.symbol: f"self.{prm.name}" for prm in p.params})
+    source_text = p.source.text
+    return dict(
+        version=__version__,
+        source_name=_in_docstring(Path(p.source.path).name),
+        source_sha256=hashlib.sha256(source_text.encode()).hexdigest(),
+        source_lines=[_in_docstring(line.rstrip()) for line in source_text.rstrip("\n").splitlines()],
+        name=p.name,
+        class_name=class_name(p.name),
+        params=[(prm.name, repr(float(prm.default)), bool(prm.symbol.is_positive)) for prm in p.params],
+        N=p.N,
+        constants=pool.lines(scalar.names),
+        # Statements of a method body, placed at the start of the line that follows them.
+        body=lambda c: "".join(f"        {line}\n" for line in c.lines),
+    )
+
+
+def emit_general(d: GeneralDerivation) -> str:
+    """A module for an SDE without a Gaussian kernel (templates/general.py.j2)."""
+    p = d.program
+    names = {p.t: "t", p.x: "x"}
+    names.update({prm.symbol: f"self.{prm.name}" for prm in p.params})
+    pool = ConstantPool(frozenset(prm.symbol for prm in p.params))
+
+    def code(*exprs: sp.Expr) -> Code:
+        return generate(list(exprs), pool, names)
+
+    methods = {
+        "sde": code(p.drift, p.diffusion),
+        "gradient": code(d.noise_gradient),
+        "prior": code(d.prior_mean, d.prior_variance),
+        "weight": code(d.weight),
+        "divergence": code(d.divergence),
+    }
+    settings = code(p.eps, p.T, p.v0)
+    context = dict(
+        _shared(p, pool),
+        m=methods,
+        settings=settings,
+        kernel_path=d.kernel_path,
+        inverse_cdf_path=d.inverse_cdf_path,
+        weighting=p.weighting,
+        reason=reason(p),
+        unavailable=sorted(d.unavailable.items()),
+        f=dict(drift=_formula(p.drift), g2=_formula(d.g2), gradient=_formula(d.noise_gradient),
+               weight=_formula(d.weight), prior_mean=_formula(d.prior_mean),
+               prior_variance=_formula(d.prior_variance), divergence=_formula(d.divergence)),
+    )
+    return _env.get_template("general.py.j2").render(**context)
+
+
+def _matrix_code(rows) -> str:
+    """((a, b), (c, d)) -> "((a, b), (c, d))" for constants already printed."""
+    return "(" + ", ".join("(" + ", ".join(row) + ",)" for row in rows) + ",)"
+
+
+def emit_coupled(d: CoupledDerivation) -> str:
+    """A module for a coupled linear SDE (templates/coupled.py.j2)."""
+    p = d.program
+    comps = p.components
+    K = len(comps)
+    names = {p.t: "t", R: "r"}
+    names.update({prm.symbol: f"self.{prm.name}" for prm in p.params})
+    pool = ConstantPool(frozenset(prm.symbol for prm in p.params))
+
+    def code(*exprs: sp.Expr) -> Code:
+        return generate(list(exprs), pool, names)
+
+    def constants(matrix: sp.Matrix) -> str:
+        c = code(*matrix)
+        assert all(c.constant), "F0, D0 and the initial law hold parameters only"
+        flat = list(c.results)
+        return _matrix_code([flat[i * matrix.cols:(i + 1) * matrix.cols] for i in range(matrix.rows)])
+
+    transition = code(*d.Phi, *d.Q) if d.closed_form else None
+    methods = {"profile": code(d.phi), "time_change": code(d.B)}
+    noisy = d.noisy
+    order = [i for i in range(K) if not noisy[i]] + [i for i in range(K) if noisy[i]]
+    settings = code(p.eps, p.T)
+    uses_quadrature = any("self._quad(" in line for c in methods.values() for line in (*c.lines, *c.results))
+    nodes, weights = np.polynomial.legendre.leggauss(QUADRATURE_NODES)
+    F0, D0 = constants(d.F0), constants(d.D0)
+    mean0, Sigma0 = constants(d.mean0.T), constants(d.Sigma0)
+    context = dict(
+        _shared(p, pool),
+        K=K,
+        components=[c.name for c in comps],
+        data_index=p.data,
+        data_name=comps[p.data].name,
+        noisy=list(noisy),
+        order=order,
+        first_noisy=noisy.count(False),
+        settings=settings,
+        m=methods,
+        transition=transition,
+        F0=F0, D0=D0, mean0=mean0, Sigma0=Sigma0,
+        kernel_path=d.kernel_path,
+        inverse_cdf_path=d.inverse_cdf_path if p.t_sampling == "importance" else "closed form (t ~ uniform)",
+        weighting=p.weighting,
+        t_sampling=p.t_sampling,
+        uses_quadrature=uses_quadrature,
+        quadrature_nodes=[repr(float(x)) for x in nodes],
+        quadrature_weights=[repr(float(w)) for w in weights],
+        init=[(c.name, _formula(c.init_mean), _formula(c.init_variance)) for c in comps if c.init_mean is not None],
+        f=dict(
+            lines=[f"d{c.name} = ({_formula(c.drift)}) dt" + (f" + {_formula(c.diffusion)} dw" if c.diffusion != 0 else "")
+                   for c in comps],
+            phi=_formula(d.phi), B=_formula(d.B), F0=sp.sstr(d.F0.tolist()), D0=sp.sstr(d.D0.diagonal().tolist()[0]),
+            Phi=[[_formula(plain_names(e)) for e in row] for row in d.Phi.tolist()] if d.closed_form else None,
+            Q=[[_formula(plain_names(e)) for e in row] for row in d.Q.tolist()] if d.closed_form else None,
+        ),
+    )
+    return _env.get_template("coupled.py.j2").render(**context)
+
+
+def emit_affine(d: Derivation) -> str:
     p = d.program
     t = p.t
     names = {t: "t", p.x: "x", START: "s", U: "u", Y: "y", DIM: "d"}

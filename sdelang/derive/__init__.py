@@ -5,7 +5,9 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from ..ir import Program
+from ..ir import CoupledProgram, Program
+from .coupled import CoupledDerivation, derive_coupled
+from .general import GeneralDerivation, derive_general
 from .classify import classify
 from .discretize import Step, discretize
 from .divergence import drift_divergence
@@ -17,7 +19,7 @@ from .snr import log_snr
 from .symbolic import Accuracy
 from .weighting import weighting
 
-__all__ = ["Derivation", "derive"]
+__all__ = ["CoupledDerivation", "Derivation", "GeneralDerivation", "derive"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,16 @@ class Derivation:
         return "closed form" if self.importance.inverse is not None else "numeric (bisection)"
 
 
-def derive(p: Program) -> Derivation:
+def derive(p: Program | CoupledProgram) -> Derivation | GeneralDerivation | CoupledDerivation:
+    """Every derived quantity of a checked program; the kind of program picks the derivations."""
+    if isinstance(p, CoupledProgram):
+        return derive_coupled(p)
+    if not p.affine:
+        return derive_general(p)
+    return derive_affine(p)
+
+
+def derive_affine(p: Program) -> Derivation:
     t = p.t
     # The kernel needs the affine split and g^2; everything after it needs the kernel.
     a, b = classify(p.drift, p.x)
