@@ -55,6 +55,7 @@ EXAMPLE_NAMES = tuple(PARAM_RANGES)
 OTHER_RANGES: dict[str, dict[str, tuple[float, float]]] = {
     "cld": {"beta": (1.0, 8.0), "gamma": (0.01, 0.2), "M_inv": (1.0, 8.0)},
     "cubic_langevin": {"beta": (0.5, 8.0)},
+    "underdamped": {"beta": (1.0, 8.0), "gamma": (0.01, 0.2), "M_inv": (1.0, 8.0)},
 }
 
 

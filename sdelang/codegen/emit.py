@@ -50,7 +50,11 @@ def plain_names(expr: sp.Expr) -> sp.Expr:
     s -> s' beside a parameter called s."""
     taken = {s.name for s in expr.free_symbols if not isinstance(s, sp.Dummy)}
     plain = {}
-    for d in sorted(expr.atoms(sp.Dummy), key=lambda d: d.name):
+    # Two dummies may share a name (the step start s and an integration variable s): the module's own
+    # symbols keep theirs, and integration variables, made in any order (some in a child process of the
+    # time limit), get the primes.
+    public = (START, U, Y, DIM)
+    for d in sorted(expr.atoms(sp.Dummy), key=lambda d: (d.name, d not in public, d.dummy_index)):
         name = d.name
         while name in taken:
             name += "'"
@@ -168,7 +172,7 @@ def emit_coupled(d: CoupledDerivation) -> str:
         transition=transition,
         F0=F0, D0=D0, mean0=mean0, Sigma0=Sigma0,
         kernel_path=d.kernel_path,
-        inverse_cdf_path=d.inverse_cdf_path if p.t_sampling == "importance" else "closed form (t ~ uniform)",
+        inverse_cdf_path=d.inverse_cdf_path,
         weighting=p.weighting,
         t_sampling=p.t_sampling,
         uses_quadrature=uses_quadrature,

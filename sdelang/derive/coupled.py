@@ -53,7 +53,11 @@ class CoupledDerivation:
     def kernel_path(self) -> str:
         return "closed form" if self.closed_form else "numeric (Van Loan matrix exponential, float64)"
 
-    inverse_cdf_path = "numeric (tabulated CDF, float64)"
+    @property
+    def inverse_cdf_path(self) -> str:
+        if self.program.t_sampling == "uniform":
+            return "closed form (t ~ uniform)"
+        return "numeric (tabulated CDF, float64)"
 
     @property
     def noisy(self) -> tuple[bool, ...]:
