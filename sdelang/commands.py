@@ -123,7 +123,8 @@ def add_sample(sub) -> None:
                                    "time and, for 2-D data, a two-sample test against held-out data.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--method", default="pc", help="comma-separated sampler names: pc, em, reverse_diffusion, "
-                                                  "ancestral, ald, ode, heun, ddim, dpm2 (dpm = dpm2)")
+                                                  "ancestral, ald, ode, heun, ddim, dpm2 (dpm = dpm2), splitting "
+                                                  "(coupled SDEs); a coupled or general SDE takes em, pc, ode, heun")
     p.add_argument("--steps", type=int, default=None, help="time steps (default: the SDE's N)")
     p.add_argument("-n", type=int, default=1000, help="number of samples")
     p.add_argument("--spacing", choices=("time", "logsnr"), default=None,
@@ -139,14 +140,26 @@ def add_sample(sub) -> None:
 
 
 def _methods(text: str) -> list[str]:
-    from .sampling import METHODS
+    from .sampling import ALL_METHODS
 
     methods = [ALIASES.get(m.strip(), m.strip()) for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown or not methods:
         raise ValueError(f"unknown sampling method {', '.join(unknown) or text!r}; choose from "
-                         f"{', '.join(METHODS)} (aliases: {', '.join(f'{a}={b}' for a, b in ALIASES.items())})")
+                         f"{', '.join(ALL_METHODS)} (aliases: {', '.join(f'{a}={b}' for a, b in ALIASES.items())})")
     return methods
+
+
+def _applicable(methods: list[str], sde) -> None:
+    """Refuse, before any work, the methods this run's SDE cannot use, naming those it can."""
+    from .kinds import kind_of
+    from .sampling import methods_for
+
+    allowed = methods_for(sde)
+    wrong = [m for m in methods if m not in allowed]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} cannot sample this {kind_of(sde)} SDE; methods that can: "
+                         f"{', '.join(allowed)}")
 
 
 def _spacing(method: str, spacing: str | None) -> dict:
@@ -172,6 +185,7 @@ def _sample(args) -> int:
     if args.n < 1:
         raise ValueError(f"-n must be >= 1, got {args.n}")
     run = load_run(args.run_dir, device=args.device)
+    _applicable(methods, run.sde)
     shape = (args.n,) + tuple(run.dataset.shape)
     points = len(run.dataset.shape) == 1
     reference = None
@@ -257,6 +271,9 @@ def _nll(args) -> int:
             (f"{run.config.data} (test)", str(result.n), f"{result.nll_nats:.4f}", f"{result.bpd:.4f}",
              f"{result.stderr:.4f}", f"{result.nfe:.0f}", f"{seconds:.1f}")]
     print(table(rows))
+    if getattr(run.sde, "kind", "affine") == "coupled":
+        print("coupled SDE: the NLL is -E[log p(x, v0) - log q(v0)] over the auxiliary components' initial law q, "
+              "an upper bound on -log p(x)")
     if result.bound_nats is not None:
         print(f"ScoreFlow bound: {result.bound_nats:.4f} nats, {result.bound_bpd:.4f} bits/dim (>= NLL up to noise)")
     return 0

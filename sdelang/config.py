@@ -7,8 +7,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-OBJECTIVES = ("denoising", "sliced")
+OBJECTIVES = ("auto", "denoising", "sliced")   # auto: denoising, or sliced for a general SDE (no kernel)
 REDUCTIONS = ("sum", "mean")
+SIMULATION_STEPS = 64   # Euler-Maruyama steps from 0 to each x_t of a general SDE (no kernel to draw it from)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class TrainConfig:
     warmup: int = 100               # steps of linear learning-rate warm-up
     ema: float = 0.999
     clip: float = 1.0               # gradient-norm clipping; 0 turns it off
-    objective: str = "denoising"    # "denoising" or "sliced"
+    objective: str = "auto"         # "denoising", "sliced" or "auto" (by the SDE's kind; resolved by train)
+    simulation_steps: int = SIMULATION_STEPS  # to each x_t of a general SDE (sliced objective)
     reduction: str = "sum"
     seed: int = 0
     log_every: int = 50
@@ -69,6 +71,7 @@ class TrainConfig:
             (self.reduction in REDUCTIONS, f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}"),
             (self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}"),
             (min(self.log_every, self.checkpoint_every) >= 1, "log_every and checkpoint_every must be >= 1"),
+            (self.simulation_steps >= 1, f"simulation_steps must be >= 1, got {self.simulation_steps}"),
             (min(self.sample_every, self.eval_every, self.warmup, self.plot_samples) >= 0,
              "sample_every, eval_every, warmup and plot_samples must be >= 0"),
         ]

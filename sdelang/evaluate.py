@@ -4,6 +4,9 @@ Images (8-bit) are dequantised once with uniform noise, y = (k + u) / 256, and s
 x = 2 y - 1; bits/dim counts the density of y (MATH.md section 5). Continuous points report the
 density of x itself, bpd = nll / (D ln 2). The standard error is that of the mean over datapoints,
 which includes the spread of the data, of the dequantisation and of the Hutchinson probes.
+For a coupled SDE (CLD) the NLL is -[log p(x, v0) - log q(v0)] with v0 drawn from its initial law q:
+an upper bound on -log p(x) (see likelihood.log_likelihood), and bits/dim count the D entries of the
+data x, not the K D of the state.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from .likelihood import bits_per_dim, bound, log_likelihood
+from .likelihood import bits_per_dim, bound, log_likelihood, require_bound
 
 
 class NLL(NamedTuple):
@@ -36,10 +39,13 @@ def held_out(dataset, n: int, generator: torch.Generator) -> torch.Tensor:
 
 def nll(model, dataset, *, n: int = 512, batch: int = 256, seed: int = 0, probes: int = 1,
         exact_trace: bool = False, rtol: float = 1e-5, atol: float = 1e-5, with_bound: bool = False) -> NLL:
-    """NLL of the first n datapoints of `dataset` (a test split) under the score model's flow ODE."""
+    """NLL of the first n datapoints of `dataset` (a test split) under the score model's flow ODE; D, the
+    dimensions in bits/dim, is the number of entries of one datapoint of the data (for any kind of SDE)."""
     if n < 2 or batch < 1:
         raise ValueError(f"n must be >= 2 and batch >= 1, got n={n}, batch={batch}")
     sde = model.sde
+    if with_bound:
+        require_bound(sde)
     anchor = sde._anchor
     generator = torch.Generator("cpu").manual_seed(seed)
     x = held_out(dataset, n, generator)

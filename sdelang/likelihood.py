@@ -1,11 +1,13 @@
 """Likelihoods of a score model under a compiled SDE (MATH.md section 5).
 
-- `log_likelihood`: log p_eps(x) by integrating the probability-flow ODE dx/dt = f - g^2 s / 2 from eps
-  to T, log p_eps(x) = log prior(x(T)) + int_eps^T div f_flow(x(t), t) dt, with the divergence of the
-  score taken exactly or by Hutchinson's estimator.
+- `log_likelihood`: log p_eps(x) by integrating the probability-flow ODE from eps to T,
+  log p_eps(x) = log prior(x(T)) + int_eps^T div f_flow(x(t), t) dt, with the divergence of the
+  score terms taken exactly or by Hutchinson's estimator. Every kind of module: affine, general
+  (g(x, t): the flow drift carries -d(g^2)/dx / 2) and coupled (a bound on log p(x) with the
+  auxiliary components' initial noise drawn and its log-density subtracted).
 - `bits_per_dim`: nats of a density on the model's x -> bits per dimension of the data.
 - `bound`: ScoreFlow's per-datapoint upper bound on the cross-entropy at eps (Song et al. 2021,
-  Theorem 3), with t drawn uniformly in logSNR.
+  Theorem 3), with t drawn uniformly in logSNR; affine SDEs only.
 
 A score function is any callable score_fn(x, t) -> [B, ...] with t of shape [B]. Both likelihoods
 assume it treats the rows of a batch independently (as any network in eval mode does): the batch is
@@ -21,6 +23,7 @@ from torch import Tensor
 
 from .logsnr import log_snr_times
 from .ode import ADAPTIVE_SOLVERS, solve
+from .kinds import kind_of, unavailable_reason
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -30,8 +33,9 @@ NOISES = ("rademacher", "gaussian")
 
 
 class LogLikelihood(NamedTuple):
-    logp: Tensor    # [B] log p_eps(x) in nats: the model density at time eps
-    stderr: Tensor  # [B] standard error of logp over the Hutchinson probes (0 exact, nan for one probe)
+    logp: Tensor    # [B] log p_eps(x) in nats: the model density at time eps (coupled SDEs: the bound)
+    stderr: Tensor  # [B] standard error of logp over the Hutchinson probes and, for coupled SDEs, the
+                    # auxiliary draws (0 exact and not coupled, nan for one copy)
     nfe: int        # evaluations of the flow drift, each one score call on the whole (repeated) batch
 
 
@@ -44,21 +48,30 @@ class Bound(NamedTuple):
 def log_likelihood(sde, score_fn: ScoreFn, x: Tensor, *, exact_trace: bool = False, probes: int = 1,
                    noise: str = "rademacher", rtol: float = 1e-5, atol: float = 1e-5,
                    method: str = "dopri5", generator: torch.Generator | None = None) -> LogLikelihood:
-    """log p_eps(x) = log prior(x(T)) + int_eps^T [div f - g^2 / 2 div s](x(t), t) dt along the flow ODE.
+    """log p_eps(x) = log prior(x(T)) + int_eps^T div f_flow(x(t), t) dt along the flow ODE.
 
-    The state (x, accumulated divergence) goes from eps to T under dx/dt = f - g^2 s / 2 with
-    torchdiffeq's adaptive `method` at tolerances rtol, atol, on x's device and in x's dtype. The step
-    error is measured on x and on the divergence integral separately (the larger RMS decides), so the
-    log-likelihood itself is held to rtol, atol.
-    div f is the module's analytic `drift_divergence`; div s is
-      - exact_trace=True: tr(ds/dx), one backward pass per entry of a sample (for small d);
-      - otherwise Hutchinson's eps^T (ds/dx) eps, one backward pass, with a probe eps (`noise`:
-        Rademacher +-1 or standard normal) drawn once per solve and kept fixed. With probes=K the batch
-        is solved K times side by side with independent probes: logp is the mean of the K estimates and
-        stderr their standard deviation / sqrt(K).
-    `generator` draws the probes and must live on x's device. The result carries no gradient: the
-    solve runs without autograd, which is switched on only inside each step for ds/dx, so no-grad
-    callers are fine.
+    The flow drift f_flow is the module's, sde.reverse(score_fn, probability_flow=True).sde: f - g^2 s / 2
+    (affine), f - d(g^2)/dx / 2 - g^2 s / 2 (general, g(x, t)), F u - D s / 2 (coupled). The state
+    (x, accumulated divergence) goes from eps to T under it with torchdiffeq's adaptive `method` at
+    tolerances rtol, atol, on x's device and in x's dtype. The step error is measured on x and on the
+    divergence integral separately (the larger RMS decides), so the log-likelihood itself is held to
+    rtol, atol.
+    div f_flow = div f + div (f_flow - f): div f is the module's analytic `drift_divergence`, and the
+    rest (the score term, and the d(g^2)/dx correction of a general SDE) is differentiated by autograd:
+      - exact_trace=True: the trace of its Jacobian, one backward pass per entry of a sample (small d);
+      - otherwise Hutchinson's eps^T J eps, one backward pass, with a probe eps (`noise`: Rademacher +-1
+        or standard normal) drawn once per solve and kept fixed. With probes=K the batch is solved K
+        times side by side with independent probes: logp is the mean of the K estimates and stderr
+        their standard deviation / sqrt(K).
+    Coupled SDEs: x is the DATA [B, C, ...]. Each copy draws its auxiliary components,
+    u0 = sde.init_sampling(x, generator) (before the probes), solves the flow for the state u from u0,
+    and returns log p_eps(u0) - init_logp(u0), where p_eps is the model's density of u. Averaged over
+    the draw v0 ~ q this is E_q[log p(x, v0) - log q(v0)] = log p(x) - KL(q(v0) || p(v0 | x)) <= log p(x):
+    the likelihood of x with the entropy of v0 subtracted (Dockhorn et al. 2022), a lower bound; with
+    probes=K the K copies draw independent u0 and stderr covers that spread too.
+    `generator` draws the probes (and u0) and must live on x's device. The result carries no gradient:
+    the solve runs without autograd, which is switched on only inside each step for the Jacobian, so
+    no-grad callers are fine.
     """
     _check_batch(x)
     if method not in ADAPTIVE_SOLVERS:
@@ -78,7 +91,11 @@ def log_likelihood(sde, score_fn: ScoreFn, x: Tensor, *, exact_trace: bool = Fal
     copies = 1 if exact_trace else probes
     # Row k * batch + b holds datapoint b under probe k.
     x0 = x.detach().repeat(copies, *(1,) * (x.dim() - 1))
+    coupled = kind_of(sde) == "coupled"
+    if coupled:
+        x0 = sde.init_sampling(x0, generator)
     divergence = _exact_divergence if exact_trace else _hutchinson(_probe(x0, noise, generator))
+    reverse = sde.reverse(score_fn, probability_flow=True)
     nfe = 0
 
     def flow(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -88,20 +105,22 @@ def log_likelihood(sde, score_fn: ScoreFn, x: Tensor, *, exact_trace: bool = Fal
         tb = t.to(xt.dtype).expand(xt.shape[0])
         with torch.enable_grad():
             xg = xt.detach().requires_grad_(True)
-            s = score_fn(xg, tb)
-            div_s = divergence(s, xg)
-        f, g = sde.sde(xt, tb)
-        half_g2 = 0.5 * g**2
-        return f - sde._expand(half_g2, xt) * s.detach(), sde.drift_divergence(xt, tb) - half_g2 * div_s
+            drift = reverse.sde(xg, tb)[0]
+            # f's divergence is analytic; autograd takes the rest's, the part that holds the score.
+            rest = divergence(drift - sde.sde(xg, tb)[0], xg)
+        return drift.detach(), sde.drift_divergence(xt, tb) + rest
 
     # float64 times: torchdiffeq keeps time in float64 whatever the state's dtype.
     times = torch.tensor([float(sde.eps), float(sde.T)], dtype=torch.float64, device=x.device)
     with torch.no_grad():
         # ode.solve lands the last step on T: the coefficients may not exist past it (cosine schedule).
         xs, integrals = solve(flow, (x0, x0.new_zeros(x0.shape[0])), times, rtol=rtol, atol=atol, method=method)
-        estimates = (sde.prior_logp(xs[-1]) + integrals[-1]).reshape(copies, batch)
+        estimates = sde.prior_logp(xs[-1]) + integrals[-1]
+        if coupled:
+            estimates = estimates - sde.init_logp(x0)
+        estimates = estimates.reshape(copies, batch)
     logp = estimates.mean(0)
-    if exact_trace:
+    if exact_trace and not coupled:
         stderr = torch.zeros_like(logp)
     elif copies == 1:
         stderr = torch.full_like(logp, math.nan)
@@ -133,18 +152,18 @@ def _grad(out: Tensor, x: Tensor, retain_graph: bool) -> Tensor:
 
 
 def _hutchinson(probe: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-    """div s ~ eps^T (ds/dx) eps = eps . grad_x (s . eps): one backward pass, unbiased since E eps eps^T = I."""
-    def divergence(s: Tensor, x: Tensor) -> Tensor:
-        return (_grad((s * probe).sum(), x, retain_graph=False) * probe).flatten(1).sum(1)
+    """div v ~ eps^T (dv/dx) eps = eps . grad_x (v . eps): one backward pass, unbiased since E eps eps^T = I."""
+    def divergence(v: Tensor, x: Tensor) -> Tensor:
+        return (_grad((v * probe).sum(), x, retain_graph=False) * probe).flatten(1).sum(1)
     return divergence
 
 
-def _exact_divergence(s: Tensor, x: Tensor) -> Tensor:
-    """div s = sum_i ds_i/dx_i, one backward pass per entry i of a sample.
+def _exact_divergence(v: Tensor, x: Tensor) -> Tensor:
+    """div v = sum_i dv_i/dx_i, one backward pass per entry i of a sample.
 
-    Summing s_i over the batch before differentiating is exact because row b of s depends on row b of x only.
+    Summing v_i over the batch before differentiating is exact because row b of v depends on row b of x only.
     """
-    flat = s.flatten(1)
+    flat = v.flatten(1)
     d = flat.shape[1]
     trace = x.new_zeros(x.shape[0])
     for i in range(d):
@@ -194,8 +213,9 @@ def bound(sde, score_fn: ScoreFn, x: Tensor, *, samples: int = 1000, samples_per
         value = mean_j [ -log prior(x_T^j) + (L(eps) - L(T)) / 2 |sigma s + z|^2_j ] - (d / 2) log(v(T) / v(eps)),
     stderr = their standard deviation / sqrt(samples). The score is called on samples_per_call
     (default all) copies of the batch at a time. Runs under the caller's grad mode; `generator`
-    must live on x's device.
+    must live on x's device. Affine SDEs only (see require_bound).
     """
+    require_bound(sde)
     _check_batch(x)
     if not (isinstance(samples, int) and samples >= 1):
         raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
@@ -228,6 +248,16 @@ def bound(sde, score_fn: ScoreFn, x: Tensor, *, samples: int = 1000, samples_per
     value = draws.mean(0) + k_terms
     stderr = draws.std(0) / math.sqrt(samples) if samples > 1 else torch.full_like(value, math.nan)
     return Bound(value, stderr, -(-samples // chunk))
+
+
+def require_bound(sde) -> None:
+    """A ValueError unless `bound` applies: it integrates the scalar kernel's score -z / sigma(t) and samples
+    t uniformly in logSNR, so it needs an affine SDE; the error quotes the module's `unavailable` reason."""
+    if kind_of(sde) != "affine":
+        raise ValueError(f"the likelihood bound (ScoreFlow Theorem 3) needs the scalar Gaussian kernel of an "
+                         f"affine SDE, but {type(sde).__name__} is a {kind_of(sde)} SDE: "
+                         f"{unavailable_reason(sde, 'bound', 'std')}. Use log_likelihood (sdelang nll without "
+                         f"--bound) instead")
 
 
 def _log_snr_uniform_times(sde, n: int, device, generator: torch.Generator | None) -> Tensor:

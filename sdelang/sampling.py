@@ -11,6 +11,7 @@ each on the whole batch. Fixed-step samplers walk a grid of steps + 1 times from
     ald                annealed Langevin dynamics (NCSN) over the noise levels std(t_i)
     heun               2nd-order Heun on the flow ODE dx/dt = f - g^2 s / 2
     ddim, dpm2         exponential integrators (DPM-Solver-1 = DDIM; multistep DPM-Solver-2)
+    splitting          coupled SDEs only: Strang splitting, exact Gaussian half steps around a score step
 and `ode` solves the flow ODE with an adaptive torchdiffeq solver.
 
 With denoise=True (the default, as in score_sde) every sampler ends with one more score evaluation,
@@ -21,6 +22,20 @@ Every sampler also takes generator (for the prior draw and all noise) and x_T (a
 prior draw); fixed-step ones take progress (a tqdm bar), spacing ("time": uniform in t, "logsnr":
 uniform in logSNR, found by bisection) and after_step, a
 function (x, t_next) -> x applied after every step (inpaint uses it).
+
+The three kinds of module (`sde.kind`; modules without the attribute are affine):
+- "affine": every method above but splitting.
+- "general" (drift or diffusion non-affine in x, g(x, t)): no Gaussian kernel, so em, pc (with the em
+  predictor), heun and ode, through the module's reverse SDE, which carries the d(g^2)/dx correction.
+- "coupled" (K components per data entry, state u = cat of the components along dim 1): em, pc, heun,
+  ode and splitting, on u. `sample` takes the DATA shape [B, C, ...], samples u of shape [B, K C, ...]
+  (x_T, if given, is such a u) and returns the data component; the lower-level functions take and
+  return the state u.
+The exact-kernel samplers (reverse_diffusion, ancestral, ald, ddim, dpm2), spacing "logsnr" and the
+Tweedie step need the scalar kernel m, c, v of an affine SDE. On the other kinds the samplers raise a
+ValueError quoting the module's `unavailable` reason, and denoise does nothing (no score call): there
+is no scalar posterior mean to take, and at eps the noise left is tiny (CLD at eps = 1e-5: the
+position's kernel std is 1.6e-5).
 
 Step loops make no host-device synchronisation: the grid and the kernel on it are computed before the
 loop, in float64, and nothing in the loop reads a tensor's value in Python.
@@ -35,10 +50,15 @@ from typing import Callable, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from .kinds import kind_of, state_shape, unavailable_reason
 from .logsnr import log_snr_times
 from .ode import ADAPTIVE_SOLVERS, solve
 
+# The samplers of affine SDEs; `sample` accepts ALL_METHODS, and methods_for(sde) says which apply.
 METHODS = ("em", "reverse_diffusion", "ancestral", "pc", "ald", "ode", "heun", "ddim", "dpm2")
+ALL_METHODS = METHODS + ("splitting",)
+# Those that step with the scalar Gaussian kernel: affine SDEs only.
+KERNEL_SAMPLERS = ("reverse_diffusion", "ancestral", "ald", "ddim", "dpm2")
 PREDICTORS = ("em", "reverse_diffusion", "ancestral")
 SPACINGS = ("time", "logsnr")
 NORMS = ("sample", "batch")
@@ -89,7 +109,26 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
+def methods_for(sde) -> tuple[str, ...]:
+    """The sampling methods that work on this module (see the module docstring)."""
+    if kind_of(sde) == "affine":
+        return METHODS
+    kernel_free = tuple(m for m in METHODS if m not in KERNEL_SAMPLERS)
+    return kernel_free + (("splitting",) if kind_of(sde) == "coupled" else ())
+
+
+def _require_affine(sde, what: str, feature: str) -> None:
+    """A ValueError unless the module is affine: `what` needs its scalar Gaussian kernel. `feature` is the
+    word under which the module's `unavailable` gives the reason."""
+    if kind_of(sde) != "affine":
+        raise ValueError(f"{what} needs the scalar Gaussian kernel of an affine SDE, but {type(sde).__name__} "
+                         f"is a {kind_of(sde)} SDE: {unavailable_reason(sde, feature, 'std')}. Samplers that "
+                         f"work on it: {', '.join(methods_for(sde))}")
+
+
 def _require_kernel(sde, what: str) -> None:
+    """An affine module with the kernel functions m, c, v, logSNR, which `what` evaluates."""
+    _require_affine(sde, what, what)
     missing = [name for name in KERNEL_METHODS if not callable(getattr(sde, name, None))]
     if missing:
         raise ValueError(f"{what} needs the Gaussian kernel of an affine SDE, but the module lacks "
@@ -190,7 +229,7 @@ def _ancestral_step(sde, score, generator, k: _Schedule):
 
 
 def langevin_step(score_fn, x: torch.Tensor, t: torch.Tensor, snr: float, generator=None, *,
-                  norms="batch") -> torch.Tensor:
+                  norms="batch", mask: torch.Tensor | None = None) -> torch.Tensor:
     """One Langevin corrector step x <- x + delta s + sqrt(2 delta) z, z ~ N(0, I), with the step
     delta = 2 (snr |z| / |s|)^2 (score_sde's rule, its alpha taken as 1).
 
@@ -200,11 +239,17 @@ def langevin_step(score_fn, x: torch.Tensor, t: torch.Tensor, snr: float, genera
     |s| small, takes a long one), which changes the stationary law: measured on Gaussian data (VP and
     VE, 100 PC steps, snr = 0.16) the sample variance is 5-8 times too large in d = 2, 23-29 % too large
     in d = 16 and 8-9 % in d = 64, against 2-3 % with batch norms in d = 2.
+    mask (0/1, broadcasting against x): only the entries where it is 1 move (s and z are zeroed elsewhere),
+    and |z|, |s| are the norms over those entries. For a coupled SDE it selects the noisy components N:
+    the step is Langevin dynamics on the conditional law p_t(u_N | the other components), which leaves
+    p_t invariant, with delta = 2 (snr |z_N| / |s_N|)^2.
     """
     _check_positive("snr", snr)
     _check_choice("norms", norms, NORMS)
     s = score_fn(x, t)
     z = _noise(x, generator)
+    if mask is not None:
+        s, z = s * mask, z * mask
     if norms == "sample":
         ratio = _flat_norm(z) / _flat_norm(s)
         ratio = ratio.reshape(ratio.shape + (1,) * (x.dim() - 1))
@@ -212,6 +257,14 @@ def langevin_step(score_fn, x: torch.Tensor, t: torch.Tensor, snr: float, genera
         ratio = _flat_norm(z).mean() / _flat_norm(s).mean()
     delta = 2 * (snr * ratio) ** 2
     return x + delta * s + (2 * delta).sqrt() * z
+
+
+def _noise_mask(sde, x: torch.Tensor) -> torch.Tensor | None:
+    """For a coupled state x: 1 at the entries of its noisy components, 0 elsewhere, [1, K C, ...].
+    None for the other kinds, where every entry carries noise."""
+    if kind_of(sde) != "coupled":
+        return None
+    return sde.join([torch.full_like(part[:1], float(noisy)) for part, noisy in zip(sde.split(x), sde.noisy)])
 
 
 def _predictor(name: str, sde, score, generator, grid: torch.Tensor, like: torch.Tensor):
@@ -223,23 +276,29 @@ def _predictor(name: str, sde, score, generator, grid: torch.Tensor, like: torch
     return _ancestral_step(sde, score, generator, _schedule(sde, grid, like))
 
 
-def _fixed_step(sde, score_fn, shape, steps, generator, x_T, *, what, kernel, spacing="time"):
-    """What every fixed-step sampler starts with: checks, the counted score, x_T, the grid.
-    kernel: whether the sampler evaluates the Gaussian kernel (its own steps, or the Tweedie step)."""
+def _fixed_step(sde, score_fn, shape, steps, generator, x_T, *, what, kernel, denoise, spacing="time"):
+    """What every fixed-step sampler starts with: checks, the counted score, x_T, the grid, and whether to
+    end with the Tweedie step: asked for (denoise) and possible (an affine SDE; on the other kinds denoise
+    does nothing). what: the sampler's name; kernel: whether its steps evaluate the Gaussian kernel."""
     steps = _check_count("steps", steps, 1)
     _check_choice("spacing", spacing, SPACINGS)
-    if kernel or spacing == "logsnr":
+    if kernel:
+        _require_kernel(sde, what)
+    if spacing == "logsnr":
+        _require_affine(sde, "spacing 'logsnr'", "log_snr")
+    denoise = denoise and kind_of(sde) == "affine"
+    if denoise or spacing == "logsnr":
         _require_kernel(sde, what)
     x = _start(sde, shape, generator, x_T)
     grid = _time_grid(sde, steps, spacing, x.device)
-    return steps, _Counted(score_fn), x, grid
+    return steps, _Counted(score_fn), x, grid, denoise
 
 
 def euler_maruyama(sde, score_fn, shape, steps, *, spacing="time", generator=None, denoise=True,
                    progress=False, x_T=None, after_step=None) -> Samples:
     """Euler-Maruyama on the reverse SDE from T to eps. NFE: steps (+1 with denoise)."""
-    steps, score, x, grid = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="em", kernel=denoise,
-                                        spacing=spacing)
+    steps, score, x, grid, denoise = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="em",
+                                                 kernel=False, denoise=denoise, spacing=spacing)
     return _run(sde, score, x, grid.to(x.dtype), _em_step(sde, score, generator), denoise=denoise,
                 progress=progress, after_step=after_step, desc="em")
 
@@ -248,8 +307,10 @@ def reverse_diffusion(sde, score_fn, shape, steps, *, spacing="time", generator=
                       progress=False, x_T=None, after_step=None) -> Samples:
     """The reverse-diffusion predictor x <- x - f_i + G_i^2 s + G_i z, (f_i, G_i) the module's exact
     transition over each step of the grid. NFE: steps (+1)."""
-    steps, score, x, grid = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="reverse_diffusion",
-                                        kernel=denoise, spacing=spacing)
+    _require_affine(sde, "reverse_diffusion", "reverse_diffusion")
+    steps, score, x, grid, denoise = _fixed_step(sde, score_fn, shape, steps, generator, x_T,
+                                                 what="reverse_diffusion", kernel=False, denoise=denoise,
+                                                 spacing=spacing)
     return _run(sde, score, x, grid.to(x.dtype), _reverse_diffusion_step(sde, score, generator),
                 denoise=denoise, progress=progress, after_step=after_step, desc="reverse diffusion")
 
@@ -257,31 +318,38 @@ def reverse_diffusion(sde, score_fn, shape, steps, *, spacing="time", generator=
 def ancestral(sde, score_fn, shape, steps, *, spacing="time", generator=None, denoise=True, progress=False,
               x_T=None, after_step=None) -> Samples:
     """Ancestral sampling with the exact kernel's posterior (see _ancestral_step). NFE: steps (+1)."""
-    steps, score, x, grid = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="ancestral",
-                                        kernel=True, spacing=spacing)
+    steps, score, x, grid, denoise = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="ancestral",
+                                                 kernel=True, denoise=denoise, spacing=spacing)
     k = _schedule(sde, grid, x)
     return _run(sde, score, x, k.t, _ancestral_step(sde, score, generator, k), denoise=denoise,
                 progress=progress, after_step=after_step, desc="ancestral")
 
 
-def predictor_corrector(sde, score_fn, shape, steps, *, predictor="reverse_diffusion", corrector_steps=1,
-                        snr=0.16, norms="batch", spacing="time", generator=None, denoise=True,
-                        progress=False, x_T=None, after_step=None) -> Samples:
-    """Predictor-corrector: per step, one predictor step to t_{i+1} (one of PREDICTORS), then
-    corrector_steps Langevin steps at t_{i+1} (see langevin_step for snr and norms).
-    NFE: steps (corrector_steps + 1) (+1)."""
+def predictor_corrector(sde, score_fn, shape, steps, *, predictor=None, corrector_steps=1, snr=0.16,
+                        norms="batch", spacing="time", generator=None, denoise=True, progress=False, x_T=None,
+                        after_step=None) -> Samples:
+    """Predictor-corrector: per step, one predictor step to t_{i+1} (one of PREDICTORS; by default
+    reverse_diffusion on affine SDEs as in score_sde, em on the other kinds, the one that needs no kernel),
+    then corrector_steps Langevin steps at t_{i+1} (see langevin_step for snr and norms; on a coupled SDE
+    they move the noisy components only). NFE: steps (corrector_steps + 1) (+1)."""
+    if predictor is None:
+        predictor = "reverse_diffusion" if kind_of(sde) == "affine" else "em"
     _check_choice("predictor", predictor, PREDICTORS)
+    if predictor != "em":
+        _require_affine(sde, f"pc with the {predictor} predictor", predictor)
     _check_count("corrector_steps", corrector_steps, 0)
     _check_positive("snr", snr)
     _check_choice("norms", norms, NORMS)
-    steps, score, x, grid = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="pc",
-                                        kernel=denoise or predictor == "ancestral", spacing=spacing)
+    steps, score, x, grid, denoise = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="pc",
+                                                 kernel=predictor == "ancestral", denoise=denoise,
+                                                 spacing=spacing)
     predict = _predictor(predictor, sde, score, generator, grid, x)
+    mask = _noise_mask(sde, x)
 
     def step(x, i, t, t_next):
         x = predict(x, i, t, t_next)
         for _ in range(corrector_steps):
-            x = langevin_step(score, x, t_next, snr, generator, norms=norms)
+            x = langevin_step(score, x, t_next, snr, generator, norms=norms, mask=mask)
         return x
     return _run(sde, score, x, grid.to(x.dtype), step, denoise=denoise, progress=progress,
                 after_step=after_step, desc="pc")
@@ -303,8 +371,8 @@ def annealed_langevin(sde, score_fn, shape, steps, *, corrector_steps=5, step_lr
     _check_count("corrector_steps", corrector_steps, 1)
     if step_lr is not None:
         _check_positive("step_lr", step_lr)
-    steps, score, x, grid = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="ald", kernel=True,
-                                        spacing=spacing)
+    steps, score, x, grid, denoise = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="ald",
+                                                 kernel=True, denoise=denoise, spacing=spacing)
     k = _schedule(sde, grid, x)
     alpha = k.v if step_lr is None else step_lr * k.v / k.v[-1]
 
@@ -319,10 +387,12 @@ def annealed_langevin(sde, score_fn, shape, steps, *, corrector_steps=5, step_lr
 def probability_flow(sde, score_fn, shape, *, rtol=1e-5, atol=1e-5, solver="dopri5", generator=None,
                      denoise=True, x_T=None) -> Samples:
     """The flow ODE dx/dt = f - g^2 s / 2 from T to eps with torchdiffeq's adaptive `solver` (one of
-    ADAPTIVE_SOLVERS). NFE: the solver's evaluations of the drift (+1 with denoise)."""
+    ADAPTIVE_SOLVERS), through the module's flow drift (for general SDEs f - d(g^2)/dx / 2 - g^2 s / 2).
+    NFE: the solver's evaluations of the drift (+1 with denoise, affine SDEs only)."""
     _check_choice("ODE solver", solver, ADAPTIVE_SOLVERS)
     _check_positive("rtol", rtol)
     _check_positive("atol", atol)
+    denoise = denoise and kind_of(sde) == "affine"
     if denoise:
         _require_kernel(sde, "the Tweedie denoising step")
     x = _start(sde, shape, generator, x_T)
@@ -343,8 +413,8 @@ def heun(sde, score_fn, shape, steps, *, spacing="time", generator=None, denoise
     """Heun's method on the flow ODE, d = f - g^2 s / 2: x_e = x + h d(x, t),
     x <- x + h (d(x, t) + d(x_e, t_next)) / 2, h = t_next - t; the last step is Euler (x_e), which
     keeps the global order 2. NFE: 2 steps - 1 (+1)."""
-    steps, score, x, grid = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="heun",
-                                        kernel=denoise, spacing=spacing)
+    steps, score, x, grid, denoise = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="heun",
+                                                 kernel=False, denoise=denoise, spacing=spacing)
     flow = sde.reverse(score, probability_flow=True)
 
     def step(x, i, t, t_next):
@@ -373,8 +443,9 @@ def exponential_integrator(sde, score_fn, shape, steps, *, order=2, spacing="log
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order!r}")
-    steps, score, x, grid = _fixed_step(sde, score_fn, shape, steps, generator, x_T,
-                                        what="the exponential integrator", kernel=True, spacing=spacing)
+    steps, score, x, grid, denoise = _fixed_step(sde, score_fn, shape, steps, generator, x_T,
+                                                 what="ddim" if order == 1 else "dpm2", kernel=True,
+                                                 denoise=denoise, spacing=spacing)
     k = _schedule(sde, grid, x)
     lam, sigma = k.log_snr / 2, k.v.sqrt()
     previous = None  # eps_hat of the step before, for the multistep update
@@ -393,6 +464,109 @@ def exponential_integrator(sde, score_fn, shape, steps, *, order=2, spacing="log
                 desc=f"dpm-solver-{order}")
 
 
+class _HalfSteps(NamedTuple):
+    """The splitting sampler's Gaussian half steps u <- E u + e + R z, per half step j (2 per grid step)."""
+
+    E: torch.Tensor  # [2 steps, K, K]
+    e: torch.Tensor  # [2 steps, K]
+    R: torch.Tensor  # [2 steps, K, K], R R^T = C, the half step's noise covariance
+
+
+def _prior_score_parts(sde) -> tuple[torch.Tensor, torch.Tensor]:
+    """P = Sigma_T^-1 and mu_T of the prior, float64: its score is s_G(u) = -P (u - mu_T) per entry."""
+    return torch.cholesky_inverse(sde._prior_chol), sde._prior_mean
+
+
+def _gaussian_half_steps(sde, increments: torch.Tensor) -> _HalfSteps:
+    """The exact transition of du = (M u + b) drho + G0 dW over each rho-increment h (float64 [n]):
+    M = -(F0 + D0 P), b = D0 P mu_T (see `splitting`).
+
+    E = exp(M h) and e = int_0^h exp(M r) dr b are blocks of exp([[M, b], [0, 0]] h); the covariance
+    C = int_0^h exp(M r) D0 exp(M^T r) dr comes from Van Loan's exp([[-M, D0], [0, M^T]] h) =
+    [[exp(-M h), Y], [0, exp(M^T h)]] as C = exp(M^T h)^T Y. R is C's symmetric square root, by eigh:
+    C is singular at noiseless components and nearly so over short steps, where Cholesky can fail."""
+    P, mu = _prior_score_parts(sde)
+    F0, D0 = sde.F0, sde.D0
+    K = F0.shape[0]
+    M = -(F0 + D0 @ P)
+    h = increments[:, None, None]
+    affine = F0.new_zeros(K + 1, K + 1)
+    affine[:K, :K], affine[:K, K] = M, D0 @ P @ mu
+    mean_map = torch.linalg.matrix_exp(affine * h)
+    van_loan = F0.new_zeros(2 * K, 2 * K)
+    van_loan[:K, :K], van_loan[:K, K:], van_loan[K:, K:] = -M, D0, M.T
+    blocks = torch.linalg.matrix_exp(van_loan * h)
+    C = blocks[:, K:, K:].transpose(1, 2) @ blocks[:, :K, K:]
+    values, vectors = torch.linalg.eigh((C + C.transpose(1, 2)) / 2)
+    R = vectors * values.clamp(min=0).sqrt()[:, None, :] @ vectors.transpose(1, 2)
+    return _HalfSteps(mean_map[:, :K, :K], mean_map[:, :K, K], R)
+
+
+def _mix(sde, M: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """M [K, K] applied to each entry's K components of the coupled state u [B, K C, ...]."""
+    parts = torch.stack(sde.split(u), 1)                                   # [B, K, C, ...]
+    return sde.join(torch.tensordot(M, parts, dims=([1], [1])).unbind(0))
+
+
+def splitting(sde, score_fn, shape, steps, *, spacing="time", generator=None, denoise=True, progress=False,
+              x_T=None, after_step=None) -> Samples:
+    """Strang splitting of a coupled linear SDE's reverse SDE: per grid step from t to t_next,
+    A(half) S(full) A(half), with exact Gaussian A steps. `shape` is the state's, [B, K C, ...].
+
+    In r = B(t) = int_0^t phi, run backwards (rho = B(T) - B(t) grows as t falls), the reverse SDE
+    du = [F u - D s] dt + G dw_bar with F = phi(t) F0, D = G G^T = phi(t) D0 reads
+        du = [-F0 u + D0 s(u, t)] drho + G0 dW,   G0 G0^T = D0
+    (dt = -drho / phi, and G dw_bar over dt has covariance phi D0 |dt| = D0 drho). With the prior's score
+    s_G(u) = -P (u - mu_T), P = Sigma_T^-1 (Sigma_T = _prior_chol _prior_chol^T, mu_T = _prior_mean),
+    split s = s_G + (s - s_G):
+      (A) du = (M u + b) drho + G0 dW, M = -(F0 + D0 P), b = D0 P mu_T: linear in u, so over a
+          rho-increment h exactly u <- E u + e + R z, z ~ N(0, I), with
+              E = exp(M h),  e = int_0^h exp(M r) dr b,  R R^T = int_0^h exp(M r) D0 exp(M^T r) dr
+          (matrix exponentials, Van Loan's method for the covariance; see _gaussian_half_steps);
+      (S) du = D0 (s(u, t) - s_G(u)) drho: one Euler step over the grid step's whole increment
+          B(t) - B(t_next), at the midpoint t_m = (t + t_next) / 2, on the state after the first A.
+    The A half steps cover [t_m, t] and [t_next, t_m] in r. The matrices are computed in float64 before
+    the loop (no host-device synchronisation in it) and cast to u's dtype. It is Dockhorn et al.'s
+    symmetric splitting (SSCS), with the prior's score for their stationary one.
+    Exact for any number of steps when s = s_G: S is then the identity and the A steps compose to the
+    exact transition. Otherwise first order, like em, because S is an Euler step on D0 (s - s_G), which
+    is stiff near eps (CLD with Gaussian data, exact score: the error of d x_eps / d mu is 0.0169 at 100
+    steps against em's 0.0189, and halves with twice the steps; S evaluated at t instead of t_m measured
+    0.0159). S is stable while the increment stays below about 2 / (g0^2 (1 / Sigma_c - 1 / Sigma_T)),
+    Sigma_c the conditional variance of the noisy components at t_m; on CLD Sigma_c grows from gamma M
+    fast enough (about gamma M + g0^2 t) that no step count diverges: at 2, 5, 10 steps the variance of
+    Gaussian data came out 3.5, 2.1 and 0.6 times the true one, em's 4200, 310 and 9 times.
+    Coupled SDEs only; denoise does nothing. NFE: steps, one score call per step.
+    """
+    if kind_of(sde) != "coupled":
+        raise ValueError(f"splitting needs a coupled linear SDE (F0, D0, the prior's Sigma_T), but "
+                         f"{type(sde).__name__} is a {kind_of(sde)} SDE. Samplers that work on it: "
+                         f"{', '.join(methods_for(sde))}")
+    steps, score, u, grid, _ = _fixed_step(sde, score_fn, shape, steps, generator, x_T, what="splitting",
+                                           kernel=False, denoise=False, spacing=spacing)
+    middle = (grid[:-1] + grid[1:]) / 2
+    r, r_middle = sde.time_change(grid), sde.time_change(middle)
+    half = _gaussian_half_steps(sde, torch.stack([r[:-1] - r_middle, r_middle - r[1:]], 1).reshape(-1))
+    P, mu = _prior_score_parts(sde)
+    E, e, R = (v.to(u.dtype) for v in half)
+    euler = ((r[:-1] - r[1:])[:, None, None] * sde.D0).to(u.dtype)  # the S step's D0 (B(t) - B(t_next))
+    P, mu = P.to(u.dtype), mu.to(u.dtype)
+    middle = middle.to(u.dtype)
+    batch = u.shape[:1]
+
+    def gaussian(u, j):
+        moved = _mix(sde, E[j], u) + _mix(sde, R[j], _noise(u, generator))
+        return sde.join(part + e[j, k] for k, part in enumerate(sde.split(moved)))
+
+    def step(u, i, t, t_next):
+        u = gaussian(u, 2 * i)
+        gap = score(u, middle[i].expand(batch)) + _mix(sde, P, sde.join(
+            part - mu[k] for k, part in enumerate(sde.split(u))))      # s - s_G
+        return gaussian(u + _mix(sde, euler[i], gap), 2 * i + 1)
+    return _run(sde, score, u, grid.to(u.dtype), step, denoise=False, progress=progress,
+                after_step=after_step, desc="splitting")
+
+
 _FIXED_STEP = {
     "em": euler_maruyama,
     "reverse_diffusion": reverse_diffusion,
@@ -402,21 +576,38 @@ _FIXED_STEP = {
     "heun": heun,
     "ddim": functools.partial(exponential_integrator, order=1),
     "dpm2": functools.partial(exponential_integrator, order=2),
+    "splitting": splitting,
 }
+
+
+def _state_shape(sde, shape) -> tuple[int, ...]:
+    """A coupled SDE's state shape for data of shape [B, C, ...]: [B, K C, ...]."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise ValueError(f"a coupled SDE samples data of shape [B, C, ...] (its {len(sde.components)} components "
+                         f"stack along dim 1), got shape {shape}")
+    return shape[:1] + state_shape(sde, shape[1:])
 
 
 def sample(sde, score_fn, shape, method="pc", steps=None, *, generator=None, denoise=True,
            progress=False, **options) -> Samples:
-    """Samples of the given shape by `method` (one of METHODS); steps defaults to sde.N. `options` go to
-    the method's function (e.g. snr for pc, rtol for ode). `progress` shows a bar for fixed-step methods."""
-    _check_choice("sampling method", method, METHODS)
+    """Samples of the given shape by `method` (one of methods_for(sde)); steps defaults to sde.N. `options`
+    go to the method's function (e.g. snr for pc, rtol for ode). `progress` shows a bar for fixed-step
+    methods. For a coupled SDE `shape` is the data's, [B, C, ...]: the method runs on the state u of shape
+    [B, K C, ...] from the prior (or x_T, such a state) and the data component of u is returned."""
+    _check_choice("sampling method", method, ALL_METHODS)
+    coupled = kind_of(sde) == "coupled"
+    if coupled:
+        shape = _state_shape(sde, shape)
     if method == "ode":
         if steps is not None:
             raise ValueError("method 'ode' is adaptive and takes no steps; set its rtol and atol instead")
-        return probability_flow(sde, score_fn, shape, generator=generator, denoise=denoise, **options)
-    steps = sde.N if steps is None else steps
-    return _FIXED_STEP[method](sde, score_fn, shape, steps, generator=generator, denoise=denoise,
-                               progress=progress, **options)
+        out = probability_flow(sde, score_fn, shape, generator=generator, denoise=denoise, **options)
+    else:
+        steps = sde.N if steps is None else steps
+        out = _FIXED_STEP[method](sde, score_fn, shape, steps, generator=generator, denoise=denoise,
+                                  progress=progress, **options)
+    return Samples(sde.data(out.x), out.nfe) if coupled else out
 
 
 def inpaint(sde, score_fn, known: torch.Tensor, mask: torch.Tensor, method="pc", steps=None, *,
@@ -424,7 +615,8 @@ def inpaint(sde, score_fn, known: torch.Tensor, mask: torch.Tensor, method="pc",
     """Samples that agree with `known` where mask == 1, by replacement: after every step to time t the
     masked entries become a fresh draw of the forward kernel, m(t) known + c(t) + sigma(t) z, and the
     returned samples equal `known` there exactly. Any fixed-step method of METHODS; mask is 0/1 and
-    broadcasts against known."""
+    broadcasts against known. Affine SDEs only (the draw is the scalar kernel's)."""
+    _require_affine(sde, "inpainting (a draw of the kernel at the known entries)", "marginal_prob")
     if method == "ode":
         raise ValueError("inpainting needs a fixed-step method: the adaptive 'ode' solver has no steps "
                          "to constrain; use 'heun', 'ddim' or 'dpm2' for a deterministic sampler")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -27,7 +28,8 @@ from .compiler import atomic_open, write_atomic
 from .data import load_data
 from .loader import load
 from .config import TrainConfig
-from .losses import LOSSES
+from .losses import LOSSES, resolve_objective
+from .kinds import kind_of
 from .models import ScoreModel, build_model
 
 RUN_FILE = "run.json"
@@ -52,14 +54,18 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _build(config: TrainConfig, shape: tuple[int, ...], data_std: float | None = None):
-    """SDE and score model of a configuration for samples of `shape`, on its device and dtype."""
-    dtype = getattr(torch, config.dtype)
-    sde = load(config.sde_source if config.sde_source.endswith("\n") else config.sde_source + "\n",
-               **config.params).to(config.device, dtype)
+def _load_sde(config: TrainConfig):
+    """The configuration's SDE module, on its device and dtype."""
+    source = config.sde_source if config.sde_source.endswith("\n") else config.sde_source + "\n"
+    return load(source, **config.params).to(config.device, getattr(torch, config.dtype))
+
+
+def _build(config: TrainConfig, sde, shape: tuple[int, ...], data_std: float | None = None):
+    """The score model of a configuration for data samples of `shape` (the network is sized for the
+    SDE's state, models.state_shape), on the configuration's device and dtype."""
     model_config = config.model if data_std is None else replace(config.model, data_std=data_std)
-    model = build_model(sde, tuple(shape), model_config).to(config.device, dtype)
-    return sde, model, model_config
+    model = build_model(sde, tuple(shape), model_config).to(config.device, getattr(torch, config.dtype))
+    return model, model_config
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -89,7 +95,8 @@ def load_run(out: str | os.PathLike, device: str | None = None) -> Trained:
         raise FileNotFoundError(f"{out} has no {CHECKPOINT} yet; train first")
     state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
     dataset = load_data(config.data, split="train")
-    sde, model, _ = _build(config, dataset.shape)
+    sde = _load_sde(config)
+    model, _ = _build(config, sde, dataset.shape)
     model.load_state_dict(state["ema"])
     return Trained(config, sde, model.eval().requires_grad_(False), dataset, state["step"], state["losses"])
 
@@ -112,7 +119,8 @@ def train(config: TrainConfig, out: str | os.PathLike, *, progress: bool = True,
     """Train (or resume) the run in directory `out`; returns the trained EMA model.
 
     If `out` already holds a checkpoint of the same configuration, training continues from it up
-    to `config.steps`; a different configuration is refused rather than overwritten.
+    to `config.steps`; a different configuration is refused rather than overwritten. The objective
+    "auto" is resolved by the SDE's kind first (losses.resolve_objective) and stored resolved.
     """
     from . import plots
 
@@ -120,6 +128,8 @@ def train(config: TrainConfig, out: str | os.PathLike, *, progress: bool = True,
     rank, world = _distributed()
     if config.batch % world:
         raise ValueError(f"batch {config.batch} must be divisible by the number of processes {world}")
+    sde = _load_sde(config)
+    config = replace(config, objective=resolve_objective(sde, config.objective))
     state = None
     if (out / CHECKPOINT).is_file():
         previous = read_config(out)
@@ -135,7 +145,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *, progress: bool = True,
     data_std = config.model.data_std if state is not None else _data_std(dataset, generator)
     generator.manual_seed(config.seed * world + rank)
     noise.manual_seed(config.seed * world + rank + 2**31)
-    sde, model, model_config = _build(config, dataset.shape, data_std)
+    model, model_config = _build(config, sde, dataset.shape, data_std)
     held_out = load_data(config.data, split="test") if config.eval_every and rank == 0 else None
     config = replace(config, model=model_config)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -155,6 +165,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *, progress: bool = True,
     if world > 1:
         trainable = torch.nn.parallel.DistributedDataParallel(model)
     objective = LOSSES[config.objective]
+    options = dict(steps=config.simulation_steps) if config.objective == "sliced" else {}
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: min(1.0, (k + 1) / config.warmup) if config.warmup else 1.0, last_epoch=step - 1)
 
@@ -180,7 +191,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *, progress: bool = True,
     model.train()
     while step < config.steps:
         x0 = dataset.batch(local_batch, generator).to(config.device, getattr(torch, config.dtype), non_blocking=True)
-        loss = objective(sde, trainable, x0, generator=noise, reduction=config.reduction).mean()
+        loss = objective(sde, trainable, x0, generator=noise, reduction=config.reduction, **options).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.clip:
@@ -192,6 +203,11 @@ def train(config: TrainConfig, out: str | os.PathLike, *, progress: bool = True,
         step, since = step + 1, since + 1
         if step % config.log_every == 0 or step == config.steps:
             mean_loss = float(running) / since    # one sync per logging interval, not per step
+            if not math.isfinite(mean_loss):
+                hint = (f" or raise simulation_steps ({config.simulation_steps}): Euler-Maruyama paths of a strongly "
+                        "non-linear drift can overflow" if kind_of(sde) == "general" else "")
+                raise FloatingPointError(f"the training loss is {mean_loss} in the {since} steps up to step {step}; "
+                                         f"lower the learning rate{hint}")
             losses.append((step, mean_loss))
             rate = since * config.batch / (time.perf_counter() - started)
             if bar is not None:

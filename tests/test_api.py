@@ -26,7 +26,7 @@ VP = ROOT / "examples" / "vp.sde"
 BM = "sde bm_api\nparam sigma = 2\ndx = sigma dw\n"                            # v(t) = sigma^2 t
 OU = "sde ou_api\nparam theta = 1\ndx = -theta * x dt + sqrt(2) dw\n"           # v(t) = (1 - e^-2 theta t) / theta
 SHIFT = "sde shift_api\nparam mu = -1\ndx = -(x - mu) dt + 1 dw\n"             # c(t) = mu (1 - e^-t)
-NOT_AFFINE = "sde double_well\ndx = (x - x^3) dt + sqrt(2) dw\n"
+BAD_DRIFT = "sde log_drift\ndx = -log(x) dt + sqrt(2) dw\nprior normal(0, 1)\n"  # log(x) is undefined for x <= 0
 F64 = torch.float64
 # Closed forms against the generated code in float64: the same few operations in another order,
 # a few ulp apart; 1e-12 relative leaves a thousandfold margin and catches any wrong formula.
@@ -312,26 +312,26 @@ def test_compile_file_defaults(ou_file, tmp_path, monkeypatch):
 def assert_located(exc: sdelang.SdeError, path: str):
     """Rendered as path:line:col: error: ..., with the line and a caret under the drift."""
     assert exc.span is not None and exc.span.line == 2
-    assert NOT_AFFINE.splitlines()[1][exc.span.column - 1:].startswith("(x - x^3)")
+    assert BAD_DRIFT.splitlines()[1][exc.span.column - 1:].startswith("-log(x)")
     lines = str(exc).splitlines()
     assert lines[0] == f"{path}:2:{exc.span.column}: error: {exc.message}"
-    assert "not affine" in exc.message
-    assert lines[1].strip() == NOT_AFFINE.splitlines()[1]
-    assert lines[2].index("^") == lines[1].index("(x - x^3)")
+    assert "not a finite real number" in exc.message
+    assert lines[1].strip() == BAD_DRIFT.splitlines()[1]
+    assert lines[2].index("^") == lines[1].index("-log(x)")
 
 
 def test_bad_program_text_raises_a_located_error_and_caches_nothing(isolated_cache):
     """load() of a wrong program raises SdeError at the offending expression; the cache stays empty."""
     with pytest.raises(sdelang.SdeError) as info:
-        sdelang.load(NOT_AFFINE)
+        sdelang.load(BAD_DRIFT)
     assert_located(info.value, "<string>")
     assert cached_files(isolated_cache) == []
 
 
 def test_bad_program_file_raises_a_located_error_and_writes_nothing(isolated_cache, tmp_path):
     """load() and compile_file() of a wrong file name the file; neither the cache nor out_dir is written."""
-    path = tmp_path / "double_well.sde"
-    path.write_text(NOT_AFFINE)
+    path = tmp_path / "log_drift.sde"
+    path.write_text(BAD_DRIFT)
     out = tmp_path / "out"
     with pytest.raises(sdelang.SdeError) as info:
         sdelang.load(path)
