@@ -1,0 +1,139 @@
+"""The kernel's methods against each other and against sde(), in float64, within 1e-9 relative: two float64
+formulas of one quantity (MATH.md sections 1, 3, 6).
+
+    kernel_methods          scalar kernels: mean_coeff(), mean_offset(), std(), log_snr(), diffusion(), weight()
+    coupled_kernel_methods  coupled kernels: marginal_prob(), kernel(), transition(), time_change(), profile(),
+                            sde(), diffusion(), drift_divergence(), weight()
+"""
+from __future__ import annotations
+
+import torch
+
+from .common import (IDENTITY_BOUND, CheckResult, Comparison, Settings, affine_coefficients, affine_kernel,
+                     check_grid, components, coupled_coefficients, data_column, flat, initial_mean, worst_row)
+
+TINY = torch.finfo(torch.float64).tiny
+
+
+def kernel_methods(sde, settings: Settings) -> list[CheckResult]:
+    """The module's other kernel methods against marginal_prob(): mean_coeff(t) x0 + mean_offset(t),
+    std(t), log_snr(t) = log(m^2 / v), diffusion(t) = the g of sde(), and weight(t) = v(t) (score_matching)
+    or g(t)^2 (likelihood). Relative differences (logSNR: absolute) within 1e-9: two float64 formulas."""
+    t = check_grid(sde)
+    m, c, v = affine_kernel(sde, t)
+    _, _, g = affine_coefficients(sde, t)
+    n = t.shape[0]
+    pairs = [("mean_coeff", sde.mean_coeff(t), m), ("mean_offset", sde.mean_offset(t), c),
+             ("std", sde.std(t), v.sqrt()), ("diffusion", sde.diffusion(t), g)]
+    weights = {"score_matching": v, "likelihood": g**2}
+    if sde.weighting in weights:
+        pairs.append((f"weight ({sde.weighting})", sde.weight(t), weights[sde.weighting]))
+    comparisons = []
+    for name, value, reference in pairs:
+        value = flat(value, n, t)
+        error = (value - reference).abs() / torch.clamp(reference.abs(), min=torch.finfo(t.dtype).tiny)
+        comparisons += [Comparison(float(error[i]), IDENTITY_BOUND, f"{name} at t = {float(t[i]):.4g}")
+                        for i in range(n)]
+    log_snr = flat(sde.log_snr(t), n, t)
+    error = (log_snr - torch.log(m**2 / v)).abs()
+    comparisons += [Comparison(float(error[i]), IDENTITY_BOUND, f"log_snr at t = {float(t[i]):.4g}")
+                    for i in range(n)]
+    return [worst_row("kernel methods agree", comparisons, "relative difference (log_snr: absolute)")]
+
+
+# -- Coupled kernels: each helper returns (what, relative error [n, ...] or [1, ...]) pairs --------------------
+
+def _relative(value: torch.Tensor, reference: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """|value - reference| / scale per entry, 0 where they agree exactly (an entry that must vanish)."""
+    error = (value.to(torch.float64) - reference).abs()
+    return torch.where(error == 0, error, error / scale.clamp(min=TINY))
+
+
+def _normwise(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """max |value - reference| / max |reference| per matrix [n]: the measure of accuracy of a matrix function
+    (an entry far below the largest, like Q_xx ~ r^3 near r = 0, carries the rounding of the larger ones)."""
+    error = (value - reference).abs().flatten(1).amax(-1)
+    return torch.where(error == 0, error, error / reference.abs().flatten(1).amax(-1))
+
+
+def _marginal_prob(sde, t: torch.Tensor, Phi: torch.Tensor, Sigma: torch.Tensor) -> list:
+    """marginal_prob(x0, t) at x0 = 0 and 1: mean Phi (x0 e_data + u0_aux), covariance Sigma of kernel(t)
+    (each entry on the scale sqrt(Sigma_ii Sigma_jj) of its standard deviations)."""
+    variances = Sigma.diagonal(dim1=-2, dim2=-1)
+    correlation_scale = (variances[:, :, None] * variances[:, None, :]).sqrt()
+    column, aux = data_column(sde, Phi), initial_mean(sde)
+    checks = []
+    for x0 in (0.0, 1.0):
+        mean, covariance = sde.marginal_prob(torch.full((t.shape[0], 1), x0, dtype=t.dtype, device=t.device), t)
+        checks += [(f"marginal_prob mean at x0 = {x0:g}",
+                    _relative(mean, x0 * column + Phi @ aux, x0 * column.abs() + Phi.abs() @ aux.abs())),
+                   (f"marginal_prob covariance at x0 = {x0:g}", _relative(covariance, Sigma, correlation_scale))]
+    return checks
+
+
+def _transition(sde, t: torch.Tensor, Phi: torch.Tensor, Sigma: torch.Tensor) -> list:
+    """kernel(t) = (Phi(B(t)), Phi Sigma0 Phi^T + Q(B(t))) from transition() and time_change(); transition(0)
+    = (I, 0); the semigroup Phi(r + s) = Phi(s) Phi(r), Q(r + s) = Phi(s) Q(r) Phi(s)^T + Q(s) at r = B(t) / 3,
+    s = 2 B(t) / 3, normwise."""
+    Sigma0 = sde.Sigma0.to(torch.float64)
+    r = sde.time_change(t).to(torch.float64)
+    Phi_r, Q_r = sde.transition(r)
+    Phi_0, Q_0 = sde.transition(torch.zeros(1, dtype=torch.float64, device=t.device))
+    Phi_a, Q_a = sde.transition(r / 3)
+    Phi_b, Q_b = sde.transition(2 * r / 3)
+    start = Phi_r @ Sigma0 @ Phi_r.transpose(1, 2)
+    start_scale = Phi_r.abs() @ Sigma0.abs() @ Phi_r.abs().transpose(1, 2)
+    return [("kernel Phi = transition Phi(B(t))", _relative(Phi, Phi_r, Phi_r.abs())),
+            ("kernel Sigma = Phi Sigma0 Phi^T + Q(B(t))", _relative(Sigma, start + Q_r, start_scale + Q_r.abs())),
+            ("transition(0) Phi = I", (Phi_0 - torch.eye(components(sde), dtype=torch.float64, device=t.device)).abs()),
+            ("transition(0) Q = 0", Q_0.abs()),
+            ("Phi(r + s) = Phi(s) Phi(r)", _normwise(Phi_r, Phi_b @ Phi_a)),
+            ("Q(r + s) = Phi(s) Q(r) Phi(s)^T + Q(s)", _normwise(Q_r, Phi_b @ Q_a @ Phi_b.transpose(1, 2) + Q_b))]
+
+
+def _coefficients(sde, t: torch.Tensor, F: torch.Tensor, f0: torch.Tensor, g: torch.Tensor) -> list:
+    """sde() against the attributes: F(t) = profile(t) F0, g_k^2 = profile(t) D0_kk with D0 diagonal, no
+    constant drift; diffusion(t) = g; drift_divergence(u, t) = tr F(t) for one data entry."""
+    phi = sde.profile(t).to(torch.float64)
+    F0, D0 = sde.F0.to(torch.float64), sde.D0.to(torch.float64)
+    n, K = t.shape[0], components(sde)
+    divergence = flat(sde.drift_divergence(torch.zeros(n, K, dtype=t.dtype, device=t.device), t), n, t)
+    trace = F.diagonal(dim1=-2, dim2=-1)
+    return [("F of sde() = profile(t) F0", _relative(F, phi[:, None, None] * F0, (phi[:, None, None] * F0).abs())),
+            ("g^2 of sde() = profile(t) diag(D0)",
+             _relative(g**2, phi[:, None] * D0.diagonal(), (phi[:, None] * D0.diagonal()).abs())),
+            ("D0 is diagonal", (D0 - torch.diag_embed(D0.diagonal())).abs()[None]),
+            ("sde(0) = 0 (no constant drift)", f0.abs()),
+            ("diffusion(t) = g of sde()", _relative(sde.diffusion(t), g, g.abs())),
+            ("drift_divergence = tr F(t)", _relative(divergence, trace.sum(-1), trace.abs().sum(-1)))]
+
+
+def _weight(sde, t: torch.Tensor, Sigma: torch.Tensor, g: torch.Tensor) -> list:
+    """weight(t) = sum over noisy k of g_k^2 (Sigma^-1)_kk for the likelihood weighting ((Sigma^-1)_NN is the
+    inverse of the noisy components' covariance given the others), 1 for score_matching."""
+    n = t.shape[0]
+    weight = flat(sde.weight(t), n, t).to(torch.float64)
+    if sde.weighting == "likelihood":
+        noisy = torch.as_tensor(sde.noisy, device=t.device)
+        precision = torch.linalg.inv(Sigma).diagonal(dim1=-2, dim2=-1)
+        expected = torch.where(noisy, g**2 * precision, torch.zeros_like(precision)).sum(-1)
+        return [("weight = sum_k g_k^2 (Sigma^-1)_kk", _relative(weight, expected, expected))]
+    return [(f"weight = 1 ({sde.weighting})", (weight - 1).abs())]
+
+
+def coupled_kernel_methods(sde, settings: Settings) -> list[CheckResult]:
+    """A coupled module's methods against each other at the check times, within 1e-9 relative (each entry
+    relative to the scale of what makes it, |Phi| |u0|, sqrt(Sigma_ii Sigma_jj), ...; absolute where it must
+    vanish): marginal_prob() against kernel(), kernel() against transition() and time_change(), transition()
+    against itself (the semigroup), sde() against profile(), F0 and D0, and weight() against Sigma."""
+    t = check_grid(sde)
+    Phi, Sigma = sde.kernel(t)
+    F, f0, g = (q.to(torch.float64) for q in coupled_coefficients(sde, t))
+    checks = (_marginal_prob(sde, t, Phi, Sigma) + _transition(sde, t, Phi, Sigma) + _coefficients(sde, t, F, f0, g)
+              + _weight(sde, t, Sigma, g))
+    comparisons = []
+    for what, error in checks:
+        worst = error.reshape(error.shape[0], -1).amax(-1)
+        at = [f" at t = {float(time):.4g}" for time in t] if len(worst) == len(t) else [""]
+        comparisons += [Comparison(float(worst[i]), IDENTITY_BOUND, f"{what}{at[i]}") for i in range(len(at))]
+    return [worst_row("kernel methods agree", comparisons, "relative difference (absolute where it must vanish)")]
