@@ -144,9 +144,11 @@ def emit_coupled(d: CoupledDerivation) -> str:
         return generate(list(exprs), pool, names)
 
     def constants(matrix: sp.Matrix) -> str:
-        c = code(*matrix)
-        assert all(c.constant), "F0, D0 and the initial law hold parameters only"
-        flat = list(c.results)
+        # One entry at a time: CSE across entries would name a repeated coefficient (-beta twice) in a
+        # statement that a literal has no place for.
+        entries = [code(e) for e in matrix]
+        assert all(c.constant[0] and not c.lines for c in entries), "F0, D0 and the initial law hold parameters only"
+        flat = [c.results[0] for c in entries]
         return _matrix_code([flat[i * matrix.cols:(i + 1) * matrix.cols] for i in range(matrix.rows)])
 
     transition = code(*d.Phi, *d.Q) if d.closed_form else None

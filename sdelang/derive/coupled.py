@@ -20,17 +20,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mpmath
 import numpy as np
 import scipy.linalg
 import sympy as sp
 
 from ..ir import CoupledProgram
-from .symbolic import bounded, integrate_from, printable, simplest
+from .symbolic import bounded, integrate_from, printable, simplest, use_expm1_log1p
 
 R = sp.Dummy("r", positive=True)      # the time change r = B(t)
 RHO = sp.Dummy("rho", positive=True)
 MATRIX_LIMIT = 8.0                    # seconds for the matrix exponential, and again for the integral
 CHECK_TOLERANCE = 1e-9                # relative disagreement with the numeric kernel that refuses a closed form
+PRECISION = 1e-7                      # relative float64 error of Sigma near eps that refuses a closed form
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,8 @@ def derive_coupled(p: CoupledProgram) -> CoupledDerivation:
     mean0 = sp.Matrix([c.init_mean if c.init_mean is not None else 0 for c in comps])
     Sigma0 = sp.diag(*[c.init_variance if c.init_variance is not None else 0 for c in comps])
     Phi, Q = closed_kernel(F0, D0)
-    if Phi is not None and not agrees(Phi, Q, F0, D0, p.defaults):
+    if Phi is not None and not (agrees(Phi, Q, F0, D0, p.defaults)
+                                and precise(Phi, Q, Sigma0, B.xreplace({t: p.eps}), p.defaults)):
         Phi = Q = None
     return CoupledDerivation(p, phi, B, F0, D0, mean0, Sigma0, Phi, Q)
 
@@ -102,6 +105,26 @@ def closed_kernel(F0: sp.Matrix, D0: sp.Matrix) -> tuple[sp.Matrix | None, sp.Ma
     if Q is None or any(e.has(sp.Integral) or not printable(e) for e in Q):
         return None, None
     return Phi.applyfunc(simplest), Q
+
+
+def precise(Phi: sp.Matrix, Q: sp.Matrix, Sigma0: sp.Matrix, r_eps: sp.Expr, defaults: dict) -> bool:
+    """Sigma = Phi Sigma0 Phi^T + Q evaluated in float64, as the module will (after the expm1/log1p rewrites
+    code generation applies), against 50-digit arithmetic at r = B(eps), 10 B(eps) and 100 B(eps): a closed
+    form that cancels near t = 0 (1 - (r^2 + 2 r + 2) exp(-r) / 2 ~ r^3) is not used."""
+    Sigma = (Phi * Sigma0.subs(defaults) * Phi.T + Q).subs(defaults)
+    entries = [bounded(use_expm1_log1p, e, seconds=2.0) or e for e in Sigma]
+    fast = sp.lambdify(R, entries, modules="math")
+    r0 = float(sp.N(r_eps.subs(defaults)))
+    for r in (r0, 10 * r0, 100 * r0):
+        try:
+            got = np.array(fast(r), dtype=float)
+        except (ValueError, OverflowError, ZeroDivisionError):
+            return False
+        with mpmath.workdps(50):
+            want = np.array([float(sp.N(e.xreplace({R: sp.Float(r, 50)}), 50)) for e in entries])
+        if not np.all(np.isfinite(got)) or np.any(np.abs(got - want) > PRECISION * np.abs(want) + 1e-300):
+            return False
+    return True
 
 
 def agrees(Phi: sp.Matrix, Q: sp.Matrix, F0: sp.Matrix, D0: sp.Matrix, defaults: dict) -> bool:
