@@ -165,15 +165,10 @@ def coupled_gaussian(sde, t: torch.Tensor, data_std: float):
     [B, K, K] of u_t per entry, and L_NN [B, N, N], the noisy components' block of Sigma's Cholesky
     factor with the components without noise first (the factor noise_to_score uses), float64."""
     Phi, Sigma = sde.kernel(t)
-    aux_mean = sde.mean0.clone()
-    aux_mean[sde.data_index] = 0    # u0 = data at the data component, initial means elsewhere
     column = Phi[:, :, sde.data_index:sde.data_index + 1]
     covariance = column @ column.transpose(1, 2) * data_std**2 + Sigma
-    quiet = [k for k, noisy in enumerate(sde.noisy) if not noisy]
-    order = quiet + [k for k, noisy in enumerate(sde.noisy) if noisy]
-    # The _ex forms skip the error check, a host-device synchronisation on a GPU (samplers call this every step).
-    factor = torch.linalg.cholesky_ex(Sigma[:, order][:, :, order])[0]
-    return Phi @ aux_mean, covariance, factor[:, len(quiet):, len(quiet):]
+    # u0 = data at the data component, initial means elsewhere; the module's own factor and order.
+    return Phi @ (sde.mean0 * sde._aux()), covariance, sde._cholesky(Sigma)[1]
 
 
 def _normal(like: torch.Tensor, generator) -> torch.Tensor:
