@@ -1,6 +1,6 @@
 """Importance sampling of t: variance of the likelihood-weighted denoising loss, uniform vs importance t.
 
-With lambda = g^2 (likelihood weighting) the per-sample loss of sdelang.losses.denoising_loss is
+With lambda = g^2 (likelihood weighting) the per-sample loss of sdelang.runtime.losses.denoising_loss is
 
     L = w(t) * 1/2 |eps_theta(x_t, t) - z|^2,    w(t) = lambda(t) / (q(t) sigma(t)^2),    t ~ q,
 
@@ -19,7 +19,7 @@ Two measurements, by Monte Carlo with fixed seeds (the tables give the draws), i
     - the exact score of the data (GaussianData), for which eps_theta - z is N(0, r(t) I) with
       r = m^2 s^2 / (m^2 s^2 + v), s the data's std, so |eps_theta - z|^2 = r chi^2_d and exactly
           E L = d/2 int q w r dt,    E L^2 = d (d + 2) / 4 int q w^2 r^2 dt;
-    - an MLP score model from sdelang.models.build_model with random weights (Monte Carlo only).
+    - an MLP score model from sdelang.runtime.models.build_model with random weights (Monte Carlo only).
     Printed: the mean under each sampler with its standard error and their difference in standard
     errors (the two must agree: both estimate J), the variances, and the variance ratio
     uniform / importance. Under uniform t the weight grows like 1/t near eps, so the loss has finite
@@ -39,10 +39,10 @@ import scipy.integrate
 import torch
 
 import sdelang
-from sdelang.config import ModelConfig
-from sdelang.gaussian import GaussianData
-from sdelang.losses import denoising_loss, time_weight
-from sdelang.models import build_model
+from sdelang.runtime.config import ModelConfig
+from sdelang.runtime.gaussian import GaussianData
+from sdelang.runtime.losses import denoising_loss, time_weight
+from sdelang.runtime.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ("uniform", "importance")

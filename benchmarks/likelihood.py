@@ -1,4 +1,4 @@
-"""Flow-ODE log-likelihood: sdelang.likelihood.log_likelihood against a score_sde-style baseline.
+"""Flow-ODE log-likelihood: sdelang.runtime.likelihood.log_likelihood against a score_sde-style baseline.
 
 The baseline follows the path of score_sde's likelihood.py (written here from its description):
 scipy.integrate.solve_ivp(method="RK45") on the flattened state [x, accumulated divergence], with a
@@ -35,8 +35,8 @@ import scipy.integrate
 import torch
 
 import sdelang
-from sdelang.gaussian import GaussianData
-from sdelang.likelihood import bits_per_dim, log_likelihood
+from sdelang.runtime.gaussian import GaussianData
+from sdelang.runtime.likelihood import bits_per_dim, log_likelihood
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = ATOL = 1e-5

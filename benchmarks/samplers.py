@@ -28,8 +28,8 @@ import time
 import torch
 
 import sdelang
-from sdelang import sampling
-from sdelang.gaussian import GaussianData
+from sdelang.runtime import sampling
+from sdelang.runtime.gaussian import GaussianData
 
 MEAN, STD = (1.0, -0.5), 0.5
 BUDGETS = (10, 20, 50, 100, 200, 500)

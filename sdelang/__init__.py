@@ -4,9 +4,10 @@
     sde = sdelang.load("examples/vp.sde", beta_max=30)   # a torch.nn.Module
     mean, std = sde.marginal_prob(x0, t)
 
-The pipeline, one module per stage: parse -> check -> derive -> codegen (see compiler.py).
-The runtime lives in submodules, imported on demand (they need torch, the compiler does not):
-models, losses, sampling, likelihood, data, training, evaluate, plots, gaussian.
+Layout: the compiler (compiler/: parse -> check -> derive -> codegen, driven by compiler/__init__.py)
+writes a standalone module; the runtime (runtime/: models, losses, sampling, likelihood, data,
+training, evaluate, plots) uses it and imports torch on demand; cli/ is the command line, verify/ the
+numerical checks of `sdelang check`, interop/ the adapters to other libraries.
 """
 __version__ = "0.1.0"
 

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .compiler import compile_source, read_source, write_atomic
+from .compiler import compile_source, read_source
 from .errors import Source
+from .files import write_atomic
 
 
 def cache_dir() -> Path:
@@ -27,10 +28,10 @@ def _source(path_or_source: str | os.PathLike) -> Source:
     return read_source(path_or_source)
 
 
-# What decides a generated module's text; the runtime (training, sampling, likelihood) does not, so
-# editing it leaves cached modules valid.
-COMPILER_FILES = ("check.py", "compiler.py", "errors.py", "ir.py", "parse.py", "syntax.py", "timelimit.py")
-COMPILER_FOLDERS = ("codegen", "derive", "grammar")
+# What decides a generated module's text: the compiler package (with its grammar and templates) and
+# errors.py; the runtime (training, sampling, likelihood) does not, so editing it leaves cached modules valid.
+COMPILER_FILES = ("errors.py", "files.py")
+COMPILER_FOLDERS = ("compiler",)
 
 
 @functools.cache
@@ -42,7 +43,7 @@ def compiler_fingerprint() -> str:
     package = Path(__file__).resolve().parent
     digest = hashlib.sha256(f"{__version__}\0{sympy.__version__}".encode())
     files = [package / name for name in COMPILER_FILES]
-    # followlinks: in a development checkout sdelang/grammar is a link to the top-level grammar/.
+    # followlinks: in a development checkout sdelang/compiler/grammar is a link to the top-level grammar/.
     for folder in COMPILER_FOLDERS:
         for where, _, names in os.walk(package / folder, followlinks=True):
             files += [Path(where) / n for n in names if n.endswith((".py", ".j2", ".lark"))]

@@ -173,7 +173,7 @@ def test_changed_compiler_fingerprint_gives_a_different_cache_file(isolated_cach
 
 
 PACKAGE = Path(loader.__file__).resolve().parent
-# In a checkout sdelang/grammar is a symlink to ../grammar, and Path.rglob does not descend into it.
+# In a checkout sdelang/compiler/grammar is a symlink to ../../grammar, and Path.rglob does not descend into it.
 
 
 def fingerprint() -> str:
@@ -209,9 +209,11 @@ def test_fingerprint_of_a_faithful_copy_is_the_same(compiler_copy, monkeypatch):
 
 
 @pytest.mark.parametrize("edited", [
-    "codegen/templates/module.py.j2",
-    "derive/kernel.py",
-    "grammar/sde.lark",
+    "compiler/codegen/templates/module.py.j2",
+    "compiler/derive/kernel.py",
+    "compiler/grammar/sde.lark",
+    "compiler/check.py",
+    "errors.py",
 ])
 def test_fingerprint_changes_with_each_compiler_file(compiler_copy, edited):
     """Editing any compiler source (Python, template, grammar) changes the fingerprint, so the cache rebuilds."""
@@ -221,7 +223,8 @@ def test_fingerprint_changes_with_each_compiler_file(compiler_copy, edited):
     assert fingerprint() != original, f"editing {edited} leaves the fingerprint unchanged"
 
 
-@pytest.mark.parametrize("edited", ["training.py", "sampling.py", "likelihood.py"])
+@pytest.mark.parametrize("edited", ["runtime/training.py", "runtime/sampling.py", "runtime/likelihood.py",
+                                    "cli/commands.py"])
 def test_fingerprint_ignores_the_runtime(compiler_copy, edited):
     """The runtime does not shape a generated module: editing it keeps cached modules valid."""
     path = compiler_copy / edited

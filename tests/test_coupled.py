@@ -44,7 +44,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sdelang
-import sdelang.derive.coupled
+import sdelang.compiler.derive.coupled
 from conftest import ROOT, Example, import_code
 from sdelang.cli import main
 from test_identities import F64, assert_close, integrate_log_t
@@ -181,7 +181,7 @@ def compile_text(text: str, name: str, numeric: bool):
     """The generated module of `text`; numeric=True withholds SymPy's closed form (the Van Loan path)."""
     with pytest.MonkeyPatch.context() as mp:
         if numeric:
-            mp.setattr(sdelang.derive.coupled, "closed_kernel", no_closed_form)
+            mp.setattr(sdelang.compiler.derive.coupled, "closed_kernel", no_closed_form)
         compiled = sdelang.compile_source(sdelang.Source(text, f"{name}.sde"))
     return import_code(compiled.code, f"sdelang_test_coupled_{name}{'_numeric' if numeric else ''}")
 
@@ -918,7 +918,7 @@ def test_float32_near_eps(programs, variant):
 def test_compile_prints_notes(tmp_path, capsys, monkeypatch):
     """`sdelang compile` of a coupled SDE names its components and kernel path and what is unavailable (the
     closed form withheld to keep this fast: the note then names the numeric path)."""
-    monkeypatch.setattr(sdelang.derive.coupled, "closed_kernel", no_closed_form)
+    monkeypatch.setattr(sdelang.compiler.derive.coupled, "closed_kernel", no_closed_form)
     source = tmp_path / "hol.sde"
     source.write_text(HOL)
     assert main(["compile", str(source), "-o", str(tmp_path / "out")]) == 0
@@ -940,7 +940,7 @@ def test_numeric_programs_take_the_numeric_path(name):
     natural = sdelang.compile_source(sdelang.Source(text, f"{name}.sde"))
     assert natural.derivation.kernel_path.startswith("numeric")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sdelang.derive.coupled, "closed_kernel", no_closed_form)
+        mp.setattr(sdelang.compiler.derive.coupled, "closed_kernel", no_closed_form)
         forced = sdelang.compile_source(sdelang.Source(text, f"{name}.sde"))
     assert natural.code == forced.code
 

@@ -1,4 +1,4 @@
-"""Datasets (sdelang.data) and figures (sdelang.plots).
+"""Datasets (sdelang.runtime.data) and figures (sdelang.runtime.plots).
 
 Statistical checks use fixed seeds and tolerances of 5 standard errors computed from the sample
 size: the construction of each toy set makes its mean and E|x|^2 exact, so these can fail.
@@ -14,8 +14,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdelang import plots
-from sdelang.data import TOY_SETS, TOY_SIZES, Dataset, load_data, toy
+from sdelang.runtime import plots
+from sdelang.runtime.data import TOY_SETS, TOY_SIZES, Dataset, load_data, toy
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

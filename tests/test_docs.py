@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import sdelang
-from sdelang.check import check
-from sdelang.parse import parse
+from sdelang.compiler.check import check
+from sdelang.compiler.parse import parse
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["docs/language.md", "README.md"]

@@ -22,10 +22,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdelang.check import check
+from sdelang.compiler.check import check
 from sdelang.cli import main
 from sdelang.errors import SdeError, Source
-from sdelang.parse import parse
+from sdelang.compiler.parse import parse
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = sorted(p.stem for p in (ROOT / "tests" / "errors").glob("*.sde"))

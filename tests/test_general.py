@@ -28,7 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sdelang
-from sdelang.derive.reverse import SCORE
+from sdelang.compiler.derive.reverse import SCORE
 from conftest import ROOT, Example, import_code
 from sdelang.cli import main
 from test_identities import F64, assert_close

@@ -21,9 +21,9 @@ import scipy.integrate
 import torch
 
 import sdelang
-from sdelang import sampling
-from sdelang.evaluate import nll
-from sdelang.likelihood import bound, log_likelihood
+from sdelang.runtime import sampling
+from sdelang.runtime.evaluate import nll
+from sdelang.runtime.likelihood import bound, log_likelihood
 
 F64 = torch.float64
 MU, S = (1.0, -0.5), 0.5   # coupled tests: data N(MU_c, S^2) in C = 2 entries

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdelang.config import ModelConfig, TrainConfig
-from sdelang.losses import denoising_loss, resolve_objective, sliced_loss
-from sdelang.models import ScoreModel, build_model, simulate, state_shape
-from sdelang.training import CHECKPOINT, load_run, train
+from sdelang.runtime.config import ModelConfig, TrainConfig
+from sdelang.runtime.losses import denoising_loss, resolve_objective, sliced_loss
+from sdelang.runtime.models import ScoreModel, build_model, simulate, state_shape
+from sdelang.runtime.training import CHECKPOINT, load_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 D = 2
@@ -457,7 +457,7 @@ def test_a_diverging_forward_simulation_is_refused(other_examples):
 
 
 def test_a_non_finite_loss_stops_training(tmp_path, monkeypatch):
-    from sdelang import training
+    from sdelang.runtime import training
 
     monkeypatch.setitem(training.LOSSES, "sliced", lambda *args, **kwargs: sliced_loss(*args, **kwargs) * math.nan)
     with pytest.raises(FloatingPointError, match="training loss is nan .* up to step 5; .*simulation_steps"):
@@ -474,9 +474,9 @@ def test_two_moons_trained_through_the_new_kinds(tmp_path, name, target):
     side's data-space convention) below `target` and below the best Gaussian fit of the same data, 2.57;
     Euler-Maruyama samples (200 steps) pass a kernel two-sample test against held-out points at the 1% level.
     """
-    from sdelang.data import load_data
-    from sdelang.evaluate import held_out, nll, two_sample_test
-    from sdelang.sampling import sample
+    from sdelang.runtime.data import load_data
+    from sdelang.runtime.evaluate import held_out, nll, two_sample_test
+    from sdelang.runtime.sampling import sample
 
     config = replace(tiny(name, 1500), batch=256, log_every=100, checkpoint_every=1500, warmup=100,
                      plot_samples=0, eval_every=750, model=ModelConfig())

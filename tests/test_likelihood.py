@@ -1,4 +1,4 @@
-"""sdelang.likelihood against closed forms: Gaussian data N(mu, s^2 I) through affine SDEs.
+"""sdelang.runtime.likelihood against closed forms: Gaussian data N(mu, s^2 I) through affine SDEs.
 
 With the exact score of Gaussian data every quantity has a closed form (MATH.md section 5):
 p_t = N(m mu + c, S_t I) with S_t = m^2 s^2 + v, the flow ODE maps x_eps to
@@ -14,9 +14,9 @@ import scipy.integrate
 import scipy.stats
 import torch
 
-from sdelang.gaussian import GaussianData
-from sdelang.logsnr import log_snr_inverse
-from sdelang.likelihood import (Bound, LogLikelihood, _log_snr_uniform_times, bits_per_dim,
+from sdelang.runtime.gaussian import GaussianData
+from sdelang.runtime.logsnr import log_snr_inverse
+from sdelang.runtime.likelihood import (Bound, LogLikelihood, _log_snr_uniform_times, bits_per_dim,
                                 bound, log_likelihood)
 
 F64 = torch.float64

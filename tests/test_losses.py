@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from sdelang.config import ModelConfig
-from sdelang.gaussian import GaussianData
-from sdelang.losses import denoising_loss, sliced_loss, time_weight
-from sdelang.models import ScoreModel, build_model
+from sdelang.runtime.config import ModelConfig
+from sdelang.runtime.gaussian import GaussianData
+from sdelang.runtime.losses import denoising_loss, sliced_loss, time_weight
+from sdelang.runtime.models import ScoreModel, build_model
 
 D = 3
 

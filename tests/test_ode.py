@@ -6,9 +6,9 @@ import torch
 
 from sdelang.cli import main
 from sdelang.errors import SolverError
-from sdelang.likelihood import log_likelihood
-from sdelang.ode import solve
-from sdelang.sampling import probability_flow
+from sdelang.runtime.likelihood import log_likelihood
+from sdelang.runtime.ode import solve
+from sdelang.runtime.sampling import probability_flow
 
 
 def test_solve_never_evaluates_past_the_end():
@@ -42,12 +42,12 @@ def test_a_diverging_score_raises_solver_error(examples, run):
 
 def test_cli_reports_solver_errors_without_traceback(monkeypatch, capsys):
     """Exit status 1 (the run failed; not a usage mistake, not a bug) and the message alone."""
-    import sdelang.commands
+    import sdelang.cli.commands
 
     def fail(args):
         raise SolverError("the dopri5 solver's step size underflowed")
 
-    monkeypatch.setattr(sdelang.commands, "_sample", fail)
+    monkeypatch.setattr(sdelang.cli.commands, "_sample", fail)
     assert main(["sample", "somewhere"]) == 1
     err = capsys.readouterr().err
     assert err == "sdelang sample: the dopri5 solver's step size underflowed\n"

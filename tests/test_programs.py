@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import sdelang
-from sdelang.check import check
-from sdelang.parse import parse
+from sdelang.compiler.check import check
+from sdelang.compiler.parse import parse
 
 # Names a program may not use, and names whose collision with generated code is
 # a known bug (see test_parameter_names_that_collide_with_generated_code).
@@ -449,7 +449,7 @@ def test_parameter_names_that_collide_with_generated_code(name):
 
 def test_refused_names_cover_torch_module_attributes():
     """Every public attribute of torch.nn.Module (which the generated class inherits) is refused."""
-    from sdelang.check import MODULE_ATTRIBUTES
+    from sdelang.compiler.check import MODULE_ATTRIBUTES
 
     public = {n for n in dir(torch.nn.Module) if not n.startswith("_")}
     assert public <= MODULE_ATTRIBUTES, sorted(public - MODULE_ATTRIBUTES)

@@ -109,5 +109,5 @@ def test_train_param_overrides_reach_the_sde(tmp_path, capsys):
     assert main(["train", str(ROOT / "examples" / "vp.sde"), "--data", "gaussian", "--out", str(out),
                  "--param", "beta_max=10", "--steps", "2", "--batch", "16", "--width", "8", "--depth", "1", "--quiet"]) == 0
     assert json.loads((out / "run.json").read_text())["params"] == {"beta_max": 10.0}
-    from sdelang.training import load_run
+    from sdelang.runtime.training import load_run
     assert load_run(out).sde.beta_max == 10.0

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdelang.config import ModelConfig, TrainConfig
-from sdelang.gaussian import GaussianData
-from sdelang.likelihood import log_likelihood
-from sdelang.losses import LOSSES
-from sdelang.models import build_model
-from sdelang.sampling import METHODS, sample
-from sdelang.training import load_run, train
+from sdelang.runtime.config import ModelConfig, TrainConfig
+from sdelang.runtime.gaussian import GaussianData
+from sdelang.runtime.likelihood import log_likelihood
+from sdelang.runtime.losses import LOSSES
+from sdelang.runtime.models import build_model
+from sdelang.runtime.sampling import METHODS, sample
+from sdelang.runtime.training import load_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 F32, F64 = torch.float32, torch.float64

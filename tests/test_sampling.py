@@ -1,6 +1,6 @@
-"""The samplers (sdelang/sampling.py) against closed forms, with exact scores.
+"""The samplers (sdelang/runtime/sampling.py) against closed forms, with exact scores.
 
-For data N(mu, s^2 I) and an affine SDE every marginal is Gaussian (sdelang.gaussian.GaussianData), so:
+For data N(mu, s^2 I) and an affine SDE every marginal is Gaussian (sdelang.runtime.gaussian.GaussianData), so:
 - the flow ODE map is known, x_eps = mean_eps + sqrt(var_eps / var_T) (x_T - mean_T): deterministic
   samplers are compared with it pointwise and their order of convergence measured (no Monte Carlo);
 - for data at a single point x0 the score is the kernel's, and DDIM / DPM-Solver and the ancestral
@@ -17,9 +17,9 @@ import math
 import pytest
 import torch
 
-from sdelang import sampling
-from sdelang.gaussian import GaussianData
-from sdelang.sampling import METHODS, Samples
+from sdelang.runtime import sampling
+from sdelang.runtime.gaussian import GaussianData
+from sdelang.runtime.sampling import METHODS, Samples
 
 F64 = torch.float64
 SDES = ["ve", "vp", "subvp", "ou", "cosine_vp"]  # ou: c(t) != 0; cosine_vp: T < 1

@@ -6,7 +6,7 @@ import time
 
 import sympy as sp
 
-from sdelang.timelimit import Budget, call_with_time_limit
+from sdelang.compiler.timelimit import Budget, call_with_time_limit
 
 
 def spin(seconds):

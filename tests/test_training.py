@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from sdelang.config import ModelConfig, TrainConfig
-from sdelang.training import CHECKPOINT, load_run, save_checkpoint, train
+from sdelang.runtime.config import ModelConfig, TrainConfig
+from sdelang.runtime.training import CHECKPOINT, load_run, save_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 VP = (ROOT / "examples" / "vp_likelihood.sde").read_text(encoding="utf-8")
@@ -153,9 +153,9 @@ def test_two_moons_reaches_the_stated_nll_and_passes_a_two_sample_test(tmp_path)
     pass a kernel two-sample test against 1000 held-out points at the 1% level; samples that miss the
     moons' shape fail it (annealed Langevin of a shorter run: p = 0.005).
     """
-    from sdelang.data import load_data
-    from sdelang.evaluate import held_out, nll, two_sample_test
-    from sdelang.sampling import sample
+    from sdelang.runtime.data import load_data
+    from sdelang.runtime.evaluate import held_out, nll, two_sample_test
+    from sdelang.runtime.sampling import sample
 
     run = train(replace(tiny(1500), batch=256, log_every=100, checkpoint_every=1500, warmup=100, plot_samples=0,
                         model=ModelConfig()), tmp_path, progress=False)

@@ -7,8 +7,8 @@ For each SDE of GALLERY (examples/<name>.sde), one protocol, the same for all:
 1. compile it (sdelang.compile_source): its kind, how the kernel was derived, the compile time;
 2. run `sdelang check`'s checks (sdelang.verify.run_checks, data N(0, 1) per coordinate, moons' scale):
    counts of ok / warn / n/a / FAIL, and its KL(p_T || prior);
-3. train on moons with the runtime (sdelang.training.train; the objective defaults by kind);
-4. held-out NLL by the flow ODE with the exact trace (sdelang.evaluate.nll; for a coupled SDE the
+3. train on moons with the runtime (sdelang.runtime.training.train; the objective defaults by kind);
+4. held-out NLL by the flow ODE with the exact trace (sdelang.runtime.evaluate.nll; for a coupled SDE the
    upper bound -[log p(x, v0) - log q(v0)], the entropy of v0 subtracted), and samples by em and by one
    more method (splitting for coupled SDEs, the adaptive flow ODE otherwise), each with a kernel
    two-sample test (MMD, permutation p-value) against held-out points;
@@ -35,12 +35,13 @@ import torch
 from matplotlib.figure import Figure
 
 from sdelang import load, verify
-from sdelang.compiler import atomic_open, compile_source, read_source, write_atomic
-from sdelang.config import ModelConfig, TrainConfig
-from sdelang.data import load_data
-from sdelang.evaluate import nll, two_sample_test
-from sdelang.sampling import methods_for, sample
-from sdelang.training import train
+from sdelang.compiler import compile_source, read_source
+from sdelang.files import atomic_open, write_atomic
+from sdelang.runtime.config import ModelConfig, TrainConfig
+from sdelang.runtime.data import load_data
+from sdelang.runtime.evaluate import nll, two_sample_test
+from sdelang.runtime.sampling import methods_for, sample
+from sdelang.runtime.training import train
 
 ROOT = Path(__file__).resolve().parents[2]
 GALLERY = ("ve", "vp", "subvp", "cosine_vp", "edm_ve", "ou", "cld", "underdamped", "cubic_langevin")
@@ -97,7 +98,7 @@ def second_method(sde) -> str:
 
 
 def frame_of(points):
-    """The plotted frame: the points' extent with a 5 % margin per side (as sdelang.plots.scatter)."""
+    """The plotted frame: the points' extent with a 5 % margin per side (as sdelang.runtime.plots.scatter)."""
     low, high = points.min(0).values, points.max(0).values
     margin = 0.05 * (high - low)
     return low - margin, high + margin

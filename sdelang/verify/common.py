@@ -9,7 +9,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..kinds import kind_of
+from ..runtime.kinds import kind_of
 
 OK, FAIL, WARN, NA = "ok", "FAIL", "warn", "n/a"
 

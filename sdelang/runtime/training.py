@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .compiler import atomic_open, write_atomic
+from ..files import atomic_open, write_atomic
 from .data import load_data
-from .loader import load
+from ..loader import load
 from .config import TrainConfig
 from .losses import LOSSES, resolve_objective
 from .kinds import kind_of

@@ -21,7 +21,7 @@ from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
 from ..derive.symbolic import PRINTABLE, bounded, use_expm1_log1p
-from ..errors import InternalCompilerError
+from ...errors import InternalCompilerError
 
 REWRITE_LIMIT = 2.0  # seconds for the expm1/log1p rewrites of one expression
 

@@ -5,22 +5,21 @@
 parse:  grammar/sde.lark with lark; syntax errors point at the token.
 check:  resolves names, inlines helpers, refuses what is wrong or not supported yet.
 derive: classification, kernel, logSNR, reverse/flow drifts, weighting, importance
-        sampler, prior, discretisation, divergence (sdelang/derive/, one module each).
-emit:   a standalone torch module from codegen/templates/module.py.j2.
+        sampler, prior, discretisation, divergence (derive/, one module each).
+emit:   a standalone torch module from codegen/templates/*.py.j2.
+
+Nothing here imports torch: the runtime (sdelang/runtime/) uses what this package writes.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .check import check
-from .codegen import emit
-from .derive import Derivation, derive
-from .errors import SdeError, Source
-from .parse import parse
+from ..errors import SdeError, Source
+from ..files import write_atomic
+from . import check, codegen, derive, parse  # the stages, one module (or package) each
+from .derive import Derivation
 from .timelimit import Budget
 
 SYMPY_BUDGET = 20.0  # seconds of bounded SymPy work per compilation
@@ -52,10 +51,10 @@ def read_source(path: str | os.PathLike) -> Source:
 def compile_source(source: Source, params: dict[str, float] | None = None) -> Compiled:
     """Run every stage on a program; ``params`` overrides parameter defaults."""
     try:
-        program = check(parse(source), source, params or {})
+        program = check.check(parse.parse(source), source, params or {})
         with Budget(SYMPY_BUDGET) as budget:
-            derivation = derive(program)
-            code = emit(derivation)
+            derivation = derive.derive(program)
+            code = codegen.emit(derivation)
         return Compiled(derivation, code, budget.exhausted)
     except SdeError as exc:
         raise exc.with_source(source) from None
@@ -72,27 +71,3 @@ def write_module(compiled: Compiled, out_dir: str | os.PathLike = "generated") -
     target = Path(out_dir) / f"{compiled.name}.py"
     write_atomic(target, compiled.code)
     return target
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike):
-    """A binary file that replaces `path` when the block ends without error: written through a temporary
-    file in the same folder and renamed, so readers never see half a file. The permissions follow the
-    umask, like a plain open() (tempfile.mkstemp would make the file readable by its owner alone)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            yield file
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text (UTF-8, \\n line ends) atomically: see atomic_open."""
-    with atomic_open(path) as file:
-        file.write(text.encode("utf-8"))

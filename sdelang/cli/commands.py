@@ -9,8 +9,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .compiler import read_source
-from .config import OBJECTIVES, REDUCTIONS, ModelConfig, TrainConfig
+from ..compiler import read_source
+from ..runtime.config import OBJECTIVES, REDUCTIONS, ModelConfig, TrainConfig
 
 # Sampler names the CLI accepts besides sampling.METHODS.
 ALIASES = {"dpm": "dpm2", "dpm1": "ddim", "reverse": "reverse_diffusion"}
@@ -71,7 +71,7 @@ def add_train(sub, params) -> None:
 
 
 def _train(args, params) -> int:
-    from .training import train
+    from ..runtime.training import train
 
     _set_threads(args)
     source = read_source(args.file)
@@ -140,7 +140,7 @@ def add_sample(sub) -> None:
 
 
 def _methods(text: str) -> list[str]:
-    from .sampling import ALL_METHODS
+    from ..runtime.sampling import ALL_METHODS
 
     methods = [ALIASES.get(m.strip(), m.strip()) for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in ALL_METHODS]
@@ -152,8 +152,8 @@ def _methods(text: str) -> list[str]:
 
 def _applicable(methods: list[str], sde) -> None:
     """Refuse, before any work, the methods this run's SDE cannot use, naming those it can."""
-    from .kinds import kind_of
-    from .sampling import methods_for
+    from ..runtime.kinds import kind_of
+    from ..runtime.sampling import methods_for
 
     allowed = methods_for(sde)
     wrong = [m for m in methods if m not in allowed]
@@ -175,10 +175,10 @@ def _sample(args) -> int:
     import numpy as np
     import torch
 
-    from . import plots
-    from .evaluate import held_out, two_sample_test
-    from .sampling import sample
-    from .training import load_run
+    from ..runtime import plots
+    from ..runtime.evaluate import held_out, two_sample_test
+    from ..runtime.sampling import sample
+    from ..runtime.training import load_run
 
     _set_threads(args)
     methods = _methods(args.method)
@@ -190,7 +190,7 @@ def _sample(args) -> int:
     points = len(run.dataset.shape) == 1
     reference = None
     if points:
-        from .data import load_data
+        from ..runtime.data import load_data
         reference = held_out(load_data(run.config.data, split="test"), args.n, torch.Generator().manual_seed(1))
     results = []
     for method in methods:
@@ -252,9 +252,9 @@ def add_nll(sub) -> None:
 
 
 def _nll(args) -> int:
-    from .data import load_data
-    from .evaluate import nll
-    from .training import load_run
+    from ..runtime.data import load_data
+    from ..runtime.evaluate import nll
+    from ..runtime.training import load_run
 
     _set_threads(args)
     run = load_run(args.run_dir, device=args.device)

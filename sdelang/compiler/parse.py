@@ -10,7 +10,7 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import syntax as ast
-from .errors import SdeError, Source, Span
+from ..errors import SdeError, Source, Span
 
 GRAMMAR_PATH = Path(__file__).resolve().parent / "grammar" / "sde.lark"
 

@@ -8,14 +8,15 @@ import sys
 
 import sympy as sp
 
-from . import __version__, commands
-from .compiler import compile_source, read_source, write_module
-from .derive import CoupledDerivation, Derivation, GeneralDerivation
-from .derive.general import reason
-from .codegen.emit import plain_names
-from .codegen.printer import stable
-from .derive.reverse import SCORE
-from .errors import InternalCompilerError, SdeError, SolverError
+from .. import __version__
+from . import commands
+from ..compiler import compile_source, read_source, write_module
+from ..compiler.derive import CoupledDerivation, Derivation, GeneralDerivation
+from ..compiler.derive.general import reason
+from ..compiler.codegen.emit import plain_names
+from ..compiler.codegen.printer import stable
+from ..compiler.derive.reverse import SCORE
+from ..errors import InternalCompilerError, SdeError, SolverError
 
 
 def _param(text: str) -> tuple[str, float]:
@@ -177,7 +178,7 @@ def _show(args) -> int:
 
 
 def _check(args) -> int:
-    from . import verify  # imports torch: only this command pays for it
+    from .. import verify  # imports torch: only this command pays for it
 
     commands._set_threads(args)
     sde = verify.build(args.file, _params(args.param))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from .errors import Source, Span
+from ..errors import Source, Span
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .compiler import atomic_open
+from ..files import atomic_open
 
 _GREY = "0.6"
 _REFERENCE_POINTS = 5000  # enough to show a toy density's shape without hiding the samples

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torchdiffeq
 
-from .errors import SolverError
+from ..errors import SolverError
 
 # torchdiffeq's adaptive solvers.
 ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")

@@ -8,7 +8,7 @@ import jinja2
 import numpy as np
 import sympy as sp
 
-from .. import __version__
+from ... import __version__
 from ..derive import Derivation
 from ..derive.coupled import R, CoupledDerivation
 from ..derive.general import GeneralDerivation, reason

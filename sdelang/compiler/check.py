@@ -21,7 +21,7 @@ import numpy as np
 import sympy as sp
 
 from . import syntax as ast
-from .errors import SdeError, Source, Span
+from ..errors import SdeError, Source, Span
 from .ir import Component, CoupledProgram, Parameter, Program
 from .parse import RESERVED_WORDS
 from .timelimit import call_with_time_limit
