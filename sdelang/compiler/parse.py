@@ -17,10 +17,10 @@ GRAMMAR_PATH = Path(__file__).resolve().parent / "grammar" / "sde.lark"
 
 @functools.lru_cache(maxsize=1)
 def _parser() -> Lark:
-    # cache=True: lark keeps the built LALR tables in a temporary file keyed by the grammar's hash,
-    # which saves a tenth of a second of every cold start.
-    return Lark(GRAMMAR_PATH.read_text(), parser="lalr", propagate_positions=True,
-                maybe_placeholders=False, cache=True)
+    # No cache=True: lark would unpickle its tables from a file in the shared temporary folder, which
+    # another user can plant (code execution). Building them takes about 30 ms, once per process.
+    return Lark(GRAMMAR_PATH.read_text(encoding="utf-8"), parser="lalr", propagate_positions=True,
+                maybe_placeholders=False)
 
 
 def parse(source: Source) -> ast.Module:
