@@ -1,0 +1,136 @@
+"""What every pass of the checker shares: the builtins, the reserved names, the settings of the checks,
+the scope an expression is lowered in, and the checker's state (the definitions found so far)."""
+from __future__ import annotations
+
+import builtins
+import math
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from .. import syntax as ast
+from ...errors import SdeError, Source, Span
+from ..parse import RESERVED_WORDS
+from ..timelimit import call_with_time_limit
+
+DEFAULT_EPS = sp.Rational(1, 100000)
+DEFAULT_T = sp.Integer(1)
+DEFAULT_N = 1000
+
+TIME = sp.Symbol("t", positive=True)
+# The checker names the state after the SDE line (dx -> x); generated code always calls it x.
+
+
+def _sigmoid(u):
+    return 1 / (1 + sp.exp(-u))
+
+
+BUILTINS = {
+    "exp": sp.exp, "log": sp.log, "sqrt": sp.sqrt, "sin": sp.sin, "cos": sp.cos, "tan": sp.tan,
+    "tanh": sp.tanh, "sinh": sp.sinh, "cosh": sp.cosh, "atan": sp.atan, "abs": sp.Abs,
+    "log1p": lambda u: sp.log(1 + u), "expm1": lambda u: sp.exp(u) - 1,
+    "sigmoid": _sigmoid, "softplus": lambda u: sp.log(1 + sp.exp(u)),
+}
+BUILTIN_CONSTANTS = {"pi": sp.pi}
+# Names the checker refuses as user definitions, with the reason.
+RESERVED = {"t": "the time variable", **{k: "a builtin function" for k in BUILTINS},
+            "pi": "a builtin constant", **{k: "a reserved word of the language" for k in RESERVED_WORDS}}
+# A parameter becomes an argument and an attribute of the generated torch module, so it cannot be
+# a Python keyword or one of the module's own attributes.
+MODULE_ATTRIBUTES = frozenset({
+    "self", "T", "N", "eps", "kernel_path", "inverse_cdf_path", "t_sampling", "diffusion",
+    "marginal_prob", "mean_coeff", "mean_offset", "std", "log_snr", "prior_sampling", "prior_logp",
+    "discretize", "reverse", "weight", "t_density", "t_cdf", "t_icdf", "sample_t", "drift_divergence",
+    "training", "forward", "sde", "v0", "weighting", "SDE", "math", "torch", "kind", "unavailable",
+    # general and coupled modules
+    "noise_gradient", "components", "data_index", "noisy", "split", "join", "data", "profile", "time_change",
+    "transition", "kernel", "perturb", "noise_to_score", "init_sampling", "init_logp", "F0", "D0", "mean0",
+    "Sigma0",
+    # torch.nn.Module's public attributes (tests/test_programs.py checks this list against torch).
+    "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children",
+    "compile", "cpu", "cuda", "double", "dump_patches", "eval", "extra_repr", "float", "get_buffer",
+    "get_extra_state", "get_parameter", "get_submodule", "half", "ipu", "load_state_dict", "modules",
+    "mtia", "named_buffers", "named_children", "named_modules", "named_parameters", "parameters",
+    "register_backward_hook", "register_buffer", "register_forward_hook", "register_forward_pre_hook",
+    "register_full_backward_hook", "register_full_backward_pre_hook", "register_load_state_dict_post_hook",
+    "register_load_state_dict_pre_hook", "register_module", "register_parameter",
+    "register_state_dict_post_hook", "register_state_dict_pre_hook", "requires_grad_", "set_extra_state",
+    "set_submodule", "share_memory", "state_dict", "to", "to_empty", "train", "type", "xpu", "zero_grad",
+}) | frozenset(dir(builtins))
+PARAM_DEFAULT_HINT = "parameter defaults are numbers; use a constant 'name = expr' for derived values"
+GRID_POINTS = 257  # where positivity of g(t) and lambda(t) is checked on [eps, T]
+MAX_DIGITS = 308   # exact numbers beyond float64's range are refused before SymPy expands them
+STATE_RANGE = 4.0  # where a state-dependent drift or diffusion is checked, x in [-4, 4]
+EVALUATE_SECONDS = 5.0  # sp.N on a constant such as exp(exp(exp(100))) would otherwise never end
+
+
+@dataclass
+class Scope:
+    """What an expression may refer to: bound variables and the context's name."""
+
+    bound: dict[str, sp.Expr]
+    context: str                    # e.g. "the drift", "function 'beta'"
+    allow_t_free: bool = False      # may it use the global t?
+    derivative_var: sp.Symbol | None = None
+    t_hint: str = ("only the drift, the diffusion, the weighting and helper functions "
+                   "with an argument named t may use t")
+
+
+
+@dataclass
+class CheckerState:
+    """The program being checked and what the passes have found so far."""
+
+    source: Source
+    module: ast.Module
+    params: dict[str, ast.ParamDef] = field(default_factory=dict)
+    consts: dict[str, ast.ConstDef] = field(default_factory=dict)
+    functions: dict[str, ast.FunctionDef] = field(default_factory=dict)
+    param_symbols: dict[str, sp.Symbol] = field(default_factory=dict)
+    param_defaults: dict[str, float] = field(default_factory=dict)
+    _const_values: dict[str, sp.Expr] = field(default_factory=dict)
+    _function_bodies: dict[str, tuple[tuple[sp.Dummy, ...], sp.Expr]] = field(default_factory=dict)
+    _in_progress: list[str] = field(default_factory=list)
+    overrides: dict[str, float] = field(default_factory=dict)
+    state: str | None = None        # the x of the first 'dx = ...' line
+    sdes: dict[str, ast.SdeDef] = field(default_factory=dict)   # state name -> its SDE line
+    inits: dict[str, ast.InitDef] = field(default_factory=dict)  # component name -> 'v(0) ~ ...'
+    _resolving: str | None = None   # the parameter whose default is being evaluated
+
+    def error(self, message: str, span: Span | None, hint: str | None = None) -> SdeError:
+        return SdeError(message, span, self.source, hint)
+
+    def _defaults(self) -> dict[sp.Symbol, float]:
+        return {self.param_symbols[k]: v for k, v in self.param_defaults.items()}
+
+
+DESCRIBE = {ast.Header: "the 'sde NAME' line", ast.SdeDef: "the SDE", ast.TimeDef: "the time interval",
+             ast.StepsDef: "'steps'", ast.V0Def: "'v0'", ast.PriorDef: "the prior",
+             ast.WeightingDef: "the weighting", ast.SamplingDef: "the t sampling"}
+
+
+def names_in(expr: ast.Expr) -> set[str]:
+    """The names an expression mentions, called functions included."""
+    if isinstance(expr, ast.Name):
+        return {expr.id}
+    if isinstance(expr, ast.Call):
+        return {expr.func}.union(*map(names_in, expr.args))
+    if isinstance(expr, ast.BinOp):
+        return names_in(expr.left) | names_in(expr.right)
+    if isinstance(expr, ast.Neg):
+        return names_in(expr.operand)
+    if isinstance(expr, ast.Derivative):
+        return names_in(expr.expr)
+    return set()
+
+
+def evaluate(expr: sp.Expr) -> float | None:
+    """A finite real float, or None (also when the evaluation takes too long)."""
+    number = call_with_time_limit(EVALUATE_SECONDS, sp.N, expr, 30)[1]  # None when out of time
+    try:
+        value = complex(number)
+    except (TypeError, ValueError):
+        return None
+    if abs(value.imag) > 1e-12 * (1 + abs(value.real)) or not math.isfinite(value.real):
+        return None
+    return value.real

@@ -1,0 +1,81 @@
+"""Positivity and finiteness: the diffusion, the weighting and the drift on [eps, T] (and on states)."""
+from __future__ import annotations
+
+import numpy as np
+import sympy as sp
+
+from .common import EVALUATE_SECONDS, GRID_POINTS, STATE_RANGE, TIME, call_with_time_limit
+
+
+class PositivityPass:
+    """Refuses a diffusion or weighting that is not positive, a drift that is not finite."""
+
+    def _check_sde(self, drift, diffusion, x, drift_span, diffusion_span, eps, T) -> bool:
+        """Refuse a diffusion that vanishes or a drift that is not finite; return whether the SDE is affine."""
+        slope = sp.diff(drift, x)
+        affine = not slope.has(x)
+        if not affine:
+            # Only a slope that simplifies to a function of t is affine; out of time counts as general.
+            done, simple = call_with_time_limit(EVALUATE_SECONDS, sp.simplify, slope)
+            affine = done and not simple.has(x)
+        if diffusion == 0:
+            raise self.error("the diffusion is zero: an SDE without noise is not supported", diffusion_span,
+                             "give a positive g(t) before 'dw', e.g. 'sqrt(2) dw'")
+        if diffusion.has(x):
+            self._check_on_states(diffusion**2, x, diffusion_span, eps, T, "the diffusion", positive=True)
+            affine = False
+        else:
+            self._check_positive(diffusion, diffusion_span, eps, T, "the diffusion",
+                                 "g(t) must be positive on [eps, T]; write it as a square root, e.g. sqrt(beta(t))")
+        if not affine:
+            self._check_on_states(drift, x, drift_span, eps, T, "the drift", positive=False)
+            return False
+        for part, name in ((slope, "the drift"), (drift.subs(x, 0), "the drift")):
+            values = self._on_grid(part, eps, T)
+            if not np.all(np.isfinite(values)):
+                bad = self._grid(eps, T)[~np.isfinite(values)][0]
+                raise self.error(f"{name} is not finite at t = {bad:.6g}", drift_span,
+                                 "choose [eps, T] inside the drift's domain")
+        return True
+
+    def _check_on_states(self, expr, x, span, eps, T, what, positive) -> None:
+        """expr(x, t) finite (and positive) on a grid of x in [-STATE_RANGE, STATE_RANGE] and t in [eps, T]."""
+        fn = sp.lambdify((x, TIME), expr.subs(self._defaults()), modules="numpy")
+        xs, ts = np.meshgrid(np.linspace(-STATE_RANGE, STATE_RANGE, 41), self._grid(eps, T))
+        with np.errstate(all="ignore"):
+            values = np.asarray(fn(xs, ts), dtype=complex) * np.ones(xs.shape)
+        bad = ~np.isfinite(values) | (np.abs(values.imag) > 1e-12 * (1 + np.abs(values.real)))
+        if positive:
+            bad |= values.real <= 0
+        if bad.any():
+            i = np.flatnonzero(bad.ravel())[0]
+            problem = "zero" if positive and np.isfinite(values.ravel()[i]) and values.ravel()[i].real == 0 else (
+                "not positive" if positive and np.isfinite(values.ravel()[i]) else "not a finite real number")
+            raise self.error(f"{what} is {problem} at {x} = {xs.ravel()[i]:.6g}, t = {ts.ravel()[i]:.6g}", span,
+                             f"sdelang checks {x} in [-{STATE_RANGE:g}, {STATE_RANGE:g}]; "
+                             + ("the noise must not vanish, e.g. sqrt(1 + x^2)" if positive else
+                                "choose a drift defined for every state"))
+
+    def _grid(self, eps: float, T: float) -> np.ndarray:
+        return np.linspace(eps, T, GRID_POINTS)
+
+    def _on_grid(self, expr: sp.Expr, eps: float, T: float) -> np.ndarray:
+        expr = expr.subs(self._defaults())
+        fn = sp.lambdify(TIME, expr, modules="numpy")
+        with np.errstate(all="ignore"):
+            values = np.asarray(fn(self._grid(eps, T)), dtype=complex) * np.ones(GRID_POINTS)
+        real = values.real.copy()
+        real[np.abs(values.imag) > 1e-12 * (1 + np.abs(values.real))] = np.nan
+        return real
+
+    def _check_positive(self, expr, span, eps, T, what, hint) -> None:
+        values = self._on_grid(expr, eps, T)
+        grid = self._grid(eps, T)
+        if not np.all(np.isfinite(values)):
+            bad = grid[~np.isfinite(values)][0]
+            raise self.error(f"{what} is not a finite real number at t = {bad:.6g}", span, hint)
+        if np.any(values <= 0):
+            first = np.flatnonzero(values <= 0)[0]
+            word = "negative" if values[first] < 0 else "zero"
+            where = " (with the default parameters)" if self.params else ""
+            raise self.error(f"{what} is {word} at t = {grid[first]:.6g}{where}", span, hint)
