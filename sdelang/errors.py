@@ -1,9 +1,13 @@
-"""Errors: user mistakes (with a source span and a caret) and compiler bugs.
+"""Errors: user mistakes (with a source span and a caret), the user's environment, and sdelang's bugs.
 
-A user mistake is an :class:`SdeError`; the CLI prints it as
-``file:line:col: message``, the source line and a caret, and exits with status 2.
-Anything else escaping the compiler is a bug in sdelang, raised as
-:class:`InternalCompilerError` so that it is never mistaken for the user's fault.
+The command line's exit status says whose the problem is:
+
+- 0: done;
+- 1: a check failed (``sdelang check``) or the ODE solver could not continue (:class:`SolverError`);
+- 2: the user's program, command line or environment: an :class:`SdeError` (``file:line:col``, the
+  source line and a caret), an :class:`EnvironmentProblem` (a damaged checkpoint, a folder that cannot be
+  written, a missing optional package, no CUDA device) or an operating-system error on the user's files;
+- 3: a bug in sdelang (:class:`InternalCompilerError` or anything unexpected), never the user's fault.
 """
 from __future__ import annotations
 
@@ -70,6 +74,27 @@ class SdeError(Exception):
 
     def __str__(self) -> str:
         return self.render()
+
+
+class EnvironmentProblem(Exception):
+    """The user's machine or files stop the command: what happened and what to do, in one message."""
+
+
+class MissingDependency(EnvironmentProblem, ImportError):
+    """An optional package a feature needs is not installed (an ImportError too, for callers that expect one)."""
+
+    def __init__(self, feature: str, package: str, extra: str):
+        super().__init__(f"{feature} needs the {package} package, which is not installed; "
+                         f"install it with: pip install 'sdelang[{extra}]' (or pip install {package})")
+        self.feature, self.package, self.extra = feature, package, extra
+
+
+def describe_os_error(exc: OSError, doing: str = "") -> str:
+    """One line for an operating-system error on a user's file: the path, the reason, no errno noise."""
+    reason = exc.strerror or str(exc)
+    path = exc.filename if exc.filename is not None else ""
+    where = f" {path}" if path else ""
+    return f"cannot {doing or 'use'}{where}: {reason[0].lower() + reason[1:] if reason else 'failed'}"
 
 
 class InternalCompilerError(Exception):

@@ -6,6 +6,20 @@ import os
 import uuid
 from pathlib import Path
 
+from .errors import EnvironmentProblem, describe_os_error
+
+
+class CannotWrite(EnvironmentProblem, OSError):
+    """A file could not be written (a read-only folder, a full disk, a path that is a file): the message
+    names the target, not the temporary file, and nothing partial is left behind."""
+
+    def __init__(self, message: str, errno: int | None):
+        super().__init__(errno, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike):
@@ -13,16 +27,29 @@ def atomic_open(path: str | os.PathLike):
     file in the same folder and renamed, so readers never see half a file. The permissions follow the
     umask, like a plain open() (tempfile.mkstemp would make the file readable by its owner alone)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from exc
     try:
         with os.fdopen(handle, "wb") as file:
             yield file
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as exc:
         temporary.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, CannotWrite):
+            raise _cannot_write(path, exc) from exc
         raise
+
+
+def _cannot_write(path: Path, exc: OSError) -> CannotWrite:
+    blocker = next((p for p in [path.parent, *path.parent.parents] if p.is_file()), None)
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and blocker is not None:
+        return CannotWrite(f"cannot write {path}: {blocker} is a file, not a folder", exc.errno)
+    return CannotWrite(describe_os_error(OSError(exc.errno, exc.strerror or str(exc), str(path)), "write"),
+                       exc.errno)
 
 
 def write_atomic(path: Path, text: str) -> None:

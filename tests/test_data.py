@@ -14,6 +14,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sdelang.errors import MissingDependency
 from sdelang.runtime import plots
 from sdelang.runtime.data import TOY_SETS, TOY_SIZES, Dataset, load_data, toy
 
@@ -113,8 +114,10 @@ def test_digits():
 
 def test_digits_without_sklearn(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # makes the import fail
-    with pytest.raises(ImportError, match="pip install scikit-learn"):
+    with pytest.raises(MissingDependency, match=r"scikit-learn package, which is not installed; install it with: "
+                                                r"pip install 'sdelang\[data\]'") as error:
         load_data("digits")
+    assert isinstance(error.value, ImportError)  # callers that catch ImportError still do
 
 
 def test_dequantisation_recovers_integers_and_is_uniform():

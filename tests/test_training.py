@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from sdelang.runtime.config import ModelConfig, TrainConfig
-from sdelang.runtime.training import CHECKPOINT, load_run, save_checkpoint, train
+from sdelang.runtime.training import CHECKPOINT, PREVIOUS, load_run, save_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 VP = (ROOT / "examples" / "vp_likelihood.sde").read_text(encoding="utf-8")
@@ -86,7 +86,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
 def test_a_different_run_in_the_same_directory_is_refused(tmp_path):
     train(tiny(5), tmp_path, progress=False)
-    with pytest.raises(ValueError, match="holds a different run"):
+    with pytest.raises(ValueError, match=r"holds a different run \(lr 0.002 -> 0.0001\)"):
         train(tiny(5, lr=1e-4), tmp_path, progress=False)
 
 
@@ -99,10 +99,19 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match=f"cannot write {path}: disk full"):
         save_checkpoint(path, {"step": 2})
     assert torch.load(path, weights_only=True) == {"step": 1}
-    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT, PREVIOUS])
+
+
+def test_the_previous_checkpoint_is_kept_until_the_next_is_complete(tmp_path):
+    path = tmp_path / CHECKPOINT
+    for step in (1, 2, 3):
+        save_checkpoint(path, {"step": step})
+    assert torch.load(path, weights_only=True) == {"step": 3}
+    assert torch.load(tmp_path / PREVIOUS, weights_only=True) == {"step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT, PREVIOUS])
 
 
 @pytest.mark.parametrize("change, message", [

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
@@ -16,7 +17,7 @@ from ..compiler.derive.general import reason
 from ..compiler.codegen.emit import plain_names
 from ..compiler.codegen.printer import stable
 from ..compiler.derive.reverse import SCORE
-from ..errors import InternalCompilerError, SdeError, SolverError
+from ..errors import EnvironmentProblem, InternalCompilerError, SdeError, SolverError, describe_os_error
 
 
 def _param(text: str) -> tuple[str, float]:
@@ -240,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     except SolverError as exc:
         print(f"sdelang {args.command}: {exc}", file=sys.stderr)
         return 1
+    except EnvironmentProblem as exc:
+        print(f"sdelang {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as exc:
         if args.command in ("compile", "show"):  # the compiler reports user mistakes as SdeError
             return _bug(exc)
@@ -250,8 +254,18 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `sdelang show FILE | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:
+        if exc.errno not in _USER_ERRNOS:
+            return _bug(exc)
+        print(f"sdelang {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except Exception as exc:
         return _bug(exc)
+
+
+# Operating-system errors that are about the user's files, disk or permissions, never sdelang's code.
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.EEXIST,
+                errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EIO, errno.EMFILE, errno.ELOOP}
 
 
 def _bug(exc: Exception) -> int:

@@ -5,6 +5,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -12,8 +13,13 @@ from pathlib import Path
 from ..compiler import read_source
 from ..runtime.config import OBJECTIVES, REDUCTIONS, ModelConfig, TrainConfig
 
-# Sampler names the CLI accepts besides sampling.METHODS.
-ALIASES = {"dpm": "dpm2", "dpm1": "ddim", "reverse": "reverse_diffusion"}
+# Sampler names the CLI accepts besides sampling.METHODS ("euler": k-diffusion's name for the stochastic
+# Euler step, which is Euler-Maruyama on the reverse SDE).
+ALIASES = {"dpm": "dpm2", "dpm1": "ddim", "reverse": "reverse_diffusion", "euler": "em"}
+
+# The most time steps a sampler takes: the grid and its per-step tensors must fit in memory, and a run of
+# more steps than this is a typing mistake (a file's `steps 1e12`) rather than a plan.
+MAX_STEPS = 1_000_000
 
 
 def table(rows: list[tuple[str, ...]]) -> str:
@@ -24,18 +30,33 @@ def table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
+def default_threads(cores: int | None = None) -> int:
+    """CPU threads for torch when --threads is not given: 1 on machines of up to 4 cores, else half the
+    cores up to 8. torch's own default (every core) oversubscribes small and shared machines: on a
+    2-core machine 50 training steps on digits took 234 s with 2 threads and 17 s with 1, and the small
+    tensors of the 2-D models gain nothing from a second thread (benchmarks/threads.py measures it)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if cores <= 4 else min(8, cores // 2)
+
+
 def _add_threads(parser) -> None:
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice; 1 is often faster for small "
-                             "models on a busy machine)")
+                        help=f"CPU threads for torch (default {default_threads()} here: 1 on machines of up to "
+                             "4 cores, else half the cores up to 8)")
 
 
 def _set_threads(args) -> None:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-        torch.set_num_threads(args.threads)
+    threads = default_threads() if args.threads is None else args.threads
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    import torch
+    torch.set_num_threads(threads)
+
+
+def _check_steps(steps: int | None, what: str) -> None:
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"{what} must be between 1 and {MAX_STEPS:,}, got {steps:,}")
 
 
 def add_train(sub, params) -> None:
@@ -45,27 +66,49 @@ def add_train(sub, params) -> None:
                                    "Rerunning with the same --out resumes from its checkpoint.")
     p.add_argument("file", metavar="SDE_FILE")
     p.add_argument("--data", default=defaults.data,
-                   help="moons, swissroll, checkerboard, 8gaussians, gaussian, digits, a .npy file or an image folder")
+                   help="moons, swissroll, checkerboard, 8gaussians, gaussian, digits (needs scikit-learn), "
+                        f"a .npy file or an image folder (default {defaults.data})")
     p.add_argument("--steps", type=int, default=defaults.steps, help=f"optimizer steps (default {defaults.steps})")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; resumed if it exists)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="override an SDE parameter")
-    p.add_argument("--batch", type=int, default=defaults.batch)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--ema", type=float, default=defaults.ema)
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
+    p.add_argument("--batch", type=int, default=defaults.batch,
+                   help=f"training examples per optimizer step (default {defaults.batch})")
+    p.add_argument("--lr", type=float, default=defaults.lr,
+                   help=f"AdamW learning rate, after {defaults.warmup} warm-up steps (default {defaults.lr})")
+    p.add_argument("--ema", type=float, default=defaults.ema,
+                   help=f"decay of the weights' exponential moving average, which sampling and the NLL use "
+                        f"(default {defaults.ema})")
+    p.add_argument("--seed", type=int, default=defaults.seed,
+                   help=f"seed of every random draw: batches, times, noise, initial weights (default {defaults.seed})")
+    p.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective,
+                   help="denoising score matching (affine and coupled SDEs), sliced score matching (any SDE), "
+                        f"or auto: by the SDE's kind (default {defaults.objective})")
     p.add_argument("--reduction", choices=REDUCTIONS, default=defaults.reduction,
                    help="sum (the weighted score-matching integral, in nats for the likelihood weighting) "
-                        "or mean over the entries of a sample")
-    p.add_argument("--dtype", choices=("float32", "float64"), default=defaults.dtype)
-    p.add_argument("--model", choices=("auto", "mlp", "unet"), default=model.kind)
-    p.add_argument("--width", type=int, default=model.width)
-    p.add_argument("--depth", type=int, default=model.depth)
-    p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")
+                        f"or mean over the entries of a sample (default {defaults.reduction})")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=defaults.dtype,
+                   help=f"floating-point type of the model and the SDE (default {defaults.dtype})")
+    p.add_argument("--model", choices=("auto", "mlp", "unet"), default=model.kind,
+                   help=f"score network: auto is a U-Net for images, an MLP otherwise (default {model.kind})")
+    p.add_argument("--width", type=int, default=None,
+                   help=f"MLP hidden width or U-Net base channels (default {model.width} for an MLP; "
+                        "for images sized by the data set, see docs/runtime.md)")
+    p.add_argument("--depth", type=int, default=None,
+                   help=f"MLP residual blocks or U-Net resolution levels (default {model.depth} for an MLP)")
+    p.add_argument("--device", default=defaults.device, help=f"cpu, cuda, cuda:1, ... (default {defaults.device})")
     _add_threads(p)
-    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
-    p.add_argument("--sample-every", type=int, default=defaults.sample_every, help="sample plot every k steps")
-    p.add_argument("--eval-every", type=int, default=defaults.eval_every, help="held-out NLL every k steps")
+    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                   help=f"save the checkpoint every k steps, and at the end (default {defaults.checkpoint_every})")
+    p.add_argument("--sample-every", type=int, default=defaults.sample_every,
+                   help="a sample plot every k steps (default 0: at the end only)")
+    p.add_argument("--eval-every", type=int, default=defaults.eval_every,
+                   help="held-out NLL (256 points) every k steps, written to eval.csv (default 0: never)")
+    p.add_argument("--plot-samples", type=int, default=defaults.plot_samples,
+                   help=f"points in each sample plot, images up to 64; 0 turns the sample plots off "
+                        f"(default {defaults.plot_samples})")
+    p.add_argument("--plot-method", default=defaults.plot_method,
+                   help=f"sampler of the sample plots, any name `sdelang sample --method` takes "
+                        f"(default {defaults.plot_method})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=lambda args: _train(args, params))
 
@@ -75,12 +118,13 @@ def _train(args, params) -> int:
 
     _set_threads(args)
     source = read_source(args.file)
+    sizes = {k: v for k, v in (("width", args.width), ("depth", args.depth)) if v is not None}
     config = TrainConfig(
-        sde_source=source.text, sde_name=Path(args.file).name, params=params(args.param), data=args.data,
+        sde_source=source.text, sde_name=Path(args.file).name, params=params(args.param), data=_data_spec(args.data),
         steps=args.steps, batch=args.batch, lr=args.lr, ema=args.ema, seed=args.seed, objective=args.objective,
         reduction=args.reduction, dtype=args.dtype, device=args.device, checkpoint_every=args.checkpoint_every,
-        sample_every=args.sample_every, eval_every=args.eval_every,
-        model=ModelConfig(kind=args.model, width=args.width, depth=args.depth))
+        sample_every=args.sample_every, eval_every=args.eval_every, plot_samples=args.plot_samples,
+        plot_method=_methods(args.plot_method)[0], model=ModelConfig(kind=args.model, **sizes))
     started = time.perf_counter()
     with _distributed(config) as config:
         run = train(config, args.out, progress=not args.quiet)
@@ -92,6 +136,12 @@ def _train(args, params) -> int:
                  (str(args.out), config.sde_name, config.data, str(run.step), f"{last:.4g}", f"{seconds:.1f}",
                   str(sum(p.numel() for p in run.model.parameters())))]))
     return 0
+
+
+def _data_spec(data: str) -> str:
+    """A data file or folder by its absolute path, so that the run resumes and evaluates from any folder."""
+    path = Path(data)
+    return str(path.resolve()) if path.suffix == ".npy" or path.is_dir() or path.is_file() else data
 
 
 @contextlib.contextmanager
@@ -125,17 +175,19 @@ def add_sample(sub) -> None:
     p.add_argument("--method", default="pc", help="comma-separated sampler names: pc, em, reverse_diffusion, "
                                                   "ancestral, ald, ode, heun, ddim, dpm2 (dpm = dpm2), splitting "
                                                   "(coupled SDEs); a coupled or general SDE takes em, pc, ode, heun")
-    p.add_argument("--steps", type=int, default=None, help="time steps (default: the SDE's N)")
-    p.add_argument("-n", type=int, default=1000, help="number of samples")
+    p.add_argument("--steps", type=int, default=None,
+                   help="time steps of the fixed-step methods (default: the SDE's N); not for ode, which is adaptive")
+    p.add_argument("-n", type=int, default=1000, help="number of samples (default 1000)")
     p.add_argument("--spacing", choices=("time", "logsnr"), default=None,
                    help="time grid of the fixed-step methods (default: each method's own; logsnr suits "
                         "SDEs whose noise level spans decades, such as EDM-style VE)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the prior draw and the noise (default 0)")
     p.add_argument("--plot", metavar="PNG", help="write a scatter plot or image grid (one per method)")
     p.add_argument("--save", metavar="NPY", help="write the samples of the first method as a .npy file")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the run's)")
     _add_threads(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_sample)
 
 
@@ -184,22 +236,23 @@ def _sample(args) -> int:
     methods = _methods(args.method)
     if args.n < 1:
         raise ValueError(f"-n must be >= 1, got {args.n}")
+    _check_steps(args.steps, "--steps")
+    if args.steps is not None and "ode" in methods:
+        raise ValueError("--steps does not apply to 'ode' (the adaptive solver chooses its steps); sample ode "
+                         "on its own without --steps, or choose a fixed-step method such as heun or dpm2")
     run = load_run(args.run_dir, device=args.device)
     _applicable(methods, run.sde)
+    if args.steps is None and any(m != "ode" for m in methods):
+        _check_steps(run.sde.N, f"the SDE's step count N ({run.config.sde_name})")
     shape = (args.n,) + tuple(run.dataset.shape)
-    points = len(run.dataset.shape) == 1
-    reference = None
-    if points:
-        from ..runtime.data import load_data
-        reference = held_out(load_data(run.config.data, split="test"), args.n, torch.Generator().manual_seed(1))
+    reference = _reference(run, args.n) if len(run.dataset.shape) == 1 else None
     results = []
     for method in methods:
         generator = torch.Generator(run.sde._anchor.device).manual_seed(args.seed)
         started = time.perf_counter()
         with torch.no_grad():
-            steps = None if method == "ode" else args.steps     # the adaptive solver picks its own steps
-            out = sample(run.sde, run.model, shape, method=method, steps=steps, generator=generator,
-                         **_spacing(method, args.spacing))
+            out = sample(run.sde, run.model, shape, method=method, steps=args.steps, generator=generator,
+                         progress=not args.quiet, **_spacing(method, args.spacing))
         x = out.x.double().cpu()
         row = dict(method=method, n=args.n, nfe=out.nfe, seconds=time.perf_counter() - started,
                    finite=bool(torch.isfinite(x).all()))
@@ -233,21 +286,41 @@ def _sample(args) -> int:
     return 0
 
 
+def _reference(run, n: int):
+    """n held-out points for the two-sample test, or None (with a note) when the run's data cannot be read
+    here: sampling itself needs no data."""
+    import torch
+
+    from ..runtime.data import load_data
+    from ..runtime.evaluate import held_out
+
+    try:
+        return held_out(load_data(run.config.data, split="test"), n, torch.Generator().manual_seed(1))
+    except (OSError, ValueError, ImportError) as exc:
+        print(f"note: no two-sample test: the run's data {run.config.data!r} cannot be read here ({exc})",
+              file=sys.stderr)
+        return None
+
+
 def add_nll(sub) -> None:
     p = sub.add_parser("nll", help="negative log-likelihood (bits/dim) of held-out data",
                        description="Exact likelihood through the probability-flow ODE (Hutchinson trace "
                                    "unless --exact), on the test split of the run's data.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("-n", type=int, default=512, help="held-out datapoints (default 512)")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per datapoint")
+    p.add_argument("--batch", type=int, default=256,
+                   help="datapoints per ODE solve; more is faster until memory runs out (default 256)")
+    p.add_argument("--probes", type=int, default=1,
+                   help="Hutchinson probes per datapoint: more lowers the trace estimator's variance (default 1)")
     p.add_argument("--exact", action="store_true", help="exact divergence (d backward passes; small d)")
     p.add_argument("--tol", type=float, default=1e-5, help="ODE rtol = atol (default 1e-5)")
-    p.add_argument("--bound", action="store_true", help="also the ScoreFlow (Theorem 3) upper bound")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    p.add_argument("--bound", action="store_true",
+                   help="also ScoreFlow's upper bound on the NLL of the SDE model (Theorem 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out choice and the probes (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the run's)")
     _add_threads(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_nll)
 
 
@@ -261,7 +334,7 @@ def _nll(args) -> int:
     test = load_data(run.config.data, split="test")
     started = time.perf_counter()
     result = nll(run.model, test, n=args.n, batch=args.batch, seed=args.seed, probes=args.probes,
-                 exact_trace=args.exact, rtol=args.tol, atol=args.tol, with_bound=args.bound)
+                 exact_trace=args.exact, rtol=args.tol, atol=args.tol, with_bound=args.bound, progress=not args.quiet)
     seconds = time.perf_counter() - started
     if args.json:
         print(json.dumps(dict(result.as_dict(), seconds=seconds)))
@@ -275,5 +348,7 @@ def _nll(args) -> int:
         print("coupled SDE: the NLL is -E[log p(x, v0) - log q(v0)] over the auxiliary components' initial law q, "
               "an upper bound on -log p(x)")
     if result.bound_nats is not None:
-        print(f"ScoreFlow bound: {result.bound_nats:.4f} nats, {result.bound_bpd:.4f} bits/dim (>= NLL up to noise)")
+        print(f"ScoreFlow bound: {result.bound_nats:.4f} nats, {result.bound_bpd:.4f} bits/dim: an upper bound on "
+              "the NLL of the SDE model (the reverse SDE with this score); the NLL above is the flow ODE's, a "
+              "different model, so the bound may fall below it when the score is not exact")
     return 0

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import SdeError, Source
+from ..errors import SdeError, Source, Span
 from ..files import write_atomic
 from . import check, codegen, derive, parse  # the stages, one module (or package) each
 from .derive import Derivation
@@ -40,12 +40,30 @@ def read_source(path: str | os.PathLike) -> Source:
     if Path(path).suffix != ".sde":
         raise SdeError(f"{path}: expected a .sde file")
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise SdeError(f"no such file: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SdeError(f"cannot read {path}: {exc}") from None
-    return Source(text, str(path))
+    except IsADirectoryError:
+        raise SdeError(f"{path} is a folder, not a .sde file") from None
+    except OSError as exc:
+        raise SdeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return Source(data.decode("utf-8"), str(path))
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(data, exc, str(path)) from None
+
+
+def _not_utf8(data: bytes, exc: UnicodeDecodeError, path: str) -> SdeError:
+    """A file in another encoding: located at the first byte that is not UTF-8, with a caret under it."""
+    before = data[:exc.start]
+    line = before.count(b"\n") + 1
+    line_start = before.rfind(b"\n") + 1
+    column = len(data[line_start:exc.start].decode("utf-8", errors="replace")) + 1
+    shown = data.decode("utf-8", errors="replace")
+    return SdeError(f"byte 0x{data[exc.start]:02x} is not UTF-8: .sde files are read as UTF-8",
+                    Span(line, column, line, column + 1), Source(shown, path),
+                    hint=f"convert the file, e.g. iconv -f latin1 -t utf-8 {path} > fixed.sde "
+                         "(if it is in Latin-1), or remove the character")
 
 
 def compile_source(source: Source, params: dict[str, float] | None = None) -> Compiled:

@@ -56,6 +56,7 @@ class TrainConfig:
     sample_every: int = 0           # sample plots every k steps (0: at the end only)
     eval_every: int = 0             # NLL of held-out data every k steps (0: never during training)
     plot_samples: int = 1000        # points (images: up to 64) in each sample plot; 0: no sample plots
+    plot_method: str = "pc"         # the sampler of the sample plots
     device: str = "cpu"
     dtype: str = "float32"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -95,5 +96,21 @@ class TrainConfig:
         differ (and data_std, which the run measures)."""
         def fixed(config):
             return replace(config, steps=1, log_every=1, checkpoint_every=1, sample_every=0, eval_every=0,
-                           plot_samples=0, device="cpu", model=replace(config.model, data_std=1.0))
+                           plot_samples=0, plot_method="", device="cpu", model=replace(config.model, data_std=1.0))
         return fixed(self) == fixed(other)
+
+    def difference(self, other: "TrainConfig") -> str:
+        """The settings in which `other` is not the same run as this one, e.g. "lr 0.002 -> 0.001"."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        free = {"steps", "log_every", "checkpoint_every", "sample_every", "eval_every", "plot_samples", "plot_method",
+                "device"}
+        changed = []
+        for key in sorted(mine.keys() - free):
+            a, b = mine[key], theirs.get(key)
+            if key == "model":
+                changed += [f"model.{k} {a[k]!r} -> {b.get(k)!r}" for k in sorted(a) if k != "data_std" and a[k] != b.get(k)]
+            elif key == "sde_source" and a != b:
+                changed.append("the SDE's source text")
+            elif a != b:
+                changed.append(f"{key} {a!r} -> {b!r}")
+        return ", ".join(changed) or "no setting differs"

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import MissingDependency
+
 TOY_SETS = ("moons", "swissroll", "checkerboard", "8gaussians", "gaussian")
 STORED_SETS = ("digits",)
 SPLITS = ("train", "test")
@@ -231,7 +233,7 @@ def load_data(spec: str | Path, *, n: int | None = None, generator: torch.Genera
 def _unknown(name: str, known: tuple[str, ...], what: str, also: str = "") -> str:
     """'unknown <what> <name>; known: ...; did you mean <closest>?'"""
     message = f"unknown {what} {name!r}; known: {', '.join(known)}{also}"
-    close = difflib.get_close_matches(name, known, n=1)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)  # "mnist" (0.6 like "moons") is no near miss
     return message + (f"; did you mean {close[0]!r}?" if close else "")
 
 
@@ -241,8 +243,7 @@ def _digits() -> Tensor:
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
-        raise ImportError("the 'digits' dataset needs scikit-learn: pip install scikit-learn "
-                          "(or pip install 'sdelang[data]')") from error
+        raise MissingDependency("the 'digits' data set", "scikit-learn", "data") from error
     k = np.rint(load_digits().images * (255 / 16))
     return torch.from_numpy(k).to(torch.float32).unsqueeze(1)
 
@@ -309,9 +310,12 @@ def _read_folder(folder: Path) -> Tensor:
     for file in files:
         try:
             with Image.open(file) as image:
+                image.load()  # decode now: a truncated or damaged file fails here, where its name is known
                 images.append(_eight_bit(image, file))
         except UnidentifiedImageError as error:
             raise ValueError(f"{str(file)!r} is not a readable image: {error}") from error
+        except OSError as error:  # Pillow's "image file is truncated" and damaged data
+            raise ValueError(f"{str(file)!r} is damaged ({error}); replace or remove it") from error
         if images[-1].size != images[0].size:
             raise ValueError(f"images differ in size: {files[0].name} is {images[0].size[0]}x{images[0].size[1]}, "
                              f"{file.name} is {images[-1].size[0]}x{images[-1].size[1]} (width x height); "

@@ -38,9 +38,11 @@ def held_out(dataset, n: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def nll(model, dataset, *, n: int = 512, batch: int = 256, seed: int = 0, probes: int = 1,
-        exact_trace: bool = False, rtol: float = 1e-5, atol: float = 1e-5, with_bound: bool = False) -> NLL:
+        exact_trace: bool = False, rtol: float = 1e-5, atol: float = 1e-5, with_bound: bool = False,
+        progress: bool = False) -> NLL:
     """NLL of the first n datapoints of `dataset` (a test split) under the score model's flow ODE; D, the
-    dimensions in bits/dim, is the number of entries of one datapoint of the data (for any kind of SDE)."""
+    dimensions in bits/dim, is the number of entries of one datapoint of the data (for any kind of SDE).
+    `progress` shows a bar over the batches (each an adaptive ODE solve, plus the bound's samples)."""
     if n < 2 or batch < 1:
         raise ValueError(f"n must be >= 2 and batch >= 1, got n={n}, batch={batch}")
     sde = model.sde
@@ -53,12 +55,18 @@ def nll(model, dataset, *, n: int = 512, batch: int = 256, seed: int = 0, probes
     dims = x[0].numel()
     logps, bounds, nfes = [], [], []
     device_generator = torch.Generator(anchor.device).manual_seed(seed)
-    for chunk in x.split(batch):
+    chunks = x.split(batch)
+    if progress:
+        from tqdm.auto import tqdm
+        chunks = tqdm(chunks, desc="nll" + (" and bound" if with_bound else ""), unit="batch", dynamic_ncols=True)
+    for chunk in chunks:
         chunk = chunk.to(anchor.device, anchor.dtype)
         result = log_likelihood(sde, model, chunk, exact_trace=exact_trace, probes=1 if exact_trace else probes,
                                 rtol=rtol, atol=atol, generator=device_generator)
         logps.append(result.logp.double().cpu())
         nfes.append(result.nfe)
+        if progress:
+            chunks.set_postfix(nfe=f"{result.nfe:.0f}")
         if with_bound:
             with torch.no_grad():
                 # the score sees samples_per_call copies of the chunk at once: about 2^16 entries
