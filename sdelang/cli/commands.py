@@ -11,15 +11,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..compiler import read_source
+from ..compiler.check.common import MAX_STEPS
 from ..runtime.config import OBJECTIVES, REDUCTIONS, ModelConfig, TrainConfig
 
 # Sampler names the CLI accepts besides sampling.METHODS ("euler": k-diffusion's name for the stochastic
 # Euler step, which is Euler-Maruyama on the reverse SDE).
 ALIASES = {"dpm": "dpm2", "dpm1": "ddim", "reverse": "reverse_diffusion", "euler": "em"}
 
-# The most time steps a sampler takes: the grid and its per-step tensors must fit in memory, and a run of
-# more steps than this is a typing mistake (a file's `steps 1e12`) rather than a plan.
-MAX_STEPS = 1_000_000
 
 
 def table(rows: list[tuple[str, ...]]) -> str:

@@ -16,6 +16,9 @@ from ..timelimit import call_with_time_limit
 DEFAULT_EPS = sp.Rational(1, 100000)
 DEFAULT_T = sp.Integer(1)
 DEFAULT_N = 1000
+# The most time steps a program or a sampler may ask for: per-step tensors must fit in memory, and more
+# steps than this is a typing mistake (`steps 1e12`) rather than a plan.
+MAX_STEPS = 1_000_000
 
 TIME = sp.Symbol("t", positive=True)
 # The checker names the state after the SDE line (dx -> x); generated code always calls it x.

@@ -11,7 +11,7 @@ from .. import syntax as ast
 from ...errors import Span
 from ..ir import CoupledProgram, Parameter, Program
 from ..parse import RESERVED_WORDS
-from .common import BUILTIN_CONSTANTS, DEFAULT_EPS, DEFAULT_N, DEFAULT_T, TIME, Scope, evaluate, names_in
+from .common import BUILTIN_CONSTANTS, DEFAULT_EPS, DEFAULT_N, DEFAULT_T, MAX_STEPS, TIME, Scope, evaluate, names_in
 
 
 class ProgramPass:
@@ -75,6 +75,10 @@ class ProgramPass:
             if n != int(n) or n < 1:
                 raise self.error(f"steps must be a positive integer, got {n:g}", steps.value.span,
                                  "write a whole number of steps, e.g. 'steps 1000'")
+            if n > MAX_STEPS:
+                raise self.error(f"steps must be at most {MAX_STEPS:,}, got {n:,.0f}", steps.value.span,
+                                 "samplers allocate per-step tensors; 1000 steps is usual, a few hundred "
+                                 "thousand the most that is useful")
             N = int(n)
 
         weighting, weighting_expr = "likelihood", None
