@@ -11,6 +11,7 @@ import sympy as sp
 
 from .. import __version__
 from . import commands
+from .dequantize import add_dequantize
 from ..compiler import compile_source, read_source, write_module
 from ..compiler.derive import CoupledDerivation, Derivation, GeneralDerivation
 from ..compiler.derive.general import reason
@@ -224,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_train(sub, _params)
     commands.add_sample(sub)
     commands.add_nll(sub)
+    add_dequantize(sub)
     add_check(sub)
     return parser
 

@@ -323,6 +323,7 @@ def add_nll(sub) -> None:
 
 
 def _nll(args) -> int:
+    from ..runtime import dequantize
     from ..runtime.data import load_data
     from ..runtime.evaluate import nll
     from ..runtime.training import load_run
@@ -330,23 +331,36 @@ def _nll(args) -> int:
     _set_threads(args)
     run = load_run(args.run_dir, device=args.device)
     test = load_data(run.config.data, split="test")
+    learned = dequantize.load(args.run_dir)     # written by `sdelang dequantize`; None without one
+    options = dict(n=args.n, batch=args.batch, seed=args.seed, probes=args.probes, exact_trace=args.exact,
+                   rtol=args.tol, atol=args.tol, with_bound=args.bound, progress=not args.quiet)
     started = time.perf_counter()
-    result = nll(run.model, test, n=args.n, batch=args.batch, seed=args.seed, probes=args.probes,
-                 exact_trace=args.exact, rtol=args.tol, atol=args.tol, with_bound=args.bound, progress=not args.quiet)
+    result = nll(run.model, test, **options)
     seconds = time.perf_counter() - started
+    results = [("uniform", result, seconds)]
+    if learned is not None:
+        started = time.perf_counter()
+        results.append(("variational", nll(run.model, test, dequantizer=learned, **options),
+                        time.perf_counter() - started))
     if args.json:
-        print(json.dumps(dict(result.as_dict(), seconds=seconds)))
+        if learned is None:
+            print(json.dumps(dict(result.as_dict(), seconds=seconds)))
+        else:
+            print(json.dumps({name: dict(r.as_dict(), seconds=s) for name, r, s in results}))
         return 0
     unit = "bits/dim" if test.levels is not None else "bits/dim (continuous)"
-    rows = [("data", "n", "NLL (nats)", unit, "stderr", "NFE", "seconds"),
-            (f"{run.config.data} (test)", str(result.n), f"{result.nll_nats:.4f}", f"{result.bpd:.4f}",
-             f"{result.stderr:.4f}", f"{result.nfe:.0f}", f"{seconds:.1f}")]
+    rows = [("data", "dequantisation", "n", "NLL (nats)", unit, "stderr", "NFE", "seconds")]
+    rows += [(f"{run.config.data} (test)", name if test.levels is not None else "-", str(r.n), f"{r.nll_nats:.4f}",
+              f"{r.bpd:.4f}", f"{r.stderr:.4f}", f"{r.nfe:.0f}", f"{s:.1f}") for name, r, s in results]
     print(table(rows))
     if getattr(run.sde, "kind", "affine") == "coupled":
         print("coupled SDE: the NLL is -E[log p(x, v0) - log q(v0)] over the auxiliary components' initial law q, "
               "an upper bound on -log p(x)")
-    if result.bound_nats is not None:
-        print(f"ScoreFlow bound: {result.bound_nats:.4f} nats, {result.bound_bpd:.4f} bits/dim: an upper bound on "
-              "the NLL of the SDE model (the reverse SDE with this score); the NLL above is the flow ODE's, a "
-              "different model, so the bound may fall below it when the score is not exact")
+    for name, r, _ in results:
+        if r.bound_nats is not None:
+            label = f" ({name} dequantisation)" if learned is not None else ""
+            print(f"ScoreFlow bound{label}: {r.bound_nats:.4f} nats, {r.bound_bpd:.4f} bits/dim (stderr "
+                  f"{r.bound_stderr:.4f}): an upper bound on the NLL of the SDE model (the reverse SDE with this "
+                  "score); the NLL above is the flow ODE's, a different model, so the bound may fall below it when "
+                  "the score is not exact")
     return 0

@@ -9,9 +9,11 @@ Two kinds:
   space x = scale * y + shift = 2 y - 1 in [-1, 1]. The density of y is the one bits per dimension
   is quoted in: log p_y = log p_x + D log(scale) (MATH.md section 5).
 
-`load_data(spec)` reads a toy name, "digits" (scikit-learn's bundled 8x8 digits), a .npy file or a
-folder of PNG/JPEG images. Stored data is split 80/20 into train and test by a fixed seeded
-permutation; toy sets draw train and test from different seeded streams.
+`load_data(spec)` reads a toy name, "digits" (scikit-learn's bundled 8x8 digits), "patches" (32x32x3
+patches of scikit-learn's sample photographs), a .npy file, a folder of PNG/JPEG images or a CIFAR-10
+python folder. Stored data is split 80/20 into train and test by a fixed seeded permutation, except
+patches (split by region of the photograph) and CIFAR-10 (its own files; both in patches.py); toy sets
+draw train and test from different seeded streams.
 """
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ import torch
 from torch import Tensor
 
 from ..errors import MissingDependency
+from . import patches
 
 TOY_SETS = ("moons", "swissroll", "checkerboard", "8gaussians", "gaussian")
-STORED_SETS = ("digits",)
+STORED_SETS = ("digits", "patches")
 SPLITS = ("train", "test")
 TOY_SIZES = {"train": 50_000, "test": 5_000}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -220,6 +223,10 @@ def load_data(spec: str | Path, *, n: int | None = None, generator: torch.Genera
         base = 0 if generator is None else int(torch.randint(0, 2**62, (), generator=generator))
         x = toy(name, n or TOY_SIZES[split], torch.Generator().manual_seed(_toy_seed(name, split, base)))
         return Dataset(name, x, "points", None, (2,), scale=1.0, shift=0.0)
+    if name == "patches" or patches.is_cifar_folder(Path(spec)):
+        # split by the data's own geometry (patches.py) or by CIFAR-10's files, not by a permutation
+        x = patches.patches(split) if name == "patches" else patches.read_cifar10(Path(spec), split)
+        return Dataset(name, _take(x, n, name, split), "image", 256, tuple(x.shape[1:]))
     if name == "digits":
         x, kind = _digits(), "image"
     else:

@@ -26,6 +26,7 @@ class NLL(NamedTuple):
     n: int
     bound_nats: float | None = None     # ScoreFlow Theorem 3 bound, when asked for
     bound_bpd: float | None = None
+    bound_stderr: float | None = None   # standard error of bound_bpd over the datapoints
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self._asdict().items() if v is not None}
@@ -37,12 +38,26 @@ def held_out(dataset, n: int, generator: torch.Generator) -> torch.Tensor:
     return k if dataset.levels is None else dataset.dequantise(k, generator)
 
 
+def _variational(dataset, n: int, generator: torch.Generator, dequantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n held-out images dequantised by u ~ q(u | k), in model space, and log q(u | k) [n]."""
+    if dataset.levels is None:
+        raise ValueError(f"{dataset.name!r} holds continuous points; a dequantiser applies to 8-bit images only")
+    k = dataset.x[:n]
+    with torch.no_grad():
+        u, log_q = dequantizer.to("cpu", k.dtype).sample(k, generator)
+    return dataset.to_model(k, u), log_q.double()
+
+
 def nll(model, dataset, *, n: int = 512, batch: int = 256, seed: int = 0, probes: int = 1,
         exact_trace: bool = False, rtol: float = 1e-5, atol: float = 1e-5, with_bound: bool = False,
-        progress: bool = False) -> NLL:
+        progress: bool = False, dequantizer=None) -> NLL:
     """NLL of the first n datapoints of `dataset` (a test split) under the score model's flow ODE; D, the
     dimensions in bits/dim, is the number of entries of one datapoint of the data (for any kind of SDE).
-    `progress` shows a bar over the batches (each an adaptive ODE solve, plus the bound's samples)."""
+    `progress` shows a bar over the batches (each an adaptive ODE solve, plus the bound's samples).
+
+    dequantizer: a variational dequantiser q(u | k) (dequantize.py) instead of uniform noise; every
+    datapoint's log-likelihood (and bound) then counts -log q(u | k) too: bpd = -E[log p(y) - log q] /
+    (D ln 2) + log2(L), the uniform case being log q = 0."""
     if n < 2 or batch < 1:
         raise ValueError(f"n must be >= 2 and batch >= 1, got n={n}, batch={batch}")
     sde = model.sde
@@ -50,7 +65,11 @@ def nll(model, dataset, *, n: int = 512, batch: int = 256, seed: int = 0, probes
         require_bound(sde)
     anchor = sde._anchor
     generator = torch.Generator("cpu").manual_seed(seed)
-    x = held_out(dataset, n, generator)
+    if dequantizer is None:
+        x = held_out(dataset, n, generator)
+        log_q = torch.zeros(x.shape[0], dtype=torch.float64)
+    else:
+        x, log_q = _variational(dataset, n, generator, dequantizer)
     n = x.shape[0]
     dims = x[0].numel()
     logps, bounds, nfes = [], [], []
@@ -73,14 +92,15 @@ def nll(model, dataset, *, n: int = 512, batch: int = 256, seed: int = 0, probes
                 per_call = max(1, 2**16 // chunk.numel())
                 bounds.append(bound(sde, model, chunk, samples_per_call=per_call,
                                     generator=device_generator).value.double().cpu())
-    logp = torch.cat(logps)
+    logp = torch.cat(logps) - log_q
     scale = dataset.scale
     bpd = bits_per_dim(logp, dims, scale=scale, levels=dataset.levels)
     extra = {}
     if with_bound:
-        upper = torch.cat(bounds)
-        extra = dict(bound_nats=float(upper.mean()),
-                     bound_bpd=float(bits_per_dim(-upper, dims, scale=scale, levels=dataset.levels).mean()))
+        upper = torch.cat(bounds) + log_q
+        upper_bpd = bits_per_dim(-upper, dims, scale=scale, levels=dataset.levels)
+        extra = dict(bound_nats=float(upper.mean()), bound_bpd=float(upper_bpd.mean()),
+                     bound_stderr=float(upper_bpd.std() / math.sqrt(n)))
     return NLL(nll_nats=float(-logp.mean()), bpd=float(bpd.mean()), stderr=float(bpd.std() / math.sqrt(n)),
                nfe=sum(nfes) / len(nfes), n=n, **extra)
 
