@@ -28,6 +28,7 @@ def add_dequantize(sub) -> None:
 
 def _dequantize(args) -> int:
     from ..runtime import dequantize
+    from ..runtime.data import load_data
     from ..runtime.training import load_run
 
     _set_threads(args)
@@ -37,12 +38,13 @@ def _dequantize(args) -> int:
     if run.dataset.levels is None:
         raise ValueError(f"{run.config.data!r} holds continuous points; variational dequantisation applies to "
                          "8-bit images (digits, patches, image folders, CIFAR-10)")
-    deq = dequantize.Dequantizer(dequantize.DequantizerConfig(tuple(run.dataset.shape), args.width, args.couplings,
-                                                              run.dataset.levels))
+    train = load_data(run.config.data, split="train")     # the run records the data's shape, not its rows
+    deq = dequantize.Dequantizer(dequantize.DequantizerConfig(tuple(train.shape), args.width, args.couplings,
+                                                              train.levels))
     started = time.perf_counter()
     report = None if args.quiet else (lambda step, value: print(f"step {step}: E[bound + log q] = {value:.2f} nats",
                                                                 flush=True))
-    history = dequantize.fit(run.model, deq, run.dataset, steps=args.steps, batch=args.batch, lr=args.lr,
+    history = dequantize.fit(run.model, deq, train, steps=args.steps, batch=args.batch, lr=args.lr,
                              seed=args.seed, samples=args.samples, on_log=report)
     dequantize.save(deq.cpu().eval(), args.run_dir, args.steps)
     print(table([("run", "steps", "first objective (nats)", "last objective (nats)", "seconds"),
