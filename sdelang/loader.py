@@ -1,17 +1,26 @@
-"""Compile into a cache keyed by the source's hash, import, instantiate."""
+"""Compile into a cache keyed by the source's hash, import, instantiate.
+
+The cache holds Python code that load() executes, so it must be a folder that no other user can write:
+it is created private (0700), and a folder or file owned by someone else, or writable by group or others,
+is refused (the folder) or rebuilt (a file). Files are opened relative to the checked folder's descriptor
+and never through a link, and the code executed is the bytes that were checked, so the folder cannot be
+swapped between the check and the import; no bytecode is written or read beside the cache.
+"""
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
-import importlib.util
 import os
+import stat
 import sys
+import types
+import uuid
 from pathlib import Path
 
 from . import __version__
 from .compiler import compile_source, read_source
-from .errors import Source
-from .files import write_atomic
+from .errors import SdeError, Source
 
 
 def cache_dir() -> Path:
@@ -57,17 +66,98 @@ def load_module(path_or_source: str | os.PathLike):
     source = _source(path_or_source)
     name = Path(source.path).name
     key = hashlib.sha256(f"{compiler_fingerprint()}\0{name}\0{source.text}".encode()).hexdigest()[:20]
-    target = cache_dir() / f"sde_{key}.py"
-    if not target.exists():
-        write_atomic(target, compile_source(source).code)
-    name = f"sdelang_generated_{key}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, target)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules[name] = module
+    module_name = f"sdelang_generated_{key}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    folder = cache_dir()
+    file_name = f"sde_{key}.py"
+    with _private_folder(folder) as fd:
+        code = _read_own_file(_At(folder, fd), file_name)
+        if code is None:
+            code = compile_source(source).code
+            _write_in(_At(folder, fd), file_name, code)
+    module = types.ModuleType(module_name)
+    module.__file__ = str(folder / file_name)
+    sys.modules[module_name] = module
+    try:
+        exec(compile(code, module.__file__, "exec"), module.__dict__)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
     return module
+
+
+def _untrusted(st: os.stat_result) -> str | None:
+    """Why a folder or file with this status could hold code written by someone else (None if it cannot)."""
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        return f"owned by another user (uid {st.st_uid})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'} (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+@contextlib.contextmanager
+def _private_folder(folder: Path):
+    """A descriptor of the cache folder, created private if missing, refused unless only this user can write it."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        raise SdeError(f"cannot use the module cache {folder}: {exc.strerror}",
+                       hint="set SDELANG_CACHE to a folder of your own") from None
+    try:
+        st = os.fstat(fd)
+        why = "not a folder" if not stat.S_ISDIR(st.st_mode) else _untrusted(st)
+        if why is not None:
+            raise SdeError(f"the module cache {folder} is {why}: sdelang runs the code it finds there, so it "
+                           f"uses only a folder that no one else can write",
+                           hint=f"set SDELANG_CACHE to a folder of your own, or run 'chmod 700 {folder}' if it is "
+                                f"yours")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _read_own_file(at: "_At", name: str) -> str | None:
+    """The cached module's text, or None when it is missing, a link, or could have been written by another user."""
+    try:
+        handle = os.open(at.path(name), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=at.fd)
+    except OSError:
+        return None
+    with os.fdopen(handle, "rb") as file:
+        st = os.fstat(file.fileno())
+        if not stat.S_ISREG(st.st_mode) or _untrusted(st) is not None:
+            return None  # rebuilt and replaced by _write_in
+        try:
+            return file.read().decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+
+def _write_in(at: "_At", name: str, text: str) -> None:
+    """Write text as `name` in the folder, atomically (a private temporary file renamed over it)."""
+    temporary = f".{name}.{uuid.uuid4().hex}.tmp"
+    handle = os.open(at.path(temporary), os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                     0o600, dir_fd=at.fd)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(text.encode("utf-8"))
+        os.replace(at.path(temporary), at.path(name), src_dir_fd=at.fd, dst_dir_fd=at.fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(at.path(temporary), dir_fd=at.fd)
+        raise
+
+
+class _At:
+    """Names in the checked folder: relative to its descriptor where the platform allows (POSIX)."""
+
+    def __init__(self, folder: Path, fd: int):
+        self.folder = folder
+        self.fd = fd if {os.open, os.rename, os.unlink} <= os.supports_dir_fd else None
+
+    def path(self, name: str) -> str:
+        return name if self.fd is not None else str(self.folder / name)
 
 
 def load(path_or_source: str | os.PathLike, **params):
