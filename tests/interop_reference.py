@@ -37,7 +37,10 @@ def _ve(t, sigma_min=0.01, sigma_max=50.0):
 def _cosine_vp(t, s=0.008):
     phi = lambda u: (u + s) / (1 + s) * math.pi / 2  # noqa: E731
     m = torch.cos(phi(t)) / math.cos(phi(0.0))
-    return m, torch.zeros_like(t), 1 - m**2
+    # 1 - m^2 = (cos^2 phi0 - cos^2 phi) / cos^2 phi0 = sin(phi - phi0) sin(phi + phi0) / cos^2 phi0,
+    # without the cancellation of 1 - m^2 near t = 0.
+    v = torch.sin(phi(t) - phi(0.0)) * torch.sin(phi(t) + phi(0.0)) / math.cos(phi(0.0)) ** 2
+    return m, torch.zeros_like(t), v
 
 
 def _ou(t, theta=1.0, mu=0.5, sigma2=2.0):
