@@ -149,3 +149,43 @@ def test_the_installed_command_exits_with_2_and_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr == (ROOT / "tests" / "errors" / "missing_operator.expected").read_text()
     assert not any(tmp_path.iterdir())
+
+
+def test_show_reads_like_the_math(compiled):
+    """eps inside closed forms as a decimal, no importance rows for uniform t, each integral named once."""
+    from sdelang.cli.show import show
+
+    text = show(compiled("vp_likelihood").compiled.derivation)
+    assert "20000000000" not in text and "9.99995e-06*beta_min" in text and "[1e-05, 1]" in text
+    text = show(compiled("vp").compiled.derivation)
+    assert "t sampling" in text and "importance" not in text
+    rows = show(compiled("numeric").compiled.derivation).splitlines()
+    with_integral = [row for row in rows if "Integral(" in row]
+    assert len(with_integral) == 1 and with_integral[0].split()[0] == "I(t)"
+    assert any(row.split()[:2] == ["variance", "v(t)"] and "I(t)" in row for row in rows)
+
+
+def test_show_latex_renders_with_mathtext_for_every_example(compiled):
+    """Each row of --format latex is parsed by matplotlib's mathtext (which has no \\limits)."""
+    from matplotlib.mathtext import MathTextParser
+
+    from sdelang.cli.show import latex_rows
+
+    parser = MathTextParser("path")
+    for path in sorted((ROOT / "examples").glob("*.sde")):
+        for name, value in latex_rows(compiled(path.stem).compiled.derivation):
+            parser.parse(f"${name}$")
+            parser.parse(f"${value}$")
+            assert "\\limits" not in value
+
+
+def test_show_formats(compiled):
+    from sdelang.cli.show import show
+
+    derivation = compiled("numeric").compiled.derivation
+    latex = show(derivation, "latex")
+    assert "\\begin{align*}" in latex and latex.rstrip().endswith("\\end{document}")
+    assert "\\text{variance v(t)} &= " in latex
+    lines = show(derivation, "markdown").splitlines()
+    assert lines[2:4] == ["| quantity | value |", "| --- | --- |"]
+    assert all(line.count("|") == 3 for line in lines[4:]), "a bar inside a cell would split it"

@@ -7,17 +7,13 @@ import math
 import os
 import sys
 
-import sympy as sp
-
 from .. import __version__
 from . import commands
 from .dequantize import add_dequantize
 from ..compiler import compile_source, read_source, write_module
-from ..compiler.derive import CoupledDerivation, Derivation, GeneralDerivation
+from ..compiler.derive import CoupledDerivation, GeneralDerivation
 from ..compiler.derive.general import reason
-from ..compiler.codegen.emit import plain_names
-from ..compiler.codegen.printer import stable
-from ..compiler.derive.reverse import SCORE
+from .show import FORMATS, show
 from ..errors import EnvironmentProblem, InternalCompilerError, SdeError, SolverError, describe_os_error
 
 
@@ -34,120 +30,6 @@ def _param(text: str) -> tuple[str, float]:
 
 def _params(items: list[str]) -> dict[str, float]:
     return dict(_param(item) for item in items)
-
-
-def _rows(d: Derivation | GeneralDerivation | CoupledDerivation) -> list[tuple[str, sp.Expr | str]]:
-    if isinstance(d, GeneralDerivation):
-        return _general_rows(d)
-    if isinstance(d, CoupledDerivation):
-        return _coupled_rows(d)
-    p, k, imp = d.program, d.kernel, d.importance
-    score = sp.Symbol("s(x,t)")
-    return [
-        ("drift f(x, t)", p.drift),
-        ("a(t) (f = a x + b)", d.a),
-        ("b(t)", d.b),
-        ("diffusion g(t)", p.diffusion),
-        ("g(t)^2", d.g2),
-        ("kernel", d.kernel_path),
-        ("mean coefficient m(t)", k.m),
-        ("mean offset c(t)", k.c),
-        ("variance v(t)", k.v),
-        ("std sigma(t)", k.std),
-        ("logSNR(t) = log(m^2/v)", d.log_snr),
-        ("reverse drift f - g^2 s", d.reverse_drift.xreplace({SCORE: score})),
-        ("flow drift f - g^2 s / 2", d.flow_drift.xreplace({SCORE: score})),
-        (f"weighting lambda(t) ({p.weighting})", d.weight),
-        ("t sampling", p.t_sampling),
-        ("importance density q(t)", imp.density),
-        ("importance CDF Q(t)", imp.cdf),
-        *_inverse_rows(d),
-        ("prior mean", d.prior_mean),
-        ("prior variance", d.prior_variance),
-        ("step ratio m(t)/m(s)", d.step.ratio),
-        ("step variance G^2", d.step.variance),
-        ("drift divergence", d.divergence),
-        ("[eps, T]", f"[{sp.sstr(p.eps)}, {sp.sstr(p.T)}]"),
-        ("N (steps)", str(p.N)),
-        ("v0", p.v0),
-    ]
-
-
-def _general_rows(d: GeneralDerivation) -> list[tuple[str, sp.Expr | str]]:
-    p = d.program
-    score = sp.Symbol("s(x,t)")
-    return [
-        ("drift f(x, t)", p.drift),
-        ("diffusion g(x, t)", p.diffusion),
-        ("g^2", d.g2),
-        ("kernel", d.kernel_path),
-        ("div D = d(g^2)/dx", d.noise_gradient),
-        ("reverse drift f - dD/dx - D s", d.reverse_drift.xreplace({SCORE: score})),
-        ("flow drift f - (dD/dx + D s)/2", d.flow_drift.xreplace({SCORE: score})),
-        (f"weighting lambda(t) ({p.weighting})", d.weight),
-        ("t sampling", p.t_sampling),
-        ("prior mean", d.prior_mean),
-        ("prior variance", d.prior_variance),
-        ("drift divergence df/dx", d.divergence),
-        ("[eps, T]", f"[{sp.sstr(p.eps)}, {sp.sstr(p.T)}]"),
-        ("N (steps)", str(p.N)),
-        ("v0", p.v0),
-        *(("unavailable", f"{what}: {why}") for what, why in sorted(d.unavailable.items())),
-    ]
-
-
-def _coupled_rows(d: CoupledDerivation) -> list[tuple[str, sp.Expr | str]]:
-    p = d.program
-    rows: list[tuple[str, sp.Expr | str]] = [
-        ("components", ", ".join(c.name + (" (data)" if c.init_mean is None else "") for c in p.components)),
-        *((f"d{c.name}", f"({sp.sstr(c.drift)}) dt" + (f" + {sp.sstr(c.diffusion)} dw" if c.diffusion != 0 else ""))
-          for c in p.components),
-        *((f"{c.name}(0)", f"normal({sp.sstr(c.init_mean)}, {sp.sstr(c.init_variance)})")
-          for c in p.components if c.init_mean is not None),
-        ("time profile phi(t)", d.phi),
-        ("B(t) = int_0^t phi", d.B),
-        ("F0 (F = phi F0)", sp.sstr(d.F0.tolist())),
-        ("D0 (G G^T = phi D0)", sp.sstr(d.D0.diagonal().tolist()[0])),
-        ("kernel", d.kernel_path),
-    ]
-    if d.closed_form:
-        K = len(p.components)
-        rows += [(f"Phi[{i},{j}](r)", d.Phi[i, j]) for i in range(K) for j in range(K)]
-        rows += [(f"Q[{i},{j}](r)", d.Q[i, j]) for i in range(K) for j in range(i, K)]
-    rows += [
-        ("  at", "r = B(t); mean Phi(r) u0, covariance Phi Sigma0 Phi^T + Q(r)"),
-        ("weighting", p.weighting),
-        ("t sampling", p.t_sampling + (" (q proportional to sum_k g_k^2 (Sigma_c^-1)_kk, tabulated)"
-                                       if p.t_sampling == "importance" else "")),
-        ("prior", "the kernel at T with the data term dropped"),
-        ("[eps, T]", f"[{sp.sstr(p.eps)}, {sp.sstr(p.T)}]"),
-        ("N (steps)", str(p.N)),
-    ]
-    return rows
-
-
-def _inverse_rows(d: Derivation) -> list[tuple[str, sp.Expr | str]]:
-    imp = d.importance
-    if imp.inverse is None:
-        return [("importance inverse CDF", d.inverse_cdf_path)]
-    if imp.by_log_snr:
-        return [("importance inverse CDF t(y)", imp.inverse),
-                ("  at", "y = logSNR(eps) - u (logSNR(eps) - logSNR(T)), u ~ uniform(0, 1)")]
-    return [("importance inverse CDF t(u)", imp.inverse)]
-
-
-def show(d: Derivation, latex: bool = False) -> str:
-    rows = _rows(d)
-    width = max(len(name) for name, _ in rows)
-    out = [f"sde {d.program.name} ({d.program.source.path})"]
-    for name, value in rows:
-        if isinstance(value, str):
-            text = value
-        else:
-            value = plain_names(value)
-            text = sp.latex(value) if latex else sp.sstr(stable(value))
-        out.append(f"  {name.ljust(width)}  {text}")
-    return "\n".join(out)
 
 
 def _compile(args) -> int:
@@ -175,7 +57,7 @@ def notes(d) -> list[str]:
 
 def _show(args) -> int:
     compiled = compile_source(read_source(args.file), _params(args.param))
-    print(show(compiled.derivation, latex=args.latex))
+    print(show(compiled.derivation, "latex" if args.latex else args.format))
     return 0
 
 
@@ -219,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(run=_compile)
     s = sub.add_parser("show", help="print every derived quantity")
     s.add_argument("file", metavar="FILE")
-    s.add_argument("--latex", action="store_true", help="print LaTeX instead of plain text")
+    s.add_argument("--format", choices=FORMATS, default="text",
+                   help="text (default), latex (a standalone document with one align* block: pdflatex or "
+                        "matplotlib's mathtext render each row) or markdown (a table with $...$ math, for notes)")
+    s.add_argument("--latex", action="store_true", help="the same as --format latex")
     s.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="override a parameter default")
     s.set_defaults(run=_show)
     commands.add_train(sub, _params)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..compiler import read_source
 from ..compiler.check.common import MAX_STEPS
+from ..text import table
 from ..runtime.config import OBJECTIVES, REDUCTIONS, ModelConfig, TrainConfig
 
 # Sampler names the CLI accepts besides sampling.METHODS ("euler": k-diffusion's name for the stochastic

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 
-from ..cli.commands import table
+from ..text import table
 from .common import FAIL, NA, OK, WARN, CheckResult
 
 
