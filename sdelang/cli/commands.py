@@ -90,10 +90,18 @@ def add_train(sub, params) -> None:
     p.add_argument("--model", choices=("auto", "mlp", "unet"), default=model.kind,
                    help=f"score network: auto is a U-Net for images, an MLP otherwise (default {model.kind})")
     p.add_argument("--width", type=int, default=None,
-                   help=f"MLP hidden width or U-Net base channels (default {model.width} for an MLP; "
+                   help="MLP hidden width or U-Net base channels (default 128 for an MLP; "
                         "for images sized by the data set, see docs/runtime.md)")
     p.add_argument("--depth", type=int, default=None,
-                   help=f"MLP residual blocks or U-Net resolution levels (default {model.depth} for an MLP)")
+                   help="MLP residual blocks or U-Net resolution levels (default 3 for an MLP; for images "
+                        "sized by the data set)")
+    p.add_argument("--blocks", type=int, default=model.blocks,
+                   help=f"U-Net residual blocks per level (default {model.blocks})")
+    p.add_argument("--attention", type=int, default=model.attention,
+                   help=f"U-Net: self-attention at this resolution (default {model.attention})")
+    p.add_argument("--bf16", action="store_true", help="U-Net: bfloat16 autocast")
+    p.add_argument("--channels-last", action="store_true", help="U-Net: NHWC activations (fast convolutions on GPUs)")
+    p.add_argument("--compile", action="store_true", help="U-Net: torch.compile the forward pass")
     p.add_argument("--device", default=defaults.device, help=f"cpu, cuda, cuda:1, ... (default {defaults.device})")
     _add_threads(p)
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
@@ -118,6 +126,8 @@ def _train(args, params) -> int:
     _set_threads(args)
     source = read_source(args.file)
     sizes = {k: v for k, v in (("width", args.width), ("depth", args.depth)) if v is not None}
+    sizes.update(blocks=args.blocks, attention=args.attention, bf16=args.bf16, channels_last=args.channels_last,
+                 compile=args.compile)
     config = TrainConfig(
         sde_source=source.text, sde_name=Path(args.file).name, params=params(args.param), data=_data_spec(args.data),
         steps=args.steps, batch=args.batch, lr=args.lr, ema=args.ema, seed=args.seed, objective=args.objective,

@@ -17,11 +17,16 @@ class ModelConfig:
     """What to build; stored with a run so that `sdelang sample` can rebuild it."""
 
     kind: str = "auto"          # "mlp", "unet" or "auto" (unet for [C, H, W] data, mlp otherwise)
-    width: int = 128            # MLP hidden width / U-Net base channels
-    depth: int = 3              # MLP residual blocks / U-Net resolution levels
+    width: int | None = None    # MLP hidden width / U-Net base channels; None: by the data (models.model_size)
+    depth: int | None = None    # MLP residual blocks / U-Net resolution levels; None: by the data
     embedding: int = 64         # size of the time features
     data_std: float = 0.5       # s_data in the input scaling; set from the data when training starts
     dropout: float = 0.0
+    blocks: int = 1             # U-Net residual blocks per level (unet.py)
+    attention: int = 16         # U-Net: self-attention in the blocks at this resolution (and in the middle)
+    bf16: bool = False          # U-Net: bfloat16 autocast
+    channels_last: bool = False  # U-Net: NHWC activations
+    compile: bool = False       # U-Net: torch.compile the forward pass
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -30,19 +30,22 @@ away from the data and the samples diverge, while the Gaussian part keeps the sc
 -(x - mu) / r^2. Measured in docs/runtime.md ("Coupled and general SDEs: training").
 
 The network works on the state: a coupled SDE's K components are stacked along dim 1, so its input
-has K times the data's channels (`state_shape`). Two networks: `MLP` for vectors and a small `UNet`
-for images (8x8, 28x28), sized by `ModelConfig`.
+has K times the data's channels (`state_shape`). Two networks: `MLP` for vectors and a DDPM++-style
+`UNet` for images (unet.py), sized by `ModelConfig`; a size left out (None) is the data's default,
+`model_size`.
 """
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from .config import SIMULATION_STEPS, ModelConfig
 from .kinds import kind_of, state_shape
+from .unet import UNet
 
 
 class TimeFeatures(nn.Module):
@@ -91,73 +94,6 @@ class MLP(nn.Module):
         for block in self.blocks:
             h = block(h, emb)
         return self.out(h).view_as(x)
-
-
-def _groups(channels: int) -> int:
-    return math.gcd(channels, 8)
-
-
-class ResidualConv(nn.Module):
-    def __init__(self, cin: int, cout: int, embedding: int, dropout: float):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(_groups(cin), cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.time = nn.Linear(embedding, cout)
-        self.norm2 = nn.GroupNorm(_groups(cout), cout)
-        self.drop = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x, emb):
-        h = self.conv1(nn.functional.silu(self.norm1(x))) + self.time(emb)[:, :, None, None]
-        h = self.conv2(self.drop(nn.functional.silu(self.norm2(h))))
-        return self.skip(x) + h
-
-
-class UNet(nn.Module):
-    """eps_theta for images [B, C, H, W]: `depth` levels, channels width * (1, 2, 2, ...), one residual
-    block per level on the way down and two on the way up, stride-2 convolutions down, nearest up.
-    H and W must be divisible by 2^(depth - 1) (8x8 and 28x28 with depth <= 3)."""
-
-    def __init__(self, channels: int, config: ModelConfig):
-        super().__init__()
-        widths = [config.width * min(2, 1 + level) for level in range(config.depth)]
-        emb, drop = config.embedding, config.dropout
-        self.factor = 2 ** (config.depth - 1)
-        self.time = TimeFeatures(emb)
-        self.inp = nn.Conv2d(channels, widths[0], 3, padding=1)
-        self.down = nn.ModuleList()
-        self.pool = nn.ModuleList()
-        previous = widths[0]
-        for level, width in enumerate(widths):
-            self.down.append(ResidualConv(previous, width, emb, drop))
-            last = level == len(widths) - 1
-            self.pool.append(nn.Identity() if last else nn.Conv2d(width, width, 3, stride=2, padding=1))
-            previous = width
-        self.middle = ResidualConv(previous, previous, emb, drop)
-        self.up = nn.ModuleList()
-        self.unpool = nn.ModuleList()
-        for level, width in reversed(list(enumerate(widths))):
-            self.up.append(ResidualConv(previous + width, width, emb, drop))
-            first = level == 0
-            self.unpool.append(nn.Identity() if first else nn.Sequential(
-                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, widths[level - 1], 3, padding=1)))
-            previous = width if first else widths[level - 1]
-        self.out = nn.Sequential(nn.GroupNorm(_groups(widths[0]), widths[0]), nn.SiLU(),
-                                 nn.Conv2d(widths[0], channels, 3, padding=1))
-
-    def forward(self, x, tau):
-        emb = self.time(tau)
-        h = self.inp(x)
-        skips = []
-        for block, pool in zip(self.down, self.pool):
-            h = block(h, emb)
-            skips.append(h)
-            h = pool(h)
-        h = self.middle(h, emb)
-        for block, unpool in zip(self.up, self.unpool):
-            h = unpool(block(torch.cat([h, skips.pop()], dim=1), emb))
-        return self.out(h)
 
 
 def coupled_gaussian(sde, t: torch.Tensor, data_std: float):
@@ -312,25 +248,47 @@ class ScoreModel(nn.Module):
         return eps if noise else -eps / self.sde._expand(std, x)
 
 
-def build_model(sde: nn.Module, shape: tuple[int, ...], config: ModelConfig) -> ScoreModel:
-    """The score model `config` describes for data of one-sample shape `shape`; the network is sized for
-    the state, `state_shape(sde, shape)` (K times the data's channels for a coupled SDE)."""
+# (width, depth) when ModelConfig leaves them out: the MLP of the 2-D toys, and U-Nets small enough that
+# a README-sized CPU run takes minutes (docs/scoreflow.md measures them): 8x8 digits at two levels
+# (8, 4) and width 32, 16x16 and up at three (e.g. 32, 16, 8 with attention at 16) and width 16.
+MLP_SIZE = (128, 3)
+SMALL_IMAGE_SIZE = (32, 2)      # height <= 8
+IMAGE_SIZE = (16, 3)
+
+
+def model_size(config: ModelConfig, shape: tuple[int, ...]) -> ModelConfig:
+    """`config` with its kind, width and depth resolved for data samples of `shape`: "auto" is a U-Net for
+    [C, H, W] data and an MLP otherwise; a width or depth of None takes the default above."""
     kind = config.kind
     if kind == "auto":
         kind = "unet" if len(shape) == 3 else "mlp"
-    state = state_shape(sde, shape)
     if kind == "mlp":
+        width, depth = MLP_SIZE
+    else:
+        width, depth = SMALL_IMAGE_SIZE if len(shape) == 3 and shape[1] <= 8 else IMAGE_SIZE
+    return replace(config, kind=kind, width=width if config.width is None else config.width,
+                   depth=depth if config.depth is None else config.depth)
+
+
+def build_model(sde: nn.Module, shape: tuple[int, ...], config: ModelConfig) -> ScoreModel:
+    """The score model `config` describes for data of one-sample shape `shape`; the network is sized for
+    the state, `state_shape(sde, shape)` (K times the data's channels for a coupled SDE)."""
+    config = model_size(config, shape)
+    if config.width < 8 or config.depth < 1:
+        raise ValueError(f"width must be >= 8 and depth >= 1, got width={config.width}, depth={config.depth}")
+    state = state_shape(sde, shape)
+    if config.kind == "mlp":
         net = MLP(math.prod(state), config)
-    elif kind == "unet":
+    elif config.kind == "unet":
         if len(shape) != 3:
             raise ValueError(f"the U-Net needs image data [C, H, W], got samples of shape {tuple(shape)}")
         factor = 2 ** (config.depth - 1)
         if shape[1] % factor or shape[2] % factor:
             raise ValueError(f"a U-Net of depth {config.depth} needs H and W divisible by {factor}, got "
                              f"{shape[1]}x{shape[2]}; lower the depth")
-        net = UNet(state[0], config)
+        if config.blocks < 1:
+            raise ValueError(f"blocks must be >= 1, got {config.blocks}")
+        net = UNet(state[0], shape[1], config)
     else:
         raise ValueError(f"unknown model kind {config.kind!r}; use 'mlp', 'unet' or 'auto'")
-    if config.width < 8 or config.depth < 1:
-        raise ValueError(f"width must be >= 8 and depth >= 1, got width={config.width}, depth={config.depth}")
     return ScoreModel(sde, net, config.data_std)
