@@ -350,3 +350,39 @@ def test_save_samples_plots_points_of_any_dimension(tmp_path, dim):
     data = Dataset("points", torch.randn(500, dim, generator=seeded(0)), "points", None, (dim,), 1.0, 0.0)
     plots.save_samples(tmp_path / "s.png", torch.randn(200, dim, generator=seeded(1)), data)
     assert_only_png(tmp_path, "s.png")
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib figures the plot functions build, instead of writing them."""
+    built = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path, title: built.append((fig, title)) or path)
+    return built
+
+
+def test_sample_panels_name_each_method_and_draw_the_reference_above(figures):
+    points = load_data("moons", n=300)
+    panels = [(f"method {i}", points.batch(100, seeded(i))) for i in range(3)]
+    plots.save_panels("p.png", panels, points, title="moons: vp.sde", reference=points.x[:200])
+    (fig, title), = figures
+    assert title == "moons: vp.sde" and [ax.get_title() for ax in fig.axes] == ["method 0", "method 1", "method 2"]
+    for ax in fig.axes:
+        samples, reference = ax.collections
+        assert len(samples.get_offsets()) == 100 and len(reference.get_offsets()) == 200
+        assert reference.get_zorder() > samples.get_zorder()   # the data stay visible over dense samples
+
+
+def test_generated_images_sit_beside_real_ones(figures):
+    images = image_dataset(torch.randint(0, 256, (20, 1, 4, 4), generator=seeded(0)).float())
+    plots.save_panels("g.png", [("pc", images.batch(9, seeded(1)))], images)
+    (fig, _), = figures
+    assert [ax.get_title() for ax in fig.axes] == ["data", "pc"]
+
+
+def test_loss_plot_labels_the_steps_and_shows_the_held_out_nll(figures):
+    steps = torch.arange(10, 2010, 10)
+    plots.loss_curve("l.png", steps, torch.rand(200, generator=seeded(0)) + 1, evaluations=[(500, 3.1), (1000, 2.9)])
+    (fig, _), = figures
+    labels = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["loss (mean of each 10-step interval)", "running mean (100 steps)", "held-out NLL (bits/dim)"]
+    assert list(fig.axes[1].lines[0].get_xdata()) == [500, 1000]

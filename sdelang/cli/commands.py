@@ -255,7 +255,7 @@ def _sample(args) -> int:
         _check_steps(run.sde.N, f"the SDE's step count N ({run.config.sde_name})")
     shape = (args.n,) + tuple(run.dataset.shape)
     reference = _reference(run, args.n) if len(run.dataset.shape) == 1 else None
-    results = []
+    results, panels = [], []
     for method in methods:
         generator = torch.Generator(run.sde._anchor.device).manual_seed(args.seed)
         started = time.perf_counter()
@@ -269,13 +269,14 @@ def _sample(args) -> int:
             statistic, p_value = two_sample_test(x, reference.double(), generator=torch.Generator().manual_seed(0))
             row.update(mmd=statistic, p_value=p_value)
         if args.plot:
-            path = Path(args.plot)
-            target = path if len(methods) == 1 else path.with_name(f"{path.stem}_{method}{path.suffix}")
-            plots.save_samples(target, x.float(), run.dataset, reference=reference)
-            row["plot"] = str(target)
+            panels.append((_subtitle(row, args.steps if method != "ode" else None), x.float()))
+            row["plot"] = str(args.plot)
         if args.save and method == methods[0]:
             np.save(args.save, x.numpy())
         results.append(row)
+    if args.plot:   # one figure, a panel per method (and held-out images first, for image data)
+        plots.save_panels(args.plot, panels, run.dataset, title=f"{run.config.data}: {run.config.sde_name}",
+                          reference=reference if reference is not None else _reference_images(run))
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {"results": results}))
         return 0
@@ -293,6 +294,26 @@ def _sample(args) -> int:
         if "plot" in r:
             print(f"plot: {r['plot']}")
     return 0
+
+
+def _subtitle(row: dict, steps: int | None) -> str:
+    """'pc, 100 steps, NFE 201, p = 0.42' for a panel."""
+    parts = [row["method"]] + ([f"{steps} steps"] if steps else []) + [f"NFE {row['nfe']}"]
+    if "p_value" in row:
+        parts.append(f"p = {row['p_value']:.2f}")
+    return ", ".join(parts)
+
+
+def _reference_images(run):
+    """Up to 64 held-out images (8-bit values) to show beside generated ones, or None."""
+    if run.dataset.kind != "image":
+        return None
+    from ..runtime.data import load_data
+
+    try:
+        return load_data(run.config.data, split="test").x[:64]
+    except (OSError, ValueError, ImportError):
+        return None
 
 
 def _reference(run, n: int):

@@ -56,7 +56,7 @@ class TrainConfig:
     simulation_steps: int = SIMULATION_STEPS  # to each x_t of a general SDE (sliced objective)
     reduction: str = "sum"
     seed: int = 0
-    log_every: int = 50
+    log_every: int = 10             # steps per loss.csv row (one host sync each)
     checkpoint_every: int = 500
     sample_every: int = 0           # sample plots every k steps (0: at the end only)
     eval_every: int = 0             # NLL of held-out data every k steps (0: never during training)

@@ -309,7 +309,9 @@ def train(config: TrainConfig, out: str | os.PathLike, *, progress: bool = True,
         bar.close()
     if rank == 0:
         if losses:
-            plots.loss_curve(out / "loss.png", [s for s, _ in losses], [v for _, v in losses], title="training loss")
+            plots.loss_curve(out / "loss.png", [s for s, _ in losses], [v for _, v in losses],
+                             title=f"training loss: {config.sde_name} on {dataset.name}",
+                             evaluations=[(row[0], row[2]) for row in evaluations])
         if config.plot_samples:
             _plot_samples(out, step, sde, ema, dataset, config, progress=bar is not None)
     ema.eval()
@@ -328,7 +330,9 @@ def _plot_samples(out: Path, step: int, sde, ema, dataset, config: TrainConfig, 
     with torch.no_grad():
         x = sample(sde, ema, (n,) + tuple(dataset.shape), method=method, steps=None if method == "ode" else steps,
                    generator=torch.Generator(sde._anchor.device).manual_seed(step), progress=progress).x
-    plots.save_samples(out / f"samples_{step:06d}.png", x.float().cpu(), dataset)
+    nfe = "" if method == "ode" else f", {steps} steps"
+    plots.save_samples(out / f"samples_{step:06d}.png", x.float().cpu(), dataset,
+                       title=f"{dataset.name}, step {step}: {method}{nfe}")
 
 
 def _evaluate(step: int, ema, held_out) -> tuple:
