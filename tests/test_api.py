@@ -223,7 +223,7 @@ def test_fingerprint_changes_with_each_compiler_file(compiler_copy, edited):
     assert fingerprint() != original, f"editing {edited} leaves the fingerprint unchanged"
 
 
-@pytest.mark.parametrize("edited", ["runtime/training.py", "runtime/sampling.py", "runtime/likelihood.py",
+@pytest.mark.parametrize("edited", ["runtime/training.py", "runtime/sampling/dpmpp.py", "runtime/likelihood.py",
                                     "cli/commands.py"])
 def test_fingerprint_ignores_the_runtime(compiler_copy, edited):
     """The runtime does not shape a generated module: editing it keeps cached modules valid."""

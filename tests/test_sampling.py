@@ -1,4 +1,4 @@
-"""The samplers (sdelang/runtime/sampling.py) against closed forms, with exact scores.
+"""The samplers (sdelang/runtime/sampling/) against closed forms, with exact scores.
 
 For data N(mu, s^2 I) and an affine SDE every marginal is Gaussian (sdelang.runtime.gaussian.GaussianData), so:
 - the flow ODE map is known, x_eps = mean_eps + sqrt(var_eps / var_T) (x_T - mean_T): deterministic
@@ -85,6 +85,11 @@ def assert_moments(x, mean, std, mean_allowance, var_allowance, what):
 #   heun               50              0.008 (ou)          0.073 (ou)
 #   ddim               100             0.003               0.095 (subvp)
 #   dpm2               50              0.003               0.032 (subvp)
+#   dpmpp_2m           50              0.003               0.029 (subvp)
+#   dpmpp_3m           50              0.003               0.004 (ve)
+#   unipc              50              0.003               0.005 (subvp)
+#   dpmpp_2m_sde       100             0.004               0.027 (subvp)
+#   dpmpp_3m_sde       100             0.004               0.006 (subvp)
 # Annealed Langevin's steps shrink with the noise (alpha = sigma^2), so at low noise the chain stops
 # following p_t and keeps the samples of the level where it froze; where the mean still moves there
 # (m(t) < 1) they are shrunk towards c. Its mean bias / std: ve 0.002, vp 0.024, subvp 0.170 (sigma ~ B(t)
@@ -99,6 +104,11 @@ FAST = {
     "heun": (dict(steps=50), 0.02, 0.085),
     "ddim": (dict(steps=100), 0.015, 0.105),
     "dpm2": (dict(steps=50), 0.015, 0.045),
+    "dpmpp_2m": (dict(steps=50), 0.015, 0.04),
+    "dpmpp_3m": (dict(steps=50), 0.015, 0.015),
+    "unipc": (dict(steps=50), 0.015, 0.015),
+    "dpmpp_2m_sde": (dict(steps=100), 0.015, 0.04),
+    "dpmpp_3m_sde": (dict(steps=100), 0.015, 0.02),
 }
 
 # The same with finer steps and n = 50,000, measured with n = 100,000 (standard errors 0.003 and 0.0045);
@@ -176,7 +186,8 @@ def test_default_start_is_a_draw_from_the_prior(examples):
 K, M = 7, 3
 NFE = {  # score evaluations for K steps, M corrector steps, without the final Tweedie step
     "em": K, "reverse_diffusion": K, "ancestral": K, "pc": K * (M + 1), "ald": K * M,
-    "heun": 2 * K - 1, "ddim": K, "dpm2": K,
+    "heun": 2 * K - 1, "ddim": K, "dpm2": K, "dpmpp_2m": K, "dpmpp_3m": K, "unipc": K, "dpmpp_2m_sde": K,
+    "dpmpp_3m_sde": K,
 }
 
 
