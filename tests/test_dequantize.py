@@ -143,8 +143,15 @@ def test_fit_lowers_the_bound_and_round_trips(tmp_path):
     k = (torch.rand(64, *shape, generator=torch.Generator().manual_seed(0)) > 0.7).float() * 255
     data = Dataset("t", k, "image", 256, shape)
     deq = Dequantizer(DequantizerConfig(shape, width=8, couplings=2))
+    before = [p.clone() for p in model.parameters()]
     history = fit(model, deq, data, steps=60, batch=64, lr=5e-3, samples=4, log_every=20)
     assert history[-1][1] < history[0][1]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))     # the score model is fixed
+    joint = fit(model, Dequantizer(DequantizerConfig(shape, width=8, couplings=2)), data, steps=60, batch=64,
+                lr=5e-3, samples=4, log_every=20, joint=True, score_lr=1e-2)
+    assert joint[-1][1] < joint[0][1]
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # ... unless joint
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
     save(deq, tmp_path, 60)
     again = load(tmp_path)
     probe = torch.randn(2, *shape)
@@ -177,6 +184,17 @@ def test_cli_dequantize_then_nll_reports_both(tmp_path, capsys):
     assert main(["nll", str(out), "-n", "4", "--tol", "1e-3"]) == 0
     printed = capsys.readouterr().out
     assert "uniform" in printed and "variational" in printed
+    # --joint: the score weights trained with q go into the dequantiser file and into nll's variational row,
+    # while the run's own checkpoint (the uniform row) is left unchanged
+    assert main(["dequantize", str(out), "--steps", "3", "--batch", "8", "--width", "4", "--couplings", "2",
+                 "--joint", "--score-lr", "1e-2", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["nll", str(out), "-n", "4", "--json", "--tol", "1e-3"]) == 0
+    joint = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (joint["uniform"]["nll_nats"], joint["uniform"]["bpd"]) == (result["uniform"]["nll_nats"],
+                                                                     result["uniform"]["bpd"])
+    assert main(["nll", str(out), "-n", "4", "--tol", "1e-3"]) == 0
+    assert "variational (joint)" in capsys.readouterr().out
 
 
 def test_cli_dequantize_refuses_points(tmp_path, capsys):

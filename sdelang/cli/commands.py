@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -374,13 +375,18 @@ def _nll(args) -> int:
     results = [("uniform", result, seconds)]
     if learned is not None:
         started = time.perf_counter()
-        results.append(("variational", nll(run.model, test, dequantizer=learned, **options),
-                        time.perf_counter() - started))
+        model = run.model
+        joint = dequantize.load_score(args.run_dir)     # score weights trained together with q (--joint)
+        if joint is not None:
+            model = copy.deepcopy(run.model)
+            model.load_state_dict(joint)
+        results.append(("variational" if joint is None else "variational (joint)",
+                        nll(model, test, dequantizer=learned, **options), time.perf_counter() - started))
     if args.json:
         if learned is None:
             print(json.dumps(dict(result.as_dict(), seconds=seconds)))
         else:
-            print(json.dumps({name: dict(r.as_dict(), seconds=s) for name, r, s in results}))
+            print(json.dumps({name.split()[0]: dict(r.as_dict(), seconds=s) for name, r, s in results}))
         return 0
     unit = "bits/dim" if test.levels is not None else "bits/dim (continuous)"
     rows = [("data", "dequantisation", "n", "NLL (nats)", unit, "stderr", "NFE", "seconds")]

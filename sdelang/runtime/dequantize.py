@@ -26,10 +26,12 @@ float's significand left after log2(L) (as `Dataset.dequantise` does), so k + u 
 floor recovers k. The log-density is that of the unclamped u; the clamp moves u by less than 2^-b
 (x by less than scale 2^-b / L, about 3e-7), far below what the score model resolves.
 
-Joint or two-stage: `fit` trains q with the score model fixed (ScoreFlow's last stage); `sdelang
-dequantize RUN_DIR` runs it on a trained run. The score model is never trained on q's samples here: a
-score model trained on uniform noise and then a q fitted to it keeps both objectives honest (the
-reported number is a bound under the q actually used); docs/scoreflow.md measures what it buys.
+Two-stage or joint. The default (`fit`, `sdelang dequantize RUN_DIR`) is two-stage: the score model is
+trained with uniform noise, then q is fitted to it with the score model fixed, so the run's model stays
+the one its checkpoint holds and both rows of `sdelang nll` (uniform, variational) score the same
+network. `fit(joint=True)` (`sdelang dequantize --joint`) trains the score network as well, on the same
+objective and q's samples, and the dequantiser file then carries those score weights, which `nll`
+uses for the variational row. Either way the reported number is a bound under the q actually used.
 """
 from __future__ import annotations
 
@@ -123,23 +125,37 @@ class Dequantizer(nn.Module):
         return self.transform(eps, k)
 
 
-def save(dequantizer: Dequantizer, out: Path, step: int) -> None:
+def save(dequantizer: Dequantizer, out: Path, step: int, score: dict | None = None) -> None:
+    """RUN_DIR/dequantizer.pt, atomically: q's configuration and weights, and with `score` (a jointly
+    trained score model's state dict) the score weights that belong with this q."""
     state = dict(config=dict(asdict(dequantizer.config), shape=list(dequantizer.config.shape)),
                  state=dequantizer.state_dict(), step=step)
+    if score is not None:
+        state["score"] = score
     with atomic_open(Path(out) / FILE) as file:
         torch.save(state, file)
 
 
+def _read(out: Path) -> dict | None:
+    path = Path(out) / FILE
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
 def load(out: Path, device="cpu") -> Dequantizer | None:
     """The run's dequantiser (run directory `out`), or None when it has none; weights only, no pickled code."""
-    path = Path(out) / FILE
-    if not path.is_file():
+    state = _read(out)
+    if state is None:
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
     config = DequantizerConfig(**dict(state["config"], shape=tuple(state["config"]["shape"])))
     dequantizer = Dequantizer(config)
     dequantizer.load_state_dict(state["state"])
     return dequantizer.to(device).eval().requires_grad_(False)
+
+
+def load_score(out: Path) -> dict | None:
+    """The score weights trained jointly with the run's dequantiser (`fit(joint=True)`), or None."""
+    state = _read(out)
+    return None if state is None else state.get("score")
 
 
 def objective(sde, model, dequantizer: Dequantizer, dataset, k: Tensor, *, generator=None,
@@ -152,15 +168,25 @@ def objective(sde, model, dequantizer: Dequantizer, dataset, k: Tensor, *, gener
 
 
 def fit(model, dequantizer: Dequantizer, dataset, *, steps: int, batch: int = 64, lr: float = 1e-3,
-        seed: int = 0, samples: int = 1, on_log=None, log_every: int = 25) -> list[tuple[int, float]]:
-    """Train q with the score model fixed: minimise E[L(x) + log q] over training batches (Adam, `steps`
-    steps, one bound sample per datapoint and step unless `samples`). Returns (step, mean objective in
-    nats) per logging interval."""
+        seed: int = 0, samples: int = 1, joint: bool = False, score_lr: float = 1e-4, on_log=None,
+        log_every: int = 25) -> list[tuple[int, float]]:
+    """Minimise E[L(x) + log q] over training batches (Adam, `steps` steps, one bound sample per datapoint
+    and step unless `samples`). Returns (step, mean objective in nats) per logging interval.
+
+    joint=False: q alone, the score model fixed (ScoreFlow's last stage). joint=True: the score network too,
+    at `score_lr`, on the same objective: its only term that depends on the network is the bound's score
+    term, the likelihood-weighted denoising loss with t uniform in logSNR, now on q's samples. The model is
+    changed in place (left in eval mode, gradients off)."""
     sde = model.sde
     anchor = sde._anchor
     model.requires_grad_(False).eval()
     dequantizer.to(anchor.device, anchor.dtype).train().requires_grad_(True)
-    optimizer = torch.optim.Adam(dequantizer.parameters(), lr=lr)
+    groups = [dict(params=list(dequantizer.parameters()), lr=lr)]
+    if joint:
+        model.net.requires_grad_(True).train()
+        groups.append(dict(params=list(model.net.parameters()), lr=score_lr))
+    optimizer = torch.optim.Adam(groups)
+    trained = [p for group in groups for p in group["params"]]
     rows = torch.Generator("cpu").manual_seed(seed)
     noise = torch.Generator(anchor.device).manual_seed(seed + 1)
     history = []
@@ -171,7 +197,7 @@ def fit(model, dequantizer: Dequantizer, dataset, *, steps: int, batch: int = 64
         loss = objective(sde, model, dequantizer, dataset, k, generator=noise, samples=samples).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(dequantizer.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         running += loss.detach()
         if step % log_every == 0 or step == steps:
@@ -180,4 +206,5 @@ def fit(model, dequantizer: Dequantizer, dataset, *, steps: int, batch: int = 64
             running.zero_()
             if on_log is not None:
                 on_log(*history[-1])
+    model.requires_grad_(False).eval()
     return history
