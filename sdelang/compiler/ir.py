@@ -27,6 +27,19 @@ class Parameter:
 
 
 @dataclass(frozen=True)
+class GivenKernel:
+    """The kernel N(m x0 + c, v) a program states instead of an SDE line ('x(t) ~ normal(...)', or
+    'logsnr(t) = ...' for a variance-preserving one); the program's drift and diffusion are derived from it."""
+
+    form: str                 # "kernel" or "logsnr"
+    m: sp.Expr
+    c: sp.Expr
+    v: sp.Expr
+    log_snr: sp.Expr | None   # logSNR(t) as written (the logsnr form)
+    span: Span
+
+
+@dataclass(frozen=True)
 class Program:
     name: str
     source: Source
@@ -50,6 +63,7 @@ class Program:
     sampling_span: Span | None = None  # the 't ~ ...' line
     weighting_span: Span | None = None
     affine: bool = True   # f = a(t) x + b(t) and g = g(t): the SDE has a Gaussian transition kernel
+    given: GivenKernel | None = None  # the kernel the program states, when it has no SDE line
 
     @property
     def kind(self) -> str:

@@ -50,7 +50,7 @@ def _join(a: Span, b: Span) -> Span:
 
 
 # The words of the language; none of them can name a parameter, constant, function or state.
-RESERVED_WORDS = ("sde", "param", "steps", "v0", "prior", "weighting", "dt", "dw", "in",
+RESERVED_WORDS = ("sde", "param", "steps", "v0", "prior", "weighting", "logsnr", "dt", "dw", "in",
                   "normal", "kernel", "likelihood", "score_matching", "uniform", "importance")
 STATEMENT_HINT = ("each line is one statement, e.g. 'name = expr', 'name(t) = expr', 'param name = expr', "
                   "'dx = <drift> dt + <diffusion> dw', 't in [eps, T]' or 'steps 1000'")
@@ -62,7 +62,7 @@ _HUMAN = {"_NL": "end of line", "$END": "end of file", "NAME": "a name", "NUMBER
 _OPERATORS = {"PLUS", "MINUS", "STAR", "SLASH", "CIRCUMFLEX", "__ANON_0"}
 _ENDS = {"_NL", "$END"}
 # A keyword at the start of a line followed by '=' or '(...) =': the keyword used as a name.
-_KEYWORD_AS_NAME = re.compile(r"\s*(sde|param|steps|v0|prior|weighting)\s*(\(.*?\)\s*)?=")
+_KEYWORD_AS_NAME = re.compile(r"\s*(sde|param|steps|v0|prior|weighting|logsnr)\s*(\(.*?\)\s*)?=")
 # Characters that look like an operator but are not ASCII, with the one to write instead.
 _LOOKALIKES = {"\u2212": "-", "\u2013": "-", "\u00d7": "*", "\u00b7": "*", "\u22c5": "*", "\u2215": "/"}
 
@@ -256,10 +256,18 @@ class _ToAst(Transformer):
         var, kind = items
         return ast.SamplingDef(str(var), str(kind), _token_span(var), _meta_span(meta))
 
-    def init_def(self, meta, items):
+    def law_def(self, meta, items):
+        """``v(0) ~ normal(...)`` (a number in the brackets): an initial law; ``x(t) ~ normal(...)``: a kernel."""
         var, time, mean, variance = items
-        return ast.InitDef(str(var), str(time), mean, variance, _token_span(var), _token_span(time),
-                           _meta_span(meta))
+        if time.type == "NUMBER":
+            return ast.InitDef(str(var), str(time), mean, variance, _token_span(var), _token_span(time),
+                               _meta_span(meta))
+        return ast.KernelDef(str(var), str(time), mean, variance, _token_span(var), _token_span(time),
+                             _meta_span(meta))
+
+    def logsnr_def(self, meta, items):
+        var, value = items
+        return ast.LogSnrDef(str(var), value, _token_span(var), _meta_span(meta))
 
     # -- expressions
     def number(self, meta, items):

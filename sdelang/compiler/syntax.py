@@ -159,8 +159,31 @@ class InitDef:
     span: Span
 
 
+@dataclass(frozen=True)
+class KernelDef:
+    """``x(t) ~ normal(mean, variance)``: the process given by its transition kernel from the data x(0)."""
+
+    var: str          # the state, e.g. "x"
+    time: str         # as written; must be t
+    mean: Expr        # affine in the data x(0): alpha(t) x(0) + c(t)
+    variance: Expr    # sigma(t)^2
+    var_span: Span
+    time_span: Span
+    span: Span
+
+
+@dataclass(frozen=True)
+class LogSnrDef:
+    """``logsnr(t) = expr``: a variance-preserving process given by its log signal-to-noise ratio."""
+
+    var: str          # as written; must be t
+    value: Expr
+    var_span: Span
+    span: Span
+
+
 Statement = Union[Header, ParamDef, ConstDef, FunctionDef, SdeDef, TimeDef, StepsDef, V0Def,
-                  PriorDef, WeightingDef, SamplingDef, InitDef]
+                  PriorDef, WeightingDef, SamplingDef, InitDef, KernelDef, LogSnrDef]
 
 
 @dataclass(frozen=True)

@@ -182,7 +182,13 @@ def generate(exprs: list[sp.Expr], pool: ConstantPool, names: dict[sp.Symbol, st
         local[sym] = sym.name.lstrip("_")
         lines.append(f"{local[sym]} = {printer.doprint(value)}")
     results = tuple(printer.doprint(r) for r in reduced)
-    constant = tuple(pool.is_constant(e) for e in rewritten)
+    # A result is a Python float when it uses no tensor input, which CSE can reveal: the time cancels from
+    # (1 + exp(-u)) / (exp(-u) + 1) only once both exponentials are one subexpression.
+    varying = (set(names) - pool.params) | set(integrals.values())
+    for sym, value in replacements:
+        if value.free_symbols & varying:
+            varying.add(sym)
+    constant = tuple(not r.free_symbols & varying for r in reduced)
     return Code(tuple(lines), results, constant)
 
 

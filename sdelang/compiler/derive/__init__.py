@@ -11,6 +11,7 @@ from .general import GeneralDerivation, derive_general
 from .classify import classify
 from .discretize import Step, discretize
 from .divergence import drift_divergence
+from .from_kernel import coefficients, given_kernel
 from .importance import Importance, importance
 from .kernel import Kernel, kernel
 from .prior import prior
@@ -61,13 +62,18 @@ def derive(p: Program | CoupledProgram) -> Derivation | GeneralDerivation | Coup
 
 def derive_affine(p: Program) -> Derivation:
     t = p.t
-    # The kernel needs the affine split and g^2; everything after it needs the kernel.
-    a, b = classify(p.drift, p.x)
-    g2 = p.diffusion**2
     defaults = p.defaults
     accuracy = Accuracy(defaults, float(p.eps.subs(defaults)), float(p.T.subs(defaults)))
-    k = kernel(a, b, g2, p.v0, t, accuracy)
-    lsnr = log_snr(k, t, accuracy)
+    if p.given is None:
+        # The kernel needs the affine split and g^2; everything after it needs the kernel.
+        a, b = classify(p.drift, p.x)
+        g2 = p.diffusion**2
+        k = kernel(a, b, g2, p.v0, t, accuracy)
+    else:
+        # A stated kernel: the SDE is derived from it by differentiation, and the kernel is exact as given.
+        a, b, g2 = coefficients(p.given.m, p.given.c, p.given.v, t, p.given.log_snr)
+        k = given_kernel(p.given.m, p.given.c, p.given.v, t, accuracy)
+    lsnr = log_snr(k, t, accuracy, p.given.log_snr if p.given is not None else None)
     lam = weighting(p.weighting, p.weighting_expr, g2, k.v)
     # The importance density is always derived (`sdelang show` reports it);
     # its inverse CDF only when the source samples t by importance.

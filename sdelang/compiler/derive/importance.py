@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
-from .symbolic import SOLVE_LIMIT, bounded, integrate_from, most_accurate, printable, rationalize_roots, simplest
+from .symbolic import SIMPLIFY_LIMIT, SOLVE_LIMIT, bounded, factor_exponentials, integrate_from, most_accurate, printable, rationalize_roots, simplest
 
 # Dummies, so that a user's parameter named u, y or w never collides with them.
 U = sp.Dummy("u", positive=True)  # a uniform draw in (0, 1)
@@ -76,6 +76,8 @@ def _accurate_inverse(inverse, y, lsnr, t, defaults, eps, T) -> sp.Expr:
     """Of the equivalent forms of logSNR^-1(y), the one most accurate in float32 over [logSNR(T), logSNR(eps)]."""
     forms = [inverse, sp.expand_log(inverse, force=True), rationalize_roots(inverse)]
     forms += [rationalize_roots(sp.expand_log(inverse, force=True))]
+    # (e^-y - e^-y/2) / (e^-y - 1), a 0/0 where logSNR = 0, factors into e^-y/2 / (e^-y/2 + 1).
+    forms += [f for f in (bounded(factor_exponentials, inverse, seconds=SIMPLIFY_LIMIT),) if f is not None and printable(f)]
     lsnr_at = sp.lambdify(t, lsnr.subs(defaults), modules="mpmath")
     lo, hi = float(eps.subs(defaults)), float(T.subs(defaults))
     grid = np.array([float(lsnr_at(s)) for s in np.geomspace(lo, hi, 25)])

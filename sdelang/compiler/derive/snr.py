@@ -7,12 +7,13 @@ from .kernel import Kernel
 from .symbolic import Accuracy, rewrites, simplest
 
 
-def log_snr(k: Kernel, t: sp.Symbol, accuracy: Accuracy) -> sp.Expr:
-    """log(m^2 / v), expanded so that no huge or tiny ratio is formed before the log.
+def log_snr(k: Kernel, t: sp.Symbol, accuracy: Accuracy, given: sp.Expr | None = None) -> sp.Expr:
+    """log(m^2 / v), expanded so that no huge or tiny ratio is formed before the log; ``given``, the
+    logSNR a program states (logsnr(t) = ...), is one more candidate.
 
     It decreases strictly in t: d/dt logSNR = -g^2 / v < 0.
     """
-    candidates = [-sp.log(nsr) for nsr in rewrites(k.v / k.m**2)]
+    candidates = [-sp.log(nsr) for nsr in rewrites(k.v / k.m**2)] + ([given] if given is not None else [])
     candidates += [sp.expand_log(c) for c in candidates]
     return accuracy.best(candidates, t)
 

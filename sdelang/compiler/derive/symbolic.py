@@ -124,13 +124,13 @@ def factor_exponentials(expr: sp.Expr) -> sp.Expr:
         return expr
     base = sp.expand(exps[0].args[0])
     E = sp.Dummy("E", positive=True)
-    replacements = {}
-    for e in exps:
-        k = sp.cancel(sp.expand(e.args[0]) / base)
-        if not k.is_Rational:
-            return expr
-        replacements[e] = E**k
-    factored = sp.factor(expr.xreplace(replacements))
+    ks = {e: sp.cancel(sp.expand(e.args[0]) / base) for e in exps}
+    if not all(k.is_Rational for k in ks.values()):
+        return expr
+    # Integer powers of E = exp(base / q) (q the common denominator): e^-y and e^-y/2 are E^2 and E.
+    q = sp.ilcm(*(k.q for k in ks.values()))
+    base = base / q
+    factored = sp.factor(expr.xreplace({e: E**(k * q) for e, k in ks.items()}))
     return sp.powsimp(factored.xreplace({E: sp.exp(base)}))
 
 

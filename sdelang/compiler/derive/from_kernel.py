@@ -1,0 +1,48 @@
+"""The affine SDE of a process given by its transition kernel or by its log signal-to-noise ratio.
+
+A kernel x_t ~ N(m(t) x0 + c(t), v(t)) is the law of dx = (a x + b) dt + g dw started from
+x(0) ~ N(m(0) x0 + c(0), v(0)) exactly when m' = a m, c' = a c + b and v' = 2 a v + g^2, so
+
+    a(t) = m'(t) / m(t) = d/dt log m,     b(t) = c' - a c,     g(t)^2 = v' - 2 a v = -v d/dt logSNR,
+
+with logSNR = log(m^2 / v): no integral, and the kernel is exact by construction. g^2 > 0 exactly where
+logSNR decreases. A variance-preserving process given by lambda(t) = logSNR(t) (VDM) has
+m^2 = sigmoid(lambda), v = sigmoid(-lambda), c = 0.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from .kernel import Kernel
+from .symbolic import Accuracy, rewrites, simplest
+
+
+def from_log_snr(lam: sp.Expr) -> tuple[sp.Expr, sp.Expr, sp.Expr]:
+    """(m, c, v) of the variance-preserving kernel with logSNR lam: m^2 = sigmoid(lam), v = sigmoid(-lam)."""
+    return sp.sqrt(1 / (1 + sp.exp(-lam))), sp.Integer(0), 1 / (1 + sp.exp(lam))
+
+
+def coefficients(m: sp.Expr, c: sp.Expr, v: sp.Expr, t: sp.Symbol,
+                 lam: sp.Expr | None = None) -> tuple[sp.Expr, sp.Expr, sp.Expr]:
+    """(a, b, g^2) of the SDE whose kernel is N(m x0 + c, v); ``lam`` is logSNR when it was given.
+
+    g^2 has two equivalent forms, v' - 2 a v and -v logSNR'; the shorter after simplification is kept.
+    """
+    if lam is not None:
+        # Variance preserving: a = lam' sigmoid(-lam) / 2, g^2 = -lam' sigmoid(-lam), written with
+        # 1 + exp(lam) so that a large logSNR gives 0 rather than inf / inf.
+        rate = simplest(sp.diff(lam, t))
+        return rate / (2 * (1 + sp.exp(lam))), sp.Integer(0), -rate / (1 + sp.exp(lam))
+    a = simplest(sp.diff(sp.expand_log(sp.log(m), force=True), t))
+    b = sp.Integer(0) if c == 0 else simplest(sp.diff(c, t) - a * c)
+    forms = [sp.diff(v, t) - 2 * a * v, -v * sp.diff(sp.expand_log(sp.log(m**2 / v), force=True), t)]
+    g2 = min((simplest(f) for f in forms), key=lambda e: (sp.count_ops(e), sp.default_sort_key(e)))
+    return a, b, g2
+
+
+def given_kernel(m: sp.Expr, c: sp.Expr, v: sp.Expr, t: sp.Symbol, accuracy: Accuracy) -> Kernel:
+    """The stated kernel itself, each part in its most accurate float32 form among a few rewrites."""
+    vs = rewrites(v)
+    stds = [sp.sqrt(u) for u in vs] + [simplest(sp.sqrt(v))]
+    return Kernel(accuracy.best(rewrites(m), t), accuracy.best(rewrites(c), t) if c != 0 else c,
+                  accuracy.best(vs, t), accuracy.best(stds, t))
