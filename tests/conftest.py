@@ -48,6 +48,10 @@ PARAM_RANGES: dict[str, dict[str, tuple[float, float]]] = {
     "edm_ve": {},
     "ou": {"theta": (0.2, 3.0), "mu": (-2.0, 2.0)},  # mu is declared real
     "numeric": {},
+    # Given by their kernel or logSNR (the SDE derived): tests/test_kernel_form.py has their own references.
+    "rectified_flow": {},
+    "vdm": {"gamma_min": (-15.0, -8.0), "gamma_max": (2.0, 8.0)},  # gamma_min is negative: declared real
+    "edm_vp": {"beta_d": (5.0, 30.0), "beta_min": (0.05, 1.0)},
 }
 EXAMPLE_NAMES = tuple(PARAM_RANGES)
 # The examples without a scalar Gaussian kernel (kind "coupled" or "general"), which the affine

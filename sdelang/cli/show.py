@@ -54,6 +54,7 @@ def _rows(d: Derivation | GeneralDerivation | CoupledDerivation) -> list[tuple[s
     p, k, imp = d.program, d.kernel, d.importance
     score = sp.Symbol("s(x,t)")
     return [
+        *_given_rows(d),
         ("drift f(x, t)", p.drift),
         ("a(t) (f = a x + b)", d.a),
         ("b(t)", d.b),
@@ -79,6 +80,24 @@ def _rows(d: Derivation | GeneralDerivation | CoupledDerivation) -> list[tuple[s
         ("N (steps)", str(p.N)),
         ("v0", p.v0),
     ]
+
+
+def _given_rows(d: Derivation) -> list[tuple[str, sp.Expr | str]]:
+    """For a process given by its kernel or logSNR: what was given, and the SDE derived from it."""
+    given = d.program.given
+    if given is None:
+        return []
+    x = d.program.x
+    printer = _TextPrinter()
+
+    def text(e):
+        return printer.doprint(stable(_decimals(plain_names(e))))
+    mean = given.m * sp.Symbol(f"{x}(0)") + given.c
+    stated = (f"logsnr(t) = {text(given.log_snr)}" if given.form == "logsnr" else
+              f"{x}(t) ~ normal({text(mean)}, {text(given.v)})")
+    return [("given", stated),
+            ("derived SDE", f"d{x} = ({text(d.a * x + d.b)}) dt + sqrt({text(d.g2)}) dw"),
+            ("  from", "a = d/dt log alpha, b = c' - a c, g^2 = (sigma^2)' - 2 a sigma^2 = -sigma^2 d/dt logSNR")]
 
 
 def _general_rows(d: GeneralDerivation) -> list[tuple[str, sp.Expr | str]]:

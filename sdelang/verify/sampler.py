@@ -38,12 +38,14 @@ def table_points(sde) -> np.ndarray | None:
 
 def _panels(sde) -> np.ndarray:
     """Panel ends on [eps, T]: the cells of a tabulated density; otherwise log-spaced, where a density ~ 1/t
-    near eps lives, and evenly spaced."""
+    near eps lives, evenly spaced, and graded toward T, where a density ~ 1/(t_pole - t) lives when the
+    interval stops just before a pole (an interpolant's 1/(1 - t) on [eps, 0.999])."""
     table = table_points(sde)
     if table is not None:
         return table
     eps, T = times(sde)
-    return np.unique(np.concatenate([np.geomspace(eps, T, 257), np.linspace(eps, T, 257)]))
+    toward_T = T - np.geomspace((T - eps) * 1e-6, (T - eps) / 2, 129)
+    return np.unique(np.concatenate([np.geomspace(eps, T, 257), np.linspace(eps, T, 257), toward_T]))
 
 
 def _integrals(sde, ends: np.ndarray) -> torch.Tensor:

@@ -171,7 +171,7 @@ def covariance(fine: torch.Tensor, coarse: torch.Tensor, i: int, j: int) -> Mome
 def forward_simulation(sde, settings: Settings) -> list[CheckResult]:
     """Euler-Maruyama paths of the forward SDE against marginal_prob()'s mean m x0 + c and variance v.
 
-    Paths start at t = 0 from x0 + sqrt(v0) z if drift and diffusion are finite there, else at eps from
+    Paths start at t = 0 from m(0) x0 + c(0) + sqrt(v0) z if drift and diffusion are finite there, else at eps from
     the kernel at eps. At each comparison time and each x0 the Richardson-extrapolated estimate
     2 E_fine - E_coarse (Euler-Maruyama is weak order 1, so its first-order bias cancels) is compared with
     the kernel, with tolerance  k SE + |E_fine - E_coarse|:  SE the Monte Carlo standard error of the
@@ -184,7 +184,10 @@ def forward_simulation(sde, settings: Settings) -> list[CheckResult]:
     eps, _ = times(sde)
     if starts_at_zero(sde, like):
         start, v0 = 0.0, float(getattr(sde, "v0", 0.0))
-        mean0, noise0 = x0, torch.full_like(x0, math.sqrt(v0))
+        # x(0) ~ N(m(0) x0 + c(0), v0): m(0) = 1, c(0) = 0 but for a kernel stated with alpha(0) != 1 (VDM).
+        zero = torch.zeros_like(x0)
+        mean0 = sde.mean_coeff(zero).reshape(-1) * x0 + sde.mean_offset(zero).reshape(-1)
+        noise0 = torch.full_like(x0, math.sqrt(v0))
         initial_variance = v0
     else:
         start = eps

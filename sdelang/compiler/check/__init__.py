@@ -14,6 +14,7 @@ One pass per module, all working on one checker state (common.py):
     expressions.py  AST expressions -> SymPy (names, helpers inlined, d/dt, number ranges)
     positivity.py   the diffusion and the weighting positive, the drift finite, on [eps, T]
     coupled.py      the components of a coupled linear SDE and their shared time profile
+    given.py        a process given by its kernel or logSNR, and the SDE derived from it
     program.py      the settings and the SDE line(s), in the order they are checked; builds the IR
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .common import (BUILTIN_CONSTANTS, BUILTINS, DEFAULT_EPS, DEFAULT_N, DEFAUL
                      TIME, CheckerState)
 from .coupled import CoupledPass
 from .expressions import ExpressionsPass
+from .given import GivenPass
 from .names import NamesPass
 from .positivity import PositivityPass
 from .program import ProgramPass
@@ -33,7 +35,7 @@ __all__ = ["check", "BUILTINS", "BUILTIN_CONSTANTS", "DEFAULT_EPS", "DEFAULT_N",
            "RESERVED", "TIME"]
 
 
-class _Checker(ProgramPass, CoupledPass, PositivityPass, ExpressionsPass, NamesPass, CheckerState):
+class _Checker(ProgramPass, GivenPass, CoupledPass, PositivityPass, ExpressionsPass, NamesPass, CheckerState):
     """The passes over one state; program() runs them."""
 
 

@@ -75,6 +75,7 @@ class Scope:
     context: str                    # e.g. "the drift", "function 'beta'"
     allow_t_free: bool = False      # may it use the global t?
     derivative_var: sp.Symbol | None = None
+    data: dict[str, sp.Symbol] = field(default_factory=dict)  # a kernel's mean: 'x(0)' is the data
     t_hint: str = ("only the drift, the diffusion, the weighting and helper functions "
                    "with an argument named t may use t")
 
@@ -98,6 +99,7 @@ class CheckerState:
     state: str | None = None        # the x of the first 'dx = ...' line
     sdes: dict[str, ast.SdeDef] = field(default_factory=dict)   # state name -> its SDE line
     inits: dict[str, ast.InitDef] = field(default_factory=dict)  # component name -> 'v(0) ~ ...'
+    kernels: list[ast.KernelDef | ast.LogSnrDef] = field(default_factory=list)  # 'x(t) ~ ...', 'logsnr(t) = ...'
     _resolving: str | None = None   # the parameter whose default is being evaluated
 
     def error(self, message: str, span: Span | None, hint: str | None = None) -> SdeError:
@@ -105,6 +107,10 @@ class CheckerState:
 
     def _defaults(self) -> dict[sp.Symbol, float]:
         return {self.param_symbols[k]: v for k, v in self.param_defaults.items()}
+
+    def at_defaults(self) -> str:
+        """Said after a value measured at the parameters' defaults."""
+        return " (with the default parameters)" if self.params else ""
 
 
 DESCRIBE = {ast.Header: "the 'sde NAME' line", ast.SdeDef: "the SDE", ast.TimeDef: "the time interval",

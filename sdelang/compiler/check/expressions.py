@@ -66,6 +66,9 @@ class ExpressionsPass:
             if scope.allow_t_free:
                 return TIME
             raise self.error(f"{scope.context} cannot depend on the time t", expr.span, scope.t_hint)
+        if self.kernels and name == self.state:
+            raise self.error(f"{scope.context} cannot depend on the state {name}", expr.span,
+                             f"a kernel is the law of {name}(t) given the data: write {name}(0) in its mean")
         if name in self.sdes:
             hint = ("a weighting lambda(t) is a function of time only" if scope.context == "the weighting" else
                     "only the SDE may use the state; pass it to a helper as an argument, e.g. 'f(x, t)'")
@@ -123,6 +126,14 @@ class ExpressionsPass:
 
     def _call(self, expr: ast.Call, scope: Scope) -> sp.Expr:
         name = expr.func
+        if self.kernels and name == self.state:
+            if name not in scope.data:
+                raise self.error(f"{scope.context} cannot depend on the data {name}(0)", expr.span,
+                                 f"the data appears only in the kernel's mean, alpha(t) * {name}(0) + c(t)")
+            if len(expr.args) != 1 or self.lower(expr.args[0], self._constant_scope("the time")) != 0:
+                raise self.error(f"in a kernel, '{name}' appears only as the data {name}(0)", expr.span,
+                                 f"write the mean as alpha(t) * {name}(0) + c(t)")
+            return scope.data[name]
         args = [self.lower(a, scope) for a in expr.args]
         if name in BUILTINS:
             if len(args) != 1:
@@ -170,6 +181,11 @@ class ExpressionsPass:
                              "check for a logarithm or square root of a negative number, a division by zero "
                              "or an overflow")
         return number
+
+    @staticmethod
+    def time_scope(context: str, data: dict[str, sp.Symbol] | None = None) -> Scope:
+        """The scope of a function of t; ``data`` names the data in a kernel's mean ('x' -> x(0))."""
+        return Scope({}, context, allow_t_free=True, derivative_var=TIME, data=data or {})
 
     @staticmethod
     def _constant_scope(context: str) -> Scope:

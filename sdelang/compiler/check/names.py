@@ -23,8 +23,21 @@ class NamesPass:
         for st in self.module.statements:
             if isinstance(st, (ast.ParamDef, ast.ConstDef, ast.FunctionDef)):
                 self._define(st, where)
+            elif isinstance(st, (ast.KernelDef, ast.LogSnrDef)):
+                if isinstance(st, ast.KernelDef):
+                    self._check_state_name(st.var, st.var_span, f"{st.var}(t)")
+                if self.kernels or self.sdes:
+                    first = self.kernels[0].span if self.kernels else next(iter(self.sdes.values())).span
+                    raise self.error(f"the process is already given on line {first.line}", st.span,
+                                     "give it once: by its SDE 'dx = ...', its kernel 'x(t) ~ normal(...)' "
+                                     "or its logSNR 'logsnr(t) = ...'")
+                self.kernels.append(st)
+                self.state = st.var if isinstance(st, ast.KernelDef) else "x"
             elif isinstance(st, ast.SdeDef):
                 name = self._state_name(st)
+                if self.kernels:
+                    raise self.error(f"the process is already given on line {self.kernels[0].span.line}",
+                                     st.span, "give it once: by its SDE 'dx = ...' or by its kernel")
                 if name in self.sdes:
                     raise self.error(f"'d{name}' is already given on line {self.sdes[name].span.line}", st.name_span,
                                      "each component has one SDE line; remove one of them")
@@ -100,14 +113,20 @@ class NamesPass:
 
     def _state_name(self, st: ast.SdeDef) -> str:
         d = st.differential
-        if len(d) < 2 or not d.startswith("d") or d[1:] in ("t", "w"):
+        if len(d) < 2 or not d.startswith("d") or d[1:] == "t":
             raise self.error(f"'{d}' is not the differential of a state variable", st.name_span,
                              "write the SDE as 'dx = <drift> dt + <diffusion> dw'")
         state = d[1:]
-        if state in RESERVED:
-            raise self.error(f"the state cannot be called '{state}': it is {RESERVED[state]}", st.name_span,
-                             "call the state x: 'dx = <drift> dt + <diffusion> dw'")
+        self._check_state_name(state, st.name_span, d)
         return state
+
+    def _check_state_name(self, state: str, span: Span, written: str) -> None:
+        if state == "w":
+            raise self.error(f"a state or component cannot be called 'w': '{written}' reads as the noise dw", span,
+                             "w is reserved for the Wiener process; rename the component, e.g. 'w1' or 'u'")
+        if state in RESERVED:
+            raise self.error(f"the state cannot be called '{state}': it is {RESERVED[state]}", span,
+                             "call the state x: 'dx = <drift> dt + <diffusion> dw'")
 
     def resolve_params(self) -> None:
         unknown = sorted(set(self.overrides) - set(self.params))

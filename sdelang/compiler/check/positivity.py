@@ -7,6 +7,12 @@ import sympy as sp
 from .common import EVALUATE_SECONDS, GRID_POINTS, STATE_RANGE, TIME, call_with_time_limit
 
 
+def pole_hint(eps: float, pole: float) -> str:
+    """Where a coefficient is infinite: the interval must end before it (0.999 for a pole at 1)."""
+    before = float(f"{pole - max(pole * 1e-3, eps):.3g}")
+    return f"the interval must stop before the pole, e.g. 't in [{eps:g}, {before:g}]'"
+
+
 class PositivityPass:
     """Refuses a diffusion or weighting that is not positive, a drift that is not finite."""
 
@@ -33,8 +39,10 @@ class PositivityPass:
         for part, name in ((slope, "the drift"), (drift.subs(x, 0), "the drift")):
             values = self._on_grid(part, eps, T)
             if not np.all(np.isfinite(values)):
-                bad = self._grid(eps, T)[~np.isfinite(values)][0]
+                i = np.flatnonzero(~np.isfinite(values))[0]
+                bad = self._grid(eps, T)[i]
                 raise self.error(f"{name} is not finite at t = {bad:.6g}", drift_span,
+                                 pole_hint(eps, bad) if np.isinf(values[i]) else
                                  "choose [eps, T] inside the drift's domain")
         return True
 
@@ -72,8 +80,10 @@ class PositivityPass:
         values = self._on_grid(expr, eps, T)
         grid = self._grid(eps, T)
         if not np.all(np.isfinite(values)):
-            bad = grid[~np.isfinite(values)][0]
-            raise self.error(f"{what} is not a finite real number at t = {bad:.6g}", span, hint)
+            i = np.flatnonzero(~np.isfinite(values))[0]
+            if np.isinf(values[i]):
+                raise self.error(f"{what} has a pole at t = {grid[i]:.6g}", span, pole_hint(eps, grid[i]))
+            raise self.error(f"{what} is not a finite real number at t = {grid[i]:.6g}", span, hint)
         if np.any(values <= 0):
             first = np.flatnonzero(values <= 0)[0]
             word = "negative" if values[first] < 0 else "zero"

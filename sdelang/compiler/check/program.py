@@ -33,7 +33,7 @@ class ProgramPass:
                 "a reserved word" if name in RESERVED_WORDS else "private in Python")
             raise self.error(f"'{name}' cannot name an SDE: it is {why}", header.name_span,
                              "the name becomes a Python module; choose another, e.g. 'sde my_sde'")
-        if not self.sdes:
+        if not self.sdes and not self.kernels:
             for st in self.module.statements:
                 if isinstance(st, ast.ConstDef) and st.name.startswith("d") and {"dt", "dw"} & names_in(st.value):
                     raise self.error(f"'{st.name} = ...' is not a valid SDE line", st.span,
@@ -118,6 +118,9 @@ class ProgramPass:
             components = self._components(symbols, sde_scope, eps_value, T_value)
             return CoupledProgram(header.name, self.source, params, TIME, components, eps, T, N, weighting, t_sampling)
 
+        if self.kernels:
+            return self._given_program(header, singles, params, eps, T, eps_value, T_value, N, weighting,
+                                       weighting_expr, t_sampling)
         x = symbols[self.state]
         sde = self.sdes[self.state]
         v0 = sp.Integer(0)
@@ -137,21 +140,26 @@ class ProgramPass:
         drift_span = sde.drift.span if sde.drift is not None else sde.span
         affine = self._check_sde(drift, diffusion, x, drift_span, sde.diffusion.span, eps_value, T_value)
 
-        prior_mean = prior_variance = None
         prior = singles.get(ast.PriorDef)
-        if prior is not None and prior.mean is not None:
-            prior_mean = self.lower(prior.mean, self._constant_scope("the prior mean"))
-            prior_variance = self.lower(prior.variance, self._constant_scope("the prior variance"))
-            self.constant(prior.mean, "the prior mean")
-            value = self.constant(prior.variance, "the prior variance")
-            if value <= 0:
-                raise self.error(f"the prior variance must be positive, got {value:g}", prior.variance.span,
-                                 "the second argument of normal(mean, variance) is a variance, e.g. normal(0, 1)")
+        prior_mean, prior_variance = self._stated_prior(prior)
         if not affine:
             self._check_general(sde, diffusion, x, prior, wdef, weighting, sdef, t_sampling)
         return Program(header.name, self.source, params, TIME, x, drift, diffusion, eps, T, N, v0,
                        prior_mean, prior_variance, weighting, weighting_expr, t_sampling, drift_span,
                        sde.diffusion.span, affine=affine)
+
+    def _stated_prior(self, prior: ast.PriorDef | None) -> tuple[sp.Expr | None, sp.Expr | None]:
+        """The mean and variance of 'prior normal(mean, variance)'; (None, None) for the kernel's prior."""
+        if prior is None or prior.mean is None:
+            return None, None
+        mean = self.lower(prior.mean, self._constant_scope("the prior mean"))
+        variance = self.lower(prior.variance, self._constant_scope("the prior variance"))
+        self.constant(prior.mean, "the prior mean")
+        value = self.constant(prior.variance, "the prior variance")
+        if value <= 0:
+            raise self.error(f"the prior variance must be positive, got {value:g}", prior.variance.span,
+                             "the second argument of normal(mean, variance) is a variance, e.g. normal(0, 1)")
+        return mean, variance
 
     def _check_general(self, sde, diffusion, x, prior, wdef, weighting, sdef, t_sampling) -> None:
         """What an SDE without a Gaussian kernel cannot have, each refused where it is written."""
