@@ -112,3 +112,29 @@ def test_train_param_overrides_reach_the_sde(tmp_path, capsys):
     assert json.loads((out / "run.json").read_text())["params"] == {"beta_max": 10.0}
     from sdelang.runtime.training import load_run
     assert load_run(out).sde.beta_max == 10.0
+
+
+def test_quick_checks_find_a_wrong_kernel(compiled):
+    """The rows train and sample run (no Monte Carlo) catch a variance 2 % off, and pass the module."""
+    from sdelang.verify import quick_checks
+
+    module = compiled("vp").module
+    assert quick_checks(module.SDE()) == []
+
+    class Wrong(module.SDE):
+        def marginal_prob(self, x, t):
+            mean, std = super().marginal_prob(x, t)
+            return mean, std * 1.01
+
+    failed = {row.name for row in quick_checks(Wrong())}
+    assert "v' = 2 a v + g^2" in failed
+
+
+def test_train_and_sample_warn_when_a_quick_check_fails(moons_run, tmp_path, capsys, monkeypatch):
+    from sdelang import verify
+    from sdelang.verify.common import CheckResult
+
+    monkeypatch.setattr(verify, "quick_checks", lambda sde: [CheckResult("m' = a m", "FAIL", 0.1, 0.01, "note")])
+    assert main(["sample", str(moons_run), "--method", "em", "--steps", "2", "-n", "10", "--quiet"]) == 0
+    assert "warning: vp_likelihood.sde: check 'm' = a m' failed (measured 0.1, tolerance 0.01; note)" \
+        in capsys.readouterr().err

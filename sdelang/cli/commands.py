@@ -135,6 +135,9 @@ def _train(args, params) -> int:
         reduction=args.reduction, dtype=args.dtype, device=args.device, checkpoint_every=args.checkpoint_every,
         sample_every=args.sample_every, eval_every=args.eval_every, plot_samples=args.plot_samples,
         plot_method=_methods(args.plot_method)[0], model=ModelConfig(kind=args.model, **sizes))
+    if int(os.environ.get("RANK", "0")) == 0:
+        from ..loader import load
+        warn_failed_checks(load(source.text, **config.params), args.file)
     started = time.perf_counter()
     with _distributed(config) as config:
         run = train(config, args.out, progress=not args.quiet)
@@ -146,6 +149,16 @@ def _train(args, params) -> int:
                  (str(args.out), config.sde_name, config.data, str(run.step), f"{last:.4g}", f"{seconds:.1f}",
                   str(sum(p.numel() for p in run.model.parameters())))]))
     return 0
+
+
+def warn_failed_checks(sde, name: str) -> None:
+    """The quick rows of `sdelang check` (no Monte Carlo, about 0.1 s): a warning on standard error for
+    each that fails, so that a module with a wrong number is never used without a word."""
+    from ..verify import quick_checks
+
+    for row in quick_checks(sde):
+        print(f"warning: {name}: check '{row.name}' failed (measured {row.measured:.3g}, tolerance "
+              f"{row.tolerance:.3g}; {row.note}); run `sdelang check {name}` for the full report", file=sys.stderr)
 
 
 def _data_spec(data: str) -> str:
@@ -254,6 +267,7 @@ def _sample(args) -> int:
                          "on its own without --steps, or choose a fixed-step method such as heun or dpm2")
     run = load_run(args.run_dir, device=args.device)
     _applicable(methods, run.sde)
+    warn_failed_checks(run.sde, run.config.sde_name)
     if args.steps is None and any(m != "ode" for m in methods):
         _check_steps(run.sde.N, f"the SDE's step count N ({run.config.sde_name})")
     shape = (args.n,) + tuple(run.dataset.shape)

@@ -39,7 +39,7 @@ from .score import hybrid_score
 from .simulation import coupled_forward_simulation, forward_simulation
 
 __all__ = [
-    "CHECKS", "CheckResult", "Settings", "run_checks", "format_table", "to_json", "passed", "build", "kind_of",
+    "CHECKS", "QUICK_CHECKS", "quick_checks", "CheckResult", "Settings", "run_checks", "format_table", "to_json", "passed", "build", "kind_of",
     "OK", "FAIL", "WARN", "NA", "KS_LEVEL",
     "forward_simulation", "moment_odes", "kernel_methods", "prior_gap", "prior_gap_simulated", "time_sampler",
     "float32_precision", "coupled_forward_simulation", "coupled_moment_odes", "coupled_kernel_methods",
@@ -59,6 +59,24 @@ CHECKS: dict[str, tuple[Callable, ...]] = {
     "coupled": (coupled_forward_simulation, coupled_moment_odes, coupled_kernel_methods, coupled_prior_gap,
                 time_sampler, float32_precision, hybrid_score),
 }
+
+
+# The checks without Monte Carlo paths: a tenth of a second, so `sdelang train` and `sample` run them and
+# warn (the simulations stay with `sdelang check`).
+QUICK_CHECKS: dict[str, tuple[Callable, ...]] = {
+    "affine": (moment_odes, kernel_methods, prior_gap, time_sampler, float32_precision),
+    "general": (time_sampler, float32_precision),
+    "coupled": (coupled_moment_odes, coupled_kernel_methods, coupled_prior_gap, time_sampler, float32_precision),
+}
+
+
+def quick_checks(sde, seed: int = 0) -> list[CheckResult]:
+    """The failed rows of QUICK_CHECKS for the module's kind (an empty list when all pass)."""
+    settings = Settings(paths=4096, steps=DEFAULT_STEPS, seed=seed)
+    double = copy.deepcopy(sde).to("cpu", torch.float64)
+    with torch.no_grad():
+        rows = [row for check in QUICK_CHECKS.get(kind_of(sde), ()) for row in check(double, settings)]
+    return [row for row in rows if row.status == FAIL]
 
 
 def run_checks(sde, *, paths: int = DEFAULT_PATHS, steps: int = DEFAULT_STEPS, seed: int = 0,
