@@ -21,15 +21,6 @@ from ..runtime.config import OBJECTIVES, REDUCTIONS, ModelConfig, TrainConfig
 ALIASES = {"dpm": "dpm2", "dpm1": "ddim", "reverse": "reverse_diffusion", "euler": "em"}
 
 
-
-def table(rows: list[tuple[str, ...]]) -> str:
-    """Left-aligned columns, a rule under the header row."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def default_threads(cores: int | None = None) -> int:
     """CPU threads for torch when --threads is not given: 1 on machines of up to 4 cores, else half the
     cores up to 8. torch's own default (every core) oversubscribes small and shared machines: on a
