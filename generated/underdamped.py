@@ -12,7 +12,7 @@ i.e. du = F(t) u dt + G(t) dw with F = phi(t) F0, G G^T = phi(t) D0:
     F0 = [[0, M_inv*beta], [-beta, -sqrt(M_inv)*beta/2]]
     D0 = diag([0, beta/sqrt(M_inv)])
 
-Transition kernel N(Phi(r) u0, Phi(r) Sigma0 Phi(r)^T + Q(r)) at r = B(t), numeric (Van Loan matrix exponential, float64):
+Transition kernel N(Phi(r) u0, Phi(r) Sigma0 Phi(r)^T + Q(r)) at r = B(t), numeric (Taylor series and doubling, float64):
     exp([[F0, D0], [0, -F0^T]] r) = [[Phi, Q Phi^-T], [0, Phi^-T]]   (Van Loan)
 
 Hybrid score matching: with Sigma = L L^T (components without noise first), the score of the noisy
@@ -67,7 +67,7 @@ class UnderdampedSDE(torch.nn.Module):
     components = ['x', 'v']
     data_index = 0
     noisy = [False, True]
-    kernel_path = "numeric (Van Loan matrix exponential, float64)"
+    kernel_path = "numeric (Taylor series and doubling, float64)"
     inverse_cdf_path = "numeric (tabulated CDF, float64)"
     weighting = "likelihood"
     t_sampling = "importance"
@@ -79,6 +79,7 @@ class UnderdampedSDE(torch.nn.Module):
     }
     _ORDER = [0, 1]  # components without noise first: the Cholesky order of hybrid score matching
     _FIRST_NOISY = 1
+    _SERIES_TERMS = 20  # Taylor terms at |F0| h <= 1/2: the first left out is below 2^-53 of the sum
     _TABLE_POINTS = 4097  # of the tabulated CDF, uniform in log t
 
     def __init__(self, beta: float = 4.0, gamma: float = 0.04, M_inv: float = 4.0, N: int = 1000):
@@ -117,10 +118,17 @@ class UnderdampedSDE(torch.nn.Module):
             return torch.tensor(rows, dtype=torch.float64, device=device)
         self.F0, self.D0 = tensor(self._F0), tensor(self._D0)
         self.mean0, self.Sigma0 = tensor(self._mean0)[0], tensor(self._Sigma0)
+        self._F0_norm = max(sum(abs(float(e)) for e in row) for row in self._F0)
+        self._build_series(device)
         T = torch.full((1,), float(self.T), dtype=torch.float64, device=device)
         Phi, Sigma = self.kernel(T)
         self._prior_mean = Phi[0] @ (self.mean0 * self._aux())
-        self._prior_chol = torch.linalg.cholesky(Sigma[0])
+        self._prior_chol, info = torch.linalg.cholesky_ex(Sigma[0])
+        if device.type != "meta":  # on meta, shapes only: nothing to check
+            if int(info) != 0:
+                raise ValueError(f"Sigma(T) of the underdamped SDE is not positive definite at these parameters "
+                                 f"(Cholesky failed at pivot {int(info)}): the prior N(mean, Sigma(T)) does not exist")
+            self._check_factor(device)
         self._log_t = torch.linspace(math.log(self.eps), math.log(self.T), self._TABLE_POINTS, dtype=torch.float64,
                                      device=device)
         grid = self._log_t.exp()
@@ -129,6 +137,18 @@ class UnderdampedSDE(torch.nn.Module):
         steps = (mass[1:] + mass[:-1]) / 2 * (self._log_t[1:] - self._log_t[:-1])
         cdf = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), steps.cumsum(0)])
         self._cdf = cdf / cdf[-1]
+
+    def _check_factor(self, device):
+        """Sigma(t) factors at 257 times from eps to T (log-spaced), or a ValueError that says where it does not: a
+        kernel singular in [eps, T] has no hybrid score, and NaN at run time would say so too late."""
+        t = torch.logspace(math.log10(self.eps), math.log10(self.T), 257, dtype=torch.float64, device=device)
+        bad = ~torch.isfinite(self._factor(t)[0]).all(-1).all(-1)
+        if bool(bad.any()):
+            at = float(t[bad][0])
+            raise ValueError(f"Sigma(t) of the underdamped SDE is numerically singular at t = {at:.3g} with these "
+                             f"parameters: the covariance of the components without noise has no Cholesky factor "
+                             f"in float64 there. Start the interval later (a larger eps) or give the auxiliary "
+                             f"components initial variances")
 
     def _apply(self, fn, *args, **kwargs):
         """After .to(), .float() and the like, rebuild the float64 tables on the new device: a cast would round them."""
@@ -177,17 +197,140 @@ class UnderdampedSDE(torch.nn.Module):
         """Phi(r) = exp(F0 r) and Q(r) = int_0^r Phi D0 Phi^T, float64 [B, 2, 2] each: the exact
         transition over an interval with B(t) - B(s) = r is N(Phi(r) u_s, Q(r))."""
         r = r.to(torch.float64)
-        k = 2
-        block = torch.zeros(2 * k, 2 * k, dtype=torch.float64, device=r.device)
-        block[:k, :k], block[:k, k:], block[k:, k:] = self.F0, self.D0, -self.F0.T
-        E = torch.linalg.matrix_exp(block * r[:, None, None])
-        Phi = E[:, :k, :k]
-        return Phi, E[:, :k, k:] @ Phi.transpose(1, 2)
+        # r = 2^s h with |F0| h < 1/2 (s from the exponent of r alone, so that each time's result is the same in
+        # any batch); Taylor series at h, then s doublings Q(2h) = Q(h) + Phi(h) Q(h) Phi(h)^T, Phi(2h) = Phi(h)^2,
+        # masked per entry: sums of positive semi-definite terms, no exp(-F0^T r) factor that grows with r.
+        s = torch.clamp(torch.frexp(r * self._F0_norm * 2)[1], min=0)
+        h = torch.ldexp(r, -s)[:, None, None]
+        Phi, Q = self._series_Phi[-1].expand(r.shape[0], 2, 2), self._series_Q[-1]
+        for n in range(self._SERIES_TERMS - 2, -1, -1):
+            Phi, Q = self._series_Phi[n] + h * Phi, self._series_Q[n] + h * Q
+        Q = h * Q
+        for step in range(self._squarings):
+            more = (s > step)[:, None, None]
+            Q_next = Q + self._mm(self._mm(Phi, Q), Phi.transpose(1, 2))
+            Q = torch.where(more, (Q_next + Q_next.transpose(1, 2)) / 2, Q)
+            Phi = torch.where(more, self._mm(Phi, Phi), Phi)
+        return Phi, Q
 
     def kernel(self, t):
         """Phi(B(t)) and Sigma(t) = Phi Sigma0 Phi^T + Q(B(t)), float64 [B, 2, 2]."""
         Phi, Q = self.transition(self.time_change(t.to(torch.float64)))
-        return Phi, Phi @ self.Sigma0 @ Phi.transpose(1, 2) + Q
+        return Phi, self._mm(Phi * self.Sigma0.diagonal(), Phi.transpose(1, 2)) + Q
+
+    @staticmethod
+    def _mm(A, B):
+        """A @ B for [B, 2, 2] stacks as a fixed sum of elementwise products: the same rounding for an entry
+        whatever the batch (batched matmul kernels may sum in another order for another batch size)."""
+        return sum(A[:, :, k, None] * B[:, None, k, :] for k in range(2))
+
+    def _build_series(self, device):
+        """Taylor coefficients at 0 of Phi(h) = sum_n F0^n h^n / n! and Q(h) = sum_n M_n h^(n+1) / (n+1)!,
+        M_0 = D0, M_n = F0 M_(n-1) + M_(n-1) F0^T, float64 [_SERIES_TERMS, 2, 2]; the number of doublings
+        that brings B(T) (times 4, for steps past T) below |F0| h = 1/2."""
+        Phi, M = torch.eye(2, dtype=torch.float64, device=device), self.D0
+        series_Phi, series_Q = [Phi], [M]
+        for n in range(1, self._SERIES_TERMS):
+            Phi = self.F0 @ Phi / n
+            M = (self.F0 @ M + M @ self.F0.T) / (n + 1)
+            series_Phi.append(Phi)
+            series_Q.append(M)
+        self._series_Phi, self._series_Q = torch.stack(series_Phi), torch.stack(series_Q)
+        if device.type == "meta":  # shapes only: any count
+            self._squarings = 1
+            return
+        r_max = 4 * float(self.time_change(torch.full((1,), float(self.T), dtype=torch.float64, device=device))[0])
+        self._squarings = max(0, math.frexp(r_max * self._F0_norm * 2)[1])
+
+    def _factor(self, t):
+        """Sigma(t) = A A^T and L_NN, the noisy components' block of L with Sigma = P^T L L^T P, L lower-triangular
+        in the order _ORDER (no-noise components first), float64.
+
+        L comes from Gram-Schmidt on the rows of W = [Phi Sigma0^1/2, C], Sigma = W W^T, with Q = C C^T (Cholesky of
+        Q scaled to unit diagonal): near t = 0 the rows of the no-noise components are nearly parallel, and W has
+        the square root of the condition number of Sigma, so L keeps its digits where a Cholesky factor of Sigma
+        loses them all. A zero pivot (Sigma singular) gives NaN, never a factor of another matrix."""
+        Phi, Q = self.transition(self.time_change(t.to(torch.float64)))
+        scale = Q.diagonal(dim1=1, dim2=2).sqrt()
+        unit = torch.where(scale > 0, scale, torch.ones_like(scale))
+        C = self._lower_cholesky(Q / (unit[:, :, None] * unit[:, None, :])
+                                 + torch.diag_embed((scale == 0).to(Q.dtype))) * scale[:, :, None]
+        W = torch.cat([Phi * self.Sigma0.diagonal().sqrt(), C], 2)
+        rows, basis, L = [W[:, i] for i in self._ORDER], [], []
+        for row in rows:
+            entries = []
+            for q in basis:
+                entries.append(self._dot(row, q))
+                row = row - entries[-1][:, None] * q
+            norm = self._dot(row, row).sqrt()
+            basis.append(row / norm[:, None])
+            L.append(entries + [norm] + [torch.zeros_like(norm)] * (2 - 1 - len(entries)))
+        L = torch.stack([torch.stack(row, -1) for row in L], -2)
+        inverse = [self._ORDER.index(i) for i in range(2)]
+        return L[:, inverse][:, :, inverse], L[:, self._FIRST_NOISY:, self._FIRST_NOISY:]
+
+    def _score_factor(self, t):
+        """U [B, n, n], upper-triangular in the order _ORDER, with U U^T = Sigma_c^-1, the precision of the n noisy
+        components given the others: the kernel's score there is -U z_N for u - mean = A z (U = L_NN^-T), float64.
+
+        Near t = 0 (|F0| r < 1/2) from Sigma = Phi P Phi^T, P = Sigma0 + int_0^r Phi(-s) D Phi(-s)^T ds = Sigma0 -
+        Q(-r): Sigma_c^-1 = M^T P^-1 M with M the noisy columns of Phi(-r) = Phi(r)^-1. P is well conditioned where
+        Sigma is not (the no-noise components of u_t are nearly linearly dependent there, those of u_0 are not), so
+        this keeps the digits that any factor of Sigma loses for chains of K = 4. Later from L_NN of _factor."""
+        r = self.time_change(t.to(torch.float64))
+        noisy = [i for i in self._ORDER if self.noisy[i]]
+        n = len(noisy)
+        Phi_back, Q_back = self.transition(-r)
+        L_P = self._lower_cholesky(torch.diag_embed(self.Sigma0.diagonal()) - Q_back, scaled=True)
+        Z = [self._solve_lower(L_P, [Phi_back[:, j, k] for j in range(2)]) for k in noisy]
+        G = torch.stack([torch.stack([self._dot_list(Z[k], Z[l]) for l in range(n)], -1) for k in range(n)], -2)
+        near = self._lower_cholesky(G.flip(1, 2), scaled=True).flip(1, 2)
+        L = self._factor(t)[1]
+        zero = torch.zeros_like(L[:, 0, 0])
+        far = torch.stack([torch.stack(self._solve_lower(L, [zero + (i == k) for i in range(n)]), -1)
+                           for k in range(n)], -1).transpose(1, 2)
+        return torch.where((r * self._F0_norm < 0.5)[:, None, None], near, far)
+
+    @staticmethod
+    def _dot_list(a, b):
+        """sum_i a_i b_i for lists of [B] tensors, a fixed sum."""
+        return sum(x * y for x, y in zip(a, b))
+
+    @staticmethod
+    def _dot(a, b):
+        """Row-wise dot product of [B, n] tensors, a fixed sum (the same rounding in any batch)."""
+        return sum(a[:, i] * b[:, i] for i in range(a.shape[1]))
+
+    @staticmethod
+    def _lower_cholesky(S, scaled=False):
+        """Cholesky factor of [B, n, n] positive definite S, entry by entry (the same rounding in any batch); a
+        matrix that is not positive definite gives NaN. scaled=True factors S / sqrt(S_ii S_jj) and scales back: the
+        same factor, with pivots that keep their digits whatever the spread of S's diagonal."""
+        n = S.shape[-1]
+        d = S.diagonal(dim1=1, dim2=2).sqrt() if scaled else None
+        if scaled:
+            S = S / (d[:, :, None] * d[:, None, :])
+        L = [[torch.zeros_like(S[:, 0, 0]) for _ in range(n)] for _ in range(n)]
+        for j in range(n):
+            pivot = S[:, j, j] - sum(L[j][k] ** 2 for k in range(j))
+            L[j][j] = torch.where(pivot > 0, pivot, torch.full_like(pivot, math.nan)).sqrt()
+            for i in range(j + 1, n):
+                L[i][j] = (S[:, i, j] - sum(L[i][k] * L[j][k] for k in range(j))) / L[j][j]
+        L = torch.stack([torch.stack(row, -1) for row in L], -2)
+        return L * d[:, :, None] if scaled else L
+
+    @staticmethod
+    def _solve_lower(L, rows, transpose=False):
+        """x with L x = b (or L^T x = b) for lower-triangular L [B, n, n] and b given as its n rows [B, ...],
+        by substitution (the same rounding in any batch)."""
+        n = len(rows)
+        x = [None] * n
+        for i in (reversed(range(n)) if transpose else range(n)):
+            known = range(i + 1, n) if transpose else range(i)
+            coeff = (lambda k: L[:, k, i]) if transpose else (lambda k: L[:, i, k])
+            total = rows[i] - sum(coeff(k).reshape((-1,) + (1,) * (rows[i].dim() - 1)) * x[k] for k in known)
+            x[i] = total / L[:, i, i].reshape((-1,) + (1,) * (rows[i].dim() - 1))
+        return x
 
     def marginal_prob(self, x0, t):
         """Mean Phi (x0 e_data + u0_aux) of u_t [B, 2 C, ...] given the data x0 [B, C, ...], and the
@@ -198,31 +341,24 @@ class UnderdampedSDE(torch.nn.Module):
         mean = self.join(self._expand(column[:, i], x0) * x0 + self._expand(offset[:, i], x0) for i in range(2))
         return mean, Sigma.to(x0.dtype)
 
-    def _cholesky(self, Sigma):
-        """Sigma = A A^T with A = P^T L P, L lower-triangular in the order _ORDER (no-noise components first);
-        returns A and L's block of the noisy components, float64."""
-        order = list(self._ORDER)
-        inverse = [order.index(i) for i in range(2)]
-        L = torch.linalg.cholesky_ex(Sigma[:, order][:, :, order])[0]
-        return L[:, inverse][:, :, inverse], L[:, self._FIRST_NOISY:, self._FIRST_NOISY:]
-
     def perturb(self, x0, t, z):
         """u_t = mean + A z ~ p_0t(u | x0), z ~ N(0, I) of u's shape [B, 2 C, ...]."""
-        mean, Sigma = self.marginal_prob(x0, t)
-        A, _ = self._cholesky(Sigma.to(torch.float64))
-        return mean + self._mix(A, z)
+        mean, _ = self.marginal_prob(x0, t)
+        return mean + self._mix(self._factor(t)[0], z)
 
     def noise_to_score(self, eps, t):
-        """The score from a noise prediction eps [B, 2 C, ...]: s_N = -L_NN^-T eps_N at the noisy
-        components (so eps_N = z_N is the kernel's score there), 0 elsewhere."""
-        _, L = self._cholesky(self.kernel(t)[1])
+        """The score from a noise prediction eps [B, 2 C, ...]: s_N = -L_NN^-T eps_N = -U eps_N at the noisy
+        components (so eps_N = z_N is the kernel's score there), 0 elsewhere (U from _score_factor)."""
+        U = self._score_factor(t)
         parts = self.split(eps)
         noisy = [i for i in self._ORDER if self.noisy[i]]
-        stacked = torch.stack([parts[i].flatten(1) for i in noisy], 1).to(torch.float64)
-        solved = torch.linalg.solve_triangular(L.transpose(1, 2), stacked, upper=True)
+        given = [parts[i].to(torch.float64) for i in noisy]
+        shape = (-1,) + (1,) * (eps.dim() - 1)
+        solved = [sum(U[:, row, j].reshape(shape) * given[j] for j in range(row, len(noisy)))
+                  for row in range(len(noisy))]
         score = [torch.zeros_like(p) for p in parts]
         for row, i in enumerate(noisy):
-            score[i] = -solved[:, row].reshape(parts[i].shape).to(eps.dtype)
+            score[i] = -solved[row].to(eps.dtype)
         return self.join(score)
 
     def sde(self, u, t):
@@ -279,12 +415,11 @@ class UnderdampedSDE(torch.nn.Module):
         return ReverseUnderdampedSDE(self, score_fn, probability_flow)
 
     def _weight64(self, t):
-        Sigma = self.kernel(t)[1]
-        L = self._cholesky(Sigma)[1]
-        eye = torch.eye(L.shape[-1], dtype=torch.float64, device=L.device).expand_as(L)
-        inverse = torch.linalg.solve_triangular(L, eye, upper=False)
+        U = self._score_factor(t)
+        n = U.shape[-1]
         g2 = self.profile(t.to(torch.float64))[:, None] * self.D0.diagonal()[list(self._ORDER)][self._FIRST_NOISY:]
-        return (g2 * (inverse**2).sum(-2)).sum(-1)
+        # (Sigma_c^-1)_kk = (U U^T)_kk = sum_j U_kj^2.
+        return sum(g2[:, k] * sum(U[:, k, j] ** 2 for j in range(k, n)) for k in range(n))
 
     def weight(self, t):
         """w(t): sum over noisy k of g_k^2 (Sigma_c^-1)_kk, Sigma_c = L_NN L_NN^T the covariance of the

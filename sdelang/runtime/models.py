@@ -104,7 +104,7 @@ def coupled_gaussian(sde, t: torch.Tensor, data_std: float):
     column = Phi[:, :, sde.data_index:sde.data_index + 1]
     covariance = column @ column.transpose(1, 2) * data_std**2 + Sigma
     # u0 = data at the data component, initial means elsewhere; the module's own factor and order.
-    return Phi @ (sde.mean0 * sde._aux()), covariance, sde._cholesky(Sigma)[1]
+    return Phi @ (sde.mean0 * sde._aux()), covariance, sde._factor(t)[1]
 
 
 def _normal(like: torch.Tensor, generator) -> torch.Tensor:

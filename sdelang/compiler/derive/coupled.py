@@ -11,10 +11,14 @@ function of r alone:
 
 u0 = (data, initial means of the auxiliary components), Sigma0 = diag(initial variances, 0 for the
 data). SymPy's matrix exponential and the integral give Phi and Q in closed form when it finds them
-in time and they check out against a numeric matrix exponential at the defaults; otherwise the
-generated module computes them from the Van Loan block exponential
-    exp([[F0, D0], [0, -F0^T]] r) = [[Phi, Q Phi^-T], [0, Phi^-T]]
-in float64 with torch.linalg.matrix_exp.
+in time and they check out, entry by entry, against 50-digit arithmetic at the defaults; otherwise the
+generated module computes them in float64 by scaling and doubling: r = 2^s h with |F0| h <= 1/2, the Taylor
+series of Phi(h) and Q(h) (whose leading terms keep every entry's digits near r = 0, however small: Q_xx ~ r^3
+for CLD), then s doublings
+    Phi(2h) = Phi(h)^2,    Q(2h) = Q(h) + Phi(h) Q(h) Phi(h)^T
+(sums of positive semi-definite terms: no factor that grows with r, unlike Van Loan's block exponential, whose
+exp(-F0^T r) loses the digits of Q over long horizons). s depends on each r alone, so a time's kernel does not
+depend on the batch it comes in.
 """
 from __future__ import annotations
 
@@ -30,9 +34,15 @@ from .symbolic import bounded, integrate_from, printable, simplest, use_expm1_lo
 
 R = sp.Dummy("r", positive=True)      # the time change r = B(t)
 RHO = sp.Dummy("rho", positive=True)
-MATRIX_LIMIT = 8.0                    # seconds for the matrix exponential, and again for the integral
+# Seconds for the matrix exponential, and again for the integral. From K = 3 on, SymPy needs the roots of a cubic
+# or worse and has not finished one within 8 s (a three-component chain spent 9 s of a compile looking); the
+# numeric path is as precise, so the search gets a short budget there.
+MATRIX_LIMIT = {2: 8.0}
+MATRIX_LIMIT_LARGE = 1.0
 CHECK_TOLERANCE = 1e-9                # relative disagreement with the numeric kernel that refuses a closed form
-PRECISION = 1e-7                      # relative float64 error of Sigma near eps that refuses a closed form
+# Relative float64 error of an entry of Phi or Q (Q_ij on the scale sqrt(Q_ii Q_jj)) that refuses a closed form:
+# the hybrid score is a Schur complement of Sigma, which multiplies the error of Q by up to cond(Q) / sqrt(t).
+PRECISION = 1e-12
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,7 @@ class CoupledDerivation:
 
     @property
     def kernel_path(self) -> str:
-        return "closed form" if self.closed_form else "numeric (Van Loan matrix exponential, float64)"
+        return "closed form" if self.closed_form else "numeric (Taylor series and doubling, float64)"
 
     @property
     def inverse_cdf_path(self) -> str:
@@ -85,15 +95,16 @@ def derive_coupled(p: CoupledProgram) -> CoupledDerivation:
     mean0 = sp.Matrix([c.init_mean if c.init_mean is not None else 0 for c in comps])
     Sigma0 = sp.diag(*[c.init_variance if c.init_variance is not None else 0 for c in comps])
     Phi, Q = closed_kernel(F0, D0)
-    if Phi is not None and not (agrees(Phi, Q, F0, D0, p.defaults)
-                                and precise(Phi, Q, Sigma0, B.xreplace({t: p.eps}), p.defaults)):
+    r_range = (B.xreplace({t: p.eps}), B.xreplace({t: p.T}))
+    if Phi is not None and not (agrees(Phi, Q, F0, D0, p.defaults) and precise(Phi, Q, r_range, p.defaults)):
         Phi = Q = None
     return CoupledDerivation(p, phi, B, F0, D0, mean0, Sigma0, Phi, Q)
 
 
 def closed_kernel(F0: sp.Matrix, D0: sp.Matrix) -> tuple[sp.Matrix | None, sp.Matrix | None]:
     """Phi(r) = exp(F0 r) and Q(r) = int_0^r Phi D0 Phi^T, or (None, None) if SymPy does not find them in time."""
-    Phi = bounded(lambda: (F0 * R).exp().applyfunc(sp.simplify), seconds=MATRIX_LIMIT)
+    limit = MATRIX_LIMIT.get(F0.rows, MATRIX_LIMIT_LARGE)
+    Phi = bounded(lambda: (F0 * R).exp().applyfunc(sp.simplify), seconds=limit)
     if Phi is None or not all(printable(e) for e in Phi):
         return None, None
     at = Phi.xreplace({R: RHO})
@@ -101,28 +112,32 @@ def closed_kernel(F0: sp.Matrix, D0: sp.Matrix) -> tuple[sp.Matrix | None, sp.Ma
 
     def integrate():
         return integrand.applyfunc(lambda e: simplest(integrate_from(sp.expand(e), RHO, sp.Integer(0), R)))
-    Q = bounded(integrate, seconds=MATRIX_LIMIT)
+    Q = bounded(integrate, seconds=limit)
     if Q is None or any(e.has(sp.Integral) or not printable(e) for e in Q):
         return None, None
     return Phi.applyfunc(simplest), Q
 
 
-def precise(Phi: sp.Matrix, Q: sp.Matrix, Sigma0: sp.Matrix, r_eps: sp.Expr, defaults: dict) -> bool:
-    """Sigma = Phi Sigma0 Phi^T + Q evaluated in float64, as the module will (after the expm1/log1p rewrites
-    code generation applies), against 50-digit arithmetic at r = B(eps), 10 B(eps) and 100 B(eps): a closed
-    form that cancels near t = 0 (1 - (r^2 + 2 r + 2) exp(-r) / 2 ~ r^3) is not used."""
-    Sigma = (Phi * Sigma0.subs(defaults) * Phi.T + Q).subs(defaults)
-    entries = [bounded(use_expm1_log1p, e, seconds=2.0) or e for e in Sigma]
+def precise(Phi: sp.Matrix, Q: sp.Matrix, r_range: tuple[sp.Expr, sp.Expr], defaults: dict) -> bool:
+    """Phi and Q evaluated in float64, as the module will (after the expm1/log1p rewrites code generation applies),
+    against 50-digit arithmetic at r = B(eps) 10^k up to B(T), entry by entry (Q_ij on the scale sqrt(Q_ii Q_jj)): a
+    closed form that cancels near t = 0 (1 - (r^2 + 2 r + 2) exp(-r) / 2 ~ r^3) or far from it is not used."""
+    entries = [bounded(use_expm1_log1p, e, seconds=2.0) or e for e in (*Phi.subs(defaults), *Q.subs(defaults))]
     fast = sp.lambdify(R, entries, modules="math")
-    r0 = float(sp.N(r_eps.subs(defaults)))
-    for r in (r0, 10 * r0, 100 * r0):
+    r0, r1 = (float(sp.N(r.subs(defaults))) for r in r_range)
+    k = Phi.rows
+    for r in [r0 * 10.0**j for j in range(int(np.log10(r1 / r0)) + 1)] + [r1]:
         try:
             got = np.array(fast(r), dtype=float)
-        except (ValueError, OverflowError, ZeroDivisionError):
+        except (ValueError, OverflowError, ZeroDivisionError, TypeError):
             return False
         with mpmath.workdps(50):
             want = np.array([float(sp.N(e.xreplace({R: sp.Float(r, 50)}), 50)) for e in entries])
-        if not np.all(np.isfinite(got)) or np.any(np.abs(got - want) > PRECISION * np.abs(want) + 1e-300):
+        diag = np.sqrt(np.abs(np.diag(want[k * k:].reshape(k, k))))
+        # Phi's entries on their own size, or 1e-4 of the largest where one crosses zero.
+        phi = np.abs(want[:k * k])
+        scale = np.concatenate([phi + 1e-4 * phi.max(), np.outer(diag, diag).ravel() + 1e-300])
+        if not np.all(np.isfinite(got)) or np.any(np.abs(got - want) > PRECISION * scale):
             return False
     return True
 
