@@ -77,7 +77,8 @@ def nll(model, dataset, *, n: int = 512, batch: int = 256, seed: int = 0, probes
     chunks = x.split(batch)
     if progress:
         from tqdm.auto import tqdm
-        chunks = tqdm(chunks, desc="nll" + (" and bound" if with_bound else ""), unit="batch", dynamic_ncols=True)
+        chunks = tqdm(chunks, desc="nll" + (" and bound" if with_bound else ""), unit="batch", dynamic_ncols=True,
+                      leave=False)
     for chunk in chunks:
         chunk = chunk.to(anchor.device, anchor.dtype)
         result = log_likelihood(sde, model, chunk, exact_trace=exact_trace, probes=1 if exact_trace else probes,

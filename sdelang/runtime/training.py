@@ -301,7 +301,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *, progress: bool = True,
                 and step < config.steps:
             _plot_samples(out, step, sde, ema, dataset, config, progress=bar is not None)
         if rank == 0 and config.eval_every and step % config.eval_every == 0:
-            evaluations.append(_evaluate(step, ema, held_out))
+            evaluations.append(_evaluate(step, ema, held_out, progress=bar is not None))
             _write_evaluations(out, evaluations)
         if step % config.checkpoint_every == 0 or step == config.steps:
             checkpoint()    # after this step's evaluation, so that the checkpoint holds its record
@@ -335,11 +335,11 @@ def _plot_samples(out: Path, step: int, sde, ema, dataset, config: TrainConfig, 
                        title=f"{dataset.name}, step {step}: {method}{nfe}")
 
 
-def _evaluate(step: int, ema, held_out) -> tuple:
+def _evaluate(step: int, ema, held_out, progress: bool = False) -> tuple:
     """One eval.csv row: the held-out NLL of the EMA model at `step` (256 points, seeded by the step)."""
     from .evaluate import nll
 
-    result = nll(ema, held_out, n=256, seed=step)
+    result = nll(ema, held_out, n=256, seed=step, progress=progress)
     return step, result.nll_nats, result.bpd, result.stderr, result.nfe
 
 
