@@ -281,3 +281,9 @@ def test_help_states_the_defaults(capsys):
         main(["nll", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default 256)" in text and "(default 1)" in text and "upper bound on the NLL of the SDE model" in text
+
+
+def test_the_adaptive_ode_sampler_counts_its_evaluations_on_a_bar(run, capsys):
+    assert main(["sample", str(run), "--method", "ode", "-n", "10", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "ode:" in captured.err and "NFE" in captured.err and '"method": "ode"' in captured.out

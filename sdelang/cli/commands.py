@@ -267,8 +267,8 @@ def _sample(args) -> int:
     for method in methods:
         generator = torch.Generator(run.sde._anchor.device).manual_seed(args.seed)
         started = time.perf_counter()
-        with torch.no_grad():
-            out = sample(run.sde, run.model, shape, method=method, steps=args.steps, generator=generator,
+        with torch.no_grad(), _counting(run.model, method, adaptive=method == "ode" and not args.quiet) as score:
+            out = sample(run.sde, score, shape, method=method, steps=args.steps, generator=generator,
                          progress=not args.quiet, **_spacing(method, args.spacing))
         x = out.x.double().cpu()
         row = dict(method=method, n=args.n, nfe=out.nfe, seconds=time.perf_counter() - started,
@@ -302,6 +302,22 @@ def _sample(args) -> int:
         if "plot" in r:
             print(f"plot: {r['plot']}")
     return 0
+
+
+@contextlib.contextmanager
+def _counting(model, method: str, adaptive: bool):
+    """The score model, counting its evaluations on a progress bar when `adaptive` (the ODE solver picks
+    its own steps, so the fixed-step samplers' bar has no total to show)."""
+    if not adaptive:
+        yield model
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(desc=method, unit="NFE", leave=False, dynamic_ncols=True) as bar:
+        def score(x, t):
+            bar.update(1)
+            return model(x, t)
+        yield score
 
 
 def _subtitle(row: dict, steps: int | None) -> str:
