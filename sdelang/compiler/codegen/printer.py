@@ -3,7 +3,9 @@
 Three passes turn the expressions of one method into readable, fast code:
 
 1. rewrite ``exp(u) - 1`` as ``expm1(u)`` and ``log(1 + u)`` as ``log1p(u)``,
-   which keep their digits near t = 0 in float32;
+   which keep their digits near t = 0 in float32, and ``expm1(u) - u - ... - u^k/k!``
+   (an OU mean with a time-varying target, c ~ theta t^2 / 2) as its Taylor series
+   where |u| is small (``ExpTail``);
 2. hoist every subexpression in the parameters alone into a constant that the
    module computes once, in float64 with :mod:`math`, when it is built;
 3. eliminate common subexpressions (``cse(order='canonical')``, deterministic).
@@ -13,6 +15,7 @@ vectorised Gauss-Legendre quadrature ``self._quad(lambda s: ..., lo, hi)``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -31,6 +34,54 @@ def stable(expr: sp.Expr) -> sp.Expr:
     """expm1/log1p rewrites, which keep float32 precision near t = 0 (unchanged if they run out of time)."""
     rewritten = bounded(use_expm1_log1p, expr, seconds=REWRITE_LIMIT)
     return expr if rewritten is None else rewritten
+
+
+class ExpTail(sp.Function):
+    """ExpTail(u, k) = exp(u) - sum_{n <= k} u^n / n!, printed as its Taylor series where |u| < ExpTail.bound(k)
+    and directly elsewhere: the direct form cancels like u^(k+1) / (k+1)! against expm1(u) ~ u near u = 0."""
+
+    nargs = 2
+
+    @staticmethod
+    def bound(k: int) -> float:
+        """Where the direct form loses at most 16 ulps to cancellation: |u| = ((k+1)! / 16)^(1/k), at most 1."""
+        return min(1.0, (math.factorial(k + 1) / 16) ** (1 / k))
+
+    @staticmethod
+    def coefficients(k: int) -> list[float]:
+        """1/(k+1)!, 1/(k+2)!, ...: enough terms that the first left out is below 2^-56 of the first at the bound."""
+        x, out = ExpTail.bound(k), []
+        while not out or x ** len(out) * math.factorial(k + 1) / math.factorial(k + 1 + len(out)) > 2.0**-56:
+            out.append(1 / math.factorial(k + 1 + len(out)))
+        return out
+
+    def direct(self) -> sp.Expr:
+        u, k = self.args
+        return sp.exp(u) - sum(u**n / sp.factorial(n) for n in range(int(k) + 1))
+
+
+def expm1_tails(expr: sp.Expr) -> sp.Expr:
+    """c expm1(u) - c u - ... - c u^k / k! (k >= 1) -> c ExpTail(u, k), inside any Add."""
+    def rewrite(e):
+        terms = list(e.args)
+        for i, term in enumerate(terms):
+            c, f = term.as_independent(expm1, as_Add=False)
+            if not isinstance(f, expm1):
+                continue
+            u, rest, k = f.args[0], terms[:i] + terms[i + 1:], 0
+            while True:
+                want = sp.expand(-c * u ** (k + 1) / sp.factorial(k + 1))
+                parts = sp.Add.make_args(want)
+                if all(p in rest for p in parts):
+                    for p in parts:
+                        rest.remove(p)
+                    k += 1
+                else:
+                    break
+            if k:
+                return sp.Add(c * ExpTail(u, k), *rest)
+        return e
+    return expr.replace(lambda e: e.is_Add and e.has(expm1), rewrite)
 
 
 class _PowMixin:
@@ -97,6 +148,20 @@ class TensorPrinter(_PowMixin, PythonCodePrinter):
         body = TensorPrinter(inner).doprint(expr.function)
         return f"self._quad(lambda {arg}: {body}, {self._print(lo)}, {self._print(hi)})"
 
+    _where = "torch.where({cond}, {a}, {b})"
+    _abs = "torch.abs"
+
+    def _print_ExpTail(self, expr):
+        """Horner's rule for u^(k+1) (1/(k+1)! + u (1/(k+2)! + ...)) where |u| < ExpTail.bound(k), else the direct form."""
+        arg, k = expr.args[0], int(expr.args[1])
+        u = self._print(arg)
+        series = ""
+        for c in reversed(ExpTail.coefficients(k)):
+            series = f"{c!r} + ({u}) * ({series})" if series else repr(c)
+        direct = self._print(expm1(arg) - sum(arg**n / sp.factorial(n) for n in range(1, k + 1)))
+        return self._where.format(cond=f"{self._abs}({u}) < {ExpTail.bound(k)!r}",
+                                  a=f"({u})**{k + 1} * ({series})", b=direct)
+
 
 class ScalarPrinter(_PowMixin, PythonCodePrinter):
     """Prints parameter-only constants with :mod:`math` (Python floats, float64)."""
@@ -111,6 +176,13 @@ class ScalarPrinter(_PowMixin, PythonCodePrinter):
         if expr in self.names:
             return self.names[expr]
         raise InternalCompilerError(f"no name for symbol {expr} in a constant")
+
+    _print_ExpTail = TensorPrinter._print_ExpTail
+    _where = "({a} if {cond} else {b})"
+    _abs = "abs"
+
+    def _print_expm1(self, expr):
+        return f"math.expm1({self._print(expr.args[0])})"
 
 
 @dataclass
@@ -154,7 +226,7 @@ class Code:
 
 def generate(exprs: list[sp.Expr], pool: ConstantPool, names: dict[sp.Symbol, str]) -> Code:
     """Code for exprs after the stable rewrites, constant hoisting and CSE."""
-    rewritten = [stable(e) for e in exprs]
+    rewritten = [expm1_tails(stable(e)) for e in exprs]
     hoisted = [pool.hoist(e) for e in rewritten]
     # Integrals hold a bound variable: hide them from CSE, which would lift
     # pieces of the integrand out of the integral.
