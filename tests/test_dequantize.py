@@ -95,8 +95,8 @@ def test_range_is_half_open_and_bins_are_kept(dtype):
 
 
 def test_bits_per_dim_with_a_dequantiser():
-    """bpd = -(log p_x + D log 2 - log q) / (D ln 2) + 8 with the uniform q (log q = 0) matching `nll` without
-    one, and a q with log q != 0 shifting bpd by exactly mean(log q) / (D ln 2)."""
+    """bpd = -(log p_x + D log 2 - log q) / (D ln 2) + 8 per image, with log p_x from the flow ODE at the u that q
+    drew and log q its log-density: `nll` with a dequantiser reports their mean and standard error."""
     shape = (1, 2, 2)
     data = Dataset("t", torch.randint(0, 256, (6,) + shape).float(), "image", 256, shape)
     logp = torch.tensor([-3.0, 1.5])
@@ -116,17 +116,17 @@ def test_bits_per_dim_with_a_dequantiser():
     sde = load_sde("examples/vp.sde").double()
     model = GaussianScore(sde)
     data64 = Dataset("t", data.x.double(), "image", 256, shape)
-    plain = nll(model, data64, n=6, seed=4, exact_trace=True)
-    untrained = Dequantizer(DequantizerConfig(shape, width=4, couplings=2)).double()
-    assert abs(nll(model, data64, n=6, seed=4, exact_trace=True, dequantizer=untrained).bpd - plain.bpd) < 0.5
+    from sdelang.runtime.likelihood import log_likelihood
     deq = _randomised(shape, seed=7)
     k = data64.x
-    u, log_q = deq.sample(k, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        u, log_q = deq.sample(k, torch.Generator().manual_seed(4))    # nll draws the same u from its seed
+    assert log_q.abs().min() > 0.01
     result = nll(model, data64, n=6, seed=4, exact_trace=True, dequantizer=deq)
-    from sdelang.runtime.likelihood import log_likelihood
     logp_x = log_likelihood(sde, model, data64.to_model(k, u), exact_trace=True).logp
-    expected = bits_per_dim(logp_x - log_q, D).mean()
-    assert abs(result.bpd - float(expected)) < 1e-6
+    expected = bits_per_dim(logp_x - log_q, D)
+    assert abs(result.bpd - float(expected.mean())) < 1e-9
+    assert abs(result.stderr - float(expected.std() / math.sqrt(6))) < 1e-9
 
 
 def test_fit_lowers_the_bound_and_round_trips(tmp_path):
@@ -169,7 +169,7 @@ def test_cli_dequantize_then_nll_reports_both(tmp_path, capsys):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "digits"
     assert main(["train", str(root / "examples" / "vp_likelihood.sde"), "--data", "digits", "--out", str(out),
-                 "--steps", "3", "--batch", "8", "--width", "8", "--depth", "2", "--quiet"]) == 0
+                 "--steps", "3", "--batch", "8", "--width", "8", "--depth", "2", "--plot-samples", "0", "--quiet"]) == 0
     assert main(["dequantize", str(out), "--steps", "4", "--batch", "8", "--width", "4", "--couplings", "2",
                  "--quiet"]) == 0
     assert (out / "dequantizer.pt").is_file()
@@ -205,6 +205,6 @@ def test_cli_dequantize_refuses_points(tmp_path, capsys):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "moons"
     assert main(["train", str(root / "examples" / "vp.sde"), "--data", "moons", "--out", str(out), "--steps", "2",
-                 "--batch", "8", "--width", "8", "--depth", "1", "--quiet"]) == 0
+                 "--batch", "8", "--width", "8", "--depth", "1", "--plot-samples", "0", "--quiet"]) == 0
     assert main(["dequantize", str(out), "--steps", "1"]) == 2
     assert "continuous points" in capsys.readouterr().err
