@@ -299,8 +299,8 @@ def _sample(args) -> int:
     for r in results:
         if not r["finite"]:
             print(f"warning: {r['method']} produced NaN or inf samples")
-        if "plot" in r:
-            print(f"plot: {r['plot']}")
+    if args.plot:
+        print(f"plot: {args.plot}")
     return 0
 
 
