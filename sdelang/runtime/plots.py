@@ -109,7 +109,7 @@ def _tile(images) -> np.ndarray:
 def loss_curve(path, steps, losses, title=None, evaluations=None) -> Path:
     """Training loss against step: each logged value (the mean of its logging interval) in light colour,
     and a trailing running mean over w = max(1, n // 20) of them on top, labelled with the steps it spans;
-    log scale when every loss is positive. `evaluations`, (step, held-out bits/dim) pairs, go on a
+    log scale when every loss is positive and they span a decade. `evaluations`, (step, held-out bits/dim) pairs, go on a
     second axis."""
     steps, losses = _numpy(steps).ravel(), _numpy(losses).ravel()
     if len(steps) != len(losses) or len(steps) == 0:
@@ -124,7 +124,7 @@ def loss_curve(path, steps, losses, title=None, evaluations=None) -> Path:
     if window > 1:
         ax.plot(steps[window - 1:], running, color="C0", linewidth=1.8,
                 label=f"running mean ({window * interval} steps)")
-    if np.all(losses > 0):
+    if np.all(losses > 0) and losses.max() > 10 * losses.min():   # log scale only across a decade or more
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
