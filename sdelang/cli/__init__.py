@@ -38,6 +38,8 @@ def _compile(args) -> int:
         compiled = compile_source(read_source(path), params)
         target = write_module(compiled, args.output)
         print(f"{path} -> {target}")
+        for line in compiled.warnings:
+            print(f"  warning: {line}", file=sys.stderr)
         for line in notes(compiled.derivation):
             print(f"  note: {line}")
     return 0

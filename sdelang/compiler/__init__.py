@@ -7,8 +7,11 @@ check:  resolves names, inlines helpers, refuses what is wrong or not supported 
 derive: classification, kernel, logSNR, reverse/flow drifts, weighting, importance
         sampler, prior, discretisation, divergence (derive/, one module each).
 emit:   a standalone torch module from codegen/templates/*.py.j2.
+accuracy: a scalar SDE with numeric tables has them measured against an independent solution
+        (accuracy.py); the result goes into the module's docstring, a miss into `warnings`.
 
-Nothing here imports torch: the runtime (sdelang/runtime/) uses what this package writes.
+Nothing here imports torch but accuracy.py, and only for SDEs with numeric tables: the runtime
+(sdelang/runtime/) uses what this package writes.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from ..errors import SdeError, Source, Span
 from ..files import write_atomic
-from . import check, codegen, derive, parse  # the stages, one module (or package) each
+from . import accuracy, check, codegen, derive, parse  # the stages, one module (or package) each
 from .derive import Derivation
 from .timelimit import Budget
 
@@ -30,6 +33,7 @@ class Compiled:
     derivation: Derivation
     code: str
     timeouts: int  # SymPy calls that ran out of time (their numeric fallbacks were used)
+    warnings: tuple[str, ...] = ()  # what the user should know about the module (printed by the CLI)
 
     @property
     def name(self) -> str:
@@ -73,7 +77,13 @@ def compile_source(source: Source, params: dict[str, float] | None = None) -> Co
         with Budget(SYMPY_BUDGET) as budget:
             derivation = derive.derive(program)
             code = codegen.emit(derivation)
-        return Compiled(derivation, code, budget.exhausted)
+        warnings = ()
+        if isinstance(derivation, Derivation) and derivation.tables:
+            report = accuracy.check_tables(derivation, code)
+            # The report's place in the docstring comes before the source text, so the first match is it.
+            code = code.replace(codegen.UNCHECKED, report.text(), 1)
+            warnings = tuple(w for w in [report.warning()] if w)
+        return Compiled(derivation, code, budget.exhausted, warnings)
     except SdeError as exc:
         raise exc.with_source(source) from None
 

@@ -1,4 +1,4 @@
 """Stage 4: code generation (SymPy -> torch source through Jinja templates)."""
-from .emit import class_name, emit
+from .emit import UNCHECKED, class_name, emit
 
-__all__ = ["class_name", "emit"]
+__all__ = ["UNCHECKED", "class_name", "emit"]

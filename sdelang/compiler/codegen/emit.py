@@ -15,8 +15,9 @@ from ..derive.general import GeneralDerivation, reason
 from ..derive.discretize import START
 from ..derive.divergence import DIM
 from ..derive.importance import U, Y
-from ..derive.symbolic import size
-from .printer import Code, ConstantPool, ScalarPrinter, generate, stable
+from ..derive.symbolic import Tabulated, bounded, size
+from ..derive.tables import BUILD_VARIABLE, Total
+from .printer import REWRITE_LIMIT, Code, ConstantPool, ScalarPrinter, generate, stable
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 QUADRATURE_NODES = 48  # Gauss-Legendre nodes for the numeric path
@@ -38,10 +39,13 @@ def _in_docstring(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
 
 
+SUMMARY = "(a long expression with numeric integrals; see `sdelang show`)"
+
+
 def _formula(expr: sp.Expr) -> str:
     """A one-line formula for a docstring; long numeric-path expressions are summarised."""
     if size(expr) > MAX_FORMULA_SIZE:
-        return "(a long expression with numeric integrals; see `sdelang show`)"
+        return SUMMARY
     return sp.sstr(stable(plain_names(expr))).replace("**", "^")
 
 
@@ -61,6 +65,17 @@ def plain_names(expr: sp.Expr) -> sp.Expr:
         taken.add(name)
         plain[d] = sp.Symbol(name)
     return expr.xreplace(plain)
+
+
+# The numeric tables (templates/_tables.j2, derive/tables.py).
+TABLE_DEGREE = 16         # Chebyshev points per piece
+TABLE_TOLERANCE = 1e-11   # the last two coefficients of a piece, relative to its values
+TABLE_ROUNDS = 40         # halvings of the unresolved pieces
+TABLE_MAX_PIECES = 4000
+
+
+# Where the docstring of a module with numeric tables states what compiler/accuracy.py measured.
+UNCHECKED = "Not checked against an independent solution."
 
 
 def emit(d: Derivation | GeneralDerivation | CoupledDerivation) -> str:
@@ -192,6 +207,43 @@ def emit_coupled(d: CoupledDerivation) -> str:
     return _env.get_template("coupled.py.j2").render(**context)
 
 
+def _tables_context(d: Derivation, pool: ConstantPool, names: dict) -> dict | None:
+    """What templates/_tables.j2 needs: the columns' code and the builder's arguments."""
+    tables = d.tables
+    if not tables:
+        return None
+    build_names = dict(names)
+    build_names[BUILD_VARIABLE] = "t"
+    columns, lowers, floors = [], [], []
+    for j, spec in enumerate(tables.columns):
+        code = generate([spec.expr], pool, build_names)
+        floors.append("1.0" if spec.absolute else "0.0")
+        if spec.kind == "value":
+            describe = f"stored column {tables.stored.index(j)}: {spec.name}"
+            lowers.append("None")
+        else:
+            bound = generate([spec.lower], pool, names)
+            describe = f"integrand of an integral from {_formula(spec.lower)}"
+            lowers.append(bound.results[0])
+        columns.append(dict(code=code, describe=describe))
+    definitions = [f"Tabulated({k}, t) = {spec.name} = {_formula(plain_names(spec.definition))}"
+                   for k, spec in enumerate(tables.columns[j] for j in tables.stored)]
+    if tables.inverse is not None:
+        definitions.append(f"t_icdf(u) = exp(a table of log t over u in [0, 1]) inverting "
+                           f"Tabulated({tables.inverse}, t)")
+    return dict(
+        columns=columns,
+        lowers="(" + ", ".join(lowers) + ",)",
+        floors="(" + ", ".join(floors) + ",)",
+        stored="(" + ", ".join(map(str, tables.stored)) + ",)",
+        inverse=tables.inverse,
+        definitions=definitions,
+        summary=(f"piecewise Chebyshev series ({TABLE_DEGREE} points a piece) built when the module is "
+                 f"constructed, pieces halved until resolved to {TABLE_TOLERANCE:g}:"),
+        report=UNCHECKED,
+    )
+
+
 def emit_affine(d: Derivation) -> str:
     p = d.program
     t = p.t
@@ -232,11 +284,20 @@ def emit_affine(d: Derivation) -> str:
             methods["t_icdf"] = code(imp.inverse)
     numeric_inverse = not uniform and imp.inverse is None
     settings = code(p.eps, p.T, p.v0)
+    tables = _tables_context(d, pool, names)
+
+    def formula(expr: sp.Expr) -> str:
+        # Table lookups in a docstring read as the formulas they stand for, built unevaluated and in
+        # bounded time: evaluating a product with nested Integrals makes SymPy integrate them numerically.
+        if not expr.has(Tabulated, Total):
+            return _formula(expr)
+        if size(expr) + sum(size(spec.expr) for spec in d.tables.columns) > MAX_FORMULA_SIZE:
+            return SUMMARY
+        expanded = bounded(d.tables.expand, expr, seconds=REWRITE_LIMIT)
+        return SUMMARY if expanded is None else _formula(expanded)
 
     scalar = ScalarPrinter({prm.symbol: f"self.{prm.name}" for prm in p.params})
     params = [(prm.name, repr(float(prm.default)), bool(prm.symbol.is_positive)) for prm in p.params]
-    nodes, weights = np.polynomial.legendre.leggauss(QUADRATURE_NODES)
-    uses_quadrature = any("self._quad(" in line for c in methods.values() for line in (*c.lines, *c.results))
     source_text = p.source.text
     context = dict(
         version=__version__,
@@ -248,6 +309,12 @@ def emit_affine(d: Derivation) -> str:
         params=params,
         N=p.N,
         constants=pool.lines(scalar.names),
+        table_constants=pool.lines(scalar.names, tables=True),
+        tables=tables,
+        degree=TABLE_DEGREE,
+        tolerance=f"{TABLE_TOLERANCE:g}",
+        rounds=TABLE_ROUNDS,
+        max_pieces=TABLE_MAX_PIECES,
         settings=settings,
         m=methods,
         b_is_zero=d.b == 0,
@@ -262,16 +329,13 @@ def emit_affine(d: Derivation) -> str:
         inverse_cdf_path=d.inverse_cdf_path,
         weighting=p.weighting,
         t_sampling=p.t_sampling,
-        uses_quadrature=uses_quadrature,
-        quadrature_nodes=[repr(float(x)) for x in nodes],
-        quadrature_weights=[repr(float(w)) for w in weights],
         f=dict(
-            a=_formula(d.a), b=_formula(d.b), g=_formula(p.diffusion), g2=_formula(d.g2), m=_formula(k.m),
-            c=_formula(k.c), v=_formula(k.v), std=_formula(k.std), log_snr=_formula(d.log_snr),
-            weight=_formula(d.weight), density=_formula(imp.density), cdf=_formula(imp.cdf),
-            inverse="eps + u * (T - eps)" if uniform else _formula(imp.inverse) if imp.inverse is not None else None,
-            prior_mean=_formula(d.prior_mean), prior_variance=_formula(d.prior_variance),
-            eps=_formula(p.eps), T=_formula(p.T), v0=_formula(p.v0), step_variance=_formula(d.step.variance),
+            a=formula(d.a), b=formula(d.b), g=formula(p.diffusion), g2=formula(d.g2), m=formula(k.m),
+            c=formula(k.c), v=formula(k.v), std=formula(k.std), log_snr=formula(d.log_snr),
+            weight=formula(d.weight), density=formula(imp.density), cdf=formula(imp.cdf),
+            inverse="eps + u * (T - eps)" if uniform else formula(imp.inverse) if imp.inverse is not None else None,
+            prior_mean=formula(d.prior_mean), prior_variance=formula(d.prior_variance),
+            eps=formula(p.eps), T=formula(p.T), v0=formula(p.v0), step_variance=formula(d.step.variance),
         ),
     )
     return _env.get_template("module.py.j2").render(**context)

@@ -10,8 +10,11 @@ Three passes turn the expressions of one method into readable, fast code:
    module computes once, in float64 with :mod:`math`, when it is built;
 3. eliminate common subexpressions (``cse(order='canonical')``, deterministic).
 
-An unevaluated ``Integral`` (the numeric path) prints as a call of the module's
-vectorised Gauss-Legendre quadrature ``self._quad(lambda s: ..., lo, hi)``.
+A scalar kernel's numeric quantities print as lookups in the module's tables
+(derive/tables.py): ``tab0 = self._tables(t)`` once per method and time, then
+``tab0[k]``; the columns' own definitions print with ``c[j]`` for the columns
+before them. An unevaluated ``Integral`` (a coupled kernel's numeric path) prints
+as a call of the module's Gauss-Legendre quadrature ``self._quad(lambda s: ..., lo, hi)``.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from sympy.codegen.cfunctions import expm1, log1p
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
-from ..derive.symbolic import PRINTABLE, bounded, use_expm1_log1p
+from ..derive.symbolic import PRINTABLE, Tabulated, bounded, use_expm1_log1p
+from ..derive.tables import BUILD_VARIABLE, Column, Total
 from ...errors import InternalCompilerError
 
 REWRITE_LIMIT = 2.0  # seconds for the expm1/log1p rewrites of one expression
@@ -123,11 +127,29 @@ class TensorPrinter(_PowMixin, PythonCodePrinter):
         super().__init__({"fully_qualified_modules": True, "strict": True})
         self.known_functions = {name: f"torch.{name}" for name in TORCH_FUNCTIONS}
         self.names = names
+        self.table_calls: dict[str, str] = {}  # printed time -> the local holding the table's columns there
 
     def _print_Symbol(self, expr):
         if expr in self.names:
             return self.names[expr]
         raise InternalCompilerError(f"no name for symbol {expr} in generated code")
+
+    def _print_Tabulated(self, expr):
+        k, x = expr.args
+        if not isinstance(x, sp.Symbol):
+            raise InternalCompilerError(f"a table lookup at {x}: only at a time variable")
+        at = self._print(x)
+        local = self.table_calls.setdefault(at, f"tab{len(self.table_calls)}")
+        return f"{local}[{k}]"
+
+    def _print_Column(self, expr):
+        j, x = expr.args
+        if x != BUILD_VARIABLE:
+            raise InternalCompilerError(f"column {j} read at {x}, not at the table's nodes")
+        return f"c[{j}]"
+
+    def _print_Total(self, expr):
+        return f"self._totals[{expr.args[0]}]"
 
     _print_Dummy = _print_Symbol
 
@@ -184,6 +206,9 @@ class ScalarPrinter(_PowMixin, PythonCodePrinter):
     def _print_expm1(self, expr):
         return f"math.expm1({self._print(expr.args[0])})"
 
+    def _print_Tabulated(self, expr):
+        return f"self._table_at({expr.args[0]}, {self._print(expr.args[1])})"
+
 
 @dataclass
 class ConstantPool:
@@ -193,7 +218,8 @@ class ConstantPool:
     entries: dict[sp.Expr, sp.Symbol] = field(default_factory=dict)
 
     def is_constant(self, expr: sp.Expr) -> bool:
-        return expr.free_symbols <= self.params and not expr.has(sp.Integral)
+        # A Total is known only once the tables are built: it stays in the method's code.
+        return expr.free_symbols <= self.params and not expr.has(sp.Integral, Column, Total)
 
     def hoist(self, expr: sp.Expr) -> sp.Expr:
         if expr.is_Atom and not isinstance(expr, sp.NumberSymbol):
@@ -210,9 +236,12 @@ class ConstantPool:
             return sp.Integral(self.hoist(expr.function), (var, self.hoist(lo), self.hoist(hi)))
         return expr.func(*(self.hoist(a) for a in expr.args))
 
-    def lines(self, names: dict[sp.Symbol, str]) -> list[str]:
+    def lines(self, names: dict[sp.Symbol, str], tables: bool = False) -> list[str]:
+        """The constants' assignments: those that read the numeric tables (tables=True), which the
+        module computes after building them, or the others."""
         printer = ScalarPrinter(names)
-        return [f"self.{sym.name} = {printer.doprint(expr)}" for expr, sym in self.entries.items()]
+        return [f"self.{sym.name} = {printer.doprint(expr)}" for expr, sym in self.entries.items()
+                if expr.has(Tabulated) == tables]
 
 
 @dataclass(frozen=True)
@@ -261,7 +290,9 @@ def generate(exprs: list[sp.Expr], pool: ConstantPool, names: dict[sp.Symbol, st
         if value.free_symbols & varying:
             varying.add(sym)
     constant = tuple(not r.free_symbols & varying for r in reduced)
-    return Code(tuple(lines), results, constant)
+    # One lookup per time serves every column the method reads there.
+    lookups = [f"{local} = self._tables({at})" for at, local in printer.table_calls.items()]
+    return Code(tuple(lookups + lines), results, constant)
 
 
 __all__ = ["Code", "ConstantPool", "ScalarPrinter", "TensorPrinter", "generate", "stable", "expm1", "log1p"]

@@ -13,11 +13,12 @@ from .discretize import Step, discretize
 from .divergence import drift_divergence
 from .from_kernel import coefficients, given_kernel
 from .importance import Importance, importance
-from .kernel import Kernel, kernel
+from .kernel import Kernel, kernel, tabulate_kernel
 from .prior import prior
 from .reverse import flow_drift, reverse_drift
 from .snr import log_snr
 from .symbolic import Accuracy
+from .tables import Tables
 from .weighting import weighting
 
 __all__ = ["CoupledDerivation", "Derivation", "GeneralDerivation", "derive"]
@@ -39,16 +40,17 @@ class Derivation:
     prior_variance: sp.Expr
     step: Step
     divergence: sp.Expr
+    tables: Tables  # the numeric tables the module builds (empty when every quantity has a closed form)
 
     @property
     def kernel_path(self) -> str:
-        return "closed form" if self.kernel.closed_form else "numeric (Gauss-Legendre quadrature)"
+        return "closed form" if self.kernel.closed_form else "numeric (piecewise Chebyshev tables)"
 
     @property
     def inverse_cdf_path(self) -> str:
         if self.program.t_sampling == "uniform":
             return "closed form (t ~ uniform)"
-        return "closed form" if self.importance.inverse is not None else "numeric (bisection)"
+        return "closed form" if self.importance.inverse is not None else "numeric (piecewise Chebyshev table)"
 
 
 def derive(p: Program | CoupledProgram) -> Derivation | GeneralDerivation | CoupledDerivation:
@@ -73,11 +75,16 @@ def derive_affine(p: Program) -> Derivation:
         # A stated kernel: the SDE is derived from it by differentiation, and the kernel is exact as given.
         a, b, g2 = coefficients(p.given.m, p.given.c, p.given.v, t, p.given.log_snr)
         k = given_kernel(p.given.m, p.given.c, p.given.v, t, accuracy)
+    # From here on a quantity with no closed form is a table lookup, never an Integral: nothing
+    # downstream integrates numerically at compile time.
+    tables = Tables(t, p.T)
+    k = tabulate_kernel(k, t, tables)
     lsnr = log_snr(k, t, accuracy, p.given.log_snr if p.given is not None else None)
     lam = weighting(p.weighting, p.weighting_expr, g2, k.v)
     # The importance density is always derived (`sdelang show` reports it);
     # its inverse CDF only when the source samples t by importance.
-    imp = importance(p.weighting, lam, k.v, lsnr, t, p.eps, p.T, defaults, invert=p.t_sampling == "importance")
+    imp = importance(p.weighting, lam, k.v, lsnr, t, p.eps, p.T, defaults, tables,
+                     invert=p.t_sampling == "importance")
     mean, variance = prior(k, t, p.T, p.prior_mean, p.prior_variance)
     return Derivation(p, a, b, g2, k, lsnr, reverse_drift(p.drift, g2), flow_drift(p.drift, g2), lam, imp,
-                      mean, variance, discretize(k, lsnr, t, accuracy, p.N), drift_divergence(a))
+                      mean, variance, discretize(k, lsnr, t, accuracy, p.N), drift_divergence(a), tables)

@@ -7,12 +7,12 @@ whose weight is constant.
   in logSNR:  Q(t) = (logSNR(eps) - logSNR(t)) / Z,  Z = logSNR(eps) - logSNR(T),
   and Q^-1(u) = logSNR^-1(logSNR(eps) - u Z).
 - score_matching weighting (lambda = v): q is uniform on [eps, T].
-- any other weighting: Z and Q by integration (closed form or quadrature in
-  log t, where lambda / v is smooth even when it behaves like 1/t near 0).
+- any other weighting: Z and Q by integration (closed form, or a column of the
+  module's numeric tables).
 
 The inverse is symbolic when SymPy solves the equation in time and the root
-checks out numerically; otherwise the generated module inverts by bisection
-(the CDF is monotone).
+checks out numerically; otherwise the generated module tabulates it
+(derive/tables.py: the CDF, or logSNR, is monotone).
 """
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
-from .symbolic import SIMPLIFY_LIMIT, SOLVE_LIMIT, bounded, factor_exponentials, integrate_from, most_accurate, printable, rationalize_roots, simplest
+from .symbolic import (NUMERIC, SIMPLIFY_LIMIT, SOLVE_LIMIT, TIME_LIMIT, bounded, factor_exponentials,
+                       integrate_from, most_accurate, printable, rationalize_roots, simplest)
+from .tables import Tables
 
 # Dummies, so that a user's parameter named u, y or w never collides with them.
 U = sp.Dummy("u", positive=True)  # a uniform draw in (0, 1)
@@ -38,38 +40,44 @@ class Importance:
 
 
 def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol, eps: sp.Expr,
-               T: sp.Expr, defaults: dict, invert: bool = True) -> Importance:
-    """q, Q and (when ``invert``; only importance sampling needs it) Q^-1."""
+               T: sp.Expr, defaults: dict, tables: Tables, invert: bool = True) -> Importance:
+    """q, Q and (when ``invert``; only importance sampling needs it) Q^-1; a Q^-1 with no closed form
+    is added to ``tables``."""
     if kind == "likelihood":
         lo, hi = lsnr.xreplace({t: eps}), lsnr.xreplace({t: T})
         Z = lo - hi
         density = lam / (v * Z)  # = -logSNR'(t) / Z, in a form that cannot overflow
         cdf = (lo - lsnr) / Z
-        # Solving v/m^2 = W is easier for SymPy than logSNR = y (no log of a ratio).
-        nsr = sp.exp(-lsnr)
-        inverse = _solve(sp.Eq(simplest(nsr), W), t, W, simplest(nsr), defaults, eps, T) if invert else None
+        inverse = None
+        if invert and not lsnr.has(*NUMERIC):
+            # Solving v/m^2 = W is easier for SymPy than logSNR = y (no log of a ratio).
+            nsr = sp.exp(-lsnr)
+            inverse = _solve(sp.Eq(simplest(nsr), W), t, W, simplest(nsr), defaults, eps, T)
         if inverse is not None:
             inverse = _accurate_inverse(inverse.xreplace({W: sp.exp(-Y)}), Y, lsnr, t, defaults, eps, T)
+        elif invert:
+            tables.invert(tables.tabulate(lsnr, "logSNR(t)", absolute=True))
         return Importance(density, cdf, inverse, True)
     if kind == "score_matching":
         return Importance(1 / (T - eps), (t - eps) / (T - eps), eps + U * (T - eps), False)
     ratio = simplest(lam / v)
-    Z = _log_time_integral(ratio, t, eps, T)
-    partial = _log_time_integral(ratio, t, eps, t)
+    Z = integrate_from(ratio, t, eps, T) if not ratio.has(*NUMERIC) else None
+    partial = integrate_from(ratio, t, eps, t) if Z is not None and not Z.has(*NUMERIC) else None
+    if partial is None or partial.has(*NUMERIC):
+        # No closed form: the CDF is a column of the module's tables, normalised by its value at T.
+        s = sp.Dummy("s", positive=True)
+        integrand = ratio.xreplace({t: s})
+        cdf = tables.tabulate(sp.Integral(integrand, (s, eps, t)) / sp.Integral(integrand, (s, eps, T)), "CDF Q(t)",
+                              absolute=True)
+        density = ratio / tables.total(ratio, eps)
+        if invert:
+            tables.invert(cdf)
+        return Importance(density, cdf, None, False)
     cdf = partial / Z
-    inverse = None
-    if invert and not cdf.has(sp.Integral):
-        inverse = _solve(sp.Eq(cdf, U), t, U, cdf, defaults, eps, T)
+    inverse = _solve(sp.Eq(cdf, U), t, U, cdf, defaults, eps, T) if invert else None
+    if invert and inverse is None:
+        tables.invert(tables.tabulate(cdf, "CDF Q(t)", absolute=True))
     return Importance(ratio / Z, cdf, inverse, False)
-
-
-def _log_time_integral(f: sp.Expr, t: sp.Symbol, lo: sp.Expr, hi: sp.Expr) -> sp.Expr:
-    """int_lo^hi f dt; a quadrature fallback in w = log t, where 1/t-like integrands are smooth."""
-    closed = integrate_from(f, t, lo, hi)
-    if not closed.has(sp.Integral):
-        return closed
-    w = sp.Dummy("w", real=True)
-    return sp.Integral(f.xreplace({t: sp.exp(w)}) * sp.exp(w), (w, sp.log(lo), sp.log(hi)))
 
 
 def _accurate_inverse(inverse, y, lsnr, t, defaults, eps, T) -> sp.Expr:
@@ -95,7 +103,8 @@ def _solve(equation, t, target, forward, defaults, eps, T) -> sp.Expr | None:
     for root in roots:
         # expand_log(force) turns log((1 + e^-y)^k) into k log(1 + e^-y), which cannot overflow.
         root = sp.expand_log(simplest(root), force=True)
-        if printable(root) and _inverts(root, forward, t, target, subs, probes):
+        # evalf can run long on a root with special functions: bounded, like every SymPy call.
+        if printable(root) and bounded(_inverts, root, forward, t, target, subs, probes, seconds=TIME_LIMIT):
             return root
     return None
 

@@ -8,7 +8,8 @@ For dx = (a(t) x + b(t)) dt + g(t) dw with x(0) ~ data + N(0, v0):
 
 (the solutions of m' = a m, c' = a c + b, v' = 2 a v + g^2 with m(0) = 1,
 c(0) = 0, v(0) = v0). An integral SymPy cannot do in time stays an unevaluated
-Integral and is computed by quadrature in the generated module.
+Integral; :func:`tabulate_kernel` then makes log m, c and log v columns of the generated
+module's numeric tables (derive/tables.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .symbolic import Accuracy, integrate_from, is_closed, rewrites, simplest
+from .tables import Tables
 
 # The largest float32 relative error on [eps, T] accepted from a closed-form variance: the issue's
 # bound on sigma in float32 is 1e-5 relative, and sigma's error is half of v's.
@@ -55,3 +57,17 @@ def kernel(a: sp.Expr, b: sp.Expr, g2: sp.Expr, v0: sp.Expr, t: sp.Symbol, accur
         v = vs[0]
     stds = [sp.sqrt(u) for u in vs] + [simplest(sp.sqrt(v))]
     return Kernel(m, c, v, accuracy.best(stds, t))
+
+
+def tabulate_kernel(k: Kernel, t: sp.Symbol, tables: Tables) -> Kernel:
+    """The kernel with each quantity that has no closed form read from a table: log m, c and log v
+    (logs: m and v are positive and span many orders of magnitude; a log keeps their relative error)."""
+    m, c, v, std = k.m, k.c, k.v, k.std
+    if not is_closed(m):
+        m = sp.exp(tables.tabulate(sp.expand_log(sp.log(m), force=True), "log m(t)", absolute=True))
+    if not is_closed(c):
+        c = tables.tabulate(c, "c(t)", absolute=False)
+    if not is_closed(v):
+        log_v = tables.tabulate(sp.expand_log(sp.log(v), force=True), "log v(t)", absolute=True)
+        v, std = sp.exp(log_v), sp.exp(log_v / 2)
+    return Kernel(m, c, v, std)

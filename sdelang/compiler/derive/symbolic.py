@@ -27,9 +27,28 @@ PRINTABLE = (sp.exp, sp.log, sp.sin, sp.cos, sp.tan, sp.tanh, sp.sinh, sp.cosh, 
              sp.asinh, sp.acosh, sp.atanh, sp.Abs, sp.erf, expm1, log1p)
 
 
+class Tabulated(sp.Function):
+    """Tabulated(k, x): column k of the generated module's numeric table (derive/tables.py) at x.
+
+    A real function SymPy knows nothing else about: derivations carry it through unchanged (it
+    cancels in log(exp(...)) and in differences), and code generation prints a table lookup.
+    """
+
+    nargs = 2
+
+    def _eval_is_real(self):
+        return True
+
+    def _eval_is_finite(self):
+        return True
+
+
+NUMERIC = (sp.Integral, Tabulated)  # nodes that stand for a quantity with no closed form
+
+
 def printable(expr: sp.Expr) -> bool:
     """True if every function in expr is one code generation can print (Integral aside)."""
-    return all(isinstance(f, PRINTABLE) for f in expr.atoms(sp.Function)) and not expr.has(
+    return all(isinstance(f, PRINTABLE + (Tabulated,)) for f in expr.atoms(sp.Function)) and not expr.has(
         sp.zoo, sp.nan, sp.oo, -sp.oo, sp.Piecewise, sp.I)
 
 
@@ -48,8 +67,9 @@ def integrate_from(integrand: sp.Expr, var: sp.Symbol, lower: sp.Expr, upper: sp
                    closed: bool = True) -> sp.Expr:
     """int_lower^upper integrand d(var): closed form if SymPy finds one in time, else an Integral.
 
-    The unevaluated Integral is kept as a node; code generation turns it into
-    Gauss-Legendre quadrature. ``closed=False`` asks for that Integral directly.
+    The unevaluated Integral is kept as a node; a scalar kernel turns it into a column of
+    its numeric tables (derive/tables.py), a coupled one into Gauss-Legendre quadrature.
+    ``closed=False`` asks for that Integral directly.
     """
     dummy = sp.Dummy("s", positive=True)
     body = integrand.xreplace({var: dummy})
@@ -86,7 +106,7 @@ def size(expr: sp.Expr) -> int:
 
 def rewrites(expr: sp.Expr) -> list[sp.Expr]:
     """expr and the forms a few bounded SymPy rewrites give it."""
-    if expr.has(sp.Integral):
+    if expr.has(*NUMERIC):
         # powsimp alone is cheap and cancels exp(-A) exp(A) around numeric integrals.
         return [expr, sp.powsimp(expr)]
     candidates = [expr]
@@ -110,7 +130,7 @@ def rewrites(expr: sp.Expr) -> list[sp.Expr]:
 
 
 def is_closed(expr: sp.Expr) -> bool:
-    return not expr.has(sp.Integral)
+    return not expr.has(*NUMERIC)
 
 
 def factor_exponentials(expr: sp.Expr) -> sp.Expr:
@@ -182,8 +202,8 @@ class Accuracy:
     def float32_error(self, expr: sp.Expr, t: sp.Symbol) -> float:
         """The largest relative error of expr evaluated in float32 on the grid, against 30 digits."""
         at = _at_defaults(expr, self.defaults)
-        if at.has(sp.Integral) or at.free_symbols - {t}:
-            return 0.0  # quadrature: no cancellation to measure
+        if at.has(*NUMERIC) or at.free_symbols - {t}:
+            return 0.0  # tables: no cancellation to measure
         columns = (self.grid,)
         reference = _exact((at,), (t,), columns)
         if reference is None or not np.isfinite(reference).all():
@@ -212,7 +232,7 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...
     variables = t if isinstance(t, tuple) else (t,)
     columns = grid if isinstance(grid, tuple) else (grid,)
     forms = [(e, _at_defaults(e, defaults)) for e in dict.fromkeys(candidates)]
-    if any(at.has(sp.Integral) or at.free_symbols - set(variables) for _, at in forms):
+    if any(at.has(*NUMERIC) or at.free_symbols - set(variables) for _, at in forms):
         return min(candidates, key=lambda e: (size(e), sp.default_sort_key(e)))  # no reference: the shortest
     reference = _reference([at for _, at in forms], variables, columns)
     if reference is None:
