@@ -44,7 +44,8 @@ from sdelang.runtime.sampling import methods_for, sample
 from sdelang.runtime.training import train
 
 ROOT = Path(__file__).resolve().parents[2]
-GALLERY = ("ve", "vp", "subvp", "cosine_vp", "edm_ve", "ou", "cld", "underdamped", "cubic_langevin")
+GALLERY = ("ve", "vp", "subvp", "cosine_vp", "edm_ve", "ou", "cld", "underdamped", "cubic_langevin",
+           "rectified_flow", "vdm", "edm_vp")
 BASELINES = ("ve", "vp", "subvp")   # score_sde's three SDEs: the rows the others are compared with
 START = "<!-- zoo-table: start (docs/zoo/build.py rewrites everything down to the end marker) -->"
 END = "<!-- zoo-table: end -->"

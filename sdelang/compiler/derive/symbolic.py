@@ -77,10 +77,19 @@ def integrate_from(integrand: sp.Expr, var: sp.Symbol, lower: sp.Expr, upper: sp
         return body * (upper - lower)
     if not closed:
         return sp.Integral(body, (dummy, lower, upper))
+    # First by inspection (cheap): terms that are constants times d/ds exp(E(s)), the integrands of a VP-like
+    # variance whatever beta is (beta e^B with B' = beta), which SymPy's integrator may not find in time.
+    expanded = bounded(lambda e: sp.powsimp(sp.expand(e)), body, seconds=SIMPLIFY_LIMIT)
+    for form in (body, expanded):
+        inspected = bounded(_exponential_antiderivative, form, dummy, seconds=SIMPLIFY_LIMIT) if form is not None else None
+        if inspected is not None:
+            result = inspected.xreplace({dummy: upper}) - inspected.xreplace({dummy: lower})
+            if printable(result):
+                return result
     # An antiderivative evaluated at the limits is much faster than SymPy's
     # definite integration. The expanded, power-simplified form goes first: it
     # is the fast one for sums of exponentials and for tan-like integrands.
-    for form in (sp.powsimp(sp.expand(body)), body):
+    for form in ((expanded, body) if expanded is not None else (body,)):
         result = bounded(_definite, form, dummy, lower, upper, seconds=TIME_LIMIT / 2)
         if result is not None and not result.has(sp.Integral) and printable(result):
             return result
@@ -91,7 +100,77 @@ def _definite(body, var, lower, upper):
     antiderivative = sp.integrate(body, var, conds="none")
     if antiderivative.has(sp.Integral):
         return None
-    return antiderivative.xreplace({var: upper}) - antiderivative.xreplace({var: lower})
+    result = antiderivative.xreplace({var: upper}) - antiderivative.xreplace({var: lower})
+    if result.has(sp.I):
+        # log(s - 1) from 0 to t < 1 gives log(t - 1) - log(-1), complex; as log(u(s) / u(lower)) the same
+        # antiderivative gives the real log(1 - t).
+        real = _real_logs(antiderivative, var, lower)
+        if real is not None:
+            return real.xreplace({var: upper}) - real.xreplace({var: lower})
+    return result
+
+
+def _real_logs(F, var, lower):
+    """F with each log(u(s)) written log(u(s) / u(lower)), when F is linear in those logs with constant
+    coefficients (so that the change is a constant): real on an interval where u keeps its sign."""
+    logs = [L for L in F.atoms(sp.log) if L.has(var)]
+    if not logs:
+        return None
+    zs = [sp.Dummy() for _ in logs]
+    linear = F.xreplace(dict(zip(logs, zs)))
+    for z in zs:
+        coefficient = sp.diff(linear, z)
+        if coefficient.has(var) or any(coefficient.has(w) for w in zs):
+            return None
+    replacements = {}
+    for L in logs:
+        start = L.args[0].xreplace({var: lower})
+        if start == 0 or start.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
+            return None
+        replacements[L] = sp.log(sp.cancel(L.args[0] / start))
+    return F.xreplace(replacements)
+
+
+def _exponential_antiderivative(body, var):
+    """sum_k c_k exp(E_k(s)) when every term of body is a constant c_k times E_k'(s) exp(E_k(s)), else None.
+
+    That a ratio is constant is tested numerically (exact identities hold at random points), and the result's
+    derivative is checked against body the same way."""
+    pieces = []
+    for term in sp.Add.make_args(body):
+        for e in sorted(term.atoms(sp.exp), key=sp.default_sort_key):
+            if not e.has(var):
+                continue
+            ratio = term / (sp.diff(e.args[0], var) * e)
+            if _is_constant_in(ratio, var):
+                pieces.append(sp.powsimp(ratio.xreplace({var: sp.Integer(0)})) * e)
+                break
+        else:
+            return None
+    antiderivative = sp.Add(*pieces)
+    return antiderivative if _is_constant_in(sp.diff(antiderivative, var) - body, var, zero=True) else None
+
+
+_PROBES = ((0.11, 0.23), (0.37, 0.71), (0.53, 1.37))  # (s, parameters): points where identities are tested
+
+
+def _is_constant_in(expr, var, zero=False) -> bool:
+    """expr takes one value (0 when ``zero``) at a few points s in (0, 1), parameters at a few positive values."""
+    others = sorted(expr.free_symbols - {var}, key=sp.default_sort_key)
+    values = []
+    for s_value, p_value in _PROBES:
+        point = {var: sp.Float(s_value, 30), **{o: sp.Float(p_value * (1 + i / 7), 30) for i, o in enumerate(others)}}
+        try:
+            value = complex(expr.xreplace(point).evalf(30))
+        except (TypeError, ValueError, ZeroDivisionError):
+            return False
+        if value != value or abs(value) == float("inf"):
+            return False
+        values.append(value)
+    if zero:
+        scale = max(1.0, max(abs(v) for v in values))
+        return all(abs(v) <= 1e-20 * scale for v in values)
+    return all(abs(v - values[0]) <= 1e-20 * max(abs(values[0]), 1e-300) for v in values)
 
 
 def simplest(expr: sp.Expr) -> sp.Expr:
@@ -115,10 +194,10 @@ def rewrites(expr: sp.Expr) -> list[sp.Expr]:
         # integration expanded (VE's variance: 60 nodes of logs and powers -> sigma_min^2 (sigma_max/sigma_min)^2t).
         short = bounded(lambda e: sp.factor(sp.together(e)), expr, seconds=SIMPLIFY_LIMIT)
         if short is None or not printable(short) or size(short) > MAX_REWRITE_SIZE:
-            return [expr, sp.powsimp(expr)]
+            return _with_exponentials([expr, sp.powsimp(expr)])
         candidates.append(short)
         expr = short
-    for rewrite in (sp.simplify, sp.factor, sp.powsimp, sp.expand_log, factor_exponentials):
+    for rewrite in (sp.simplify, sp.factor, sp.powsimp, sp.expand_log, factor_exponentials, common_exponential):
         value = bounded(rewrite, expr, seconds=SIMPLIFY_LIMIT)
         if value is not None and printable(value):
             candidates.append(value)
@@ -126,7 +205,27 @@ def rewrites(expr: sp.Expr) -> list[sp.Expr]:
     candidates += [sp.factor_terms(c) for c in candidates]
     if expr.has(sp.cos):
         candidates += [sum_to_product(c) for c in candidates]
+    return _with_exponentials(candidates)
+
+
+def _with_exponentials(candidates: list[sp.Expr]) -> list[sp.Expr]:
+    """The candidates and, where they have powers b^u(t), the same written with exponentials: r^t - 1 as
+    exp(t log r) - 1, which prints as expm1 (a geometric schedule's integrals near t = 0)."""
+    candidates = candidates + [e for c in candidates if (e := powers_as_exponentials(c)) is not None]
     return list(dict.fromkeys(candidates))
+
+
+def powers_as_exponentials(expr: sp.Expr) -> sp.Expr | None:
+    """Every power b^u whose exponent has a free symbol as exp(u log b), the exponentials of a product
+    merged: beta_max^t / beta_min^t - 1 becomes exp(t (log beta_max - log beta_min)) - 1. None if none."""
+    powers = [p for p in expr.atoms(sp.Pow) if p.exp.free_symbols and not p.base.is_Number or
+              (p.exp.free_symbols and p.base.is_Number and p.base > 0)]
+    if not powers:
+        return None
+    rewritten = expr.xreplace({p: sp.exp(sp.expand(p.exp * sp.expand_log(sp.log(p.base), force=True)))
+                               for p in powers})
+    merged = bounded(lambda e: sp.powsimp(e, deep=True, combine="exp"), rewritten, seconds=SIMPLIFY_LIMIT)
+    return merged if merged is not None and printable(merged) else None
 
 
 def is_closed(expr: sp.Expr) -> bool:
@@ -152,6 +251,32 @@ def factor_exponentials(expr: sp.Expr) -> sp.Expr:
     base = base / q
     factored = sp.factor(expr.xreplace({e: E**(k * q) for e, k in ks.items()}))
     return sp.powsimp(factored.xreplace({E: sp.exp(base)}))
+
+
+def common_exponential(expr: sp.Expr) -> sp.Expr:
+    """c1 exp(E1) + c2 exp(E2) as exp(E1) (c1 + c2 exp(E2 - E1)), in every such sum of two terms.
+
+    exp(g0 + r t) - exp(g0), a sigmoid schedule's variance near t = 0, becomes exp(g0) (exp(r t) - 1), which
+    prints as exp(g0) expm1(r t): no cancellation.
+    """
+    def split(term):
+        factors = sp.Mul.make_args(term)
+        exps = [f for f in factors if isinstance(f, sp.exp)]
+        if len(exps) != 1:
+            return None
+        return sp.Mul(*(f for f in factors if f is not exps[0])), exps[0].args[0]
+
+    def rewrite(e):
+        if e.is_Atom:
+            return e
+        e = e.func(*(rewrite(a) for a in e.args))
+        parts = [split(a) for a in e.args] if e.is_Add and len(e.args) == 2 else [None]
+        if None in parts:
+            return e
+        (c1, E1), (c2, E2) = parts
+        return sp.exp(E1) * (c1 + c2 * sp.exp(sp.expand(E2 - E1)))
+
+    return rewrite(expr)
 
 
 def sum_to_product(expr: sp.Expr) -> sp.Expr:
@@ -246,13 +371,15 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...
 
 
 def _at_defaults(expr: sp.Expr, defaults: dict) -> sp.Expr:
-    return expr.xreplace({k: sp.sympify(v) for k, v in defaults.items()})  # xreplace: subs is slow
+    # expm1 and log1p first, as code generation writes them: with float parameters SymPy distributes a
+    # numeric factor over exp(u) - 1 (c exp(u) - c), which no longer reads as expm1 and cancels.
+    return use_expm1_log1p(expr).xreplace({k: sp.sympify(v) for k, v in defaults.items()})  # xreplace: subs is slow
 
 
 def _evaluate(at: sp.Expr, variables, columns, dtype) -> np.ndarray | None:
     """at (parameters substituted) on the points, in numpy with the given dtype; None if it cannot."""
     try:
-        fn = sp.lambdify(variables, use_expm1_log1p(at), modules="numpy")
+        fn = sp.lambdify(variables, at, modules="numpy")
         with np.errstate(all="ignore"):
             value = np.asarray(fn(*(c.astype(dtype) for c in columns)), dtype=dtype)
     except (TypeError, ValueError, ZeroDivisionError, OverflowError):

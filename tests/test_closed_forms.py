@@ -1,0 +1,117 @@
+"""Closed forms that SDEs written as 'dx = ...' should get, checked against formulas written out by hand.
+
+- A drift with a pole at the end of the interval: the interpolant m = 1 - t, v = t^2 as its SDE,
+  a = -1/(1 - t), g^2 = 2t/(1 - t) on [1e-3, 0.999], written directly and through d/dt of its kernel.
+  int_0^t -1/(1 - s) ds = log(1 - t) is elementary (SymPy's antiderivative log(s - 1) is complex at 0).
+- A geometric beta(t) = beta_min r^t, r = beta_max / beta_min: B = beta_min (r^t - 1) / log r.
+- VDM's sigmoid schedule as a VP SDE, beta = d/dt softplus(gamma(t)): m^2 = sigmoid(-gamma) / sigmoid(-gamma(0)),
+  v = (e^gamma - e^gamma(0)) / (1 + e^gamma).
+
+Each must compile to a closed-form kernel, equal to the hand formula in float64 (1e-12 relative: rounding
+of a few operations) and within 1e-5 relative in float32 on [eps, T] (the project's float32 bound), with
+t_icdf finite for every u in [0, 1].
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sympy as sp
+import torch
+from scipy.special import expit
+
+import sdelang
+from sdelang.compiler.derive.symbolic import common_exponential, integrate_from, powers_as_exponentials
+
+INTERPOLANT = "sde interp\ndx = -x / (1 - t) dt + sqrt(2 * t / (1 - t)) dw\nt in [1e-3, 0.999]\nt ~ importance\n"
+INTERPOLANT_DDT = """sde interp_ddt
+m(t) = 1 - t
+v(t) = t^2
+a(t) = d/dt(log(m(t)))
+dx = a(t) * x dt + sqrt(d/dt(v(t)) - 2 * a(t) * v(t)) dw
+t in [1e-3, 0.999]
+t ~ importance
+"""
+GEOMETRIC = """sde geometric
+param beta_min = 0.1
+param beta_max = 20
+beta(t) = beta_min * (beta_max / beta_min)^t
+dx = -1/2 * beta(t) * x dt + sqrt(beta(t)) dw
+"""
+SIGMOID = """sde vdm_sde
+param gamma_min = -13.3
+param gamma_max = 5
+gamma(t) = gamma_min + (gamma_max - gamma_min) * t
+beta(t) = d/dt(softplus(gamma(t)))
+dx = -1/2 * beta(t) * x dt + sqrt(beta(t)) dw
+t ~ importance
+"""
+
+
+def _interpolant(t):
+    return 1 - t, t
+
+
+def _geometric(t, beta_min=0.1, beta_max=20.0):
+    B = beta_min * np.expm1(t * np.log(beta_max / beta_min)) / np.log(beta_max / beta_min)
+    return np.exp(-B / 2), np.sqrt(-np.expm1(-B))
+
+
+def _sigmoid(t, gamma_min=-13.3, gamma_max=5.0):
+    gamma = gamma_min + (gamma_max - gamma_min) * t
+    m = np.sqrt(expit(-gamma) / expit(-gamma_min))
+    v = np.exp(gamma_min) * np.expm1((gamma_max - gamma_min) * t) / (1 + np.exp(gamma))  # gamma - gamma(0) exactly
+    return m, np.sqrt(v)
+
+
+CASES = {"interpolant": (INTERPOLANT, _interpolant), "interpolant_ddt": (INTERPOLANT_DDT, _interpolant),
+         "geometric": (GEOMETRIC, _geometric), "sigmoid": (SIGMOID, _sigmoid)}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_closed_form_kernel(name):
+    text, reference = CASES[name]
+    sde = sdelang.load(text)
+    assert sde.kernel_path == "closed form"
+    eps, T = float(sde.eps), float(sde.T)
+    t = np.unique(np.concatenate([np.geomspace(eps, T, 40), np.linspace(eps, T, 40)]))
+    m, std = reference(t)
+    t64 = torch.tensor(t, dtype=torch.float64)
+    sde64 = sde.double()
+    np.testing.assert_allclose(sde64.mean_coeff(t64).numpy(), m, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(sde64.std(t64).numpy(), std, rtol=1e-12, atol=0)
+    sde32 = sdelang.load(text).float()
+    t32 = torch.tensor(t, dtype=torch.float32)
+    t_exact = t32.double().numpy()  # the float32 times, exactly: the error is the formula's, not t's rounding
+    m, std = reference(t_exact)
+    np.testing.assert_allclose(sde32.mean_coeff(t32).double().numpy(), m, rtol=1e-5, atol=0)
+    np.testing.assert_allclose(sde32.std(t32).double().numpy(), std, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("name", ["interpolant", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inverse_cdf_is_finite_everywhere(name, dtype):
+    """u = 0.5 is where the interpolant's logSNR is 0, a 0/0 of the unfactored inverse."""
+    sde = sdelang.load(CASES[name][0]).to(dtype)
+    u = torch.cat([torch.linspace(0, 1, 2001, dtype=dtype), torch.tensor([0.5], dtype=dtype)])
+    t = sde.t_icdf(u)
+    assert torch.isfinite(t).all()
+    assert bool(((t >= sde.eps) & (t <= sde.T)).all())
+    back = sde.t_cdf(t.double()) if dtype == torch.float64 else None
+    if back is not None:
+        np.testing.assert_allclose(back.numpy(), u.numpy(), atol=1e-10)
+
+
+def test_log_through_a_pole_is_real():
+    t = sp.Symbol("t", positive=True)
+    assert sp.simplify(integrate_from(-1 / (1 - t), t, 0, t) - sp.log(1 - t)) == 0
+    assert sp.simplify(integrate_from(3 / (t - 2), t, 0, t) - 3 * sp.log(1 - t / 2)) == 0
+
+
+def test_rewrites_that_keep_float32_digits():
+    t = sp.Symbol("t", positive=True)
+    a, b = sp.symbols("a b", positive=True)
+    assert powers_as_exponentials(a**t / b**t - 1) == sp.exp(t * sp.log(a) - t * sp.log(b)) - 1
+    g0, r = sp.symbols("g0 r", real=True)
+    rewritten = common_exponential(sp.exp(g0 + r * t) - sp.exp(g0))
+    assert sp.simplify(rewritten - (sp.exp(g0 + r * t) - sp.exp(g0))) == 0
+    assert rewritten.has(sp.exp(r * t) - 1) or rewritten.has(1 - sp.exp(r * t)) or rewritten.has(sp.exp(-r * t) - 1)
