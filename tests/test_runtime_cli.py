@@ -138,3 +138,38 @@ def test_train_and_sample_warn_when_a_quick_check_fails(moons_run, tmp_path, cap
     assert main(["sample", str(moons_run), "--method", "em", "--steps", "2", "-n", "10", "--quiet"]) == 0
     assert "warning: vp_likelihood.sde: check 'm' = a m' failed (measured 0.1, tolerance 0.01; note)" \
         in capsys.readouterr().err
+
+
+def test_sample_counts_outliers_in_json_and_warns_in_the_table(moons_run, monkeypatch, capsys):
+    """Samples beyond 3 data standard deviations x sqrt(d) are counted (JSON `outliers`, `outlier_radius`)
+    and flagged under the table. The sampler is replaced by one returning 3 far points among 17 near ones,
+    and a NaN, which counts too."""
+    import torch
+
+    import sdelang.runtime.sampling as sampling
+    from sdelang.runtime.sampling import Samples
+
+    def planted(sde, score_fn, shape, **kwargs):
+        x = torch.zeros(shape, dtype=torch.float32)
+        x[:3] = torch.tensor([100.0, -50.0])
+        x[3] = torch.nan
+        return Samples(x, 7)
+    monkeypatch.setattr(sampling, "sample", planted)
+    assert main(["sample", str(moons_run), "--method", "dpmpp_2m", "-n", "21", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["outliers"] == 4
+    assert 3 * 0.9 * math.sqrt(2) < result["outlier_radius"] < 3 * 1.1 * math.sqrt(2)  # moons: data std ~1
+    assert main(["sample", str(moons_run), "--method", "dpmpp_2m", "-n", "21"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[2].split()[4] == "4"
+    assert "warning: dpmpp_2m: 4 of 21 samples lie beyond |x| = " in out
+
+
+def test_sample_outliers_match_the_saved_samples(moons_run, tmp_path, capsys):
+    import numpy as np
+
+    assert main(["sample", str(moons_run), "--method", "heun", "--steps", "5", "-n", "300", "--json",
+                 "--save", str(tmp_path / "x.npy")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    norms = np.linalg.norm(np.load(tmp_path / "x.npy"), axis=1)
+    assert result["outliers"] == int((~(norms <= result["outlier_radius"])).sum())

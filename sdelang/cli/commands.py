@@ -244,7 +244,7 @@ def _sample(args) -> int:
     import torch
 
     from ..runtime import plots
-    from ..runtime.evaluate import held_out, two_sample_test
+    from ..runtime.evaluate import OUTLIER_RADIUS, held_out, outliers, two_sample_test
     from ..runtime.sampling import sample
     from ..runtime.training import load_run
 
@@ -271,8 +271,9 @@ def _sample(args) -> int:
             out = sample(run.sde, score, shape, method=method, steps=args.steps, generator=generator,
                          progress=not args.quiet, **_spacing(method, args.spacing))
         x = out.x.double().cpu()
+        far, radius = outliers(x, run.model.data_std)
         row = dict(method=method, n=args.n, nfe=out.nfe, seconds=time.perf_counter() - started,
-                   finite=bool(torch.isfinite(x).all()))
+                   finite=bool(torch.isfinite(x).all()), outliers=far, outlier_radius=radius)
         if reference is not None and row["finite"]:
             statistic, p_value = two_sample_test(x, reference.double(), generator=torch.Generator().manual_seed(0))
             row.update(mmd=statistic, p_value=p_value)
@@ -288,10 +289,10 @@ def _sample(args) -> int:
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {"results": results}))
         return 0
-    header = ("method", "n", "NFE", "seconds") + (("MMD^2", "p (vs held-out)") if reference is not None else ())
+    header = ("method", "n", "NFE", "seconds", "outliers") + (("MMD^2", "p (vs held-out)") if reference is not None else ())
     rows = [header]
     for r in results:
-        cells = (r["method"], str(r["n"]), str(r["nfe"]), f"{r['seconds']:.2f}")
+        cells = (r["method"], str(r["n"]), str(r["nfe"]), f"{r['seconds']:.2f}", str(r["outliers"]))
         if reference is not None:
             cells += (f"{r.get('mmd', math.nan):.2e}", f"{r.get('p_value', math.nan):.3f}")
         rows.append(cells)
@@ -299,6 +300,11 @@ def _sample(args) -> int:
     for r in results:
         if not r["finite"]:
             print(f"warning: {r['method']} produced NaN or inf samples")
+        if r["outliers"]:
+            print(f"warning: {r['method']}: {r['outliers']} of {r['n']} samples lie beyond |x| = "
+                  f"{r['outlier_radius']:.2f} ({OUTLIER_RADIUS:g} data standard deviations x sqrt(d)), where no data "
+                  f"are; deterministic samplers follow the learned flow, which carries the prior's tails there "
+                  f"when the score is poorly learned far from the data (docs/runtime.md, 'Outliers')")
     if args.plot:
         print(f"plot: {args.plot}")
     return 0
