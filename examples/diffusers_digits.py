@@ -1,12 +1,15 @@
 """Train a diffusers UNet2DModel on scikit-learn's 8x8 digits with a compiled SDE, and sample it.
 
-    python examples/diffusers_digits.py --sde examples/cosine_vp.sde --steps 300 --out runs/diffusers_digits
+    python examples/diffusers_digits.py --sde examples/vp.sde --steps 1000 --threads 1 --out runs/diffusers_digits
 
 The SDE enters only through sdelang.interop.diffusers.SDEScheduler: training draws t with the .sde
 file's time sampler, noises with its kernel and weights the squared noise error with its weighting;
-sampling is diffusers' loop (scale_model_input, unet, scheduler.step). About a minute on two CPU cores
-for 300 steps on an idle machine. Writes the model and scheduler (save_pretrained: the scheduler's config carries the .sde
-source), samples.png, and prints the loss, sampling speed and pixel statistics against held-out digits.
+sampling is diffusers' loop (scale_model_input, unet, scheduler.step). Any affine .sde works; one whose
+weights lambda / (q v) vary widely (likelihood weighting with uniform t, e.g. cosine_vp.sde) trains
+slowly in a few hundred steps: prefer score_matching weighting or `t ~ importance`. About 50 s per 300
+steps on one CPU thread. Writes the model and scheduler (save_pretrained: the scheduler's config
+carries the .sde source), samples.png, and prints the loss, sampling speed and pixel statistics
+against held-out digits.
 Needs the interop and data extras: pip install -e ".[interop,data]".
 """
 from __future__ import annotations
@@ -62,8 +65,8 @@ def sample(scheduler: SDEScheduler, unet: UNet2DModel, n: int, steps: int, devic
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sde", default="examples/cosine_vp.sde", help="the .sde program (default: cosine VP)")
-    parser.add_argument("--steps", type=int, default=300, help="training steps")
+    parser.add_argument("--sde", default="examples/vp.sde", help="the .sde program (default: score_sde's VP)")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--sample-steps", type=int, default=20, help="DPM-Solver++(2M) steps (= NFE)")

@@ -234,3 +234,20 @@ def test_unet2d_trains_and_samples_through_the_scheduler():
         for tau in s.timesteps:
             x = s.step(unet(s.scale_model_input(x, tau), tau).sample, tau, x).prev_sample
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_example_script_runs(tmp_path, capsys):
+    """examples/diffusers_digits.py end to end in a few steps: it writes the model, the scheduler (whose
+    config reloads to the same SDE) and the samples."""
+    pytest.importorskip("sklearn")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("diffusers_digits", EXAMPLES / "diffusers_digits.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--sde", str(EXAMPLES / "vp.sde"), "--steps", "2", "-n", "4", "--sample-steps", "2",
+                        "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert "samples/s" in capsys.readouterr().out
+    assert (tmp_path / "samples.png").exists() and (tmp_path / "unet" / "config.json").exists()
+    loaded = SDEScheduler.from_pretrained(tmp_path / "scheduler")
+    assert loaded.config.sde_source == (EXAMPLES / "vp.sde").read_text()
