@@ -78,6 +78,18 @@ def test_time_of_sigma_inverts_the_kernel(name):
     assert torch.allclose(kd.time_of_sigma(sde, v.sqrt() / m), t, rtol=1e-9, atol=0)
 
 
+@pytest.mark.parametrize("name", SDES)
+def test_denoiser_times_are_the_bisection_s(name):
+    """The denoiser's fast inverse (table + Newton) agrees with the bisection to float64 round-off over
+    the whole sigma range, ends included, and clamps beyond it as the bisection does."""
+    sde = load(name)
+    lo, hi = kd.sigma_range(sde)
+    sigma = torch.cat([torch.logspace(math.log10(lo), math.log10(hi), 997, dtype=torch.float64),
+                       torch.tensor([lo / 2, hi * 2], dtype=torch.float64)])
+    t, _, _, _ = kd.Denoiser(sde, exact_score(name)).kernel(sigma, torch.zeros(len(sigma), 1, dtype=torch.float64))
+    assert torch.allclose(t, kd.time_of_sigma(sde, sigma), rtol=1e-12, atol=0)
+
+
 def test_grids_of_each_spacing():
     sde = load("vp")
     lo, hi = kd.sigma_range(sde)
