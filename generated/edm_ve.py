@@ -136,15 +136,14 @@ class EDMVESDE(torch.nn.Module):
         """Exact transition over [s, t], by default s = max(t - T/N, 0): x_t = x_s + f + G z.
 
         r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
-          = -t^2*(s^2/t^2 - 1)
+          = (-s + t)*(s + t)
         Pass s (shape [B], s <= t) for a step of another length, as samplers on their own grids do.
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = t**2
         r = self._expand(torch.full_like(t, 1), x)
         f = (r - 1) * x
-        G2 = -w0*(s**2/w0 - 1)
+        G2 = (-s + t)*(s + t)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

@@ -144,16 +144,17 @@ class OUSDE(torch.nn.Module):
         """Exact transition over [s, t], by default s = max(t - T/N, 0): x_t = x_s + f + G z.
 
         r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
-          = ((exp(s*theta) + 1)*expm1(s*theta)/((exp(t*theta) + 1)*expm1(t*theta)) - 1)*expm1(-2*t*theta)/theta
+          = exp(2*s*theta - 2*t*theta)*expm1(2*theta*(-s + t))/theta
         Pass s (shape [B], s <= t) for a step of another length, as samplers on their own grids do.
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
         w0 = s*self.theta
         w1 = t*self.theta
+        w2 = s - t
         r = self._expand(torch.exp(w0 - w1), x)
-        f = (r - 1) * x + self._expand(-self.mu*torch.expm1(self.theta*(s - t)), x)
-        G2 = self._k3*((torch.exp(w0) + 1)*torch.expm1(w0)/((torch.exp(w1) + 1)*torch.expm1(w1)) - 1)*torch.expm1(-2*w1)
+        f = (r - 1) * x + self._expand(-self.mu*torch.expm1(w2*self.theta), x)
+        G2 = self._k3*torch.exp(2*w0 - 2*w1)*torch.expm1(-2*w2*self.theta)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

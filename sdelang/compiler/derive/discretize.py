@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import sympy as sp
+from sympy.codegen.cfunctions import expm1
 
 from .kernel import Kernel
 from .symbolic import SIMPLIFY_LIMIT, Accuracy, bounded, printable, rewrites
@@ -46,5 +47,36 @@ def discretize(k: Kernel, lsnr: sp.Expr, t: sp.Symbol, accuracy: Accuracy, N: in
     # Logs expanded and like terms collected: VE's drop becomes -2 (t - s) log(sigma_max / sigma_min).
     collected = bounded(lambda d: sp.factor(sp.expand(sp.expand_log(d, force=True))), drop, seconds=SIMPLIFY_LIMIT)
     drops = [drop] if collected is None or not printable(collected) else [drop, collected]
-    variance = best([-k.v * (sp.exp(d) - 1) for d in drops])
+    candidates = [-k.v * (sp.exp(d) - 1) for d in drops]
+    # G^2 = m(t)^2 (N(t) - N(s)), N = v / m^2: with v0 > 0 the logSNR drop is a difference of nearly equal logs
+    # (VE: G^2 = (v(s) / v(t) - 1) v(t) lost 1e-2 in float32 at t = 1e-5); termwise in t - s it keeps its digits.
+    noise = bounded(lambda: step_difference(sp.powsimp(k.v / k.m**2), t), seconds=SIMPLIFY_LIMIT)
+    if noise is not None and printable(noise):
+        # m(t)^2 into each term, its exponentials combined: exp(2 theta (s - t)), not exp(2 theta s) exp(-2 theta t),
+        # which overflows first.
+        candidates.append(sp.Add(*[sp.powsimp(k.m**2 * term, combine="exp") for term in sp.Add.make_args(noise)]))
+    variance = best(candidates)
     return Step(ratio, offset, variance)
+
+
+def step_difference(N: sp.Expr, t: sp.Symbol) -> sp.Expr:
+    """N(t) - N(s) term by term, without the difference of nearly equal values when s ~ t: a term c exp(a t + b)
+    gives c exp(a s + b) expm1(a (t - s)), a polynomial term c (t^n - s^n) keeps its factor (t - s), a constant
+    nothing; any other term stays a difference."""
+    out = []
+    for term in sp.Add.make_args(sp.expand(N.rewrite(sp.exp), power_base=False, power_exp=True, log=False)):
+        coeff, f = term.as_independent(t, as_Add=False)
+        f = sp.powsimp(f, combine="exp")
+        if f == 1:
+            continue
+        if isinstance(f, sp.exp):
+            arg = sp.expand(sp.expand_log(f.args[0], force=True))
+            slope = sp.diff(arg, t)
+            if not slope.has(t):
+                out.append(coeff * sp.exp(arg.xreplace({t: START})) * expm1(slope * (t - START)))
+                continue
+        if f.is_polynomial(t):
+            out.append(coeff * sp.factor(f - f.xreplace({t: START})))
+            continue
+        out.append(term - term.xreplace({t: START}))
+    return sp.Add(*out)
