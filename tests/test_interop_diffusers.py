@@ -251,3 +251,17 @@ def test_example_script_runs(tmp_path, capsys):
     assert (tmp_path / "samples.png").exists() and (tmp_path / "unet" / "config.json").exists()
     loaded = SDEScheduler.from_pretrained(tmp_path / "scheduler")
     assert loaded.config.sde_source == (EXAMPLES / "vp.sde").read_text()
+
+
+@pytest.mark.cuda
+def test_scheduler_on_cuda_matches_cpu():
+    s = scheduler("ou")
+    s.set_timesteps(6)
+    x_T = start("ou", s, n=8)
+    cpu = loop(s, exact_eps("ou", s), x_T.float())
+    s.set_timesteps(6, device="cuda")
+    cuda = loop(s, lambda x, tau: exact_eps("ou", s)(x.cpu(), tau.cpu()).to(x), x_T.float().cuda())
+    assert cuda.device.type == "cuda" and torch.allclose(cuda.cpu(), cpu, rtol=1e-5, atol=1e-5)
+    x0, noise, tau = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([1.0, 10.0, 100.0, 1000.0])
+    assert torch.allclose(s.add_noise(x0.cuda(), noise.cuda(), tau.cuda()).cpu(), s.add_noise(x0, noise, tau),
+                          rtol=1e-6, atol=1e-6)

@@ -208,3 +208,14 @@ def test_bad_schedule_arguments():
         kd.get_sigmas(sde, 10, "cosine")
     with pytest.raises(ValueError, match="rho must be positive"):
         kd.get_sigmas(sde, 10, "karras", rho=0.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["vp", "ou"])
+def test_denoiser_on_cuda_matches_cpu(name):
+    sde = load(name)
+    sigmas = kd.get_sigmas(sde, 8, append_zero=False, dtype=torch.float64)
+    x = torch.randn(8, 3, dtype=torch.float64) * sigmas[:, None]
+    cpu = kd.Denoiser(sde, exact_score(name))(x, sigmas)
+    cuda = kd.Denoiser(load(name).to("cuda"), exact_score(name))(x.cuda(), sigmas.cuda())
+    assert cuda.device.type == "cuda" and torch.allclose(cuda.cpu(), cpu, rtol=1e-10, atol=1e-12)

@@ -459,4 +459,7 @@ def test_ddpm_loss_reads_the_cumulative_tables():
 def test_tables_follow_the_module_dtype():
     view = scoresde.adapt(load("vp", torch.float32), sde_lib=sde_lib)
     assert all(getattr(view, name).dtype == torch.float32 for name in scoresde.TABLES)
+    moved = view.to(torch.float64)
+    assert moved is view and view.module._anchor.dtype == torch.float64
+    assert all(getattr(view, name).dtype == torch.float64 for name in scoresde.TABLES)
     assert np.isfinite(view.discrete_sigmas.numpy()).all()

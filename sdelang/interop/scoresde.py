@@ -114,6 +114,13 @@ class ScoreSdeView:
             raise AttributeError(name)
         return getattr(self.module, name)
 
+    def to(self, *args, **kwargs) -> "ScoreSdeView":
+        """Moves the module and the tables (as torch.nn.Module.to does); returns the view, not the module."""
+        self.module.to(*args, **kwargs)
+        for name in TABLES:
+            setattr(self, name, getattr(self, name).to(*args, **kwargs))
+        return self
+
     def __repr__(self):
         return f"{type(self).__name__}({type(self.module).__name__}, discretization={self.discretization!r})"
 
