@@ -4,16 +4,16 @@ Recompile the source instead: `sdelang compile cosine_vp.sde`.
 Source sha256: e3f9d114a8d7bac260099ac550f14457484f932f4c393a63da9fe86335cf83d8
 
     dx = (a(t) x + b(t)) dt + g(t) dw
-    a(t)   = -pi*sin(pi*(s + t)/(2*(s + 1)))/(2*(s + 1)*cos(pi*(s + t)/(2*(s + 1))))
+    a(t)   = -pi*sin(pi*(s + t)/(2*(s + 1)))/(2*(s + 1)*sin((pi/(2*(s + 1)))*(1 - t)))
     b(t)   = 0
-    g(t)^2 = pi*sin(pi*(s + t)/(2*(s + 1)))/((s + 1)*cos(pi*(s + t)/(2*(s + 1))))
+    g(t)^2 = pi*sin(pi*(s + t)/(2*(s + 1)))/((s + 1)*sin((pi/(2*(s + 1)))*(1 - t)))
 
 Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
-    m(t) = cos(pi*(s + t)/(2*(s + 1)))/cos(pi*s/(2*(s + 1)))
+    m(t) = sin((pi/(2*(s + 1)))*(1 - t))/cos(pi*s/(2*(s + 1)))
     c(t) = 0
     v(t) = sin(pi*t/(2*(s + 1)))*sin(pi*(2*s + t)/(2*(s + 1)))/cos(pi*s/(2*(s + 1)))^2
 
-Weighting (likelihood): lambda(t) = pi*sin(pi*(s + t)/(2*(s + 1)))/((s + 1)*cos(pi*(s + t)/(2*(s + 1))))
+Weighting (likelihood): lambda(t) = pi*sin(pi*(s + t)/(2*(s + 1)))/((s + 1)*sin((pi/(2*(s + 1)))*(1 - t)))
 Training time: t ~ uniform on [eps, T].
 
 The source:
@@ -74,11 +74,12 @@ class CosineVPSDE(torch.nn.Module):
         # Subexpressions in the parameters alone, computed once in float64.
         self._k0 = math.pi
         self._k1 = 1 / (self.s + 1)
-        self._k2 = math.sqrt(math.pi)
-        self._k3 = 1 / math.sqrt(self.s + 1)
-        self._k4 = 1 / math.cos((1/2)*math.pi*self.s/(self.s + 1))
-        self._k5 = 1 / math.cos((1/2)*math.pi*self.s/(self.s + 1))**2
-        self._k6 = 2*self.s
+        self._k2 = (1/2)*math.pi/(self.s + 1)
+        self._k3 = math.sqrt(math.pi)
+        self._k4 = 1 / math.sqrt(self.s + 1)
+        self._k5 = 1 / math.cos((1/2)*math.pi*self.s/(self.s + 1))
+        self._k6 = 1 / math.cos((1/2)*math.pi*self.s/(self.s + 1))**2
+        self._k7 = 2*self.s
         self.eps = 1/100000
         self.T = 4973/5000
         self.v0 = 0
@@ -93,25 +94,23 @@ class CosineVPSDE(torch.nn.Module):
     def sde(self, x, t):
         """Drift f = a(t) x + b(t) and diffusion g(t) of the forward SDE."""
         w0 = (1/2)*self._k0*self._k1
-        w1 = w0*(self.s + t)
-        w2 = torch.sin(w1)/torch.cos(w1)
-        a = self._expand(-w0*w2, x)
-        return a * x, self._k2*self._k3*torch.sqrt(w2)
+        w1 = torch.sin(w0*(self.s + t))/torch.sin(self._k2*(1 - t))
+        a = self._expand(-w0*w1, x)
+        return a * x, self._k3*self._k4*torch.sqrt(w1)
 
     def diffusion(self, t):
-        """g(t) = sqrt(pi)*sqrt(sin(pi*(s + t)/(2*(s + 1)))/cos(pi*(s + t)/(2*(s + 1))))/sqrt(s + 1)"""
-        w0 = (1/2)*self._k0*self._k1*(self.s + t)
-        return self._k2*self._k3*torch.sqrt(torch.sin(w0)/torch.cos(w0))
+        """g(t) = sqrt(pi)*sqrt(sin(pi*(s + t)/(2*(s + 1)))/sin((pi/(2*(s + 1)))*(1 - t)))/sqrt(s + 1)"""
+        return self._k3*self._k4*torch.sqrt(torch.sin((1/2)*self._k0*self._k1*(self.s + t))/torch.sin(self._k2*(1 - t)))
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        w0 = self._k0*self._k1
-        w1 = (1/2)*t
-        return self._expand(self._k4*torch.cos((1/2)*w0*(self.s + t)), x0) * x0, torch.sqrt(self._k5*torch.sin(w0*w1)*torch.sin(w0*(w1 + self.s)))
+        w0 = (1/2)*t
+        w1 = self._k0*self._k1
+        return self._expand(self._k5*torch.sin(self._k2*(1 - t)), x0) * x0, torch.sqrt(self._k6*torch.sin(w0*w1)*torch.sin(w1*(w0 + self.s)))
 
     def mean_coeff(self, t):
-        """m(t) = cos(pi*(s + t)/(2*(s + 1)))/cos(pi*s/(2*(s + 1)))"""
-        return self._k4*torch.cos((1/2)*self._k0*self._k1*(self.s + t))
+        """m(t) = sin((pi/(2*(s + 1)))*(1 - t))/cos(pi*s/(2*(s + 1)))"""
+        return self._k5*torch.sin(self._k2*(1 - t))
 
     def mean_offset(self, t):
         """c(t) = 0"""
@@ -121,13 +120,13 @@ class CosineVPSDE(torch.nn.Module):
         """sigma(t) = sqrt(v(t)) = sqrt(sin(pi*t/(2*(s + 1)))*sin(pi*(s + t/2)/(s + 1))/cos(pi*s/(2*(s + 1)))^2)"""
         w0 = (1/2)*t
         w1 = self._k0*self._k1
-        return torch.sqrt(self._k5*torch.sin(w0*w1)*torch.sin(w1*(w0 + self.s)))
+        return torch.sqrt(self._k6*torch.sin(w0*w1)*torch.sin(w1*(w0 + self.s)))
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = -log(sin(pi*t/(2*(s + 1)))*sin(pi*(s + t/2)/(s + 1))/cos(pi*(s + t)/(2*(s + 1)))^2)"""
+        """logSNR(t) = log(m(t)^2 / v(t)) = -log(sin(pi*t/(2*(s + 1)))*sin(pi*(s + t/2)/(s + 1))/sin((pi/(2*(s + 1)))*(1 - t))^2)"""
         w0 = (1/2)*t
         w1 = self._k0*self._k1
-        return -torch.log(torch.sin(w0*w1)*torch.sin(w1*(w0 + self.s))/torch.cos((1/2)*w1*(self.s + t))**2)
+        return -torch.log(torch.sin(w0*w1)*torch.sin(w1*(w0 + self.s))/torch.sin(self._k2*(1 - t))**2)
 
     def _prior(self):
         """Mean 0 and variance 1 of the prior."""
@@ -150,21 +149,21 @@ class CosineVPSDE(torch.nn.Module):
         """Exact transition over [s, t], by default s = max(t - T/N, 0): x_t = x_s + f + G z.
 
         r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
-          = -(sin(pi*s'/(2*(s + 1)))*sin(pi*(s + s'/2)/(s + 1))*cos(pi*(s + t)/(2*(s + 1)))^2/(sin(pi*t/(2*(s + 1)))*sin(pi*(s + t/2)/(s + 1))*cos(pi*(s + s')/(2*(s + 1)))^2) - 1)*sin(pi*t/(2*(s + 1)))*sin(pi*(2*s + t)/(2*(s + 1)))/cos(pi*s/(2*(s + 1)))^2
+          = -(sin((pi/(2*(s + 1)))*(1 - t))^2*sin(pi*s'/(2*(s + 1)))*sin(pi*(s + s'/2)/(s + 1))/(sin(pi*t/(2*(s + 1)))*sin(pi*(s + t/2)/(s + 1))*cos(pi*(s + s')/(2*(s + 1)))^2) - 1)*sin(pi*t/(2*(s + 1)))*sin(pi*(2*s + t)/(2*(s + 1)))/cos(pi*s/(2*(s + 1)))^2
         Pass s (shape [B], s <= t) for a step of another length, as samplers on their own grids do.
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = self._k0*self._k1
-        w1 = (1/2)*w0
-        w2 = torch.cos(w1*(self.s + t))
-        w3 = torch.cos(w1*(s + self.s))
+        w0 = torch.sin(self._k2*(1 - t))
+        w1 = self._k0*self._k1
+        w2 = (1/2)*w1
+        w3 = torch.cos(w2*(s + self.s))
         w4 = (1/2)*t
-        w5 = torch.sin(w0*w4)
+        w5 = torch.sin(w1*w4)
         w6 = (1/2)*s
-        r = self._expand(w2/w3, x)
+        r = self._expand(w0/w3, x)
         f = (r - 1) * x
-        G2 = -self._k5*w5*(w2**2*torch.sin(w0*w6)*torch.sin(w0*(w6 + self.s))/(w3**2*w5*torch.sin(w0*(w4 + self.s))) - 1)*torch.sin(w1*(self._k6 + t))
+        G2 = -self._k6*w5*(w0**2*torch.sin(w1*w6)*torch.sin(w1*(w6 + self.s))/(w3**2*w5*torch.sin(w1*(w4 + self.s))) - 1)*torch.sin(w2*(self._k7 + t))
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):
@@ -172,10 +171,9 @@ class CosineVPSDE(torch.nn.Module):
         return ReverseCosineVPSDE(self, score_fn, probability_flow)
 
     def weight(self, t):
-        """lambda(t) = pi*sin(pi*(s + t)/(2*(s + 1)))/((s + 1)*cos(pi*(s + t)/(2*(s + 1)))) (likelihood weighting)"""
+        """lambda(t) = pi*sin(pi*(s + t)/(2*(s + 1)))/((s + 1)*sin((pi/(2*(s + 1)))*(1 - t))) (likelihood weighting)"""
         w0 = self._k0*self._k1
-        w1 = (1/2)*w0*(self.s + t)
-        return w0*torch.sin(w1)/torch.cos(w1)
+        return w0*torch.sin((1/2)*w0*(self.s + t))/torch.sin(self._k2*(1 - t))
 
     def t_density(self, t):
         """Density of the training time t (uniform): 1 / (T - eps)"""
@@ -199,8 +197,7 @@ class CosineVPSDE(torch.nn.Module):
         """div_x f(x, t) = d a(t), d the number of entries of one sample."""
         d = x[0].numel()
         w0 = (1/2)*self._k0*self._k1
-        w1 = w0*(self.s + t)
-        return d * (-w0*torch.sin(w1)/torch.cos(w1))
+        return d * (-w0*torch.sin(w0*(self.s + t))/torch.sin(self._k2*(1 - t)))
 
 
 class ReverseCosineVPSDE:
