@@ -85,10 +85,10 @@ def assert_moments(x, mean, std, mean_allowance, var_allowance, what):
 #   heun               50              0.008 (ou)          0.073 (ou)
 #   ddim               100             0.003               0.095 (subvp)
 #   dpm2               50              0.003               0.032 (subvp)
-#   dpmpp_2m           50              0.003               0.029 (subvp)
+#   dpmpp_2m           50              0.003               0.014 (subvp)
 #   dpmpp_3m           50              0.003               0.004 (ve)
 #   unipc              50              0.003               0.005 (subvp)
-#   dpmpp_2m_sde       100             0.004               0.027 (subvp)
+#   dpmpp_2m_sde       100             0.004               0.013 (subvp)
 #   dpmpp_3m_sde       100             0.004               0.006 (subvp)
 # Annealed Langevin's steps shrink with the noise (alpha = sigma^2), so at low noise the chain stops
 # following p_t and keeps the samples of the level where it froze; where the mean still moves there
@@ -104,10 +104,10 @@ FAST = {
     "heun": (dict(steps=50), 0.02, 0.085),
     "ddim": (dict(steps=100), 0.015, 0.105),
     "dpm2": (dict(steps=50), 0.015, 0.045),
-    "dpmpp_2m": (dict(steps=50), 0.015, 0.04),
+    "dpmpp_2m": (dict(steps=50), 0.015, 0.025),
     "dpmpp_3m": (dict(steps=50), 0.015, 0.015),
     "unipc": (dict(steps=50), 0.015, 0.015),
-    "dpmpp_2m_sde": (dict(steps=100), 0.015, 0.04),
+    "dpmpp_2m_sde": (dict(steps=100), 0.015, 0.025),
     "dpmpp_3m_sde": (dict(steps=100), 0.015, 0.02),
 }
 

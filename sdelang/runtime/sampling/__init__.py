@@ -78,10 +78,10 @@ _FIXED_STEP = {
     "heun": heun,
     "ddim": functools.partial(exponential_integrator, order=1),
     "dpm2": functools.partial(exponential_integrator, order=2),
-    "dpmpp_2m": functools.partial(multistep, order=2),
+    "dpmpp_2m": functools.partial(multistep, order=2, form="published"),
     "dpmpp_3m": functools.partial(multistep, order=3),
     "unipc": functools.partial(multistep, order=2, corrector=True, variable="sigma"),
-    "dpmpp_2m_sde": functools.partial(multistep, order=2, eta=1.0),
+    "dpmpp_2m_sde": functools.partial(multistep, order=2, eta=1.0, form="published"),
     "dpmpp_3m_sde": functools.partial(multistep, order=3, eta=1.0),
     "splitting": splitting,
 }
