@@ -201,11 +201,12 @@ class UnderdampedSDE(torch.nn.Module):
         # any batch); Taylor series at h, then s doublings Q(2h) = Q(h) + Phi(h) Q(h) Phi(h)^T, Phi(2h) = Phi(h)^2,
         # masked per entry: sums of positive semi-definite terms, no exp(-F0^T r) factor that grows with r.
         s = torch.clamp(torch.frexp(r * self._F0_norm * 2)[1], min=0)
-        h = torch.ldexp(r, -s)[:, None, None]
-        Phi, Q = self._series_Phi[-1].expand(r.shape[0], 2, 2), self._series_Q[-1]
-        for n in range(self._SERIES_TERMS - 2, -1, -1):
-            Phi, Q = self._series_Phi[n] + h * Phi, self._series_Q[n] + h * Q
-        Q = h * Q
+        h = torch.ldexp(r, -s)
+        # The series as one product: powers [B, n] (1, h, h^2, ...) times the coefficients [n, 2 K^2].
+        powers = torch.cat([torch.ones_like(h)[:, None],
+                            torch.cumprod(h[:, None].expand(-1, self._SERIES_TERMS - 1), 1)], 1)
+        series = (powers @ self._series).reshape(-1, 2, 2, 2)
+        Phi, Q = series[:, 0], h[:, None, None] * series[:, 1]
         for step in range(self._squarings):
             more = (s > step)[:, None, None]
             Q_next = Q + self._mm(self._mm(Phi, Q), Phi.transpose(1, 2))
@@ -220,14 +221,14 @@ class UnderdampedSDE(torch.nn.Module):
 
     @staticmethod
     def _mm(A, B):
-        """A @ B for [B, 2, 2] stacks as a fixed sum of elementwise products: the same rounding for an entry
-        whatever the batch (batched matmul kernels may sum in another order for another batch size)."""
-        return sum(A[:, :, k, None] * B[:, None, k, :] for k in range(2))
+        """A @ B for [B, 2, 2] stacks: no choice made from the batch (unlike torch.linalg.matrix_exp, whose
+        degree depended on the batch's largest norm); on the CPU each entry is the same, bit for bit, in any batch."""
+        return A @ B
 
     def _build_series(self, device):
         """Taylor coefficients at 0 of Phi(h) = sum_n F0^n h^n / n! and Q(h) = sum_n M_n h^(n+1) / (n+1)!,
         M_0 = D0, M_n = F0 M_(n-1) + M_(n-1) F0^T, float64 [_SERIES_TERMS, 2, 2]; the number of doublings
-        that brings B(T) (times 4, for steps past T) below |F0| h = 1/2."""
+        that brings B(T) (times 2, for steps past T) below |F0| h = 1/2."""
         Phi, M = torch.eye(2, dtype=torch.float64, device=device), self.D0
         series_Phi, series_Q = [Phi], [M]
         for n in range(1, self._SERIES_TERMS):
@@ -235,11 +236,11 @@ class UnderdampedSDE(torch.nn.Module):
             M = (self.F0 @ M + M @ self.F0.T) / (n + 1)
             series_Phi.append(Phi)
             series_Q.append(M)
-        self._series_Phi, self._series_Q = torch.stack(series_Phi), torch.stack(series_Q)
+        self._series = torch.cat([torch.stack(series_Phi).flatten(1), torch.stack(series_Q).flatten(1)], 1)
         if device.type == "meta":  # shapes only: any count
             self._squarings = 1
             return
-        r_max = 4 * float(self.time_change(torch.full((1,), float(self.T), dtype=torch.float64, device=device))[0])
+        r_max = 2 * float(self.time_change(torch.full((1,), float(self.T), dtype=torch.float64, device=device))[0])
         self._squarings = max(0, math.frexp(r_max * self._F0_norm * 2)[1])
 
     def _factor(self, t):
@@ -250,7 +251,10 @@ class UnderdampedSDE(torch.nn.Module):
         Q scaled to unit diagonal): near t = 0 the rows of the no-noise components are nearly parallel, and W has
         the square root of the condition number of Sigma, so L keeps its digits where a Cholesky factor of Sigma
         loses them all. A zero pivot (Sigma singular) gives NaN, never a factor of another matrix."""
-        Phi, Q = self.transition(self.time_change(t.to(torch.float64)))
+        return self._factor_of(*self.transition(self.time_change(t.to(torch.float64))))
+
+    def _factor_of(self, Phi, Q):
+        """_factor from Phi and Q."""
         scale = Q.diagonal(dim1=1, dim2=2).sqrt()
         unit = torch.where(scale > 0, scale, torch.ones_like(scale))
         C = self._lower_cholesky(Q / (unit[:, :, None] * unit[:, None, :])
@@ -280,12 +284,13 @@ class UnderdampedSDE(torch.nn.Module):
         r = self.time_change(t.to(torch.float64))
         noisy = [i for i in self._ORDER if self.noisy[i]]
         n = len(noisy)
-        Phi_back, Q_back = self.transition(-r)
+        Phi_both, Q_both = self.transition(torch.cat([r, -r]))
+        Phi_back, Q_back = Phi_both[r.shape[0]:], Q_both[r.shape[0]:]
         L_P = self._lower_cholesky(torch.diag_embed(self.Sigma0.diagonal()) - Q_back, scaled=True)
         Z = [self._solve_lower(L_P, [Phi_back[:, j, k] for j in range(2)]) for k in noisy]
         G = torch.stack([torch.stack([self._dot_list(Z[k], Z[l]) for l in range(n)], -1) for k in range(n)], -2)
         near = self._lower_cholesky(G.flip(1, 2), scaled=True).flip(1, 2)
-        L = self._factor(t)[1]
+        L = self._factor_of(Phi_both[:r.shape[0]], Q_both[:r.shape[0]])[1]
         zero = torch.zeros_like(L[:, 0, 0])
         far = torch.stack([torch.stack(self._solve_lower(L, [zero + (i == k) for i in range(n)]), -1)
                            for k in range(n)], -1).transpose(1, 2)
