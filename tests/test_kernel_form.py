@@ -241,3 +241,18 @@ def test_a_pole_at_T_says_to_stop_before_it(text):
     assert "t in [0.001, 0.999]" in info.value.hint
     assert "square root" not in info.value.hint
     assert math.isclose(float(info.value.message.split("at t = ")[1].split()[0]), 1.0)
+
+
+def test_kernel_with_a_mean_offset_is_ornstein_uhlenbeck():
+    """N(e^-t x0 + mu (1 - e^-t), 1 - e^-2t) is the law of dx = -(x - mu) dt + sqrt(2) dw from x(0) = x0."""
+    text = "sde ou_kernel\nparam mu: real = 0.7\nx(t) ~ normal(exp(-t) * x(0) + mu * (1 - exp(-t)), 1 - exp(-2 * t))\n"
+    sde = sdelang.load(text).double()
+    t = _times(sde)
+    k = _kernel(sde, t)
+    _assert_close(k["m"], np.exp(-t))
+    _assert_close(k["c"], 0.7 * -np.expm1(-t))
+    _assert_close(k["std"], np.sqrt(-np.expm1(-2 * t)))
+    a, b, g2 = _coefficients(sde, t)
+    _assert_close(a, -np.ones_like(t))
+    _assert_close(b, 0.7 * np.ones_like(t))
+    _assert_close(g2, 2 * np.ones_like(t))
