@@ -237,7 +237,13 @@ class NumericSDE(torch.nn.Module):
         D[0] = -(D[1:] * torch.tensor([(-1.0) ** i for i in range(1, n + 1)], dtype=f64, device=cpu)[:, None]).sum(0)
         cumulative = torch.cos(torch.outer(angles, torch.arange(n + 1, dtype=f64, device=cpu))) @ D @ to_coef
         whole = (D @ to_coef).sum(0)
-        self._table_k = torch.arange(n, dtype=f64, device=cpu)
+        # Chebyshev coefficients -> power-basis coefficients, for the lookups: T_{k+1} = 2 x T_k - T_{k-1}.
+        to_powers = torch.zeros(n, n, dtype=f64, device=cpu)
+        to_powers[0, 0] = 1.0
+        to_powers[1, 1] = 1.0
+        for k in range(1, n - 1):
+            to_powers[k + 1, 1:] = 2 * to_powers[k, :-1]
+            to_powers[k + 1] -= to_powers[k - 1]
         eps, T = float(self.eps), float(self.T)
         lo = eps * 1e-6 if eps > 0 else T * 1e-12  # below eps: for the start s = 0 of a first step
         points = [0.0, lo]
@@ -273,7 +279,7 @@ class NumericSDE(torch.nn.Module):
         # that loses its digits as t -> 0, say); lookups below their start read it there.
         first = int(torch.nonzero(bad & low).max()) + 1 if (bad & low).any() else 1
         self._table_range, self._table_breaks = (float(breaks[first]), T), breaks[first:]
-        self._table_coef = torch.stack([columns[j][first:] @ to_coef.T for j in stored], -1)
+        self._table_coef = torch.stack([columns[j][first:] @ to_coef.T @ to_powers for j in stored], -1)
         if inverse is None:
             return
         ends = self._lookup(torch.tensor([eps, T], dtype=f64, device=cpu), *self._table)[:, inverse]
@@ -296,7 +302,7 @@ class NumericSDE(torch.nn.Module):
                 break
             breaks = self._halve(breaks, bad)
         self._check_tables(bad, "the inverse CDF table")
-        self._inverse_breaks, self._inverse_coef = breaks, (log_t @ to_coef.T)[..., None]
+        self._inverse_breaks, self._inverse_coef = breaks, (log_t @ to_coef.T @ to_powers)[..., None]
 
     @property
     def _table(self):
@@ -328,21 +334,24 @@ class NumericSDE(torch.nn.Module):
             raise ValueError(f"{what} cannot be resolved to 1e-11 with 4000 pieces at these parameters "
                              "(a singularity inside [eps, T]?): the SDE's numeric quantities would be inaccurate")
 
-    def _lookup(self, t, breaks, coef, lo, hi):
-        """Piecewise Chebyshev series at t clamped to [lo, hi] (float64), columns on the last axis:
-        a few elementwise ops, no loop over pieces, no host-device sync."""
-        t = t.to(torch.float64).clamp(lo, hi)
+    @staticmethod
+    def _lookup(t, breaks, coef, lo, hi):
+        """The piecewise polynomials at t clamped to [lo, hi], in t's dtype, columns on the last axis:
+        a piece search, powers of the local variable by one cumulative product and a sum; no loop
+        over pieces, no host-device sync. (Power-basis coefficients of the Chebyshev series: on
+        [-1, 1], with coefficients that decay as these do, that costs only a few roundings.)"""
+        t = t.clamp(lo, hi)
+        breaks, coef = breaks.to(t.dtype), coef.to(t.dtype)
         i = torch.bucketize(t, breaks[1:-1])
         a, b = breaks[i], breaks[i + 1]
-        # Scaled into (-1, 1): acos has an infinite slope at +-1, where autograd through t must stay
-        # finite; the values move by about k^2 1e-15 of a coefficient.
-        x = ((2 * t - a - b) / (b - a)).clamp(-1.0, 1.0) * (1 - 1e-15)
-        basis = torch.cos(torch.acos(x).unsqueeze(-1) * self._table_k)
-        return (basis.unsqueeze(-1) * coef[i]).sum(-2)
+        x = ((2 * t - a - b) / (b - a)).clamp(-1.0, 1.0)
+        powers = torch.cumprod(x.unsqueeze(-1).expand(*x.shape, coef.shape[1] - 1), -1)
+        c = coef[i]
+        return c[..., 0, :] + (powers.unsqueeze(-1) * c[..., 1:, :]).sum(-2)
 
     def _tables(self, t):
         """The stored columns of the numeric tables at t, in t's dtype (see the module docstring)."""
-        return self._lookup(t, *self._table).to(t.dtype).unbind(-1)
+        return self._lookup(t, *self._table).unbind(-1)
 
     def _table_at(self, k, t):
         """Stored column k at one time, a Python float (for constants)."""
@@ -352,14 +361,14 @@ class NumericSDE(torch.nn.Module):
     def _inverse(self, u):
         """t = Q^-1(u) from the table of log t over u in [0, 1]; u is clamped to [0, 1]."""
         t = torch.exp(self._lookup(u, self._inverse_breaks, self._inverse_coef, 0.0, 1.0)[..., 0])
-        return torch.clamp(t.to(u.dtype), self.eps, self.T)
+        return torch.clamp(t, self.eps, self.T)
 
     def _apply(self, fn, *args, **kwargs):
-        """After .to(), .cuda() and the like, move the tables to the new device, in float64: a cast
-        to float32 would round them."""
+        """After .to(), .cuda() and the like, move the tables to the new device, in float64 (a lookup
+        casts them to its times' dtype; the construction and float64 lookups keep every digit)."""
         module = super()._apply(fn, *args, **kwargs)
         device = self._anchor.device
-        for name in ("_table_k", "_table_breaks", "_table_coef", "_inverse_breaks", "_inverse_coef"):
+        for name in ("_table_breaks", "_table_coef", "_inverse_breaks", "_inverse_coef"):
             if hasattr(self, name):
                 setattr(self, name, getattr(self, name).to(device=device, dtype=torch.float64))
         return module
