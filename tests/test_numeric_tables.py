@@ -6,8 +6,11 @@ with the module's own code: float64 within 1e-7 relative (the bound the module s
 inverse CDFs without NaN or inf for every u in [0, 1] in float32 and float64.
 
 - POLE: m = 1 - t, v = t^2 written as an SDE, a(t) = -1/(1 - t), g^2 = 2t/(1 - t), on [1e-3, 0.999]:
-  a pole just past T, logSNR = 0 inside (where a formula for the inverse has 0/0).
-- OSCILLATING: beta = 1 + b1 sin(w t)^2 on [1e-5, 3], w = 30 by default (Hypothesis varies w and b1).
+  a pole just past T, logSNR = 0 inside (where a formula for the inverse has 0/0). Its integrals are
+  elementary (the compiler finds closed forms); POLE_TABLES, a = -e^t / (1 - t), has the same pole and
+  an exponential-integral m, so everything there is a table.
+- OSCILLATING: beta = 1 + b1 sin(w t)^2 on [1e-5, 3], w = 30 by default (Hypothesis varies w and b1),
+  g^2 = beta (1 + t), so that v = m^2 int beta (1 + s) e^B ds has no closed form.
 - NONELEMENTARY: a = -sqrt(1 + t^3) (an elliptic integral), b = k: m, c and v are all tables.
 - CUSTOM: VP with lambda / v = exp(sin(5 t)): the importance CDF and its inverse are tables.
 """
@@ -41,12 +44,20 @@ prior kernel
 weighting likelihood
 t ~ importance
 """
+POLE_TABLES = """\
+sde pole_tables
+dx = -exp(t) / (1 - t) * x dt + sqrt(2 * t / (1 - t)) dw
+t in [1e-3, 0.999]
+prior kernel
+weighting likelihood
+t ~ importance
+"""
 OSCILLATING = """\
 sde oscillating
 param w = 30
 param b1: real = 1
 beta(t) = 1 + b1 * sin(w * t)^2
-dx = -1/2 * beta(t) * x dt + sqrt(beta(t)) dw
+dx = -1/2 * beta(t) * x dt + sqrt(beta(t) * (1 + t)) dw
 t in [1e-5, 3]
 prior kernel
 weighting likelihood
@@ -71,7 +82,9 @@ dx = -1/2 * beta(t) * x dt + sqrt(beta(t)) dw
 weighting -expm1(-B(t)) * exp(sin(5 * t))
 t ~ importance
 """
-PROGRAMS = {"pole": POLE, "oscillating": OSCILLATING, "nonelementary": NONELEMENTARY, "custom": CUSTOM}
+PROGRAMS = {"pole": POLE, "pole_tables": POLE_TABLES, "oscillating": OSCILLATING, "nonelementary": NONELEMENTARY,
+            "custom": CUSTOM}
+TABULATED = ["pole_tables", "oscillating", "nonelementary", "custom"]
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +151,7 @@ def test_pole_matches_its_closed_forms(compiled):
     assert relative(sde.t_cdf(torch.tensor(want[1:-2], dtype=F64)), u[1:-2]) <= BOUND
 
 
-@pytest.mark.parametrize("name", ["pole", "oscillating", "custom"])
+@pytest.mark.parametrize("name", ["pole", "pole_tables", "oscillating", "custom"])
 def test_inverse_cdf_is_finite_for_every_u(compiled, name):
     """t_icdf on 10001 u in [0, 1] (0 and 1 exactly) and sample_t, in float32 and float64: finite, within
     [eps, T], nondecreasing in u."""
@@ -150,6 +163,30 @@ def test_inverse_cdf_is_finite_for_every_u(compiled, name):
         assert bool(((t >= sde.eps) & (t <= sde.T)).all())
         assert bool((t[1:] >= t[:-1]).all())
         assert bool(torch.isfinite(sde.sample_t(4096, generator=torch.Generator().manual_seed(0))).all())
+
+
+def test_pole_in_tables_matches_the_moment_odes(compiled):
+    """a = -e^t / (1 - t), g^2 = 2t / (1 - t) on [1e-3, 0.999]: m and std within 1e-7 of DOP853, and
+    Q(t_icdf(u)) = u within 1e-7 relative in t, with Q from the same solution (uniform in logSNR)."""
+    mod = module(compiled, "pole_tables")
+    assert mod.SDE.kernel_path == "numeric (piecewise Chebyshev tables)"
+    sde = mod.SDE().double()
+    eps, T = 1e-3, 0.999
+    a, g2 = (lambda s: -math.exp(s) / (1 - s)), (lambda s: 2 * s / (1 - s))
+    ts = times(eps, T)
+    m, _, v, _ = moments(a, lambda s: 0.0, g2, ts)
+    t = torch.tensor(ts, dtype=F64)
+    assert relative(sde.mean_coeff(t), m) <= BOUND
+    assert relative(sde.std(t), np.sqrt(v)) <= BOUND
+    u = np.linspace(0, 1, 201)[1:-1]
+    got = sde.t_icdf(torch.tensor(u, dtype=F64)).numpy()
+    grid = np.unique(np.concatenate([[eps, T], got]))
+    m, _, v, _ = moments(a, lambda s: 0.0, g2, grid)
+    lsnr = np.log(m**2 / v)
+    Q = (lsnr[0] - lsnr) / (lsnr[0] - lsnr[-1])
+    q = np.array([g2(s) for s in grid]) / v / (lsnr[0] - lsnr[-1])
+    where = np.searchsorted(grid, got)
+    assert np.max(np.abs(Q[where] - u) / (q[where] * got)) <= BOUND
 
 
 def test_pole_float32_std_near_eps(compiled):
@@ -164,7 +201,7 @@ def test_pole_float32_std_near_eps(compiled):
 
 def oscillating_reference(w, b1, ts):
     beta = lambda s: 1 + b1 * math.sin(w * s) ** 2  # noqa: E731
-    m, _, v, _ = moments(lambda s: -beta(s) / 2, lambda s: 0.0, beta, ts)
+    m, _, v, _ = moments(lambda s: -beta(s) / 2, lambda s: 0.0, lambda s: beta(s) * (1 + s), ts)
     return m, v
 
 
@@ -180,9 +217,11 @@ def check_oscillating(mod, w, b1):
 
 
 def test_oscillating_schedule_matches_the_moment_odes(compiled):
-    """beta = 1 + sin(30 t)^2 on [1e-5, 3] (a fixed 48-point rule was 1.3e-3 off at t = 3): m, std and
-    logSNR within 1e-7 of DOP853."""
-    check_oscillating(module(compiled, "oscillating"), 30.0, 1.0)
+    """beta = 1 + sin(30 t)^2 on [1e-5, 3] (a fixed 48-point rule was 1.3e-3 off at t = 3 on such a
+    schedule): m, std and logSNR within 1e-7 of DOP853."""
+    mod = module(compiled, "oscillating")
+    assert mod.SDE.kernel_path == "numeric (piecewise Chebyshev tables)"
+    check_oscillating(mod, 30.0, 1.0)
 
 
 @settings(max_examples=6)
@@ -231,7 +270,7 @@ def test_custom_importance_cdf_and_inverse(compiled):
 
 # --- What the compiler says ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", list(PROGRAMS))
+@pytest.mark.parametrize("name", TABULATED)
 def test_the_module_states_its_checked_error(compiled, name):
     """Each module's docstring states the method and the error the compile-time check measured, within the
     bound; the compile gives no warning."""
@@ -255,7 +294,7 @@ def test_coarse_tables_are_caught(compiled, monkeypatch):
 
 
 def test_a_table_that_cannot_be_built_is_an_error_not_a_guess(compiled):
-    """At parameters where a column is not finite on [eps, T] (here b1 = -2: beta < 0, so g = sqrt(beta) is
-    NaN), construction raises a ValueError that says so."""
+    """At parameters where a column is not finite on [eps, T] (here b1 = -2: beta (1 + t) < 0 at times, so
+    v goes negative and log v is NaN), construction raises a ValueError that says so."""
     with pytest.raises(ValueError, match="cannot be resolved"):
         module(compiled, "oscillating").SDE(b1=-2.0)
