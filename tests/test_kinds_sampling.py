@@ -725,7 +725,7 @@ def test_kernel_samplers_refuse_other_kinds(other_examples, name, method):
     """A ValueError that quotes the module's own reason and names the samplers that work."""
     sde = other_examples[name].build()
     reason = sde.unavailable["exact-kernel samplers (reverse_diffusion, ancestral, ald, ddim, dpm2)"]
-    works = "em, pc, ode, heun, splitting" if name == "cld" else "em, pc, ode, heun"
+    works = "em, pc, ode, heun, splitting, exponential" if name == "cld" else "em, pc, ode, heun"
     with pytest.raises(ValueError) as info:
         sampling.sample(sde, lambda x, t: -x, (4, 2), method, 3)
     message = str(info.value)

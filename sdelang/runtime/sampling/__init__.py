@@ -15,6 +15,7 @@ each on the whole batch. Fixed-step samplers walk a grid of steps + 1 times from
                        2M and 3M), for every affine SDE; unipc adds a corrector (order 3 from 2M)
     dpmpp_2m_sde, dpmpp_3m_sde  the same for the reverse SDE (DPM-Solver++ SDE)
     splitting          coupled SDEs only: Strang splitting, exact Gaussian half steps around a score step
+    exponential        coupled SDEs only: multistep exponential integrator of the flow ODE (DEIS-style)
 and `ode` solves the flow ODE with an adaptive torchdiffeq solver.
 
 With denoise=True (the default, as in score_sde) every sampler ends with one more score evaluation,
@@ -45,7 +46,7 @@ loop, in float64, and nothing in the loop reads a tensor's value in Python.
 
 The package, by concern: common (checks, grid, step loop, Tweedie step), grids (time grids),
 stochastic (em, reverse_diffusion, ancestral, pc, ald), flow (ode, heun), exponential (ddim, dpm2),
-dpmpp (multistep, the DPM-Solver++ family), coupled (splitting).
+dpmpp (multistep, the DPM-Solver++ family), coupled (splitting, coupled_exponential).
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ import torch
 from ..kinds import kind_of, state_shape
 from .common import (ALL_METHODS, KERNEL_SAMPLERS, METHODS, Samples, check_choice, methods_for, noise,
                      require_affine)
-from .coupled import _gaussian_half_steps, splitting
+from .coupled import _gaussian_half_steps, coupled_exponential, splitting
 from .exponential import exponential_integrator
 from .flow import heun, probability_flow
 from .grids import SPACINGS, time_grid
@@ -65,7 +66,7 @@ from .stochastic import (NORMS, PREDICTORS, _noise_mask, ancestral, annealed_lan
                          langevin_step, predictor_corrector, reverse_diffusion)
 
 __all__ = ["ALL_METHODS", "KERNEL_SAMPLERS", "METHODS", "NORMS", "PREDICTORS", "SPACINGS", "Samples",
-           "ancestral", "annealed_langevin", "euler_maruyama", "exponential_integrator", "heun", "inpaint",
+           "ancestral", "annealed_langevin", "coupled_exponential", "euler_maruyama", "exponential_integrator", "heun", "inpaint",
            "langevin_step", "methods_for", "multistep", "predictor_corrector", "probability_flow",
            "reverse_diffusion", "sample", "splitting", "time_grid"]
 
@@ -84,6 +85,7 @@ _FIXED_STEP = {
     "dpmpp_2m_sde": functools.partial(multistep, order=2, eta=1.0, form="published"),
     "dpmpp_3m_sde": functools.partial(multistep, order=3, eta=1.0),
     "splitting": splitting,
+    "exponential": coupled_exponential,
 }
 
 
