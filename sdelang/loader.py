@@ -16,6 +16,7 @@ import stat
 import sys
 import types
 import uuid
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -74,7 +75,10 @@ def load_module(path_or_source: str | os.PathLike):
     with _private_folder(folder) as fd:
         code = _read_own_file(_At(folder, fd), file_name)
         if code is None:
-            code = compile_source(source).code
+            compiled = compile_source(source)
+            for text in compiled.warnings:  # a numeric table that missed its bound, say (the CLI prints them)
+                warnings.warn(f"{name}: {text}", stacklevel=2)
+            code = compiled.code
             _write_in(_At(folder, fd), file_name, code)
     module = types.ModuleType(module_name)
     module.__file__ = str(folder / file_name)

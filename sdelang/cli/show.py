@@ -215,7 +215,9 @@ def latex_rows(d) -> list[tuple[str, str]]:
 
 
 def _readable_rows(d) -> list[tuple[str, sp.Expr | str]]:
-    return _named_integrals([(name, value if isinstance(value, str) else _decimals(plain_names(value)))
+    # A numeric table's lookup reads as the formula it tabulates, with its integrals named below.
+    expand = d.tables.expand if isinstance(d, Derivation) and d.tables else (lambda e: e)
+    return _named_integrals([(name, value if isinstance(value, str) else _decimals(plain_names(expand(value))))
                              for name, value in _rows(d)])
 
 
