@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 
 _ONE_SPACE = {ord("\t"): " ", ord("\f"): " "}
+# Other control characters are shown as one visible character, so that the caret keeps its column and the
+# terminal is not driven by them (an escape sequence, a carriage return back to the start of the line).
+_ONE_SPACE.update({code: "\ufffd" for code in [*range(0x20), 0x7f] if chr(code) not in "\t\f"})
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 import sdelang
 from sdelang.compiler.check import check
+from sdelang.compiler.check.common import SHADOWED_MODULES
 from sdelang.compiler.parse import parse
 
 # Names a program may not use, and names whose collision with generated code is
@@ -91,12 +92,12 @@ POSITIVE = st.sampled_from([0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0])
 def programs(draw) -> RandomProgram:
     used: set[str] = set()
 
-    def fresh() -> str:
-        name = draw(names().filter(lambda s: s not in used))
+    def fresh(module_name: bool = False) -> str:
+        name = draw(names().filter(lambda s: s not in used and not (module_name and s.lower() in SHADOWED_MODULES)))
         used.add(name)
         return name
 
-    sde_name, state = fresh(), fresh()
+    sde_name, state = fresh(module_name=True), fresh()
     statements: list[str] = [f"sde {sde_name}"]
     params: dict[str, float] = {}
 

@@ -1,12 +1,14 @@
-"""The time limit on SymPy calls: a call that runs long is cut short, one that does not is untouched."""
+"""The time limit on SymPy calls: a call that runs long is cut short, one that does not is untouched; and the
+hard deadline on a whole compilation, inside and outside those calls."""
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
 import sympy as sp
 
-from sdelang.compiler.timelimit import Budget, call_with_time_limit
+from sdelang.compiler.timelimit import Budget, call_with_time_limit, with_deadline
 
 
 def spin(seconds):
@@ -93,3 +95,70 @@ def test_no_timer_is_left_running():
     call_with_time_limit(0.1, spin, 30.0)
     assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)
     assert spin(0.3) == "done"  # would raise if a repeat were still armed
+
+
+# --- the hard bound on a whole block (a compilation) -------------------------------------------------
+
+def test_a_deadline_stops_plain_python_code():
+    """Outside any bounded call, in sdelang's own code, the deadline still holds."""
+    start = time.process_time()
+    assert with_deadline(0.3, spin, 30.0) == (False, None)
+    assert time.process_time() - start < 5.0
+    assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)
+
+
+def test_a_deadline_returns_the_value_and_leaves_no_timer():
+    assert with_deadline(5.0, lambda a: a * 2, 21) == (True, 42)
+    assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)
+    assert spin(0.3) == "done"  # nothing fires later
+
+
+def test_a_bounded_call_inside_a_deadline_gets_only_what_is_left():
+    """A bounded call with a long limit cannot outlive the deadline around it, and the deadline holds again
+    after the call returns."""
+    def block():
+        ok, _ = call_with_time_limit(30.0, spin, 30.0)
+        return ok
+
+    start = time.process_time()
+    assert with_deadline(0.3, block) == (False, None)
+    assert time.process_time() - start < 5.0
+
+    def after_a_quick_call():
+        assert call_with_time_limit(5.0, lambda: 1) == (True, 1)
+        spin(30.0)
+
+    start = time.process_time()
+    assert with_deadline(0.3, after_a_quick_call) == (False, None)
+    assert time.process_time() - start < 5.0
+
+
+def test_an_expired_deadline_is_not_swallowed_by_sympy_or_except_exception():
+    x = sp.Symbol("x")
+
+    def stubborn():
+        while True:
+            try:
+                sp.integrate(sp.exp(sp.sin(x) ** 3 + sp.tan(x) ** 5) / (1 + x**7), x)
+            except Exception:  # noqa: BLE001 - what careless code does
+                pass
+
+    start = time.process_time()
+    assert with_deadline(0.5, stubborn) == (False, None)
+    assert time.process_time() - start < 5.0
+
+
+def test_an_inner_deadline_ends_with_the_outer_one():
+    def inner():
+        return with_deadline(30.0, spin, 30.0)
+
+    start = time.process_time()
+    assert with_deadline(0.3, inner) == (False, None)
+    assert time.process_time() - start < 5.0
+
+
+def test_a_recursion_error_in_a_bounded_call_is_a_call_that_did_not_finish():
+    def deep(n):
+        return deep(n + 1)
+
+    assert call_with_time_limit(5.0, deep, 0) == (False, None)

@@ -23,9 +23,14 @@ from ..errors import SdeError, Source, Span
 from ..files import write_atomic
 from . import accuracy, check, codegen, derive, parse  # the stages, one module (or package) each
 from .derive import Derivation
-from .timelimit import Budget
+from .syntax import SdeDef
+from .timelimit import Budget, with_deadline
 
 SYMPY_BUDGET = 20.0  # seconds of bounded SymPy work per compilation
+# The hard bound on one compilation (CPU seconds, parse to emitted code): the SymPy budget, the checks'
+# own bounded calls and everything unbounded between them. benchmarks/compile_time.py measures the worst
+# case over large and pathological programs (docs/benchmarks.md).
+COMPILE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -71,21 +76,44 @@ def _not_utf8(data: bytes, exc: UnicodeDecodeError, path: str) -> SdeError:
 
 
 def compile_source(source: Source, params: dict[str, float] | None = None) -> Compiled:
-    """Run every stage on a program; ``params`` overrides parameter defaults."""
+    """Run every stage on a program; ``params`` overrides parameter defaults.
+
+    The whole compilation, not only its bounded SymPy calls, ends within COMPILE_SECONDS of CPU time: with a
+    module, or with an error located at the SDE line.
+    """
     try:
-        program = check.check(parse.parse(source), source, params or {})
-        with Budget(SYMPY_BUDGET) as budget:
-            derivation = derive.derive(program)
-            code = codegen.emit(derivation)
-        warnings = ()
-        if isinstance(derivation, Derivation) and derivation.tables:
-            report = accuracy.check_tables(derivation, code)
-            # The report's place in the docstring comes before the source text, so the first match is it.
-            code = code.replace(codegen.UNCHECKED, report.text(), 1)
-            warnings = tuple(w for w in [report.warning()] if w)
-        return Compiled(derivation, code, budget.exhausted, warnings)
+        done, compiled = with_deadline(COMPILE_SECONDS, _stages, source, params or {})
+        if not done:
+            raise SdeError(f"compiling this program took more than {COMPILE_SECONDS:g} s of CPU time, sdelang's "
+                           f"bound for one program, and was stopped", _sde_line(source), source,
+                           "simplify the SDE or its helpers (smaller expressions, fewer nested calls); a formula "
+                           "that SymPy cannot integrate or simplify quickly is the usual cause")
+        return compiled
     except SdeError as exc:
         raise exc.with_source(source) from None
+
+
+def _stages(source: Source, params: dict[str, float]) -> Compiled:
+    program = check.check(parse.parse(source), source, params)
+    with Budget(SYMPY_BUDGET) as budget:
+        derivation = derive.derive(program)
+        code = codegen.emit(derivation)
+    warnings = ()
+    if isinstance(derivation, Derivation) and derivation.tables:
+        report = accuracy.check_tables(derivation, code)
+        # The report's place in the docstring comes before the source text, so the first match is it.
+        code = code.replace(codegen.UNCHECKED, report.text(), 1)
+        warnings = tuple(w for w in [report.warning()] if w)
+    return Compiled(derivation, code, budget.exhausted, warnings)
+
+
+def _sde_line(source: Source) -> Span | None:
+    """Where a compilation that ran out of time is reported: the first SDE line (the derivations start there)."""
+    try:
+        module = parse.parse(source)
+    except SdeError:
+        return None
+    return next((st.span for st in module.statements if isinstance(st, SdeDef)), None)
 
 
 def compile_file(path: str | os.PathLike, out_dir: str | os.PathLike = "generated",
@@ -97,5 +125,9 @@ def compile_file(path: str | os.PathLike, out_dir: str | os.PathLike = "generate
 def write_module(compiled: Compiled, out_dir: str | os.PathLike = "generated") -> Path:
     """Write ``out_dir/<name>.py`` atomically and return its path."""
     target = Path(out_dir) / f"{compiled.name}.py"
-    write_atomic(target, compiled.code)
+    try:
+        write_atomic(target, compiled.code)
+    except OSError as exc:
+        raise SdeError(f"cannot write {target}: {exc.strerror or exc}",
+                       hint="choose an output folder you can write with -o DIR") from None
     return target

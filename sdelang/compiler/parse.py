@@ -6,7 +6,7 @@ import functools
 import re
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import syntax as ast
@@ -23,18 +23,68 @@ def _parser() -> Lark:
                 maybe_placeholders=False)
 
 
+# Expressions nest at most this deep (parentheses, operators, unary minus signs, calls, each one level):
+# every later stage walks expressions recursively, and this keeps them far from Python's recursion limit.
+MAX_DEPTH = 100
+# Characters that are not text: control characters other than tab, form feed and line ends, lone
+# surrogates, and a carriage return that does not end a line. Python itself reads a lone CR as a line
+# end, so one inside a comment copied into a generated module would start a line of code there.
+_NOT_TEXT = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f\ud800-\udfff]|\r(?!\n)")
+
+
 def parse(source: Source) -> ast.Module:
-    """Parse a program; raise :class:`SdeError` pointing at the first syntax error."""
+    """Parse a program; raise :class:`SdeError` pointing at the first syntax error.
+
+    Every entry point (the command line, sdelang.load of a path or of text) reaches this with the text as
+    written, line ends included, so they accept and refuse the same programs.
+    """
+    _check_characters(source)
     try:
         tree = _parser().parse(source.text)
     except UnexpectedInput as exc:
         raise _syntax_error(exc, source) from None
+    _check_depth(tree, source)
     try:
         return _ToAst().transform(tree)
     except VisitError as exc:
         if isinstance(exc.orig_exc, SdeError):
             raise exc.orig_exc.with_source(source) from None
         raise
+
+
+def _check_characters(source: Source) -> None:
+    bad = _NOT_TEXT.search(source.text)
+    if bad is None:
+        return
+    line = source.text.count("\n", 0, bad.start()) + 1
+    column = bad.start() - (source.text.rfind("\n", 0, bad.start()) + 1) + 1
+    char = bad.group()
+    what = "a carriage return that does not end a line" if char == "\r" else f"the character {char!r}"
+    hint = ("end lines with \\n or \\r\\n; a lone \\r is read as a line end by some tools and not by others"
+            if char == "\r" else "a program is plain text; delete the character (it may be invisible in an editor)")
+    raise SdeError(f"{what} (U+{ord(char):04X}) cannot appear in a program", Span(line, column, line, column + 1),
+                   source, hint)
+
+
+_SPLIT = "give parts of it names, e.g. 'a = ...' or 'a(t) = ...', and combine those"
+_TOO_DEEP = {
+    "add": ("this sum has too many terms", _SPLIT), "sub": ("this sum has too many terms", _SPLIT),
+    "mul": ("this product has too many factors", _SPLIT), "div": ("this product has too many factors", _SPLIT),
+    "neg": ("too many minus signs in a row", "two minus signs cancel: write one or none"),
+    "paren": ("this expression is nested too deeply", _SPLIT),
+}
+
+
+def _check_depth(tree: Tree, source: Source) -> None:
+    """Refuse an expression nested deeper than MAX_DEPTH, at the leftmost node beyond it (walked without recursion)."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            what, hint = _TOO_DEEP.get(node.data, _TOO_DEEP["paren"])
+            raise SdeError(f"{what} (more than {MAX_DEPTH} levels)", _meta_span(node.meta), source,
+                           f"{hint}; parentheses, operators, minus signs and calls each count as a level")
+        stack.extend((child, depth + 1) for child in reversed(node.children) if isinstance(child, Tree))
 
 
 def _token_span(tok: Token) -> Span:

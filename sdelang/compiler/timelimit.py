@@ -7,6 +7,10 @@ programs load the machine: the same source compiles to the same code on a busy
 machine as on an idle one. Elsewhere (a worker thread, Windows) the call runs in
 a forked child process under a wall-clock limit when fork is available, and
 without a limit otherwise.
+
+A bounded call limits one SymPy call; :func:`with_deadline` bounds a whole block (a compilation): every
+SymPy call, numeric evaluation, simplification and line of sdelang's own code in it, on the same timer.
+Bounded calls inside it get at most what is left of the deadline, and re-arm it when they return.
 """
 from __future__ import annotations
 
@@ -25,16 +29,85 @@ class TimeLimitExceeded(BaseException):
     """
 
 
+class DeadlineExceeded(BaseException):
+    """Raised anywhere in a :func:`with_deadline` block that ran out of time; caught by with_deadline."""
+
+
 # Once a call is over time the timer keeps firing at this interval (CPU seconds) until the call
 # has stopped: an exception raised where Python ignores it (a __del__, a weakref callback, a bare
 # except in the library) would otherwise leave the call running with no limit at all.
 REPEAT = 0.05
 _running = [False]  # a call is under the limit: the handler raises only then
+_deadline: list[float | None] = [None]  # process_time() at which the enclosing with_deadline block ends
+SLACK = 0.01  # the timer and process_time() read the same clock, rounded differently
 
 
 def _on_timer(signum, frame):
     if _running[0]:
         raise TimeLimitExceeded()
+    if _deadline[0] is not None and time.process_time() >= _deadline[0] - SLACK:
+        raise DeadlineExceeded()
+
+
+def _deadline_passed() -> bool:
+    return _deadline[0] is not None and time.process_time() >= _deadline[0] - SLACK
+
+
+def _rearm() -> None:
+    """Point the timer at the enclosing deadline (or stop it); raise DeadlineExceeded if that has passed."""
+    if _deadline[0] is None:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        return
+    left = _deadline[0] - time.process_time()
+    if left <= SLACK:
+        raise DeadlineExceeded()
+    signal.setitimer(signal.ITIMER_PROF, left, REPEAT)
+
+
+def _signals_usable() -> bool:
+    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+
+def with_deadline(seconds: float, fn: Callable[..., Any], *args, **kwargs) -> tuple[bool, Any]:
+    """``(True, fn(*args, **kwargs))``, or ``(False, None)`` once the block has used ``seconds`` of CPU time.
+
+    Unlike a bounded call, the limit holds inside and outside SymPy alike. On a worker thread or without
+    POSIX timers, fn runs without one. A deadline inside another ends no later than the outer one.
+    """
+    if not _signals_usable():
+        return True, fn(*args, **kwargs)
+    outer = _deadline[0]
+    mine = time.process_time() + seconds
+    previous = signal.signal(signal.SIGPROF, _on_timer)
+    try:
+        try:
+            _deadline[0] = mine if outer is None else min(mine, outer)
+            _rearm()
+            return True, fn(*args, **kwargs)
+        except DeadlineExceeded:
+            if outer is not None and time.process_time() >= outer - SLACK:
+                raise  # the outer block's deadline: its with_deadline answers
+            return False, None
+        finally:
+            _close(outer)
+    finally:
+        signal.signal(signal.SIGPROF, previous)
+
+
+def _close(outer: float | None) -> None:
+    """Restore the outer deadline. The timer may still fire while this runs (it repeats until stopped):
+    each try sets the deadline first, in one step, so the next one gets further."""
+    while True:
+        try:
+            _deadline[0] = outer
+            if outer is None:
+                signal.setitimer(signal.ITIMER_PROF, 0)
+            else:
+                _rearm()
+            return
+        except DeadlineExceeded:
+            if outer is not None:
+                raise
 
 
 class Budget:
@@ -64,23 +137,33 @@ def call_with_time_limit(seconds: float, fn: Callable[..., Any], *args, **kwargs
 
     Inside ``with Budget(total):`` the limit is also capped by what is left of the total.
     """
+    by_deadline = False
+    if _deadline[0] is not None and _deadline[0] - time.process_time() <= seconds:
+        seconds, by_deadline = max(_deadline[0] - time.process_time(), 0.0), True
     budget = _budgets[-1] if _budgets else None
     if budget is None:
-        return _call(seconds, fn, args, kwargs)
-    limit = min(seconds, budget.left)
-    if limit <= 0.01:
-        budget.exhausted += 1
-        return False, None
-    start = time.process_time()
-    ok, value = _call(limit, fn, args, kwargs)
-    budget.left -= time.process_time() - start
-    if not ok:
-        budget.exhausted += 1
+        ok, value = _call(seconds, fn, args, kwargs)
+    else:
+        limit = min(seconds, budget.left)
+        by_deadline = by_deadline and limit == seconds
+        if limit <= 0.01 and not by_deadline:
+            budget.exhausted += 1
+            return False, None
+        start = time.process_time()
+        ok, value = _call(limit, fn, args, kwargs)
+        budget.left -= time.process_time() - start
+        if not ok:
+            budget.exhausted += 1
+    if not ok and by_deadline:
+        raise DeadlineExceeded()  # stopped by the enclosing deadline (the timer may fire a tick early)
     return ok, value
 
 
 def _call(seconds, fn, args, kwargs):
-    if hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
+    if _signals_usable():
+        if seconds <= 0:
+            _rearm()  # raises DeadlineExceeded: the enclosing deadline has passed
+            return False, None
         previous = signal.signal(signal.SIGPROF, _on_timer)
         _running[0] = True
         signal.setitimer(signal.ITIMER_PROF, seconds, REPEAT)
@@ -88,6 +171,8 @@ def _call(seconds, fn, args, kwargs):
             try:
                 return True, fn(*args, **kwargs)
             except TimeLimitExceeded:
+                return False, None
+            except RecursionError:  # an expression too deep for this SymPy routine: it did not finish
                 return False, None
             finally:
                 _running[0] = False
@@ -98,6 +183,7 @@ def _call(seconds, fn, args, kwargs):
             return False, None
         finally:
             signal.signal(signal.SIGPROF, previous)
+            _rearm()  # the enclosing deadline, if any; raises DeadlineExceeded if it has passed
     if "fork" in multiprocessing.get_all_start_methods():
         return _call_in_child(seconds, fn, args, kwargs)
     return True, fn(*args, **kwargs)

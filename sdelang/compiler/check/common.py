@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import math
+import sys
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -60,6 +61,16 @@ MODULE_ATTRIBUTES = frozenset({
     "register_state_dict_post_hook", "register_state_dict_pre_hook", "requires_grad_", "set_extra_state",
     "set_submodule", "share_memory", "state_dict", "to", "to_empty", "train", "type", "xpu", "zero_grad",
 }) | frozenset(dir(builtins))
+# An SDE's name is a file name, <name>.py, beside other generated modules and the user's scripts: short
+# enough for every file system (with the atomic writer's temporary suffix), and not the name of a module
+# that they import, which the file would shadow for everything run from that folder (case-insensitively,
+# as on macOS and Windows).
+MAX_NAME_LENGTH = 64
+SHADOWED_MODULES = frozenset(name.lower() for name in sys.stdlib_module_names) | frozenset({
+    "torch", "numpy", "sympy", "scipy", "mpmath", "sdelang", "lark", "jinja2", "markupsafe", "matplotlib",
+    "sklearn", "pandas", "hypothesis", "pytest", "conftest", "setuptools", "pip", "pkg_resources",
+    "typing_extensions", "torchvision", "torchsde", "k_diffusion", "diffusers", "tqdm", "pil",
+    "sitecustomize", "usercustomize", "setup"})
 PARAM_DEFAULT_HINT = "parameter defaults are numbers; use a constant 'name = expr' for derived values"
 GRID_POINTS = 257  # where positivity of g(t) and lambda(t) is checked on [eps, T]
 MAX_DIGITS = 308   # exact numbers beyond float64's range are refused before SymPy expands them
@@ -107,6 +118,16 @@ class CheckerState:
 
     def _defaults(self) -> dict[sp.Symbol, float]:
         return {self.param_symbols[k]: v for k, v in self.param_defaults.items()}
+
+    def with_defaults(self, expr: sp.Expr) -> sp.Expr:
+        """expr with the parameters it uses at their defaults (the others untouched): linear in expr's size,
+        not in the number of parameters, which a program may have thousands of."""
+        values = {}
+        for symbol in expr.free_symbols:
+            name = getattr(symbol, "name", None)
+            if self.param_symbols.get(name) == symbol and name in self.param_defaults:
+                values[symbol] = sp.Float(self.param_defaults[name])
+        return expr.xreplace(values) if values else expr
 
     def at_defaults(self) -> str:
         """Said after a value measured at the parameters' defaults."""

@@ -175,7 +175,7 @@ class ExpressionsPass:
         if fixed is not None and value.free_symbols:
             used = min(str(s) for s in value.free_symbols)
             raise self.error(f"{context} must be a number; it cannot use parameter '{used}'", expr.span, fixed)
-        number = evaluate(value.subs(self._defaults()))
+        number = evaluate(self.with_defaults(value))
         if number is None:
             raise self.error(f"{context} is not a finite real number", expr.span,
                              "check for a logarithm or square root of a negative number, a division by zero "

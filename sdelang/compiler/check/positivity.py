@@ -48,7 +48,7 @@ class PositivityPass:
 
     def _check_on_states(self, expr, x, span, eps, T, what, positive) -> None:
         """expr(x, t) finite (and positive) on a grid of x in [-STATE_RANGE, STATE_RANGE] and t in [eps, T]."""
-        fn = sp.lambdify((x, TIME), expr.subs(self._defaults()), modules="numpy")
+        fn = sp.lambdify((x, TIME), self.with_defaults(expr), modules="numpy")
         xs, ts = np.meshgrid(np.linspace(-STATE_RANGE, STATE_RANGE, 41), self._grid(eps, T))
         with np.errstate(all="ignore"):
             values = np.asarray(fn(xs, ts), dtype=complex) * np.ones(xs.shape)
@@ -68,7 +68,7 @@ class PositivityPass:
         return np.linspace(eps, T, GRID_POINTS)
 
     def _on_grid(self, expr: sp.Expr, eps: float, T: float) -> np.ndarray:
-        expr = expr.subs(self._defaults())
+        expr = self.with_defaults(expr)
         fn = sp.lambdify(TIME, expr, modules="numpy")
         with np.errstate(all="ignore"):
             values = np.asarray(fn(self._grid(eps, T)), dtype=complex) * np.ones(GRID_POINTS)

@@ -11,7 +11,8 @@ from .. import syntax as ast
 from ...errors import Span
 from ..ir import CoupledProgram, Parameter, Program
 from ..parse import RESERVED_WORDS
-from .common import BUILTIN_CONSTANTS, DEFAULT_EPS, DEFAULT_N, DEFAULT_T, MAX_STEPS, TIME, Scope, evaluate, names_in
+from .common import (BUILTIN_CONSTANTS, DEFAULT_EPS, DEFAULT_N, DEFAULT_T, MAX_NAME_LENGTH, MAX_STEPS, SHADOWED_MODULES,
+                     TIME, Scope, evaluate, names_in)
 
 
 class ProgramPass:
@@ -33,6 +34,14 @@ class ProgramPass:
                 "a reserved word" if name in RESERVED_WORDS else "private in Python")
             raise self.error(f"'{name}' cannot name an SDE: it is {why}", header.name_span,
                              "the name becomes a Python module; choose another, e.g. 'sde my_sde'")
+        if len(name) > MAX_NAME_LENGTH:
+            raise self.error(f"the SDE's name is {len(name)} characters long, more than {MAX_NAME_LENGTH}",
+                             header.name_span, f"the name becomes the file name <name>.py; shorten it to at most "
+                             f"{MAX_NAME_LENGTH} characters")
+        if name.lower() in SHADOWED_MODULES:
+            raise self.error(f"'{name}' cannot name an SDE: {name}.py would shadow the module '{name.lower()}' for "
+                             f"every program run beside it", header.name_span,
+                             f"choose another name, e.g. 'sde {name}_sde'")
         if not self.sdes and not self.kernels:
             for st in self.module.statements:
                 if isinstance(st, ast.ConstDef) and st.name.startswith("d") and {"dt", "dw"} & names_in(st.value):
@@ -66,7 +75,7 @@ class ProgramPass:
             if eps_value >= T_value:
                 raise self.error(f"eps must be smaller than T, got eps = {eps_value:g} >= T = {T_value:g}",
                                  time.span, "write 't in [eps, T]' with 0 < eps < T")
-        eps_value, T_value = evaluate(eps.subs(self._defaults())), evaluate(T.subs(self._defaults()))
+        eps_value, T_value = evaluate(self.with_defaults(eps)), evaluate(self.with_defaults(T))
 
         N = DEFAULT_N
         steps = singles.get(ast.StepsDef)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from pathlib import Path
 
 import jinja2
@@ -35,8 +36,11 @@ def class_name(sde_name: str) -> str:
 
 
 def _in_docstring(text: str) -> str:
-    """Text that reads back as itself inside a triple-quoted docstring: backslashes and quotes escaped."""
-    return text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+    """Text that reads back as itself inside a triple-quoted docstring: backslashes and quotes escaped, and
+    characters that a Python source cannot hold or would read as a line end (NUL, CR, lone surrogates, e.g.
+    from a file name) written as escapes."""
+    text = text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cs") and c != "\t" else c for c in text)
 
 
 SUMMARY = "(a long expression with numeric integrals; see `sdelang show`)"

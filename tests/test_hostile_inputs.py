@@ -1,0 +1,91 @@
+"""Inputs that must not break a neighbour, crash the compiler or run past its bound (tests/errors/ holds
+the exact messages; this file checks what a message cannot show)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import sdelang
+import sdelang.compiler as compiler
+from sdelang.cli import main
+from sdelang.errors import SdeError, Source
+
+ROOT = Path(__file__).resolve().parent.parent
+OU = "sde ou_hostile\ndx = -x dt + sqrt(2) dw\n"
+
+
+def test_every_generated_module_imports_beside_the_others():
+    """Run from inside generated/ (so that each module's folder comes first on sys.path, as for a user's
+    script there), import every module: none shadows a module another one imports."""
+    names = sorted(p.stem for p in (ROOT / "generated").glob("*.py"))
+    assert len(names) >= 10
+    script = ("import importlib, sys\n"
+              f"for name in {names!r}:\n"
+              "    module = importlib.import_module(name)\n"
+              "    assert module.__file__.startswith(sys.path[0]), module.__file__\n"
+              "    assert isinstance(module.SDE, type)\n"
+              "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT / "generated", capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout == "ok\n", result.stderr
+
+
+@pytest.mark.parametrize("text", [
+    "sde ou_cr\n# a comment\rwith a carriage return\ndx = -x dt + sqrt(2) dw\n",
+    "sde ou_nul\n# a comment \x00 with a NUL\ndx = -x dt + sqrt(2) dw\n",
+    "sde ou_crlf\r\n# Windows line ends\r\ndx = -x dt + sqrt(2) dw\r\n",
+])
+def test_command_line_and_load_read_text_the_same(text, tmp_path, capsys):
+    """The same bytes give the same answer from a file on the command line and from sdelang.load(text)."""
+    path = tmp_path / "program.sde"
+    path.write_bytes(text.encode())
+    status = main(["compile", str(path), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    try:
+        sdelang.load_module(text)
+        loaded = None
+    except SdeError as exc:
+        loaded = exc.render()
+    if status == 0:
+        assert loaded is None
+    else:
+        assert status == 2 and loaded is not None
+        assert err.replace(str(path), "<string>") == loaded + "\n"
+
+
+def test_file_name_with_control_characters_gives_a_module_that_imports(tmp_path, capsys):
+    """The source's file name is copied into the module's docstring: a CR or an escape in it is escaped."""
+    path = tmp_path / "odd\rname\x1b.sde"
+    path.write_text(OU)
+    assert main(["compile", str(path), "-o", str(tmp_path / "out")]) == 0
+    code = (tmp_path / "out" / "ou_hostile.py").read_text()
+    assert "\r" not in code and "\x1b" not in code
+    namespace: dict = {}
+    exec(compile(code, "ou_hostile.py", "exec"), namespace)
+    assert "odd\rname\x1b.sde" in namespace["__doc__"]
+
+
+def test_an_output_folder_that_cannot_be_written_is_a_user_error(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    path = tmp_path / "ou.sde"
+    path.write_text(OU)
+    assert main(["compile", str(path), "-o", str(tmp_path / "a_file")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "hint:" in err and "Traceback" not in err
+
+
+def test_a_compilation_stops_at_its_deadline_with_an_error_at_the_sde_line(monkeypatch):
+    """d/dt(abs(t - 0.5)) in the drift sends SymPy into unbounded numeric integration (outside any bounded
+    call): with the bound lowered to 1 s the compilation ends in about that much CPU time, located."""
+    monkeypatch.setattr(compiler, "COMPILE_SECONDS", 1.0)
+    text = "sde sign_drift\nsteps 100\ndx = -(1 + d/dt(abs(t - 0.5))) * x dt + 1 dw\n"
+    start = time.process_time()
+    with pytest.raises(SdeError) as info:
+        compiler.compile_source(Source(text, "sign_drift.sde"))
+    assert time.process_time() - start < 10.0
+    assert "took more than 1 s of CPU time" in info.value.message
+    assert (info.value.span.line, info.value.span.column) == (3, 1)
