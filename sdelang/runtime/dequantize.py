@@ -24,7 +24,7 @@ away from it where that pays. s is bounded by S tanh(s / S) (S = 3), which keeps
 Range. sigmoid rounds to 1 in float32 for v > 17; u is clamped to at most 1 - 2^-b with b the bits of the
 float's significand left after log2(L) (as `Dataset.dequantise` does), so k + u < k + 1 exactly and
 floor recovers k. The log-density is that of the unclamped u; the clamp moves u by less than 2^-b
-(x by less than scale 2^-b / L, about 3e-7), far below what the score model resolves.
+(x by less than scale 2^-b / L, about 1e-7 in float32), far below what the score model resolves.
 
 Two-stage or joint. The default (`fit`, `sdelang dequantize RUN_DIR`) is two-stage: the score model is
 trained with uniform noise, then q is fitted to it with the score model fixed, so the run's model stays
