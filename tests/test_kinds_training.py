@@ -494,3 +494,24 @@ def test_two_moons_trained_through_the_new_kinds(tmp_path, name, target):
     reference = held_out(test, 1000, torch.Generator().manual_seed(1))
     _, p_value = two_sample_test(x.double(), reference.double(), generator=torch.Generator().manual_seed(0))
     assert p_value > 0.01, p_value
+
+
+@pytest.mark.parametrize("name", ["vp", "ou", "ve"])
+def test_affine_model_with_a_zero_network_is_the_score_of_gaussian_data(examples, name):
+    """The affine Gaussian part: with net = 0, the score of x_t for data N(0, s^2), -(x - c) / (m^2 s^2 + v),
+    written here from the kernel's m, c, v; and a model without it (a run made before) gives score 0."""
+    sde = examples[name].module.SDE().double()
+    x = 3 * torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    t = sde.sample_t(64, generator=torch.Generator().manual_seed(4)).double()
+    m, c, v = sde.mean_coeff(t)[:, None], sde.mean_offset(t)[:, None], sde.std(t)[:, None] ** 2
+    torch.testing.assert_close(ScoreModel(sde, Zero(), data_std=S)(x, t), -(x - c) / (m**2 * S**2 + v),
+                               rtol=1e-12, atol=1e-12)
+    assert (ScoreModel(sde, Zero(), data_std=S, gaussian=False)(x, t) == 0).all()
+
+
+def test_runs_stored_before_the_gaussian_part_keep_their_plain_network():
+    stored = TrainConfig(sde_source="", model=ModelConfig(width=16)).to_dict()
+    del stored["model"]["gaussian"]
+    old = TrainConfig.from_dict(stored)
+    assert old.model.gaussian is False and TrainConfig(sde_source="").model.gaussian is True
+    assert old.same_run(TrainConfig(sde_source="", model=ModelConfig(width=16)))   # resumes, as it was

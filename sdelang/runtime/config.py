@@ -27,6 +27,7 @@ class ModelConfig:
     bf16: bool = False          # U-Net: bfloat16 autocast
     channels_last: bool = False  # U-Net: NHWC activations
     compile: bool = False       # U-Net: torch.compile the forward pass
+    gaussian: bool = True       # affine SDEs: a Gaussian score part beside the network (models.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -34,6 +35,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known.setdefault("gaussian", False)   # runs stored before the Gaussian part keep their plain network
         return cls(**known)
 
 
@@ -98,10 +100,12 @@ class TrainConfig:
 
     def same_run(self, other: "TrainConfig") -> bool:
         """True when `other` continues this run: only the step count, logging cadence and device may
-        differ (and data_std, which the run measures)."""
+        differ (and data_std, which the run measures, and the Gaussian part, which a run made before it
+        lacks)."""
         def fixed(config):
             return replace(config, steps=1, log_every=1, checkpoint_every=1, sample_every=0, eval_every=0,
-                           plot_samples=0, plot_method="", device="cpu", model=replace(config.model, data_std=1.0))
+                           plot_samples=0, plot_method="", device="cpu",
+                           model=replace(config.model, data_std=1.0, gaussian=True))
         return fixed(self) == fixed(other)
 
     def difference(self, other: "TrainConfig") -> str:
@@ -113,7 +117,8 @@ class TrainConfig:
         for key in sorted(mine.keys() - free):
             a, b = mine[key], theirs.get(key)
             if key == "model":
-                changed += [f"model.{k} {a[k]!r} -> {b.get(k)!r}" for k in sorted(a) if k != "data_std" and a[k] != b.get(k)]
+                changed += [f"model.{k} {a[k]!r} -> {b.get(k)!r}" for k in sorted(a)
+                            if k not in ("data_std", "gaussian") and a[k] != b.get(k)]
             elif key == "sde_source" and a != b:
                 changed.append("the SDE's source text")
             elif a != b:

@@ -5,7 +5,10 @@ The network never sees an SDE-specific quantity except through generic maps of t
 
     affine   kernel N(m x0 + c, v I):
              input   x_in = (x - c(t)) / sqrt(m(t)^2 s_data^2 + v(t))        (unit scale at every t)
-             output  eps_theta, the noise z in x_t = m x0 + c + sigma z;  score = -eps_theta / sigma
+             output  eps_theta = sigma(t) x_in / sqrt(m^2 s_data^2 + v) + net(x_in, tau): the noise
+                     prediction of the Gaussian score -(x - c) / (m^2 s_data^2 + v) plus a learned part
+                     (ModelConfig.gaussian; runs made before it have the plain net);
+                     score = -eps_theta / sigma
     coupled  state u = (u_1, ..., u_K) per data entry, kernel N(Phi u0, Sigma) (kinds.md). For data
              N(0, s_data^2), u_t ~ N(o(t), C(t)) with o = Phi u0_aux, C = Phi e_d e_d^T Phi^T s_data^2 + Sigma:
              input   u_k,in = (u_k - o_k(t)) / sqrt(C_kk(t))                 (unit scale per component)
@@ -21,8 +24,12 @@ The network never sees an SDE-specific quantity except through generic maps of t
              measured instead of derived. Without a kernel there is no noise to predict.
     time     tau = (t - eps) / (T - eps) in [0, 1], sinusoidal features (every kind)
 
-Why a Gaussian part in the output of the new kinds (a "mixed score", as in Dockhorn et al. 2022): the
-network learns only how the data differ from a Gaussian. For CLD near t = 0 the velocity's score is
+Why a Gaussian part in the output (a "mixed score", as in Dockhorn et al. 2022): the network learns
+only how the data differ from a Gaussian. For an affine SDE the plain network's score is too small in
+the prior's tails, where it was never trained: the deterministic samplers then carried the largest
+prior draws far out (8 of 1000 moons samples at |x| from 4.6 to 96 with ode, dpm2, heun); with the
+Gaussian part, none, and a lower held-out NLL (1.349 +- 0.020 nats against 1.399) with fewer flow
+evaluations (473 against 731). For CLD near t = 0 the velocity's score is
 almost exactly the Gaussian one, -v / (gamma M), which a plain network would have to learn as an
 identity map. For a general SDE whose restoring drift grows faster than linearly (cubic Langevin), the
 reverse SDE stays stable only where |s| grows fast enough with |x|; a plain network's score flattens
@@ -172,8 +179,9 @@ class ScoreModel(nn.Module):
     the denoising loss compares with z. For general SDEs it predicts the score and noise=True is an error.
     """
 
-    def __init__(self, sde: nn.Module, net: nn.Module, data_std: float):
+    def __init__(self, sde: nn.Module, net: nn.Module, data_std: float, gaussian: bool = True):
         super().__init__()
+        self.gaussian = bool(gaussian)
         if not (math.isfinite(data_std) and data_std > 0):
             raise ValueError(f"data_std must be positive and finite, got {data_std!r}")
         self.sde = sde
@@ -197,7 +205,10 @@ class ScoreModel(nn.Module):
         m, c, std = sde.mean_coeff(t), sde.mean_offset(t), sde.std(t)
         scale = torch.rsqrt(m**2 * self.data_std**2 + std**2)
         x_in = (x - sde._expand(c, x)) * sde._expand(scale, x)
-        return self.net(x_in, self._tau(t)), std
+        eps = self.net(x_in, self._tau(t))
+        if self.gaussian:   # the Gaussian score's noise: sigma (x - c) / (m^2 s^2 + v) = sigma scale x_in
+            eps = eps + sde._expand(std * scale, x) * x_in
+        return eps, std
 
     def _coupled_noise(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Coupled: eps_theta(u, t) = eps_G(u, t) + net(u_in, tau) for every component, u_k,in = (u_k - o_k) / std_k,
@@ -291,4 +302,4 @@ def build_model(sde: nn.Module, shape: tuple[int, ...], config: ModelConfig) -> 
         net = UNet(state[0], shape[1], config)
     else:
         raise ValueError(f"unknown model kind {config.kind!r}; use 'mlp', 'unet' or 'auto'")
-    return ScoreModel(sde, net, config.data_std)
+    return ScoreModel(sde, net, config.data_std, gaussian=config.gaussian)
