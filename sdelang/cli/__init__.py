@@ -46,15 +46,16 @@ def _compile(args) -> int:
 
 
 def notes(d) -> list[str]:
-    """What the compiled module cannot do, and why (nothing for an affine SDE)."""
+    """What the compiled module cannot do, and why (nothing for an affine SDE); checks that were only sampled."""
+    sampled = [f"sampled check: {line}" for line in getattr(d.program, "sampled", ())]
     if isinstance(d, GeneralDerivation):
         return [f"no Gaussian kernel: {reason(d.program)}; training uses sliced score matching on simulated x_t",
-                "unavailable: " + ", ".join(sorted(d.unavailable)) + " (see the module's `unavailable`)"]
+                "unavailable: " + ", ".join(sorted(d.unavailable)) + " (see the module's `unavailable`)", *sampled]
     if isinstance(d, CoupledDerivation):
         return [f"coupled SDE ({', '.join(c.name for c in d.program.components)}); kernel: {d.kernel_path}",
                 "unavailable: discretize, the scalar-kernel samplers (reverse_diffusion, ancestral, ald, ddim, "
-                "dpm2) and the ScoreFlow bound; use em, pc, ode, heun or splitting"]
-    return []
+                "dpm2) and the ScoreFlow bound; use em, pc, ode, heun or splitting", *sampled]
+    return sampled
 
 
 def _show(args) -> int:

@@ -64,6 +64,7 @@ class Program:
     weighting_span: Span | None = None
     affine: bool = True   # f = a(t) x + b(t) and g = g(t): the SDE has a Gaussian transition kernel
     given: GivenKernel | None = None  # the kernel the program states, when it has no SDE line
+    sampled: tuple[str, ...] = ()  # checks decided on a grid only, not proved (check/sign.py)
 
     @property
     def kind(self) -> str:
@@ -99,6 +100,7 @@ class CoupledProgram:
     N: int
     weighting: str                     # "likelihood" or "score_matching"
     t_sampling: str                    # "uniform" or "importance"
+    sampled: tuple[str, ...] = ()      # checks decided on a grid only, not proved (check/sign.py)
 
     kind = "coupled"
 

@@ -112,6 +112,7 @@ class CheckerState:
     inits: dict[str, ast.InitDef] = field(default_factory=dict)  # component name -> 'v(0) ~ ...'
     kernels: list[ast.KernelDef | ast.LogSnrDef] = field(default_factory=list)  # 'x(t) ~ ...', 'logsnr(t) = ...'
     _resolving: str | None = None   # the parameter whose default is being evaluated
+    sampled: list[str] = field(default_factory=list)  # checks that could only sample (check/sign.py)
 
     def error(self, message: str, span: Span | None, hint: str | None = None) -> SdeError:
         return SdeError(message, span, self.source, hint)

@@ -14,6 +14,22 @@ from ..parse import RESERVED_WORDS
 from .common import (BUILTIN_CONSTANTS, BUILTINS, MAX_DIGITS, PARAM_DEFAULT_HINT, TIME, Scope, evaluate)
 
 
+# Inlined helpers that call each other twice double at each level (f2(t) = f1(t) * f1(t + 1)): 30 levels
+# would be a billion terms. Every later stage walks expressions term by term.
+MAX_NODES = 20_000
+
+
+def _larger_than(expr: sp.Expr, limit: int) -> bool:
+    """Whether expr, as a tree, has more than limit nodes; stops counting there (no recursion)."""
+    stack, count = [expr], 0
+    while stack:
+        count += 1
+        if count > limit:
+            return True
+        stack.extend(stack.pop().args)
+    return False
+
+
 class ExpressionsPass:
     """AST expression -> SymPy expression in a scope; constants evaluated at the parameters' defaults."""
 
@@ -147,7 +163,12 @@ class ExpressionsPass:
                 raise self.error(f"'{name}' takes {len(formals)} argument{'s' * (len(formals) != 1)}, "
                                  f"got {len(args)}", expr.span,
                                  f"'{name}' is defined on line {st.span.line} as {name}({', '.join(st.args)})")
-            return body.xreplace(dict(zip(formals, args)))
+            result = body.xreplace(dict(zip(formals, args)))
+            if _larger_than(result, MAX_NODES):
+                raise self.error(f"calling '{name}' here gives an expression of more than {MAX_NODES:,} terms",
+                                 expr.span, "helpers that call each other twice double in size at each level; "
+                                 "compute the value once and reuse it, or simplify the helpers")
+            return result
         if name in self.params or name in self.consts or name in BUILTIN_CONSTANTS or name == "t":
             raise self.error(f"'{name}' is not a function", expr.func_span,
                              "multiplication is explicit: write 'a * (b)', not 'a(b)'")

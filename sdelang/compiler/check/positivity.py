@@ -5,6 +5,14 @@ import numpy as np
 import sympy as sp
 
 from .common import EVALUATE_SECONDS, GRID_POINTS, STATE_RANGE, TIME, call_with_time_limit
+from .sign import decide
+
+DECIDE_SECONDS = 5.0  # for the exact sign of one coefficient; beyond it the check samples (and says so)
+
+
+def _exact_number(value: float) -> sp.Rational:
+    """A float bound of [eps, T] as the decimal it prints as (1e-05 -> 1/100000)."""
+    return sp.Rational(repr(float(value)))
 
 
 def pole_hint(eps: float, pole: float) -> str:
@@ -47,7 +55,12 @@ class PositivityPass:
         return True
 
     def _check_on_states(self, expr, x, span, eps, T, what, positive) -> None:
-        """expr(x, t) finite (and positive) on a grid of x in [-STATE_RANGE, STATE_RANGE] and t in [eps, T]."""
+        """expr(x, t) finite (and positive) on a grid of x in [-STATE_RANGE, STATE_RANGE] and t in [eps, T].
+
+        A positive expr is first decided exactly in x (check/sign.py) at a few times, which finds a zero at
+        x = 0.3 or sqrt(2) that the grid steps over; in t it stays sampled, and the program says so."""
+        if positive:
+            self._check_states_exactly(expr, x, span, eps, T, what)
         fn = sp.lambdify((x, TIME), self.with_defaults(expr), modules="numpy")
         xs, ts = np.meshgrid(np.linspace(-STATE_RANGE, STATE_RANGE, 41), self._grid(eps, T))
         with np.errstate(all="ignore"):
@@ -64,6 +77,23 @@ class PositivityPass:
                              + ("the noise must not vanish, e.g. sqrt(1 + x^2)" if positive else
                                 "choose a drift defined for every state"))
 
+    def _check_states_exactly(self, expr, x, span, eps, T, what) -> None:
+        exact = self._exact(expr)
+        bound = sp.Integer(int(STATE_RANGE))
+        for time in sorted({_exact_number(eps), _exact_number((eps + T) / 2), _exact_number(T)}):
+            done, answer = call_with_time_limit(DECIDE_SECONDS, decide, exact.subs(TIME, time), x, -bound, bound)
+            if done and answer[0] and answer[1] is not None:
+                failure = answer[1]
+                word = {"infinite": "not finite", "not real": "not a real number"}.get(failure.what, failure.what)
+                if failure.what == "negative" and expr.is_Pow and expr.exp == 2:
+                    word = "not a real number"
+                raise self.error(f"{what} is {word} at {x} = {failure.t:.6g}, t = {float(time):.6g}"
+                                 + self.at_defaults(), span,
+                                 f"sdelang checks {x} in [-{STATE_RANGE:g}, {STATE_RANGE:g}]; "
+                                 "the noise must not vanish, e.g. sqrt(1 + x^2)")
+        self.sampled.append(f"{what} was checked exactly in {x} at {len({eps, (eps + T) / 2, T})} times and on a "
+                            f"grid of {GRID_POINTS} times in [eps, T]")
+
     def _grid(self, eps: float, T: float) -> np.ndarray:
         return np.linspace(eps, T, GRID_POINTS)
 
@@ -76,7 +106,32 @@ class PositivityPass:
         real[np.abs(values.imag) > 1e-12 * (1 + np.abs(values.real))] = np.nan
         return real
 
+    def _exact(self, expr: sp.Expr) -> sp.Expr:
+        """expr at the parameters' defaults, with every float written as the exact decimal it came from."""
+        return sp.nsimplify(self.with_defaults(expr), rational=True)
+
     def _check_positive(self, expr, span, eps, T, what, hint) -> None:
+        """expr(t) > 0 on [eps, T]: proved from its real roots and poles (check/sign.py) where SymPy lists them
+        in time, else checked on a grid and recorded as sampled."""
+        done, answer = call_with_time_limit(DECIDE_SECONDS, decide, self._exact(expr), TIME, _exact_number(eps),
+                                            _exact_number(T))
+        if done and answer[0]:
+            failure = answer[1]
+            if failure is None:
+                return
+            at = f"t = {failure.t:.6g}"
+            if failure.what == "negative" and failure.piece is not None:
+                a, b = failure.piece
+                message = f"{what} is negative for t between {a:.6g} and {b:.6g} (e.g. at {at})"
+            elif failure.what == "infinite":
+                message = f"{what} is not finite at {at}"
+            elif failure.what == "not real":
+                message = f"{what} is not a real number at {at} (a square root or logarithm of a negative number)"
+            else:
+                message = f"{what} is {failure.what} at {at}"
+            raise self.error(message + self.at_defaults(), span, hint)
+        self.sampled.append(f"{what} was checked positive at {GRID_POINTS} times in [eps, T] only: SymPy could not "
+                            f"list its roots and poles")
         values = self._on_grid(expr, eps, T)
         grid = self._grid(eps, T)
         if not np.all(np.isfinite(values)):
