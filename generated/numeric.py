@@ -344,7 +344,10 @@ class NumericSDE(torch.nn.Module):
         breaks, coef = breaks.to(t.dtype), coef.to(t.dtype)
         i = torch.bucketize(t, breaks[1:-1])
         a, b = breaks[i], breaks[i + 1]
-        x = ((2 * t - a - b) / (b - a)).clamp(-1.0, 1.0)
+        x = (2 * t - a - b) / (b - a)
+        # At a piece's end x may round past +-1: clamp the value but not the derivative, which
+        # autograd through t (the moment equations, say) needs there too.
+        x = x + (x.clamp(-1.0, 1.0) - x).detach()
         powers = torch.cumprod(x.unsqueeze(-1).expand(*x.shape, coef.shape[1] - 1), -1)
         c = coef[i]
         return c[..., 0, :] + (powers.unsqueeze(-1) * c[..., 1:, :]).sum(-2)
