@@ -989,7 +989,7 @@ def test_numeric_programs_take_the_numeric_path(name):
 # --- known defects (strict xfail: each fails now, and its reason says why) --------------------------------------
 
 NUMBERS = """\
-sde numbers
+sde numeric_coefficients
 beta(t) = 0.1 + 19.9 * t
 dx = 4 * beta(t) * v dt
 dv = (-beta(t) * x - 4 * beta(t) * v) dt + sqrt(2 * beta(t)) dw
@@ -1004,8 +1004,9 @@ def test_closed_form_with_numeric_coefficients_keeps_precision():
     (the weight at eps came out 2.2e19 instead of 3.0e5): whichever path the compiler takes, Sigma and the weight
     at small t agree with the numeric path's, the weight within what a correctly rounded Sigma allows
     (16 K u cond(C) relative)."""
-    compiled = build64(Example("numbers", compile_text(NUMBERS, "numbers", numeric=False), {}))
-    numeric = build64(Example("numbers", compile_text(NUMBERS, "numbers", numeric=True), {}))
+    name = "numeric_coefficients"
+    compiled = build64(Example(name, compile_text(NUMBERS, name, numeric=False), {}))
+    numeric = build64(Example(name, compile_text(NUMBERS, name, numeric=True), {}))
     t = torch.tensor([1e-5, 1e-4, 1e-3], dtype=F64)
     S, S_ref = compiled.kernel(t)[1], numeric.kernel(t)[1]
     assert_close(S, S_ref, cov_bound(S_ref, 1e-10, NUMERIC_NORMWISE), 1.0, "Sigma")

@@ -595,8 +595,8 @@ def test_tabulated_form_catches_a_table_built_by_the_left_endpoint_rule(other_ex
 
 
 def test_float32_check_catches_a_kernel_evaluated_in_the_modules_dtype(other_examples):
-    """generated/cld.py's closed form with r left in t's dtype (the module casts it to float64 first): right in
-    float64 (the moment ODEs hold), but Q_xx = (expm1(2a) - 2a - 2a^2) e^-2a ~ 4a^3 / 3 cancels, and in float32
+    """A CLD closed form with r left in t's dtype (the module works in float64 first): right in float64 (the
+    moment ODEs hold), but Q_xx = (expm1(2a) - 2a - 2a^2) e^-2a ~ 4a^3 / 3 cancels, and in float32
     near eps (a ~ 1e-4) it keeps no digit."""
     def kernel(self, t):
         Phi, Q = self.transition(self.time_change(t))
@@ -616,7 +616,10 @@ def test_float32_check_catches_a_kernel_evaluated_in_the_modules_dtype(other_exa
 
     sde = broken(other_examples["cld"], kernel=kernel, transition=transition)
     assert set(statuses(verify.coupled_moment_odes(sde, FAST)).values()) == {verify.OK}
-    assert statuses(verify.coupled_kernel_methods(sde, FAST)) == {"kernel methods agree": verify.OK}
+    # In float64 the same cancellation costs ~1e-8 of Q_xx near eps: against the module's own weight (from the
+    # series, which keeps every digit) that shows, but it is five orders below what float32 loses.
+    methods = verify.coupled_kernel_methods(sde, FAST)[0]
+    assert methods.measured < 1e-7, verify.format_table([methods])
     row = verify.float32_precision(sde, FAST)[0]
     assert row.status == verify.FAIL and row.measured > 1e-2
 
