@@ -89,3 +89,50 @@ def test_a_compilation_stops_at_its_deadline_with_an_error_at_the_sde_line(monke
     assert time.process_time() - start < 10.0
     assert "took more than 1 s of CPU time" in info.value.message
     assert (info.value.span.line, info.value.span.column) == (3, 1)
+
+
+def test_positivity_is_proved_not_sampled_for_plain_coefficients():
+    """A linear beta(t) under a square root, a custom weighting and a coupled noise are decided exactly: the
+    program records no sampled check (an empty root set once sent every program to the grid)."""
+    from sdelang.compiler.check import check
+    from sdelang.compiler.parse import parse
+
+    text = ("sde vp_exact\nparam beta_max = 20\nbeta(t) = 0.1 + t * (beta_max - 0.1)\n"
+            "dx = -1/2 * beta(t) * x dt + sqrt(beta(t)) dw\nweighting 1 + t^2\n")
+    source = Source(text, "vp_exact.sde")
+    assert check(parse(source), source).sampled == ()
+
+
+def test_sign_decision_against_known_roots():
+    """decide() finds the zero, the negative piece and the pole, and proves positivity where there is none."""
+    import sympy as sp
+
+    from sdelang.compiler.check.sign import decide
+
+    t = sp.Symbol("t", positive=True)
+    lo, hi = sp.Rational(1, 100000), sp.Integer(1)
+    assert decide(1 + t, t, lo, hi) == (True, None)
+    done, failure = decide(sp.Abs(t - sp.Rational(3, 10)), t, lo, hi)
+    assert done and (failure.what, failure.t) == ("zero", 0.3)
+    done, failure = decide(sp.Abs(t - sp.Rational(3, 10)) - sp.Rational(1, 10000), t, lo, hi)
+    assert done and failure.what == "negative" and failure.piece == (0.2999, 0.3001)
+    done, failure = decide(1 / (t - sp.Rational(3, 10)) ** 2, t, lo, hi)
+    assert done and (failure.what, failure.t) == ("infinite", 0.3)
+    done, failure = decide(sp.sqrt(t - sp.Rational(1, 4)), t, lo, hi)
+    assert done and failure.what == "not real" and failure.t < 0.25
+
+
+def test_a_kink_in_the_drift_compiles_to_a_module_that_runs_on_tensors():
+    """d/dt(abs(t - 0.5)) is sign(t - 0.5): printed for tensors (torch.sign), not math.copysign, which raised
+    'Boolean value of Tensor' inside the compiler's own accuracy check (exit 3, found by compile_bound.py)."""
+    import torch
+
+    text = "sde kink\ndx = -(1 + d/dt(abs(t - 0.5))) * x dt + 1 dw\n"
+    code = compiler.compile_source(Source(text, "kink.sde")).code
+    namespace: dict = {"__name__": "kink"}
+    exec(compile(code, "kink.py", "exec"), namespace)
+    sde = namespace["SDE"]()
+    t = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    x = torch.ones(2, 1, dtype=torch.float64)
+    drift, _ = sde.sde(x, t)
+    assert torch.allclose(drift[:, 0], torch.tensor([0.0, -2.0], dtype=torch.float64))

@@ -49,6 +49,8 @@ def _roots(part: sp.Expr, t: sp.Symbol, domain: sp.Interval) -> list[sp.Expr] | 
         if not side.has(t):
             continue
         found = sp.solveset(side, t, domain)
+        if found is sp.S.EmptySet:
+            continue
         if not isinstance(found, sp.FiniteSet):
             return None
         roots.extend(found)
@@ -86,11 +88,20 @@ def decide(f: sp.Expr, t: sp.Symbol, lo: sp.Expr, hi: sp.Expr) -> tuple[bool, Fa
     ordered = sorted(points, key=lambda p: float(sp.N(p, 30)))
     tests = [(ordered[0], None)] + [(at, piece) for a, b in zip(ordered, ordered[1:])
                                     for at, piece in (((a + b) / 2, (float(a), float(b))), (b, None))]
-    failures = []
+    failures: list[Failure] = []
     for at, piece in tests:
         problem = _value(f, t, at)
-        if problem is not None:
-            failures.append(Failure(problem, float(sp.N(at, 17)), piece if problem == "negative" else None))
+        if problem is None:
+            continue
+        failure = Failure(problem, float(sp.N(at, 17)), piece if problem == "negative" else None)
+        last = failures[-1] if failures else None
+        if last is not None and last.what == "negative" and problem == "negative" and last.piece is not None:
+            # Negative pieces that touch (through a negative point between them) are one interval.
+            if piece is None or last.piece[1] == piece[0]:
+                end = piece[1] if piece is not None else last.piece[1]
+                failures[-1] = Failure("negative", last.t, (last.piece[0], end))
+                continue
+        failures.append(failure)
     # The most telling failure: a pole or a complex value before a sign change, a sign change before a zero
     # (abs(t - 0.3) - 1e-4 is zero at 0.2999 because it is negative just after).
     return True, min(failures, key=lambda fl: (_SEVERITY.index(fl.what), fl.t), default=None)

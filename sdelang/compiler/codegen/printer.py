@@ -192,6 +192,9 @@ class TensorPrinter(_PowMixin, PythonCodePrinter):
     def _print_Abs(self, expr):
         return f"torch.abs({self._print(expr.args[0])})"
 
+    def _print_sign(self, expr):  # d/dt(abs(u)); SymPy's default, math.copysign, takes no tensor
+        return f"torch.sign({self._print(expr.args[0])})"
+
     def _print_Integral(self, expr):
         (var, lo, hi), = expr.limits
         inner = dict(self.names)
