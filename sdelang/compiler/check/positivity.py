@@ -124,7 +124,9 @@ class PositivityPass:
                 a, b = failure.piece
                 message = f"{what} is negative for t between {a:.6g} and {b:.6g} (e.g. at {at})"
             elif failure.what == "infinite":
-                message = f"{what} is not finite at {at}"
+                # An interval that stops before the pole helps only for a pole at its end.
+                near_T = failure.t >= T - 0.01 * (T - eps)
+                raise self.error(f"{what} has a pole at {at}", span, pole_hint(eps, failure.t) if near_T else hint)
             elif failure.what == "not real":
                 message = f"{what} is not a real number at {at} (a square root or logarithm of a negative number)"
             else:
