@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import mpmath
 import numpy as np
-import scipy.linalg
 import sympy as sp
 
 from ..ir import CoupledProgram
@@ -145,6 +144,7 @@ def precise(Phi: sp.Matrix, Q: sp.Matrix, r_range: tuple[sp.Expr, sp.Expr], defa
 def agrees(Phi: sp.Matrix, Q: sp.Matrix, F0: sp.Matrix, D0: sp.Matrix, defaults: dict) -> bool:
     """The closed forms against scipy's matrix exponential (Van Loan) at a few r, with the default parameters:
     a closed form that is complex, singular or wrong at the defaults is not used."""
+    import scipy.linalg   # here, not at the top: it costs a fifth of a second of every compile's start-up
     f0 = np.array(F0.subs(defaults).evalf(), dtype=float)
     d0 = np.array(D0.subs(defaults).evalf(), dtype=float)
     k = f0.shape[0]

@@ -7,6 +7,7 @@ then takes its numeric path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import mpmath
 import numpy as np
@@ -379,12 +380,19 @@ def _at_defaults(expr: sp.Expr, defaults: dict) -> sp.Expr:
 def _evaluate(at: sp.Expr, variables, columns, dtype) -> np.ndarray | None:
     """at (parameters substituted) on the points, in numpy with the given dtype; None if it cannot."""
     try:
-        fn = sp.lambdify(variables, at, modules="numpy")
+        fn = _numpy_function(tuple(variables), at)
         with np.errstate(all="ignore"):
             value = np.asarray(fn(*(c.astype(dtype) for c in columns)), dtype=dtype)
     except (TypeError, ValueError, ZeroDivisionError, OverflowError):
         return None
     return value * np.ones(len(columns[0]), dtype=dtype)
+
+
+@lru_cache(maxsize=256)
+def _numpy_function(variables: tuple[sp.Symbol, ...], at: sp.Expr):
+    """at as a numpy function, made once: each form is evaluated in float32 and in long double, and
+    lambdify's printing and exec is most of the cost of choosing among forms."""
+    return sp.lambdify(variables, at, modules="numpy")
 
 
 def _float32_error(at: sp.Expr, variables, columns, reference: np.ndarray) -> float | None:
