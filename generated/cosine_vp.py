@@ -4,9 +4,9 @@ Recompile the source instead: `sdelang compile cosine_vp.sde`.
 Source sha256: e3f9d114a8d7bac260099ac550f14457484f932f4c393a63da9fe86335cf83d8
 
     dx = (a(t) x + b(t)) dt + g(t) dw
-    a(t)   = -pi*sin(pi*(s + t)/(2*(s + 1)))/(2*(s + 1)*sin((pi/(2*(s + 1)))*(1 - t)))
+    a(t)   = -beta(t)/2
     b(t)   = 0
-    g(t)^2 = pi*sin(pi*(s + t)/(2*(s + 1)))/((s + 1)*sin((pi/(2*(s + 1)))*(1 - t)))
+    g(t)^2 = beta(t)
 
 Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     m(t) = sin((pi/(2*(s + 1)))*(1 - t))/cos(pi*s/(2*(s + 1)))
@@ -75,11 +75,9 @@ class CosineVPSDE(torch.nn.Module):
         self._k0 = math.pi
         self._k1 = 1 / (self.s + 1)
         self._k2 = (1/2)*math.pi/(self.s + 1)
-        self._k3 = math.sqrt(math.pi)
-        self._k4 = 1 / math.sqrt(self.s + 1)
-        self._k5 = 1 / math.cos((1/2)*math.pi*self.s/(self.s + 1))
-        self._k6 = 1 / math.cos((1/2)*math.pi*self.s/(self.s + 1))**2
-        self._k7 = 2*self.s
+        self._k3 = 1 / math.cos((1/2)*math.pi*self.s/(self.s + 1))
+        self._k4 = 1 / math.cos((1/2)*math.pi*self.s/(self.s + 1))**2
+        self._k5 = 2*self.s
         self.eps = 1/100000
         self.T = 4973/5000
         self.v0 = 0
@@ -93,24 +91,26 @@ class CosineVPSDE(torch.nn.Module):
 
     def sde(self, x, t):
         """Drift f = a(t) x + b(t) and diffusion g(t) of the forward SDE."""
-        w0 = (1/2)*self._k0*self._k1
-        w1 = torch.sin(w0*(self.s + t))/torch.sin(self._k2*(1 - t))
-        a = self._expand(-w0*w1, x)
-        return a * x, self._k3*self._k4*torch.sqrt(w1)
+        w0 = self._k0*self._k1
+        beta = w0*torch.sin((1/2)*w0*(self.s + t))/torch.sin(self._k2*(1 - t))
+        a = self._expand(-1/2*beta, x)
+        return a * x, torch.sqrt(beta)
 
     def diffusion(self, t):
-        """g(t) = sqrt(pi)*sqrt(sin(pi*(s + t)/(2*(s + 1)))/sin((pi/(2*(s + 1)))*(1 - t)))/sqrt(s + 1)"""
-        return self._k3*self._k4*torch.sqrt(torch.sin((1/2)*self._k0*self._k1*(self.s + t))/torch.sin(self._k2*(1 - t)))
+        """g(t) = sqrt(beta(t))"""
+        w0 = self._k0*self._k1
+        beta = w0*torch.sin((1/2)*w0*(self.s + t))/torch.sin(self._k2*(1 - t))
+        return torch.sqrt(beta)
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
         w0 = (1/2)*t
         w1 = self._k0*self._k1
-        return self._expand(self._k5*torch.sin(self._k2*(1 - t)), x0) * x0, torch.sqrt(self._k6*torch.sin(w0*w1)*torch.sin(w1*(w0 + self.s)))
+        return self._expand(self._k3*torch.sin(self._k2*(1 - t)), x0) * x0, torch.sqrt(self._k4*torch.sin(w0*w1)*torch.sin(w1*(w0 + self.s)))
 
     def mean_coeff(self, t):
         """m(t) = sin((pi/(2*(s + 1)))*(1 - t))/cos(pi*s/(2*(s + 1)))"""
-        return self._k5*torch.sin(self._k2*(1 - t))
+        return self._k3*torch.sin(self._k2*(1 - t))
 
     def mean_offset(self, t):
         """c(t) = 0"""
@@ -120,7 +120,7 @@ class CosineVPSDE(torch.nn.Module):
         """sigma(t) = sqrt(v(t)) = sqrt(sin(pi*t/(2*(s + 1)))*sin(pi*(s + t/2)/(s + 1))/cos(pi*s/(2*(s + 1)))^2)"""
         w0 = (1/2)*t
         w1 = self._k0*self._k1
-        return torch.sqrt(self._k6*torch.sin(w0*w1)*torch.sin(w1*(w0 + self.s)))
+        return torch.sqrt(self._k4*torch.sin(w0*w1)*torch.sin(w1*(w0 + self.s)))
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -log(sin(pi*t/(2*(s + 1)))*sin(pi*(s + t/2)/(s + 1))/sin((pi/(2*(s + 1)))*(1 - t))^2)"""
@@ -163,7 +163,7 @@ class CosineVPSDE(torch.nn.Module):
         w6 = (1/2)*s
         r = self._expand(w0/w3, x)
         f = (r - 1) * x
-        G2 = -self._k6*w5*(w0**2*torch.sin(w1*w6)*torch.sin(w1*(w6 + self.s))/(w3**2*w5*torch.sin(w1*(w4 + self.s))) - 1)*torch.sin(w2*(self._k7 + t))
+        G2 = -self._k4*w5*(w0**2*torch.sin(w1*w6)*torch.sin(w1*(w6 + self.s))/(w3**2*w5*torch.sin(w1*(w4 + self.s))) - 1)*torch.sin(w2*(self._k5 + t))
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

@@ -4,7 +4,7 @@ Recompile the source instead: `sdelang compile edm_vp.sde`.
 Source sha256: 1e45d70f32256eceb63fdf61b84cb307ca56847ccec84a150fdec82fadbc80e5
 
     dx = (a(t) x + b(t)) dt + g(t) dw
-    a(t)   = -(beta_d*t + beta_min)/2
+    a(t)   = -beta_d*t/2 - beta_min/2
     b(t)   = 0
     g(t)^2 = beta_d*t + beta_min
 
@@ -65,8 +65,8 @@ class EDMVPSDE(torch.nn.Module):
         self.beta_min = float(beta_min)
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
-        self._k0 = 2*self.beta_min
-        self._k1 = -1/2*self.beta_min
+        self._k0 = -1/2*self.beta_min
+        self._k1 = 2*self.beta_min
         self.eps = 1/100000
         self.T = 1
         self.v0 = 0
@@ -81,7 +81,7 @@ class EDMVPSDE(torch.nn.Module):
     def sde(self, x, t):
         """Drift f = a(t) x + b(t) and diffusion g(t) of the forward SDE."""
         w0 = self.beta_d*t
-        a = self._expand(-1/2*w0 - 1/2*self.beta_min, x)
+        a = self._expand(self._k0 - 1/2*w0, x)
         return a * x, torch.sqrt(w0 + self.beta_min)
 
     def diffusion(self, t):
@@ -91,11 +91,11 @@ class EDMVPSDE(torch.nn.Module):
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
         w0 = self.beta_d*t
-        return self._expand(torch.exp(-1/4*t*(self._k0 + w0)), x0) * x0, torch.sqrt(-torch.expm1(-t*((1/2)*w0 + self.beta_min)))
+        return self._expand(torch.exp(-1/4*t*(self._k1 + w0)), x0) * x0, torch.sqrt(-torch.expm1(-t*((1/2)*w0 + self.beta_min)))
 
     def mean_coeff(self, t):
         """m(t) = exp(-t*(beta_d*t + 2*beta_min)/4)"""
-        return torch.exp(-1/4*t*(self._k0 + self.beta_d*t))
+        return torch.exp(-1/4*t*(self._k1 + self.beta_d*t))
 
     def mean_offset(self, t):
         """c(t) = 0"""
@@ -107,7 +107,7 @@ class EDMVPSDE(torch.nn.Module):
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -log(expm1(t*(beta_d*t + 2*beta_min)/2))"""
-        return -torch.log(torch.expm1((1/2)*t*(self._k0 + self.beta_d*t)))
+        return -torch.log(torch.expm1((1/2)*t*(self._k1 + self.beta_d*t)))
 
     def _prior(self):
         """Mean 0 and variance 1 of the prior."""
@@ -135,9 +135,9 @@ class EDMVPSDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = s*(s*self.beta_d + self._k0)
+        w0 = s*(s*self.beta_d + self._k1)
         w1 = self.beta_d*t
-        w2 = t*(self._k0 + w1)
+        w2 = t*(self._k1 + w1)
         r = self._expand(torch.exp((1/4)*w0 - 1/4*w2), x)
         f = (r - 1) * x
         G2 = (torch.expm1((1/2)*w0)/torch.expm1((1/2)*w2) - 1)*torch.expm1(-t*((1/2)*w1 + self.beta_min))
@@ -172,7 +172,7 @@ class EDMVPSDE(torch.nn.Module):
     def drift_divergence(self, x, t):
         """div_x f(x, t) = d a(t), d the number of entries of one sample."""
         d = x[0].numel()
-        return d * (self._k1 - 1/2*self.beta_d*t)
+        return d * (self._k0 - 1/2*self.beta_d*t)
 
 
 class ReverseEDMVPSDE:

@@ -4,9 +4,9 @@ Recompile the source instead: `sdelang compile numeric.sde`.
 Source sha256: c99c41a34a58e8a242319506b783b23f68b42488b235d9e7ffa8aa41784613b6
 
     dx = (a(t) x + b(t)) dt + g(t) dw
-    a(t)   = -t^2/2 - sin(3*t)/2 - 1/2
+    a(t)   = -beta(t)/2
     b(t)   = 0
-    g(t)^2 = (t + 1)*(t^2 + sin(3*t) + 1)
+    g(t)^2 = (t + 1)*beta(t)
 
 Transition kernel N(m(t) x0 + c(t), v(t) I), numeric (piecewise Chebyshev tables):
     m(t) = exp((-t^3 - 3*t + cos(3*t) - 1)/6)
@@ -100,14 +100,14 @@ class NumericSDE(torch.nn.Module):
 
     def sde(self, x, t):
         """Drift f = a(t) x + b(t) and diffusion g(t) of the forward SDE."""
-        w0 = t**2
-        w1 = torch.sin(3*t)
-        a = self._expand(-1/2*w0 - 1/2*w1 - 1/2, x)
-        return a * x, torch.sqrt(t + 1)*torch.sqrt(w0 + w1 + 1)
+        beta = t**2 + torch.sin(3*t) + 1
+        a = self._expand(-1/2*beta, x)
+        return a * x, torch.sqrt(beta)*torch.sqrt(t + 1)
 
     def diffusion(self, t):
-        """g(t) = sqrt(t + 1)*sqrt(t^2 + sin(3*t) + 1)"""
-        return torch.sqrt(t + 1)*torch.sqrt(t**2 + torch.sin(3*t) + 1)
+        """g(t) = sqrt(t + 1)*sqrt(beta(t))"""
+        beta = t**2 + torch.sin(3*t) + 1
+        return torch.sqrt(beta)*torch.sqrt(t + 1)
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""

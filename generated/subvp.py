@@ -4,9 +4,9 @@ Recompile the source instead: `sdelang compile subvp.sde`.
 Source sha256: a37ad91c8f922f9aabc42ec82b4f9baef1aadf74741003b7a21742692ed92e7c
 
     dx = (a(t) x + b(t)) dt + g(t) dw
-    a(t)   = -beta_min/2 - t*(beta_max - beta_min)/2
+    a(t)   = -beta(t)/2
     b(t)   = 0
-    g(t)^2 = -(beta_min + t*(beta_max - beta_min))*expm1(-2*beta_min*t - t^2*(beta_max - beta_min))
+    g(t)^2 = -beta(t)*expm1(-2*B(t))
 
 Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     m(t) = exp(t*(-2*beta_min + t*(-beta_max + beta_min))/4)
@@ -71,10 +71,10 @@ class SubvpSDE(torch.nn.Module):
         self.beta_max = float(beta_max)
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
-        self._k0 = -1/2*self.beta_min
-        self._k1 = self.beta_max - self.beta_min
-        self._k2 = -2*self.beta_min
-        self._k3 = -self.beta_max + self.beta_min
+        self._k0 = self.beta_max - self.beta_min
+        self._k1 = -2*self.beta_min
+        self._k2 = -self.beta_max + self.beta_min
+        self._k3 = -1/2*self.beta_min
         self.eps = 1/100000
         self.T = 1
         self.v0 = 0
@@ -88,22 +88,25 @@ class SubvpSDE(torch.nn.Module):
 
     def sde(self, x, t):
         """Drift f = a(t) x + b(t) and diffusion g(t) of the forward SDE."""
-        w0 = self._k1*t
-        a = self._expand(self._k0 - 1/2*w0, x)
-        return a * x, torch.sqrt(-(w0 + self.beta_min)*torch.expm1(-self._k1*t**2 - 2*self.beta_min*t))
+        beta = self._k0*t + self.beta_min
+        B = (1/2)*self._k0*t**2 + self.beta_min*t
+        a = self._expand(-1/2*beta, x)
+        return a * x, torch.sqrt(-beta*torch.expm1(-2*B))
 
     def diffusion(self, t):
-        """g(t) = sqrt(-(beta_min + t*(beta_max - beta_min))*expm1(-2*beta_min*t - t^2*(beta_max - beta_min)))"""
-        return torch.sqrt(-(self._k1*t + self.beta_min)*torch.expm1(-self._k1*t**2 - 2*self.beta_min*t))
+        """g(t) = sqrt(-beta(t)*expm1(-2*B(t)))"""
+        beta = self._k0*t + self.beta_min
+        B = (1/2)*self._k0*t**2 + self.beta_min*t
+        return torch.sqrt(-beta*torch.expm1(-2*B))
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
         w0 = (1/2)*t
-        return self._expand(torch.exp((1/4)*t*(self._k2 + self._k3*t)), x0) * x0, torch.abs(torch.expm1(-t*(w0*self.beta_max - w0*self.beta_min + self.beta_min)))
+        return self._expand(torch.exp((1/4)*t*(self._k1 + self._k2*t)), x0) * x0, torch.abs(torch.expm1(-t*(w0*self.beta_max - w0*self.beta_min + self.beta_min)))
 
     def mean_coeff(self, t):
         """m(t) = exp(t*(-2*beta_min + t*(-beta_max + beta_min))/4)"""
-        return torch.exp((1/4)*t*(self._k2 + self._k3*t))
+        return torch.exp((1/4)*t*(self._k1 + self._k2*t))
 
     def mean_offset(self, t):
         """c(t) = 0"""
@@ -150,7 +153,7 @@ class SubvpSDE(torch.nn.Module):
         w1 = -w0*t
         w2 = (1/2)*s
         w3 = w2*self.beta_max - w2*self.beta_min + self.beta_min
-        r = self._expand(torch.exp(-1/4*s*(s*self._k3 + self._k2) + (1/4)*t*(self._k2 + self._k3*t)), x)
+        r = self._expand(torch.exp(-1/4*s*(s*self._k2 + self._k1) + (1/4)*t*(self._k1 + self._k2*t)), x)
         f = (r - 1) * x
         G2 = -(torch.exp(-s*w3 - w1)*torch.expm1(s*w3)**2/torch.expm1(w0*t)**2 - 1)*torch.expm1(w1)**2
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
@@ -161,7 +164,7 @@ class SubvpSDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = -(beta_min + t*(beta_max - beta_min))*expm1(-2*beta_min*t - t^2*(beta_max - beta_min)) (likelihood weighting)"""
-        return -(self._k1*t + self.beta_min)*torch.expm1(-self._k1*t**2 - 2*self.beta_min*t)
+        return -(self._k0*t + self.beta_min)*torch.expm1(-self._k0*t**2 - 2*self.beta_min*t)
 
     def t_density(self, t):
         """Density of the training time t (uniform): 1 / (T - eps)"""
@@ -184,7 +187,7 @@ class SubvpSDE(torch.nn.Module):
     def drift_divergence(self, x, t):
         """div_x f(x, t) = d a(t), d the number of entries of one sample."""
         d = x[0].numel()
-        return d * (self._k0 - 1/2*self._k1*t)
+        return d * (-1/2*self._k0*t + self._k3)
 
 
 class ReverseSubvpSDE:

@@ -4,9 +4,9 @@ Recompile the source instead: `sdelang compile vdm.sde`.
 Source sha256: e6ccfed8f1aa4fb4e86f6b3c828e3c8990c67d38c23e4e25abeba7fbb7531c53
 
     dx = (a(t) x + b(t)) dt + g(t) dw
-    a(t)   = (-gamma_max + gamma_min)/(2*exp(-gamma_min - t*(gamma_max - gamma_min)) + 2)
+    a(t)   = (-gamma_max + gamma_min)/(2 + 2*exp(-gamma(t)))
     b(t)   = 0
-    g(t)^2 = (gamma_max - gamma_min)/(exp(-gamma_min - t*(gamma_max - gamma_min)) + 1)
+    g(t)^2 = (gamma_max - gamma_min)/(1 + exp(-gamma(t)))
 
 Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     m(t) = 1/sqrt(exp(gamma_min + t*(gamma_max - gamma_min)) + 1)
@@ -84,13 +84,15 @@ class VDMSDE(torch.nn.Module):
 
     def sde(self, x, t):
         """Drift f = a(t) x + b(t) and diffusion g(t) of the forward SDE."""
-        w0 = torch.exp(-self._k0*t - self.gamma_min)
+        gamma = self._k0*t + self.gamma_min
+        w0 = torch.exp(-gamma)
         a = self._expand(self._k1/(2*w0 + 2), x)
         return a * x, self._k2/torch.sqrt(w0 + 1)
 
     def diffusion(self, t):
-        """g(t) = sqrt(gamma_max - gamma_min)/sqrt(exp(-gamma_min - t*(gamma_max - gamma_min)) + 1)"""
-        return self._k2/torch.sqrt(torch.exp(-self._k0*t - self.gamma_min) + 1)
+        """g(t) = sqrt(gamma_max - gamma_min)/sqrt(1 + exp(-gamma(t)))"""
+        gamma = self._k0*t + self.gamma_min
+        return self._k2/torch.sqrt(1 + torch.exp(-gamma))
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""

@@ -77,9 +77,9 @@ class VESDE(torch.nn.Module):
         self.sigma_max = float(sigma_max)
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
-        self._k0 = math.sqrt(2)
-        self._k1 = self.sigma_max/self.sigma_min
-        self._k2 = math.log(self.sigma_max/self.sigma_min)
+        self._k0 = self.sigma_max/self.sigma_min
+        self._k1 = math.sqrt(2)
+        self._k2 = math.sqrt(math.log(self.sigma_max) - math.log(self.sigma_min))
         self._k3 = self.sigma_max**2
         self._k4 = math.log(self.sigma_max) - math.log(self.sigma_min)
         self._k5 = self.sigma_min**2
@@ -96,12 +96,14 @@ class VESDE(torch.nn.Module):
 
     def sde(self, x, t):
         """Drift f = a(t) x + b(t) and diffusion g(t) of the forward SDE."""
+        sigma = self._k0**t*self.sigma_min
         a = self._expand(torch.full_like(t, 0), x)
-        return a * x, self._k0*self.sigma_min*torch.sqrt(self._k1**(2*t)*self._k2)
+        return a * x, self._k1*self._k2*sigma
 
     def diffusion(self, t):
-        """g(t) = sqrt(2)*sigma_min*sqrt((sigma_max/sigma_min)^(2*t)*log(sigma_max/sigma_min))"""
-        return self._k0*self.sigma_min*torch.sqrt(self._k1**(2*t)*self._k2)
+        """g(t) = sqrt(2)*sqrt(log(sigma_max) - log(sigma_min))*sigma(t)"""
+        sigma = self._k0**t*self.sigma_min
+        return self._k1*self._k2*sigma
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""

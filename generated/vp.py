@@ -4,9 +4,9 @@ Recompile the source instead: `sdelang compile vp.sde`.
 Source sha256: 18ec00f8f847e115774a51ab91b6470dbf8004b628acd40c90c7c94102be0ad5
 
     dx = (a(t) x + b(t)) dt + g(t) dw
-    a(t)   = -beta_min/2 - t*(beta_max - beta_min)/2
+    a(t)   = -beta(t)/2
     b(t)   = 0
-    g(t)^2 = beta_min + t*(beta_max - beta_min)
+    g(t)^2 = beta(t)
 
 Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     m(t) = exp(t*(-2*beta_min + t*(-beta_max + beta_min))/4)
@@ -73,10 +73,10 @@ class VPSDE(torch.nn.Module):
         self.beta_max = float(beta_max)
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
-        self._k0 = -1/2*self.beta_min
-        self._k1 = self.beta_max - self.beta_min
-        self._k2 = -2*self.beta_min
-        self._k3 = -self.beta_max + self.beta_min
+        self._k0 = self.beta_max - self.beta_min
+        self._k1 = -2*self.beta_min
+        self._k2 = -self.beta_max + self.beta_min
+        self._k3 = -1/2*self.beta_min
         self.eps = 1/100000
         self.T = 1
         self.v0 = 0
@@ -90,21 +90,22 @@ class VPSDE(torch.nn.Module):
 
     def sde(self, x, t):
         """Drift f = a(t) x + b(t) and diffusion g(t) of the forward SDE."""
-        w0 = self._k1*t
-        a = self._expand(self._k0 - 1/2*w0, x)
-        return a * x, torch.sqrt(w0 + self.beta_min)
+        beta = self._k0*t + self.beta_min
+        a = self._expand(-1/2*beta, x)
+        return a * x, torch.sqrt(beta)
 
     def diffusion(self, t):
-        """g(t) = sqrt(beta_min + t*(beta_max - beta_min))"""
-        return torch.sqrt(self._k1*t + self.beta_min)
+        """g(t) = sqrt(beta(t))"""
+        beta = self._k0*t + self.beta_min
+        return torch.sqrt(beta)
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        return self._expand(torch.exp((1/4)*t*(self._k2 + self._k3*t)), x0) * x0, torch.sqrt(-torch.expm1((1/2)*t*(self._k2 - self.beta_max*t + self.beta_min*t)))
+        return self._expand(torch.exp((1/4)*t*(self._k1 + self._k2*t)), x0) * x0, torch.sqrt(-torch.expm1((1/2)*t*(self._k1 - self.beta_max*t + self.beta_min*t)))
 
     def mean_coeff(self, t):
         """m(t) = exp(t*(-2*beta_min + t*(-beta_max + beta_min))/4)"""
-        return torch.exp((1/4)*t*(self._k2 + self._k3*t))
+        return torch.exp((1/4)*t*(self._k1 + self._k2*t))
 
     def mean_offset(self, t):
         """c(t) = 0"""
@@ -112,7 +113,7 @@ class VPSDE(torch.nn.Module):
 
     def std(self, t):
         """sigma(t) = sqrt(v(t)) = sqrt(-expm1(t*(-beta_max*t + beta_min*t - 2*beta_min)/2))"""
-        return torch.sqrt(-torch.expm1((1/2)*t*(self._k2 - self.beta_max*t + self.beta_min*t)))
+        return torch.sqrt(-torch.expm1((1/2)*t*(self._k1 - self.beta_max*t + self.beta_min*t)))
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -log(expm1(t*(beta_max*t/2 - beta_min*t/2 + beta_min)))"""
@@ -148,7 +149,7 @@ class VPSDE(torch.nn.Module):
         w0 = (1/2)*t
         w1 = w0*self.beta_max - w0*self.beta_min + self.beta_min
         w2 = (1/2)*s
-        r = self._expand(torch.exp(-1/4*s*(s*self._k3 + self._k2) + (1/4)*t*(self._k2 + self._k3*t)), x)
+        r = self._expand(torch.exp(-1/4*s*(s*self._k2 + self._k1) + (1/4)*t*(self._k1 + self._k2*t)), x)
         f = (r - 1) * x
         G2 = (torch.expm1(s*(w2*self.beta_max - w2*self.beta_min + self.beta_min))/torch.expm1(w1*t) - 1)*torch.expm1(-w1*t)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
@@ -182,7 +183,7 @@ class VPSDE(torch.nn.Module):
     def drift_divergence(self, x, t):
         """div_x f(x, t) = d a(t), d the number of entries of one sample."""
         d = x[0].numel()
-        return d * (self._k0 - 1/2*self._k1*t)
+        return d * (-1/2*self._k0*t + self._k3)
 
 
 class ReverseVPSDE:

@@ -4,9 +4,9 @@ Recompile the source instead: `sdelang compile vp_likelihood.sde`.
 Source sha256: 70f301225cb6ed545262348a843c3a455bd55d7c4eb00f9548a242a9a4c259a3
 
     dx = (a(t) x + b(t)) dt + g(t) dw
-    a(t)   = -beta_min/2 - t*(beta_max - beta_min)/2
+    a(t)   = -beta(t)/2
     b(t)   = 0
-    g(t)^2 = beta_min + t*(beta_max - beta_min)
+    g(t)^2 = beta(t)
 
 Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     m(t) = exp(t*(-2*beta_min + t*(-beta_max + beta_min))/4)
@@ -74,11 +74,11 @@ class VPLikelihoodSDE(torch.nn.Module):
         self.beta_max = float(beta_max)
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
-        self._k0 = -1/2*self.beta_min
-        self._k1 = self.beta_max - self.beta_min
-        self._k2 = -2*self.beta_min
-        self._k3 = -self.beta_max + self.beta_min
-        self._k4 = 1 / (-math.log(math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)) + math.log(math.expm1((1/2)*self.beta_max + (1/2)*self.beta_min)))
+        self._k0 = self.beta_max - self.beta_min
+        self._k1 = -2*self.beta_min
+        self._k2 = -self.beta_max + self.beta_min
+        self._k3 = 1 / (-math.log(math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)) + math.log(math.expm1((1/2)*self.beta_max + (1/2)*self.beta_min)))
+        self._k4 = -1/2*self.beta_min
         self._k5 = -math.log(math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min))
         self._k6 = -math.log(math.expm1((1/2)*self.beta_max + (1/2)*self.beta_min))
         self._k7 = 1 / (self.beta_max - self.beta_min)
@@ -97,21 +97,22 @@ class VPLikelihoodSDE(torch.nn.Module):
 
     def sde(self, x, t):
         """Drift f = a(t) x + b(t) and diffusion g(t) of the forward SDE."""
-        w0 = self._k1*t
-        a = self._expand(self._k0 - 1/2*w0, x)
-        return a * x, torch.sqrt(w0 + self.beta_min)
+        beta = self._k0*t + self.beta_min
+        a = self._expand(-1/2*beta, x)
+        return a * x, torch.sqrt(beta)
 
     def diffusion(self, t):
-        """g(t) = sqrt(beta_min + t*(beta_max - beta_min))"""
-        return torch.sqrt(self._k1*t + self.beta_min)
+        """g(t) = sqrt(beta(t))"""
+        beta = self._k0*t + self.beta_min
+        return torch.sqrt(beta)
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        return self._expand(torch.exp((1/4)*t*(self._k2 + self._k3*t)), x0) * x0, torch.sqrt(-torch.expm1((1/2)*t*(self._k2 - self.beta_max*t + self.beta_min*t)))
+        return self._expand(torch.exp((1/4)*t*(self._k1 + self._k2*t)), x0) * x0, torch.sqrt(-torch.expm1((1/2)*t*(self._k1 - self.beta_max*t + self.beta_min*t)))
 
     def mean_coeff(self, t):
         """m(t) = exp(t*(-2*beta_min + t*(-beta_max + beta_min))/4)"""
-        return torch.exp((1/4)*t*(self._k2 + self._k3*t))
+        return torch.exp((1/4)*t*(self._k1 + self._k2*t))
 
     def mean_offset(self, t):
         """c(t) = 0"""
@@ -119,7 +120,7 @@ class VPLikelihoodSDE(torch.nn.Module):
 
     def std(self, t):
         """sigma(t) = sqrt(v(t)) = sqrt(-expm1(t*(-beta_max*t + beta_min*t - 2*beta_min)/2))"""
-        return torch.sqrt(-torch.expm1((1/2)*t*(self._k2 - self.beta_max*t + self.beta_min*t)))
+        return torch.sqrt(-torch.expm1((1/2)*t*(self._k1 - self.beta_max*t + self.beta_min*t)))
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -log(expm1(t*(beta_max*t/2 - beta_min*t/2 + beta_min)))"""
@@ -155,7 +156,7 @@ class VPLikelihoodSDE(torch.nn.Module):
         w0 = (1/2)*t
         w1 = w0*self.beta_max - w0*self.beta_min + self.beta_min
         w2 = (1/2)*s
-        r = self._expand(torch.exp(-1/4*s*(s*self._k3 + self._k2) + (1/4)*t*(self._k2 + self._k3*t)), x)
+        r = self._expand(torch.exp(-1/4*s*(s*self._k2 + self._k1) + (1/4)*t*(self._k1 + self._k2*t)), x)
         f = (r - 1) * x
         G2 = (torch.expm1(s*(w2*self.beta_max - w2*self.beta_min + self.beta_min))/torch.expm1(w1*t) - 1)*torch.expm1(-w1*t)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
@@ -166,16 +167,16 @@ class VPLikelihoodSDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = beta_min + t*(beta_max - beta_min) (likelihood weighting)"""
-        return self._k1*t + self.beta_min
+        return self._k0*t + self.beta_min
 
     def t_density(self, t):
         """Density of the training time t (importance): q(t) = lambda / (Z v) = -(beta_min + t*(beta_max - beta_min))/((-log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)) + log(expm1(beta_max/2 + beta_min/2)))*expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)))"""
-        return -self._k4*(self._k1*t + self.beta_min)/torch.expm1(t*(-1/2*self.beta_max*t + (1/2)*self.beta_min*t - self.beta_min))
+        return -self._k3*(self._k0*t + self.beta_min)/torch.expm1(t*(-1/2*self.beta_max*t + (1/2)*self.beta_min*t - self.beta_min))
 
     def t_cdf(self, t):
         """CDF of the training time t: (log(expm1(t*(beta_max*t/2 - beta_min*t/2 + beta_min))) - log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)))/(-log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)) + log(expm1(beta_max/2 + beta_min/2)))"""
         w0 = (1/2)*t
-        return self._k4*(self._k5 + torch.log(torch.expm1(t*(w0*self.beta_max - w0*self.beta_min + self.beta_min))))
+        return self._k3*(self._k5 + torch.log(torch.expm1(t*(w0*self.beta_max - w0*self.beta_min + self.beta_min))))
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""
@@ -194,7 +195,7 @@ class VPLikelihoodSDE(torch.nn.Module):
     def drift_divergence(self, x, t):
         """div_x f(x, t) = d a(t), d the number of entries of one sample."""
         d = x[0].numel()
-        return d * (self._k0 - 1/2*self._k1*t)
+        return d * (-1/2*self._k0*t + self._k4)
 
 
 class ReverseVPLikelihoodSDE:

@@ -68,7 +68,8 @@ def test_show_prints_the_derived_quantities(monkeypatch, capsys):
     assert text.startswith("sde vp (examples/vp.sde)\n")
     assert "exp" in rows["variance v(t)"] or "expm1" in rows["variance v(t)"]
     assert "sqrt" in rows["diffusion g(t)"]
-    assert "beta_min + t*(beta_max - beta_min)" in rows["g(t)^2"]
+    assert rows["beta(t) (helper)"].endswith(" beta_min + t*(beta_max - beta_min)")   # as the source names it
+    assert rows["g(t)^2"].endswith(" beta(t)")
     assert rows["prior variance"].endswith(" 1")
     assert rows["N (steps)"].endswith(" 1000")
 

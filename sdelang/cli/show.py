@@ -2,8 +2,9 @@
 
 The expressions are the derivation's own, printed for reading: a rational with a large denominator
 (eps = 1e-5 inside a closed form) as a decimal, each integral without a closed form named once
-(I(t) = int_0^t ... ds, its own row) instead of repeated inside every quantity that uses it, and the
-LaTeX restricted to what both pdflatex and matplotlib's mathtext render.
+(I(t) = int_0^t ... ds, its own row) instead of repeated inside every quantity that uses it, written
+through the helpers the program names (beta(t), as in the source: codegen/fold.py), and the LaTeX
+restricted to what both pdflatex and matplotlib's mathtext render.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
 from ..compiler.codegen.emit import plain_names
+from ..compiler.codegen.fold import fold
 from ..compiler.codegen.printer import stable
 from ..compiler.derive import CoupledDerivation, Derivation, GeneralDerivation
 from ..compiler.derive.reverse import SCORE
@@ -215,10 +217,15 @@ def latex_rows(d) -> list[tuple[str, str]]:
 
 
 def _readable_rows(d) -> list[tuple[str, sp.Expr | str]]:
-    # A numeric table's lookup reads as the formula it tabulates, with its integrals named below.
+    # A numeric table's lookup reads as the formula it tabulates, with its integrals named below; every
+    # quantity is written through the helpers the program names, which come first.
     expand = d.tables.expand if isinstance(d, Derivation) and d.tables else (lambda e: e)
-    return _named_integrals([(name, value if isinstance(value, str) else _decimals(plain_names(expand(value))))
-                             for name, value in _rows(d)])
+    p = d.program
+    helpers = [(f"{h.name}(t) (helper)", h.body) for h in p.helpers]
+    rows = [(name, value if isinstance(value, str) else fold(expand(value), p.helpers, p.t))
+            for name, value in _rows(d)]
+    return _named_integrals([(name, value if isinstance(value, str) else _decimals(plain_names(value)))
+                             for name, value in helpers + rows])
 
 
 _LATEX_SPECIAL = str.maketrans({"_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$",

@@ -27,6 +27,15 @@ class Parameter:
 
 
 @dataclass(frozen=True)
+class Helper:
+    """A function of t the program names, 'beta(t) = ...', with its body in the time symbol: inlined in every
+    expression above, kept to write derived expressions through it again (codegen/fold.py)."""
+
+    name: str
+    body: sp.Expr
+
+
+@dataclass(frozen=True)
 class GivenKernel:
     """The kernel N(m x0 + c, v) a program states instead of an SDE line ('x(t) ~ normal(...)', or
     'logsnr(t) = ...' for a variance-preserving one); the program's drift and diffusion are derived from it."""
@@ -65,6 +74,7 @@ class Program:
     affine: bool = True   # f = a(t) x + b(t) and g = g(t): the SDE has a Gaussian transition kernel
     given: GivenKernel | None = None  # the kernel the program states, when it has no SDE line
     sampled: tuple[str, ...] = ()  # checks decided on a grid only, not proved (check/sign.py)
+    helpers: tuple[Helper, ...] = ()  # the functions of t it names, in the order written
 
     @property
     def kind(self) -> str:
@@ -101,6 +111,7 @@ class CoupledProgram:
     weighting: str                     # "likelihood" or "score_matching"
     t_sampling: str                    # "uniform" or "importance"
     sampled: tuple[str, ...] = ()      # checks decided on a grid only, not proved (check/sign.py)
+    helpers: tuple[Helper, ...] = ()   # the functions of t it names, in the order written
 
     kind = "coupled"
 

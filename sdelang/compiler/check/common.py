@@ -11,6 +11,7 @@ import sympy as sp
 
 from .. import syntax as ast
 from ...errors import SdeError, Source, Span
+from ..ir import Helper
 from ..parse import RESERVED_WORDS
 from ..timelimit import call_with_time_limit
 
@@ -116,6 +117,18 @@ class CheckerState:
 
     def error(self, message: str, span: Span | None, hint: str | None = None) -> SdeError:
         return SdeError(message, span, self.source, hint)
+
+    def helpers(self) -> tuple[Helper, ...]:
+        """The one-argument helpers, in the order written, with their bodies in t: what code generation and
+        `sdelang show` write derived expressions through (codegen/fold.py)."""
+        params = set(self.param_symbols.values())
+        named = []
+        for name, (formals, body) in self._function_bodies.items():
+            if len(formals) == 1:
+                body = body.xreplace({formals[0]: TIME})
+                if TIME in body.free_symbols and body != TIME and body.free_symbols <= params | {TIME}:
+                    named.append(Helper(name, body))
+        return tuple(named)
 
     def _defaults(self) -> dict[sp.Symbol, float]:
         return {self.param_symbols[k]: v for k, v in self.param_defaults.items()}

@@ -42,7 +42,7 @@ class GivenPass:
         prior_mean, prior_variance = self._stated_prior(singles.get(ast.PriorDef))
         return Program(header.name, self.source, params, TIME, x, a * x + b, sp.sqrt(g2), eps, T, N, v0,
                        prior_mean, prior_variance, weighting, weighting_expr, t_sampling, mean_span, variance_span,
-                       given=given)
+                       given=given, helpers=self.helpers())
 
     def _log_snr_kernel(self, st: ast.LogSnrDef) -> GivenKernel:
         if st.var != "t":

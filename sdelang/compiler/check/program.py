@@ -126,7 +126,7 @@ class ProgramPass:
                                  wdef.span, "a custom lambda(t) is supported for one-component SDEs only")
             components = self._components(symbols, sde_scope, eps_value, T_value)
             return CoupledProgram(header.name, self.source, params, TIME, components, eps, T, N, weighting, t_sampling,
-                                  sampled=tuple(self.sampled))
+                                  sampled=tuple(self.sampled), helpers=self.helpers())
 
         if self.kernels:
             return self._given_program(header, singles, params, eps, T, eps_value, T_value, N, weighting,
@@ -156,7 +156,7 @@ class ProgramPass:
             self._check_general(sde, diffusion, x, prior, wdef, weighting, sdef, t_sampling)
         return Program(header.name, self.source, params, TIME, x, drift, diffusion, eps, T, N, v0,
                        prior_mean, prior_variance, weighting, weighting_expr, t_sampling, drift_span,
-                       sde.diffusion.span, affine=affine, sampled=tuple(self.sampled))
+                       sde.diffusion.span, affine=affine, sampled=tuple(self.sampled), helpers=self.helpers())
 
     def _stated_prior(self, prior: ast.PriorDef | None) -> tuple[sp.Expr | None, sp.Expr | None]:
         """The mean and variance of 'prior normal(mean, variance)'; (None, None) for the kernel's prior."""

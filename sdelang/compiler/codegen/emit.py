@@ -18,6 +18,7 @@ from ..derive.divergence import DIM
 from ..derive.importance import U, Y
 from ..derive.symbolic import Tabulated, bounded, size
 from ..derive.tables import BUILD_VARIABLE, Total
+from .fold import as_locals, fold
 from .printer import REWRITE_LIMIT, Code, ConstantPool, ScalarPrinter, generate, stable
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
@@ -111,6 +112,18 @@ def _shared(p, pool: ConstantPool) -> dict:
     )
 
 
+# Names a method of a generated module uses for itself, which a helper's local must not take.
+METHOD_NAMES = frozenset({"self", "torch", "math", "x", "t", "s", "u", "y", "a", "b", "r", "f", "g", "G", "G2", "z",
+                          "drift", "scale", "rev_f", "rev_G", "mean", "std", "batch", "eps"})
+
+
+def _through_helpers(p, pool: ConstantPool, names: dict, *exprs: sp.Expr) -> Code:
+    """Code for a method whose expressions the user wrote through helpers (the drift and the diffusion):
+    each helper it uses is a local of its own name, beta = ..., as in the source."""
+    folded, helpers = as_locals(list(exprs), p.helpers, p.t, METHOD_NAMES | set(names.values()))
+    return generate(folded, pool, names, helpers)
+
+
 def emit_general(d: GeneralDerivation) -> str:
     """A module for an SDE without a Gaussian kernel (templates/general.py.j2)."""
     p = d.program
@@ -122,7 +135,7 @@ def emit_general(d: GeneralDerivation) -> str:
         return generate(list(exprs), pool, names)
 
     methods = {
-        "sde": code(p.drift, p.diffusion),
+        "sde": _through_helpers(p, pool, names, p.drift, p.diffusion),
         "gradient": code(d.noise_gradient),
         "prior": code(d.prior_mean, d.prior_variance),
         "weight": code(d.weight),
@@ -138,7 +151,7 @@ def emit_general(d: GeneralDerivation) -> str:
         weighting=p.weighting,
         reason=reason(p),
         unavailable=sorted(d.unavailable.items()),
-        f=dict(drift=_formula(p.drift), g2=_formula(d.g2), gradient=_formula(d.noise_gradient),
+        f=dict(drift=_formula(fold(p.drift, p.helpers, p.t)), g2=_formula(fold(d.g2, p.helpers, p.t)), gradient=_formula(d.noise_gradient),
                weight=_formula(d.weight), prior_mean=_formula(d.prior_mean),
                prior_variance=_formula(d.prior_variance), divergence=_formula(d.divergence)),
     )
@@ -263,8 +276,8 @@ def emit_affine(d: Derivation) -> str:
 
     lsnr_eps, lsnr_T = d.log_snr.xreplace({t: p.eps}), d.log_snr.xreplace({t: p.T})
     methods = {
-        "sde": code(d.a, d.b, p.diffusion),
-        "diffusion": code(p.diffusion),
+        "sde": _through_helpers(p, pool, names, d.a, d.b, p.diffusion),
+        "diffusion": _through_helpers(p, pool, names, p.diffusion),
         "marginal_prob": code(k.m, k.c, k.std),
         "mean_coeff": code(k.m),
         "mean_offset": code(k.c),
@@ -289,6 +302,9 @@ def emit_affine(d: Derivation) -> str:
     numeric_inverse = not uniform and imp.inverse is None
     settings = code(p.eps, p.T, p.v0)
     tables = _tables_context(d, pool, names)
+
+    def written(expr: sp.Expr) -> sp.Expr:
+        return fold(expr, p.helpers, p.t)
 
     def formula(expr: sp.Expr) -> str:
         # Table lookups in a docstring read as the formulas they stand for, built unevaluated and in
@@ -334,7 +350,7 @@ def emit_affine(d: Derivation) -> str:
         weighting=p.weighting,
         t_sampling=p.t_sampling,
         f=dict(
-            a=formula(d.a), b=formula(d.b), g=formula(p.diffusion), g2=formula(d.g2), m=formula(k.m),
+            a=formula(written(d.a)), b=formula(written(d.b)), g=formula(written(p.diffusion)), g2=formula(written(d.g2)), m=formula(k.m),
             c=formula(k.c), v=formula(k.v), std=formula(k.std), log_snr=formula(d.log_snr),
             weight=formula(d.weight), density=formula(imp.density), cdf=formula(imp.cdf),
             inverse="eps + u * (T - eps)" if uniform else formula(imp.inverse) if imp.inverse is not None else None,

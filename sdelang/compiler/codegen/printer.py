@@ -286,8 +286,30 @@ class Code:
     constant: tuple[bool, ...]  # result is a Python float (no tensor input)
 
 
-def generate(exprs: list[sp.Expr], pool: ConstantPool, names: dict[sp.Symbol, str]) -> Code:
-    """Code for exprs after the stable rewrites, constant hoisting and CSE."""
+def generate(exprs: list[sp.Expr], pool: ConstantPool, names: dict[sp.Symbol, str],
+             helpers: tuple[tuple[sp.Symbol, sp.Expr], ...] = ()) -> Code:
+    """Code for exprs after the stable rewrites, constant hoisting and CSE.
+
+    ``helpers``: (local, body) pairs, a local standing in exprs for a helper the program names
+    (codegen/fold.py); each is assigned first, ``beta = ...``, under the local's own name.
+    """
+    if not helpers:
+        return _generate(exprs, pool, names)
+    used = [(local, body) for local, body in helpers if any(e.has(local) for e in exprs)]
+    first = _generate([body for _, body in used], pool, names)
+    names = dict(names)
+    names.update({local: local.name for local, _ in used})
+    rest = _generate(exprs, pool, names, start=_locals(first))
+    assignments = tuple(f"{local.name} = {value}" for (local, _), value in zip(used, first.results))
+    return Code(first.lines + assignments + rest.lines, rest.results, rest.constant)
+
+
+def _locals(code: Code) -> int:
+    """How many CSE locals (w0, w1, ...) code assigns: the next method part numbers its own after them."""
+    return sum(1 for line in code.lines if line.split(" = ", 1)[0].lstrip("w").isdigit())
+
+
+def _generate(exprs: list[sp.Expr], pool: ConstantPool, names: dict[sp.Symbol, str], start: int = 0) -> Code:
     rewritten = [expm1_tails(stable(e)) for e in exprs]
     hoisted = [pool.hoist(e) for e in rewritten]
     # Integrals hold a bound variable: hide them from CSE, which would lift
@@ -304,7 +326,7 @@ def generate(exprs: list[sp.Expr], pool: ConstantPool, names: dict[sp.Symbol, st
         return e.func(*(hide(a) for a in e.args))
 
     hidden = [hide(e) for e in hoisted]
-    replacements, reduced = sp.cse(hidden, symbols=sp.numbered_symbols("_w"), order="canonical")
+    replacements, reduced = sp.cse(hidden, symbols=sp.numbered_symbols("_w", start=start), order="canonical")
     local = dict(names)
     local.update({sym: f"self.{sym.name}" for sym in pool.entries.values()})
     printer = TensorPrinter(local)
