@@ -54,8 +54,8 @@ def corpus() -> dict[str, str]:
                                         + ") dt + sqrt(1 + x^2) dw\nprior normal(0, 1)\nweighting 1\n",
         "coupled SDE, 4 components": "sde c4\nparam beta = 4\n"
                                      "dx = beta * v dt\ndv = -beta * (x + u) dt + sqrt(2 * beta) dw\n"
-                                     "du = beta * (v - w) dt + sqrt(beta) dw\ndw_ = -beta * u dt\n"
-                                     "v(0) ~ normal(0, 1)\nu(0) ~ normal(0, 1)\nw_(0) ~ normal(0, 1)\n",
+                                     "du = beta * (v - y) dt + sqrt(beta) dw\ndy = beta * u dt\n"
+                                     "v(0) ~ normal(0, 1)\nu(0) ~ normal(0, 1)\ny(0) ~ normal(0, 1)\n",
     }
     return programs
 

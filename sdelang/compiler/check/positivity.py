@@ -139,7 +139,11 @@ class PositivityPass:
         if not np.all(np.isfinite(values)):
             i = np.flatnonzero(~np.isfinite(values))[0]
             if np.isinf(values[i]):
-                raise self.error(f"{what} has a pole at t = {grid[i]:.6g}", span, pole_hint(eps, grid[i]))
+                # Sampled, so a pole cannot be told from a value past float64's range (a product of 2^30
+                # factors) at this point: say both.
+                near_T = grid[i] >= T - 0.01 * (T - eps)
+                raise self.error(f"{what} is infinite at t = {grid[i]:.6g} in float64 (a pole, or a value beyond "
+                                 f"1.8e308)", span, pole_hint(eps, grid[i]) if near_T else hint)
             raise self.error(f"{what} is not a finite real number at t = {grid[i]:.6g}", span, hint)
         if np.any(values <= 0):
             first = np.flatnonzero(values <= 0)[0]
