@@ -38,7 +38,7 @@ from sdelang.runtime.ode import solve
 
 NFES = (5, 10, 20, 50)
 SDES = ("vp", "ve", "subvp", "cosine_vp", "ou", "edm_ve")
-OURS = ("dpmpp_2m", "dpmpp_3m", "unipc")
+OURS = ("dpmpp_2m", "dpmpp_3m", "unipc", "deis")
 # k-diffusion sampler -> score evaluations per step.
 THEIRS = {"euler": 1, "heun": 2, "dpm_2": 2, "lms": 1, "dpmpp_2m": 1, "dpmpp_3m_sde": 1, "dpm_fast": None}
 N = 500
