@@ -146,8 +146,8 @@ def table(name, data_name, K):
                 out = sampling.sample(sde, score, x_T.shape, method, nfe, x_T=x_T, denoise=False, spacing=spacing)
                 errors[spacing] = error(out.x)
             best_ours[nfe] = min(best_ours[nfe], *errors.values())
-            best = min(errors, key=errors.get)
-            cells.append(f"{errors['logsnr']:.1e}" + ("" if best == "logsnr" else f", {errors[best]:.1e} ({best})"))
+            best, default = min(errors, key=errors.get), sampling.default_spacing(method)
+            cells.append(f"{errors[default]:.1e}" + ("" if best == default else f", {errors[best]:.1e} ({best})"))
         print(f"| sdelang {method} | " + " | ".join(cells) + " |")
     for method in THEIRS:
         cells = []

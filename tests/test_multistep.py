@@ -162,6 +162,18 @@ def test_grids_run_from_T_to_eps(examples, name, spacing):
     torch.testing.assert_close(steps, steps.mean().expand_as(steps), rtol=1e-9, atol=0)
 
 
+def test_default_grids(examples):
+    """Each multistep sampler's default grid (chosen by measurement, docs/runtime.md) is what it walks when
+    no spacing is given."""
+    assert {m: sampling.default_spacing(m) for m in NEW} == dict.fromkeys(NEW, "logsnr") | {"deis": "edm"}
+    sde = build(examples, "vp")
+    data = gaussian(sde)
+    x_T, _ = start(data, 8, seed=0)
+    plain, edm = (sampling.sample(sde, data.score, x_T.shape, "deis", 9, x_T=x_T, denoise=False, **options).x
+                  for options in ({}, {"spacing": "edm"}))
+    assert torch.equal(plain, edm)
+
+
 K = 7
 
 

@@ -53,6 +53,7 @@ dpmpp (multistep, the DPM-Solver++ family), coupled (splitting, coupled_exponent
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
@@ -68,7 +69,7 @@ from .stochastic import (NORMS, PREDICTORS, _noise_mask, ancestral, annealed_lan
                          langevin_step, predictor_corrector, reverse_diffusion)
 
 __all__ = ["ALL_METHODS", "KERNEL_SAMPLERS", "METHODS", "NORMS", "PREDICTORS", "SPACINGS", "Samples",
-           "ancestral", "annealed_langevin", "coupled_exponential", "euler_maruyama", "exponential_integrator", "heun", "inpaint",
+           "ancestral", "annealed_langevin", "coupled_exponential", "default_spacing", "euler_maruyama", "exponential_integrator", "heun", "inpaint",
            "langevin_step", "methods_for", "multistep", "predictor_corrector", "probability_flow",
            "reverse_diffusion", "sample", "splitting", "time_grid"]
 
@@ -84,12 +85,21 @@ _FIXED_STEP = {
     "dpmpp_2m": functools.partial(multistep, order=2, form="published"),
     "dpmpp_3m": functools.partial(multistep, order=3),
     "unipc": functools.partial(multistep, order=2, corrector=True, variable="sigma"),
-    "deis": functools.partial(multistep, order=3, corrector=True, prediction="noise"),
+    "deis": functools.partial(multistep, order=3, corrector=True, prediction="noise", spacing="edm"),
     "dpmpp_2m_sde": functools.partial(multistep, order=2, eta=1.0, form="published"),
     "dpmpp_3m_sde": functools.partial(multistep, order=3, eta=1.0),
     "splitting": splitting,
     "exponential": coupled_exponential,
 }
+
+
+def default_spacing(method: str) -> str:
+    """The time grid a fixed-step method walks unless told otherwise (each chosen by measurement,
+    docs/runtime.md)."""
+    check_choice("fixed-step sampling method", method, tuple(_FIXED_STEP))
+    function = _FIXED_STEP[method]
+    chosen = getattr(function, "keywords", {}).get("spacing")
+    return chosen or inspect.signature(getattr(function, "func", function)).parameters["spacing"].default
 
 
 def _state_shape(sde, shape) -> tuple[int, ...]:
