@@ -15,9 +15,9 @@ Error: RMS distance to the exact flow map at eps / the data's RMS std, 500 sampl
 and 50 score evaluations (NFE; samplers with two evaluations per step get half the steps). k-diffusion's
 deterministic samplers run on its three sigma schedules (logsnr = its "exponential", time = the sigmas of
 a uniform-t grid, karras = rho 7) and the best schedule is shown; dpmpp_3m_sde runs with eta = 0 (its
-deterministic 3M), dpm_fast takes the NFE as its budget. sdelang's run at their defaults (logsnr grid;
-unipc's polynomial in sigma) and on its other grids (time, edm); a cell shows the default's error and,
-where another grid did better, that error and grid. The last row compares the best of each library
+deterministic 3M), dpm_fast takes the NFE as its budget. sdelang's run at their defaults (the grid of
+sampling.default_spacing: logsnr, edm for deis; unipc's polynomial in sigma) and on the other grids; a cell
+shows the default's error and, where another grid did better, that error and grid. The last row compares the best of each library
 over its grids and samplers. Best-of-grids picks up accidental cancellations too (an error that
 changes sign between grids), which is why a few cells fall far below their neighbours.
 
@@ -38,7 +38,7 @@ from sdelang.runtime.ode import solve
 
 NFES = (5, 10, 20, 50)
 SDES = ("vp", "ve", "subvp", "cosine_vp", "ou", "edm_ve")
-OURS = ("dpmpp_2m", "dpmpp_3m", "unipc", "deis")
+OURS = ("dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3m", "deis")
 # k-diffusion sampler -> score evaluations per step.
 THEIRS = {"euler": 1, "heun": 2, "dpm_2": 2, "lms": 1, "dpmpp_2m": 1, "dpmpp_3m_sde": 1, "dpm_fast": None}
 N = 500

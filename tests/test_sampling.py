@@ -88,6 +88,7 @@ def assert_moments(x, mean, std, mean_allowance, var_allowance, what):
 #   dpmpp_2m           50              0.003               0.014 (subvp)
 #   dpmpp_3m           50              0.003               0.004 (ve)
 #   unipc              50              0.003               0.005 (subvp)
+#   unipc_3m           50              0.003               0.004 (ve)
 #   deis               50              0.003               0.004 (ve)
 #   dpmpp_2m_sde       100             0.004               0.013 (subvp)
 #   dpmpp_3m_sde       100             0.004               0.006 (subvp)
@@ -108,6 +109,7 @@ FAST = {
     "dpmpp_2m": (dict(steps=50), 0.015, 0.025),
     "dpmpp_3m": (dict(steps=50), 0.015, 0.015),
     "unipc": (dict(steps=50), 0.015, 0.015),
+    "unipc_3m": (dict(steps=50), 0.015, 0.015),
     "deis": (dict(steps=50), 0.015, 0.015),
     "dpmpp_2m_sde": (dict(steps=100), 0.015, 0.025),
     "dpmpp_3m_sde": (dict(steps=100), 0.015, 0.02),
@@ -137,6 +139,7 @@ SLOW = {
     "dpmpp_2m": (dict(steps=200), 0.02, 0.03),
     "dpmpp_3m": (dict(steps=200), 0.02, 0.03),
     "unipc": (dict(steps=200), 0.02, 0.03),
+    "unipc_3m": (dict(steps=200), 0.02, 0.03),
     "deis": (dict(steps=200), 0.02, 0.03),
     "dpmpp_2m_sde": (dict(steps=200), 0.02, 0.03),
     "dpmpp_3m_sde": (dict(steps=200), 0.02, 0.03),
@@ -197,7 +200,7 @@ def test_default_start_is_a_draw_from_the_prior(examples):
 K, M = 7, 3
 NFE = {  # score evaluations for K steps, M corrector steps, without the final Tweedie step
     "em": K, "reverse_diffusion": K, "ancestral": K, "pc": K * (M + 1), "ald": K * M,
-    "heun": 2 * K - 1, "ddim": K, "dpm2": K, "dpmpp_2m": K, "dpmpp_3m": K, "unipc": K, "deis": K,
+    "heun": 2 * K - 1, "ddim": K, "dpm2": K, "dpmpp_2m": K, "dpmpp_3m": K, "unipc": K, "unipc_3m": K, "deis": K,
     "dpmpp_2m_sde": K, "dpmpp_3m_sde": K,
 }
 

@@ -12,7 +12,8 @@ each on the whole batch. Fixed-step samplers walk a grid of steps + 1 times from
     heun               2nd-order Heun on the flow ODE dx/dt = f - g^2 s / 2
     ddim, dpm2         exponential integrators in noise prediction (DPM-Solver-1 = DDIM; multistep DPM-Solver-2)
     dpmpp_2m, dpmpp_3m multistep exponential integrators in data prediction on y = x - c(t) (DPM-Solver++
-                       2M and 3M), for every affine SDE; unipc adds a corrector (order 3 from 2M)
+                       2M and 3M), for every affine SDE; unipc adds a corrector (order 3 from 2M),
+                       unipc_3m the same to 3M (order 4)
     deis               the same integrator of the noise prediction eps_hat = -sigma s (DEIS-style), third
                        order with the corrector (order 4)
     dpmpp_2m_sde, dpmpp_3m_sde  the same for the reverse SDE (DPM-Solver++ SDE)
@@ -85,6 +86,7 @@ _FIXED_STEP = {
     "dpmpp_2m": functools.partial(multistep, order=2, form="published"),
     "dpmpp_3m": functools.partial(multistep, order=3),
     "unipc": functools.partial(multistep, order=2, corrector=True, variable="sigma"),
+    "unipc_3m": functools.partial(multistep, order=3, corrector=True),
     "deis": functools.partial(multistep, order=3, corrector=True, prediction="noise", spacing="edm"),
     "dpmpp_2m_sde": functools.partial(multistep, order=2, eta=1.0, form="published"),
     "dpmpp_3m_sde": functools.partial(multistep, order=3, eta=1.0),
