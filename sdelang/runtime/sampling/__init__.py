@@ -14,9 +14,9 @@ each on the whole batch. Fixed-step samplers walk a grid of steps + 1 times from
     dpmpp_2m, dpmpp_3m multistep exponential integrators in data prediction on y = x - c(t) (DPM-Solver++
                        2M and 3M), for every affine SDE; unipc adds a corrector (order 3 from 2M),
                        unipc_3m the same to 3M (order 4)
-    deis               the same integrator of the noise prediction eps_hat = -sigma s (DEIS-style), third
-                       order with the corrector (order 4)
     dpmpp_2m_sde, dpmpp_3m_sde  the same for the reverse SDE (DPM-Solver++ SDE)
+    deis               the multistep integrator of the noise prediction eps_hat = -sigma s (DEIS-style),
+                       third order with the corrector (order 4)
     splitting          coupled SDEs only: Strang splitting, exact Gaussian half steps around a score step
     exponential        coupled SDEs only: multistep exponential integrator of the flow ODE (DEIS-style)
 and `ode` solves the flow ODE with an adaptive torchdiffeq solver.
@@ -70,9 +70,9 @@ from .stochastic import (NORMS, PREDICTORS, _noise_mask, ancestral, annealed_lan
                          langevin_step, predictor_corrector, reverse_diffusion)
 
 __all__ = ["ALL_METHODS", "KERNEL_SAMPLERS", "METHODS", "NORMS", "PREDICTORS", "SPACINGS", "Samples",
-           "ancestral", "annealed_langevin", "coupled_exponential", "default_spacing", "euler_maruyama", "exponential_integrator", "heun", "inpaint",
-           "langevin_step", "methods_for", "multistep", "predictor_corrector", "probability_flow",
-           "reverse_diffusion", "sample", "splitting", "time_grid"]
+           "ancestral", "annealed_langevin", "coupled_exponential", "default_spacing", "euler_maruyama",
+           "exponential_integrator", "heun", "inpaint", "langevin_step", "methods_for", "multistep",
+           "predictor_corrector", "probability_flow", "reverse_diffusion", "sample", "splitting", "time_grid"]
 
 _FIXED_STEP = {
     "em": euler_maruyama,
