@@ -224,8 +224,19 @@ def _readable_rows(d) -> list[tuple[str, sp.Expr | str]]:
     helpers = [(f"{h.name}(t) (helper)", h.body) for h in p.helpers]
     rows = [(name, value if isinstance(value, str) else fold(expand(value), p.helpers, p.t))
             for name, value in _rows(d)]
-    return _named_integrals([(name, value if isinstance(value, str) else _decimals(plain_names(value)))
-                             for name, value in helpers + rows])
+    named = _named_integrals([(name, value if isinstance(value, str) else _decimals(plain_names(value)))
+                              for name, value in helpers + rows])
+    return [(name, _rebuilt(value)) for name, value in named]
+
+
+def _rebuilt(e):
+    """e rebuilt with evaluation on. A table's formula is expanded unevaluated (its nested Integrals would
+    be integrated numerically by SymPy's assumptions), which leaves constants such as cos(3*3)/3 - cos(9)/3
+    standing; once the integrals are named I(t), evaluating is cheap and tidies them. Integral rows (the
+    definitions) stay as they are."""
+    if not isinstance(e, sp.Basic) or e.is_Atom or isinstance(e, sp.Integral):
+        return e
+    return e.func(*(_rebuilt(a) for a in e.args))
 
 
 _LATEX_SPECIAL = str.maketrans({"_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$",

@@ -69,6 +69,10 @@ def _may_be_multiple(e: sp.Expr, body: sp.Expr, t: sp.Symbol) -> bool:
     which rules out a multiple cheaply; True when it is the same or cannot be told (then SymPy decides)."""
     if not body.free_symbols <= e.free_symbols:
         return False
+    if e.has(sp.Integral) and not body.has(sp.Integral):
+        # An unevaluated integral of t (a numeric-path kernel) does not cancel against a helper's body, and
+        # evaluating it at the screen times costs seconds of quadrature per subexpression.
+        return False
     others = sorted(e.free_symbols - {t}, key=sp.default_sort_key)
     values = {s: sp.Float(0.6180339887 + 0.1 * i, 20) for i, s in enumerate(others)}
     try:
