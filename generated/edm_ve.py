@@ -165,9 +165,9 @@ class EDMVESDE(torch.nn.Module):
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""
         lo, hi = self._k2, self._k3
-        y = lo - u * (lo - hi)
-        # t = logSNR^-1(y) = exp(-y/2)
-        return torch.clamp(torch.exp(-1/2*y), self.eps, self.T)
+        drop = u * (lo - hi)
+        # t = logSNR^-1(lo - drop) = exp(drop/2)/500
+        return torch.clamp((1/500)*torch.exp((1/2)*drop), self.eps, self.T)
 
     def sample_t(self, batch_size, generator=None):
         """batch_size training times drawn from q(t) by inverting its CDF."""

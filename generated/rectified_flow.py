@@ -151,10 +151,10 @@ class RectifiedFlowSDE(torch.nn.Module):
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""
         lo, hi = self._k2, self._k3
-        y = lo - u * (lo - hi)
-        # t = logSNR^-1(y) = exp(-y/2)/(1 + exp(-y/2))
-        w0 = torch.exp(-1/2*y)
-        return torch.clamp(w0/(w0 + 1), self.eps, self.T)
+        drop = u * (lo - hi)
+        # t = logSNR^-1(lo - drop) = exp(drop/2)/(exp(drop/2) + 999)
+        w0 = torch.exp((1/2)*drop)
+        return torch.clamp(w0/(w0 + 999), self.eps, self.T)
 
     def sample_t(self, batch_size, generator=None):
         """batch_size training times drawn from q(t) by inverting its CDF."""

@@ -70,10 +70,12 @@ class VDMSDE(torch.nn.Module):
         self._k5 = (1/100000)*self.gamma_min
         self._k6 = -1/100000*self.gamma_max - 99999/100000*self.gamma_min
         self._k7 = 1 / (self.gamma_max - self.gamma_min)
-        self._k8 = 1 / (1 + math.exp(-self.gamma_min))
+        self._k8 = -1/100000*self.gamma_min
+        self._k9 = (1/100000)*self.gamma_max
+        self._k10 = 1 / (1 + math.exp(-self.gamma_min))
         self.eps = 1/100000
         self.T = 1
-        self.v0 = self._k8
+        self.v0 = self._k10
         # Follows .to(device, dtype): new tensors are made on its device, in its dtype.
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 
@@ -166,9 +168,9 @@ class VDMSDE(torch.nn.Module):
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""
         lo, hi = self._k6, -self.gamma_max
-        y = lo - u * (lo - hi)
-        # t = logSNR^-1(y) = (-gamma_min - y)/(gamma_max - gamma_min)
-        return torch.clamp(self._k7*(-y - self.gamma_min), self.eps, self.T)
+        drop = u * (lo - hi)
+        # t = logSNR^-1(lo - drop) = (drop + gamma_max/100000 - gamma_min/100000)/(gamma_max - gamma_min)
+        return torch.clamp(self._k7*(drop + self._k8 + self._k9), self.eps, self.T)
 
     def sample_t(self, batch_size, generator=None):
         """batch_size training times drawn from q(t) by inverting its CDF."""

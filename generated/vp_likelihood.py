@@ -84,6 +84,7 @@ class VPLikelihoodSDE(torch.nn.Module):
         self._k7 = 1 / (self.beta_max - self.beta_min)
         self._k8 = self.beta_min**2
         self._k9 = 2*self.beta_max - 2*self.beta_min
+        self._k10 = math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)
         self.eps = 1/100000
         self.T = 1
         self.v0 = 0
@@ -181,9 +182,9 @@ class VPLikelihoodSDE(torch.nn.Module):
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""
         lo, hi = self._k5, self._k6
-        y = lo - u * (lo - hi)
-        # t = logSNR^-1(y) = (2*beta_max*log1p(exp(-y)) - 2*beta_min*log1p(exp(-y)))/((beta_max - beta_min)*(beta_min + sqrt(beta_min^2 + (2*beta_max - 2*beta_min)*log1p(exp(-y)))))
-        w0 = torch.log1p(torch.exp(-y))
+        drop = u * (lo - hi)
+        # t = logSNR^-1(lo - drop) = (2*beta_max*log1p(exp(drop)*expm1(beta_max/20000000000 + 199999*beta_min/20000000000)) - 2*beta_min*log1p(exp(drop)*expm1(beta_max/20000000000 + 199999*beta_min/20000000000)))/((beta_max - beta_min)*(beta_min + sqrt(beta_min^2 + (2*beta_max - 2*beta_min)*log1p(exp(drop)*expm1(beta_max/20000000000 + 199999*beta_min/20000000000)))))
+        w0 = torch.log1p(self._k10*torch.exp(drop))
         w1 = 2*w0
         return torch.clamp(self._k7*(w1*self.beta_max - w1*self.beta_min)/(self.beta_min + torch.sqrt(self._k8 + self._k9*w0)), self.eps, self.T)
 

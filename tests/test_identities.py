@@ -416,7 +416,7 @@ def test_generated_code_equals_sympy(compiled, examples, name, data):
 @given(data=st.data(), u=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=4))
 def test_t_icdf_equals_sympy_inverse(compiled, examples, name, data, u):
     """The closed-form Q^-1 in float64 equals the derived inverse at 30 digits (through logSNR^-1 when
-    it is the likelihood weighting: y = logSNR(eps) - u (logSNR(eps) - logSNR(T)))."""
+    it is the likelihood weighting, of the drop u (logSNR(eps) - logSNR(T)) of logSNR below logSNR(eps))."""
     fresh = compiled(name)
     d, p = fresh.compiled.derivation, fresh.compiled.derivation.program
     assert d.importance.inverse is not None, "expected a closed-form inverse CDF"
@@ -430,7 +430,7 @@ def test_t_icdf_equals_sympy_inverse(compiled, examples, name, data, u):
     for i, ui in enumerate(u):
         if d.importance.by_log_snr:
             lo, hi = (d.log_snr.xreplace({p.t: p.eps}).xreplace(base), d.log_snr.xreplace({p.t: p.T}).xreplace(base))
-            value = lo - sp.Float(ui, 30) * (lo - hi)
+            value = sp.Float(ui, 30) * (lo - hi)
         else:
             value = sp.Float(ui, 30)
         expected = min(max(_sympy_at(inverse, {**base, arg: value}), float(sde.eps)), float(sde.T))

@@ -175,9 +175,10 @@ def test_float32_t_cdf_matches_float64(examples, name, data):
 @given(data=st.data(), u=st.lists(st.floats(0.0, 1.0, width=32), min_size=1, max_size=8))
 def test_float32_t_icdf_matches_float64(examples, name, data, u):
     """float32 t_icdf(u) is within K u32 of the size of what it is computed from. Uniform:
-    t = eps + u (T - eps), terms of size t. Importance (likelihood): t = logSNR^-1(y), y = lo - u (lo - hi),
-    lo = logSNR(eps), Z = lo - hi; y carries the rounding of terms of size |lo| + u Z (and a numeric inverse
-    the rounding of logSNR(t) itself), which moves t by that over |logSNR'(t)| = Z q(t)."""
+    t = eps + u (T - eps), terms of size t. Importance (likelihood): t = logSNR^-1(lo - u Z), lo = logSNR(eps),
+    Z = lo - hi; the numeric inverse forms y = lo - u Z, which carries the rounding of terms of size |lo| + u Z
+    (and of logSNR(t) itself) and moves t by that over |logSNR'(t)| = Z q(t). The closed forms take the drop
+    u Z itself (tests/test_float32_families.py holds them to 1e-5 relative of mpmath) and stay within the same."""
     example = examples[name]
     params = data.draw(example.params(), label="params")
     sde32, sde64 = modules(example, params)

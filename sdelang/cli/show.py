@@ -161,8 +161,8 @@ def _importance_rows(d: Derivation) -> list[tuple[str, sp.Expr | str]]:
     if imp.inverse is None:
         return rows + [("importance inverse CDF", d.inverse_cdf_path)]
     if imp.by_log_snr:
-        return rows + [("importance inverse CDF t(y)", imp.inverse),
-                       ("  at", "y = logSNR(eps) - u (logSNR(eps) - logSNR(T)), u ~ uniform(0, 1)")]
+        return rows + [("importance inverse CDF t(drop)", imp.inverse),
+                       ("  at", "drop = u (logSNR(eps) - logSNR(T)), u ~ uniform(0, 1)")]
     return rows + [("importance inverse CDF t(u)", imp.inverse)]
 
 

@@ -15,7 +15,7 @@ from ..derive.coupled import R, CoupledDerivation
 from ..derive.general import GeneralDerivation, reason
 from ..derive.discretize import START
 from ..derive.divergence import DIM
-from ..derive.importance import U, Y
+from ..derive.importance import DROP, U
 from ..derive.symbolic import Tabulated, bounded, size
 from ..derive.tables import BUILD_VARIABLE, Total
 from .fold import as_locals, fold
@@ -55,14 +55,14 @@ def _formula(expr: sp.Expr) -> str:
 
 
 def plain_names(expr: sp.Expr) -> sp.Expr:
-    """expr with its dummies (the step start, the dimension, u, y) as plain symbols: _y -> y, and
+    """expr with its dummies (the step start, the dimension, u, drop) as plain symbols: _u -> u, and
     s -> s' beside a parameter called s."""
     taken = {s.name for s in expr.free_symbols if not isinstance(s, sp.Dummy)}
     plain = {}
     # Two dummies may share a name (the step start s and an integration variable s): the module's own
     # symbols keep theirs, and integration variables, made in any order (some in a child process of the
     # time limit), get the primes.
-    public = (START, U, Y, DIM)
+    public = (START, U, DROP, DIM)
     for d in sorted(expr.atoms(sp.Dummy), key=lambda d: (d.name, d not in public, d.dummy_index)):
         name = d.name
         while name in taken:
@@ -264,7 +264,7 @@ def _tables_context(d: Derivation, pool: ConstantPool, names: dict) -> dict | No
 def emit_affine(d: Derivation) -> str:
     p = d.program
     t = p.t
-    names = {t: "t", p.x: "x", START: "s", U: "u", Y: "y", DIM: "d"}
+    names = {t: "t", p.x: "x", START: "s", U: "u", DROP: "drop", DIM: "d"}
     names.update({prm.symbol: f"self.{prm.name}" for prm in p.params})
     pool = ConstantPool(frozenset(prm.symbol for prm in p.params))
     imp = d.importance

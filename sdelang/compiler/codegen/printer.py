@@ -43,10 +43,12 @@ def stable(expr: sp.Expr) -> sp.Expr:
 
 
 def trig_from_quarter_turn(expr: sp.Expr) -> sp.Expr:
-    """cos(a t + b) as sin(a (t0 - t)) and tan(a t + b) as 1 / tan(a (t0 - t)), where a t0 + b = pi/2 and t0 is
-    a rational number (the cosine schedule's t0 = 1). Near t0, a t + b in float32 carries an absolute
+    """cos(a t + b) as sin(a (t0 - t)) and tan(a t + b) as sin(a t + b) / sin(a (t0 - t)), where a t0 + b = pi/2
+    and t0 is a rational number (the cosine schedule's t0 = 1). Near t0, a t + b in float32 carries an absolute
     rounding error of about 6e-8 pi/2, which cos turns into a relative error of 6e-8 / (t0 - t), 6e-5 at
-    t = 0.999; t0 - t is exact there (Sterbenz), and sin of a small argument keeps its relative precision."""
+    t = 0.999; t0 - t is exact there (Sterbenz), and sin of a small argument keeps its relative precision.
+    tan keeps sin(a t + b) above: where a t + b passes 0 (tan(pi/2 t) near t = 0) it is what keeps tan's
+    relative precision, which 1 / tan(a (t0 - t)) loses to the rounding of t0 - t (1e-3 at t = 3e-5)."""
     times = [symbol for symbol in expr.free_symbols if symbol.name == "t" and not isinstance(symbol, sp.Dummy)]
     if len(times) != 1:
         return expr
@@ -65,7 +67,9 @@ def trig_from_quarter_turn(expr: sp.Expr) -> sp.Expr:
         shifted = from_t0(e.args[0])
         if shifted is None:
             return e
-        return sp.sin(shifted, evaluate=False) if isinstance(e, sp.cos) else 1 / sp.tan(shifted, evaluate=False)
+        if isinstance(e, sp.cos):
+            return sp.sin(shifted, evaluate=False)
+        return sp.sin(e.args[0]) / sp.sin(shifted, evaluate=False)
 
     return expr.replace(lambda e: isinstance(e, (sp.cos, sp.tan)) and e.args[0].has(t), rewrite)
 

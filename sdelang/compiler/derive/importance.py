@@ -5,7 +5,10 @@ whose weight is constant.
 
 - likelihood weighting (lambda = g^2): g^2 / v = -d/dt logSNR, so q is uniform
   in logSNR:  Q(t) = (logSNR(eps) - logSNR(t)) / Z,  Z = logSNR(eps) - logSNR(T),
-  and Q^-1(u) = logSNR^-1(logSNR(eps) - u Z).
+  and Q^-1(u) = logSNR^-1(logSNR(eps) - u Z), written as a function of the drop u Z of logSNR
+  below its value at eps: forming y = logSNR(eps) - u Z first rounds y by |logSNR(eps)| 2^-24,
+  which moves t by that over |logSNR'(t)|; where logSNR' stays bounded at eps (a logSNR given
+  linear in t, a variance v0 > 0 at t = 0) that is a large relative error of t near eps.
 - score_matching weighting (lambda = v): q is uniform on [eps, T].
 - any other weighting: Z and Q by integration (closed form, or a column of the
   module's numeric tables).
@@ -18,16 +21,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mpmath
 import numpy as np
 import sympy as sp
+from sympy.codegen.cfunctions import expm1, log1p
 
 from .symbolic import (NUMERIC, SIMPLIFY_LIMIT, SOLVE_LIMIT, TIME_LIMIT, bounded, factor_exponentials,
                        integrate_from, most_accurate, printable, rationalize_roots, simplest)
 from .tables import Tables
 
-# Dummies, so that a user's parameter named u, y or w never collides with them.
+# Dummies, so that a user's parameter named u, drop or w never collides with them.
 U = sp.Dummy("u", positive=True)  # a uniform draw in (0, 1)
-Y = sp.Dummy("y", real=True)       # a logSNR value
+DROP = sp.Dummy("drop", nonnegative=True)  # logSNR(eps) - logSNR(t), in [0, Z]
 W = sp.Dummy("w", positive=True)   # a noise-to-signal ratio v/m^2 = exp(-logSNR)
 
 
@@ -36,7 +41,7 @@ class Importance:
     density: sp.Expr           # q(t)
     cdf: sp.Expr               # Q(t)
     inverse: sp.Expr | None    # Q^-1(u), or None: invert numerically
-    by_log_snr: bool           # True: Q^-1 goes through logSNR^-1 (inverse is in Y)
+    by_log_snr: bool           # True: Q^-1 goes through logSNR^-1 (inverse is in DROP = u Z)
 
 
 def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol, eps: sp.Expr,
@@ -54,7 +59,9 @@ def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol,
             nsr = sp.exp(-lsnr)
             inverse = _solve(sp.Eq(simplest(nsr), W), t, W, simplest(nsr), defaults, eps, T)
         if inverse is not None:
-            inverse = _accurate_inverse(inverse.xreplace({W: sp.exp(-Y)}), Y, lsnr, t, defaults, eps, T)
+            # W = exp(-y) = exp(-logSNR(eps)) exp(drop): the noise-to-signal ratio at eps, grown by exp(drop).
+            nsr_eps = simplest(nsr.xreplace({t: eps}))
+            inverse = _accurate_inverse(inverse.xreplace({W: nsr_eps * sp.exp(DROP)}), lsnr, t, defaults, eps, T)
         elif invert:
             tables.invert(tables.tabulate(lsnr, "logSNR(t)", absolute=True))
         return Importance(density, cdf, inverse, True)
@@ -80,16 +87,48 @@ def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol,
     return Importance(ratio / Z, cdf, inverse, False)
 
 
-def _accurate_inverse(inverse, y, lsnr, t, defaults, eps, T) -> sp.Expr:
-    """Of the equivalent forms of logSNR^-1(y), the one most accurate in float32 over [logSNR(T), logSNR(eps)]."""
+def _accurate_inverse(inverse, lsnr, t, defaults, eps, T) -> sp.Expr:
+    """Of the equivalent forms of t = logSNR^-1(logSNR(eps) - drop), the one most accurate in float32 for
+    drop in [0, Z]."""
     forms = [inverse, sp.expand_log(inverse, force=True), rationalize_roots(inverse)]
     forms += [rationalize_roots(sp.expand_log(inverse, force=True))]
-    # (e^-y - e^-y/2) / (e^-y - 1), a 0/0 where logSNR = 0, factors into e^-y/2 / (e^-y/2 + 1).
+    # (W - W^(1/2)) / (W - 1), W = exp(-y), a 0/0 where logSNR = 0, factors into W^(1/2) / (W^(1/2) + 1).
     forms += [f for f in (bounded(factor_exponentials, inverse, seconds=SIMPLIFY_LIMIT),) if f is not None and printable(f)]
+    grown = bounded(_grown_from_eps, inverse, eps, seconds=SIMPLIFY_LIMIT)
+    forms += [grown] if grown is not None and printable(grown) else []
     lsnr_at = sp.lambdify(t, lsnr.subs(defaults), modules="mpmath")
     lo, hi = float(eps.subs(defaults)), float(T.subs(defaults))
-    grid = np.array([float(lsnr_at(s)) for s in np.geomspace(lo, hi, 25)])
-    return most_accurate(forms, y, defaults, grid)
+    with mpmath.workdps(30):
+        top = lsnr_at(lo)
+        grid = np.array([float(top - lsnr_at(s)) for s in np.geomspace(lo, hi, 25)])
+    return most_accurate(forms, DROP, defaults, grid)
+
+
+def _grown_from_eps(inverse: sp.Expr, eps: sp.Expr) -> sp.Expr | None:
+    """eps + t(drop) - t(0) for an inverse linear in logarithms log(c + k exp(drop)): each grows from drop = 0 by
+    log1p(k expm1(drop) / (c + k)), times the inverse's slope in it. With v0 > 0 (VE, OU) the inverse is
+    (log(c + k exp(drop)) - log(c + k)) / rate + eps, whose float32 value near drop = 0 is a difference of
+    logarithms of about 2 log(sigma) that leaves ~1e-3 of t = eps; grown from eps it keeps every digit.
+    None when the inverse has no such logarithm or is not linear in them."""
+    growth = sp.exp(DROP)
+    excess = {}
+
+    def split(e):
+        terms = sp.collect(sp.expand(e.args[0], deep=False), growth, evaluate=False)
+        k, c = terms.get(growth, 0), terms.get(sp.S.One, 0)
+        if set(terms) - {growth, sp.S.One} or k == 0 or k.has(DROP) or c.has(DROP):
+            return e
+        x = sp.Dummy("x")
+        excess[x] = log1p(k * expm1(DROP) / (c + k))
+        return sp.log(c + k) + x
+
+    grown = inverse.replace(lambda e: isinstance(e, sp.log) and e.has(DROP), split)
+    if not excess or grown.has(DROP):
+        return None
+    slopes = {x: sp.diff(grown, x) for x in excess}
+    if any(slope.has(*excess) for slope in slopes.values()):
+        return None
+    return eps + sp.Add(*(slope * excess[x] for x, slope in slopes.items()))
 
 
 def _solve(equation, t, target, forward, defaults, eps, T) -> sp.Expr | None:

@@ -437,18 +437,22 @@ def _reference(ats, variables, columns) -> np.ndarray | None:
 
 
 def rationalize_roots(expr: sp.Expr) -> sp.Expr:
-    """Rewrite sqrt(P) - q as (P - q^2) / (sqrt(P) + q), which does not cancel when sqrt(P) ~ q.
+    """Rewrite k sqrt(P) + r (k a number) as (k^2 P - r^2) / (k sqrt(P) - r), which does not cancel when
+    k sqrt(P) ~ -r.
 
-    The root of a quadratic, (-b + sqrt(b^2 + 4ac)) / 2a, loses most of its
-    digits in float32 when 4ac is small; this form keeps them.
+    The root of a quadratic, (-b + sqrt(b^2 + 4ac)) / 2a (or (b - sqrt(b^2 + 4ac)) / -2a), loses most of
+    its digits in float32 when 4ac is small; this form keeps them.
     """
     def rewrite(e):
         if e.is_Add and len(e.args) == 2:
-            roots = [a for a in e.args if a.is_Pow and a.exp == sp.Rational(1, 2)]
+            roots = [(k, root) for k, root in (a.as_coeff_Mul() for a in e.args)
+                     if root.is_Pow and root.exp == sp.Rational(1, 2)]
             if len(roots) == 1:
-                root = roots[0]
-                q = -(e - root)
-                return sp.expand(root.base - q**2) / (root + q)
+                k, root = roots[0]
+                r = e - k * root
+                # Not deep: expanding inside functions would turn log((e^u - 1) c + 1) into one that no
+                # longer prints as log1p(expm1(u) c).
+                return sp.expand(k**2 * root.base - r**2, deep=False) / (k * root - r)
         return e
     return expr.replace(lambda e: e.is_Add, rewrite)
 
