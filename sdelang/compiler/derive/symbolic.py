@@ -458,22 +458,24 @@ def rationalize_roots(expr: sp.Expr) -> sp.Expr:
 
 
 def use_expm1_log1p(expr: sp.Expr) -> sp.Expr:
-    """Rewrite exp(u) - 1 as expm1(u) and log(1 + u) as log1p(u), literally and nothing more.
+    """Rewrite c exp(u) - c as c expm1(u) and log(1 + u) as log1p(u), literally and nothing more.
 
     These keep float32 digits near t = 0. (SymPy's own optimizer factors and
     may trade log(1 + exp(-y)) for -y + log1p(exp(y)), which cancels.)
     """
     def rewrite_add(e):
+        # c exp(u) beside -c, for any factor c (1, -1, sigma^2, ...): c expm1(u).
         args = list(e.args)
-        for sign in (1, -1):
-            if -sign in args:
-                for i, a in enumerate(args):
-                    if sign == 1 and isinstance(a, sp.exp):
-                        rest = [b for j, b in enumerate(args) if j != i and b != -1]
-                        return sp.Add(expm1(a.args[0]), *rest, evaluate=False)
-                    if sign == -1 and a.is_Mul and a.args[0] == -1 and len(a.args) == 2 and isinstance(a.args[1], sp.exp):
-                        rest = [b for j, b in enumerate(args) if j != i and b != 1]
-                        return sp.Add(-expm1(a.args[1].args[0]), *rest, evaluate=False)
+        for i, a in enumerate(args):
+            factors = sp.Mul.make_args(a)
+            growths = [f for f in factors if isinstance(f, sp.exp)]
+            if len(growths) != 1:
+                continue
+            c = sp.Mul(*[f for f in factors if f is not growths[0]])
+            for j, b in enumerate(args):
+                if j != i and b == -c:
+                    rest = [x for k, x in enumerate(args) if k not in (i, j)]
+                    return sp.Add(c * expm1(growths[0].args[0]), *rest, evaluate=False)
         return e
 
     def rewrite_log(e):
