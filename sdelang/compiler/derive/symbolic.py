@@ -102,9 +102,11 @@ def _definite(body, var, lower, upper):
     if antiderivative.has(sp.Integral):
         return None
     result = antiderivative.xreplace({var: upper}) - antiderivative.xreplace({var: lower})
-    if result.has(sp.I):
+    negative = any(L.has(var) and L.args[0].xreplace({var: lower}).is_negative for L in antiderivative.atoms(sp.log))
+    if result.has(sp.I) or negative:
         # log(s - 1) from 0 to t < 1 gives log(t - 1) - log(-1), complex; as log(u(s) / u(lower)) the same
-        # antiderivative gives the real log(1 - t).
+        # antiderivative gives the real log(1 - t). With a parameter, log(s - d - 1) gives log(t - d - 1) -
+        # log(-d - 1): no I appears, but the module would take the log of a negative number.
         real = _real_logs(antiderivative, var, lower)
         if real is not None:
             return real.xreplace({var: upper}) - real.xreplace({var: lower})
