@@ -380,14 +380,25 @@ def _at_defaults(expr: sp.Expr, defaults: dict) -> sp.Expr:
 
 
 def _evaluate(at: sp.Expr, variables, columns, dtype) -> np.ndarray | None:
-    """at (parameters substituted) on the points, in numpy with the given dtype; None if it cannot."""
+    """at (parameters substituted) on the points, in numpy with the given dtype; None if it cannot.
+
+    Constant subexpressions are folded to numbers first, as the module folds them into Python floats:
+    numpy would evaluate expm1(0.2) as a float64 scalar, which promotes a float32 array to float64 and
+    hides the float32 error being measured (a Python float does not promote)."""
     try:
+        at = _constants_folded(at)
         fn = _numpy_function(tuple(variables), at)
         with np.errstate(all="ignore"):
             value = np.asarray(fn(*(c.astype(dtype) for c in columns)), dtype=dtype)
     except (TypeError, ValueError, ZeroDivisionError, OverflowError):
         return None
     return value * np.ones(len(columns[0]), dtype=dtype)
+
+
+def _constants_folded(at: sp.Expr) -> sp.Expr:
+    """at with each subexpression free of symbols (expm1(2/5), sqrt(2) pi, ...) as a 30-digit Float."""
+    return at.replace(lambda e: isinstance(e, sp.Expr) and not e.is_Atom and not e.free_symbols,
+                      lambda e: sp.Float(e.evalf(30), 30))
 
 
 @lru_cache(maxsize=256)
