@@ -81,6 +81,11 @@ def time_profile(p: CoupledProgram) -> sp.Expr:
     entries += [c.diffusion**2 for c in p.components]
     first = next(e for e in entries if e != 0)
     _, dependent = first.as_independent(p.t, as_Add=False)
+    # Positive, so that r = B(t) grows from 0: the kernel's series near r = 0 and its doublings assume r >= 0, and
+    # a profile of the drift's sign (dx = s(t) (v - x) dt gives -s(t)) would make r negative for every t.
+    middle = dependent.xreplace({p.t: (p.eps + p.T) / 2}).xreplace(p.defaults)
+    if middle.is_negative or (middle.is_negative is None and dependent.could_extract_minus_sign()):
+        dependent = -dependent
     return dependent
 
 
