@@ -1175,3 +1175,32 @@ def test_singular_kernel_is_reported():
     module = compile_text(SINGULAR, "singular", numeric=True)
     with pytest.raises(ValueError, match=r"numerically singular at t = 0\.001"):
         module.SDE()
+
+
+AT_REST = """\
+sde at_rest
+dx = (v - x) dt
+dv = (x - v) dt + sqrt(2) dw
+v(0) ~ normal(0, 0)
+t in [1e-3, 1]
+weighting likelihood
+"""
+
+
+def test_an_auxiliary_component_started_at_a_point():
+    """v(0) ~ normal(0, 0) trains (Sigma(t) > 0 for t > 0: the noise reaches x through v), but its initial law has
+    no density, so the likelihood is refused with the reason, before the solve, rather than math.log(0)."""
+    from sdelang.runtime.likelihood import log_likelihood
+    module = compile_text(AT_REST, "at_rest", numeric=False)
+    sde = build64(Example("at_rest", module, {}))
+    t = torch.tensor([1e-3, 0.1, 1.0], dtype=F64)
+    assert torch.isfinite(sde.weight(t)).all() and (sde.weight(t) > 0).all()
+    calls = []
+
+    def score(u, s):
+        calls.append(1)
+        return torch.zeros_like(u)
+
+    with pytest.raises(ValueError, match=r"v\(0\) ~ normal\(mean, 0\) starts at a point.*positive variance"):
+        log_likelihood(sde, score, torch.zeros(2, 1, dtype=F64))
+    assert not calls

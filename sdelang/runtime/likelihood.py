@@ -94,6 +94,7 @@ def log_likelihood(sde, score_fn: ScoreFn, x: Tensor, *, exact_trace: bool = Fal
     coupled = kind_of(sde) == "coupled"
     if coupled:
         x0 = sde.init_sampling(x0, generator)
+        initial = sde.init_logp(x0)   # first: an initial law without a density is refused before the solve
     divergence = _exact_divergence if exact_trace else _hutchinson(_probe(x0, noise, generator))
     reverse = sde.reverse(score_fn, probability_flow=True)
     nfe = 0
@@ -117,7 +118,7 @@ def log_likelihood(sde, score_fn: ScoreFn, x: Tensor, *, exact_trace: bool = Fal
         xs, integrals = solve(flow, (x0, x0.new_zeros(x0.shape[0])), times, rtol=rtol, atol=atol, method=method)
         estimates = sde.prior_logp(xs[-1]) + integrals[-1]
         if coupled:
-            estimates = estimates - sde.init_logp(x0)
+            estimates = estimates - initial
         estimates = estimates.reshape(copies, batch)
     logp = estimates.mean(0)
     if exact_trace and not coupled:
