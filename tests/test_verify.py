@@ -831,3 +831,33 @@ def test_every_example_file_passes_the_cli(path, capsys):
     assert main(["check", str(path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] and all(row["status"] in ("ok", "n/a") for row in data["checks"]), data
+
+
+THIRD_ORDER_CHAIN = """\
+sde chain3
+param L = 3
+param xi = 4
+dx = L * v dt
+dv = (-L * x + L * a) dt
+da = (-L * v - xi * a) dt + sqrt(2 * xi) dw
+v(0) ~ normal(0, 0.05)
+a(0) ~ normal(0, 0.02)
+t in [1e-5, 1]
+weighting likelihood
+t ~ importance
+"""
+
+
+def test_coupled_checks_allow_for_their_own_rounding_near_eps():
+    """A third-order chain near eps: Sigma's correlation matrix has cond ~ 1e13 at t = 1e-5, and a float64 inverse of
+    it is 3e-3 off however right the module is (its weight agrees with 60-digit arithmetic to 2e-16), so the checks
+    bound their own reference's rounding. A weight 1e-6 high still fails where the reference holds its digits."""
+    module = sdelang.load(THIRD_ORDER_CHAIN).double()
+    assert statuses(verify.coupled_kernel_methods(module, FAST)) == {"kernel methods agree": verify.OK}
+    assert statuses(verify.hybrid_score(module, FAST))["noise_to_score = kernel score"] == verify.OK
+
+    def _weight64(self, t):
+        return original(self, "_weight64")(t) * (1 + 1e-6)
+
+    cls = type("BrokenChain", (type(module),), {"_weight64": _weight64})
+    assert statuses(verify.coupled_kernel_methods(cls().double(), FAST)) == {"kernel methods agree": verify.FAIL}

@@ -147,3 +147,14 @@ def initial_mean(sde) -> torch.Tensor:
 def data_column(sde, Phi: torch.Tensor) -> torch.Tensor:
     """Phi e_data [n, K]: how u_t depends on the data."""
     return Phi[:, :, sde.data_index]
+
+
+def inversion_rounding(Sigma: torch.Tensor) -> torch.Tensor:
+    """[n] the relative error that rounding alone gives a float64 inverse of Sigma [n, K, K] (or of a Schur
+    complement in it): K u cond(C), C = Sigma / sqrt(Sigma_ii Sigma_jj) the correlation matrix. Near t = 0 a chain's
+    components are nearly collinear (cond(C) ~ 1e13 for a third-order chain at t = 1e-5), and a reference computed
+    from Sigma in float64 is no better than this, however right the module is."""
+    d = Sigma.diagonal(dim1=-2, dim2=-1).sqrt()
+    C = Sigma / (d[..., :, None] * d[..., None, :])
+    return Sigma.shape[-1] * torch.finfo(torch.float64).eps * torch.linalg.cond(C)
+

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .common import (IDENTITY_BOUND, NA, STANDARD_ERRORS, CheckResult, Comparison, Settings, check_grid, column,
-                     comparison_times, components, worst_row)
+                     comparison_times, components, inversion_rounding, worst_row)
 
 
 def hybrid_score(sde, settings: Settings) -> list[CheckResult]:
@@ -43,7 +43,8 @@ def kernel_score(sde, settings: Settings) -> CheckResult:
     equals the kernel's score -M (u_t - mean) of marginal_prob(x0, t) at the noisy components (score_map),
     and is exactly 0 at the others. Tolerance, relative to the score's largest entry: 1e-9 + the rounding of
     u_t - mean carried through M, |M| 4 eps (|u_t| + |mean|) (u_t = mean + A z and the difference each round
-    once; with |mean| >> sqrt(Sigma) near t = 0 this is the larger term)."""
+    once; with |mean| >> sqrt(Sigma) near t = 0 this is the larger term), and the rounding of M itself, which
+    comes from a float64 Sigma: inversion_rounding(Sigma) |M| |u_t - mean|."""
     t = check_grid(sde)
     n, K = t.shape[0], components(sde)
     like = sde._anchor
@@ -58,7 +59,9 @@ def kernel_score(sde, settings: Settings) -> CheckResult:
     noisy = torch.as_tensor(sde.noisy, device=like.device)
     size = exact.abs().amax(-1)
     error = (score[:, noisy] - exact).abs().amax(-1) / size
-    bound = IDENTITY_BOUND + rounding.amax(-1) / size
+    # M from a rounded Sigma carries inversion_rounding(Sigma) relative error, on the scale |M| |u_t - mean|.
+    carried = inversion_rounding(Sigma) * (M.abs() @ (u - mean).abs()[..., None])[..., 0].amax(-1)
+    bound = IDENTITY_BOUND + (rounding.amax(-1) + carried) / size
     leak = score[:, ~noisy].abs().amax(-1) if not bool(noisy.all()) else torch.zeros(n, dtype=torch.float64)
     comparisons = [Comparison(float(error[i]), float(bound[i]), f"noisy components at t = {float(t[i]):.4g}")
                    for i in range(n)]
