@@ -411,6 +411,12 @@ class UnderdampedSDE(torch.nn.Module):
         for i in range(2):
             if i != self.data_index:
                 var = float(self._Sigma0[i][i])
+                if var == 0:
+                    name = self.components[i]
+                    raise ValueError(f"{name}(0) ~ normal(mean, 0) starts at a point, which has no density: the "
+                                     f"likelihood bound log p(x) - KL(q({name}0) || p({name}0 | x)) is not defined for "
+                                     f"it; give {name}(0) a small positive variance (e.g. normal(0, 1e-4)) to "
+                                     f"compute likelihoods")
                 y = (parts[i] - float(self._mean0[0][i])).flatten(1)
                 total = total - 0.5 * y.shape[1] * math.log(2 * math.pi * var) - (y**2).sum(1) / (2 * var)
         return total
