@@ -14,7 +14,7 @@ from __future__ import annotations
 import sympy as sp
 
 from .kernel import Kernel
-from .symbolic import Accuracy, rewrites, simplest
+from .symbolic import Accuracy, exponential_differences, rewrites, simplest
 
 
 def from_log_snr(lam: sp.Expr) -> tuple[sp.Expr, sp.Expr, sp.Expr]:
@@ -42,7 +42,8 @@ def coefficients(m: sp.Expr, c: sp.Expr, v: sp.Expr, t: sp.Symbol,
 
 def given_kernel(m: sp.Expr, c: sp.Expr, v: sp.Expr, t: sp.Symbol, accuracy: Accuracy) -> Kernel:
     """The stated kernel itself, each part in its most accurate float32 form among a few rewrites."""
-    vs = rewrites(v)
+    vs = rewrites(v) + exponential_differences(v, t)
     stds = [sp.sqrt(u) for u in vs] + [simplest(sp.sqrt(v))]
-    return Kernel(accuracy.best(rewrites(m), t), accuracy.best(rewrites(c), t) if c != 0 else c,
+    ms = rewrites(m) + exponential_differences(m, t)
+    return Kernel(accuracy.best(ms, t), accuracy.best(rewrites(c), t) if c != 0 else c,
                   accuracy.best(vs, t), accuracy.best(stds, t))

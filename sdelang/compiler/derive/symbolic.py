@@ -6,6 +6,7 @@ then takes its numeric path.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -282,6 +283,48 @@ def common_exponential(expr: sp.Expr) -> sp.Expr:
     return rewrite(expr)
 
 
+def exponential_differences(expr: sp.Expr, t: sp.Symbol) -> list[sp.Expr]:
+    """expr, and the base of each square root in it, with exponential_difference applied where it applies."""
+    forms = [f for f in [bounded(exponential_difference, expr, t, seconds=SIMPLIFY_LIMIT)] if f is not None]
+    roots = {p: f for p in expr.atoms(sp.Pow) if p.exp == sp.Rational(1, 2) and p.base.has(t)
+             if (f := bounded(exponential_difference, p.base, t, seconds=SIMPLIFY_LIMIT)) is not None}
+    if roots:
+        forms.append(expr.xreplace({p: sp.sqrt(f) for p, f in roots.items()}))
+    return [f for f in forms if printable(f)]
+
+
+def exponential_difference(expr: sp.Expr, t: sp.Symbol) -> sp.Expr | None:
+    """expr as -Q (exp(u(t) - w) - 1) / D when, over one denominator D, its numerator is P exp(u(t)) + Q with P, Q
+    free of t and -Q / P = exp(w); else None.
+
+    A difference of sigmoids, sigmoid(z(t)) - sigmoid(z0) (Chen's sigmoid schedule: v = 1 - gamma near t = 0, gamma
+    near T), has such a numerator; written with expm1(u - w), u - w factored (k (t - 1) rather than k t - k), it
+    keeps its float32 digits where the two sigmoids nearly agree."""
+    n, d = sp.fraction(sp.together(expr))
+    n = sp.powsimp(sp.expand(n), combine="exp")
+    P, Q, key = sp.Integer(0), sp.Integer(0), None
+    for term in sp.Add.make_args(n):
+        if not term.has(t):
+            Q += term
+            continue
+        factors = sp.Mul.make_args(term)
+        exps = [f for f in factors if isinstance(f, sp.exp) and f.has(t)]
+        rest = sp.Mul(*(f for f in factors if not (isinstance(f, sp.exp) and f.has(t))))
+        if len(exps) != 1 or rest.has(t):
+            return None
+        free, dependent = sp.expand(exps[0].args[0]).as_independent(t, as_Add=True)
+        if key is not None and sp.expand(dependent - key) != 0:
+            return None
+        key = dependent
+        P += rest * sp.exp(free)
+    if key is None or Q == 0:
+        return None
+    w = sp.simplify(sp.expand_log(sp.log(sp.simplify(sp.powsimp(-Q / P))), force=True))
+    if w.has(sp.I, sp.zoo, sp.nan) or w.has(t):
+        return None
+    return -Q * (sp.exp(sp.factor(key - w)) - 1) / d
+
+
 def sum_to_product(expr: sp.Expr) -> sp.Expr:
     """Rewrite cos(a) - cos(b) as 2 sin((a + b)/2) sin((b - a)/2), and 1 - cos(u) as 2 sin(u/2)^2.
 
@@ -376,7 +419,16 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...
 def _at_defaults(expr: sp.Expr, defaults: dict) -> sp.Expr:
     # expm1 and log1p first, as code generation writes them: with float parameters SymPy distributes a
     # numeric factor over exp(u) - 1 (c exp(u) - c), which no longer reads as expm1 and cancels.
-    return use_expm1_log1p(expr).xreplace({k: sp.sympify(v) for k, v in defaults.items()})  # xreplace: subs is slow
+    # Exact values, not Floats: with Float parameters SymPy evaluates and regroups the expression (exp(3 - 6 t) became
+    # 20.09 exp(-6 t)), so the form measured was not the form the module computes. Constant subtrees become numbers
+    # only when evaluated (_constants_folded), as the module's constants do.
+    return use_expm1_log1p(expr).xreplace({k: _exact_value(v) for k, v in defaults.items()})  # xreplace: subs is slow
+
+
+def _exact_value(value) -> sp.Expr:
+    """A parameter's value as the exact rational of its shortest decimal form (0.1 -> 1/10)."""
+    value = float(value)
+    return sp.Rational(repr(value)) if math.isfinite(value) else sp.Float(value)
 
 
 def _evaluate(at: sp.Expr, variables, columns, dtype) -> np.ndarray | None:
