@@ -154,16 +154,17 @@ class CosineVPSDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = torch.sin(self._k2*(1 - t))
+        w0 = self._k5 + t
         w1 = self._k0*self._k1
-        w2 = (1/2)*w1
-        w3 = torch.cos(w2*(s + self.s))
-        w4 = (1/2)*t
-        w5 = torch.sin(w1*w4)
-        w6 = (1/2)*s
-        r = self._expand(w0/w3, x)
-        f = (r - 1) * x
-        G2 = -self._k4*w5*(w0**2*torch.sin(w1*w6)*torch.sin(w1*(w6 + self.s))/(w3**2*w5*torch.sin(w1*(w4 + self.s))) - 1)*torch.sin(w2*(self._k5 + t))
+        w2 = (1/4)*w1
+        w3 = (1/2)*w1
+        w4 = torch.cos(w3*(s + self.s))
+        w5 = (1/2)*t
+        w6 = torch.sin(w1*w5)
+        w7 = (1/2)*s
+        growth = self._expand(-2*torch.sin(w2*(-s + t))*torch.sin(w2*(s + w0))/w4, x)  # r - 1
+        f = growth * x
+        G2 = -self._k4*w6*(-1 + torch.sin(self._k2*(1 - t))**2*torch.sin(w1*w7)*torch.sin(w1*(w7 + self.s))/(w4**2*w6*torch.sin(w1*(w5 + self.s))))*torch.sin(w0*w3)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

@@ -141,8 +141,8 @@ class EDMVESDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        r = self._expand(torch.full_like(t, 1), x)
-        f = (r - 1) * x
+        growth = self._expand(torch.full_like(t, 0), x)  # r - 1
+        f = growth * x
         G2 = (-s + t)*(s + t)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 

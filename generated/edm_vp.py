@@ -135,12 +135,12 @@ class EDMVPSDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = s*(s*self.beta_d + self._k1)
+        w0 = s*self.beta_d
         w1 = self.beta_d*t
-        w2 = t*(self._k1 + w1)
-        r = self._expand(torch.exp((1/4)*w0 - 1/4*w2), x)
-        f = (r - 1) * x
-        G2 = (torch.expm1((1/2)*w0)/torch.expm1((1/2)*w2) - 1)*torch.expm1(-t*((1/2)*w1 + self.beta_min))
+        w2 = self._k1 + w1
+        growth = self._expand(torch.expm1(-1/4*(-s + t)*(w0 + w2)), x)  # r - 1
+        f = growth * x
+        G2 = (torch.expm1((1/2)*s*(self._k1 + w0))/torch.expm1((1/2)*w2*t) - 1)*torch.expm1(-t*((1/2)*w1 + self.beta_min))
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

@@ -149,12 +149,12 @@ class OUSDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = s*self.theta
-        w1 = t*self.theta
-        w2 = s - t
-        r = self._expand(torch.exp(w0 - w1), x)
-        f = (r - 1) * x + self._expand(-self.mu*torch.expm1(w2*self.theta), x)
-        G2 = self._k3*torch.exp(2*w0 - 2*w1)*torch.expm1(-2*w2*self.theta)
+        w0 = s - t
+        w1 = -w0*self.theta
+        w2 = 2*self.theta
+        growth = self._expand(torch.expm1(-w1), x)  # r - 1
+        f = growth * x + self._expand(-self.mu*torch.expm1(w0*self.theta), x)
+        G2 = self._k3*torch.exp(s*w2 - w2*t)*torch.expm1(2*w1)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

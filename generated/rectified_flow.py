@@ -124,12 +124,11 @@ class RectifiedFlowSDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = t - 1
-        w1 = s - 1
-        w2 = t**2
-        r = self._expand(w0/w1, x)
-        f = (r - 1) * x
-        G2 = -w2*(s**2*w0**2/(w1**2*w2) - 1)
+        w0 = s - 1
+        w1 = t**2
+        growth = self._expand((-s + t)/w0, x)  # r - 1
+        f = growth * x
+        G2 = -w1*(s**2*(t - 1)**2/(w0**2*w1) - 1)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

@@ -74,7 +74,8 @@ class SubvpSDE(torch.nn.Module):
         self._k0 = self.beta_max - self.beta_min
         self._k1 = -2*self.beta_min
         self._k2 = -self.beta_max + self.beta_min
-        self._k3 = -1/2*self.beta_min
+        self._k3 = 2*self.beta_min
+        self._k4 = -1/2*self.beta_min
         self.eps = 1/100000
         self.T = 1
         self.v0 = 0
@@ -149,13 +150,15 @@ class SubvpSDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = (1/2)*self.beta_max*t - 1/2*self.beta_min*t + self.beta_min
-        w1 = -w0*t
-        w2 = (1/2)*s
-        w3 = w2*self.beta_max - w2*self.beta_min + self.beta_min
-        r = self._expand(torch.exp(-1/4*s*(s*self._k2 + self._k1) + (1/4)*t*(self._k1 + self._k2*t)), x)
-        f = (r - 1) * x
-        G2 = -(torch.exp(-s*w3 - w1)*torch.expm1(s*w3)**2/torch.expm1(w0*t)**2 - 1)*torch.expm1(w1)**2
+        w0 = s*self.beta_max
+        w1 = self.beta_max*t
+        w2 = s*self.beta_min
+        w3 = (1/2)*w1 - 1/2*self.beta_min*t + self.beta_min
+        w4 = -w3*t
+        w5 = (1/2)*w0 - 1/2*w2 + self.beta_min
+        growth = self._expand(torch.expm1(-1/4*(-s + t)*(self._k3 + w0 + w1 - w2 - self.beta_min*t)), x)  # r - 1
+        f = growth * x
+        G2 = -(torch.exp(-s*w5 - w4)*torch.expm1(s*w5)**2/torch.expm1(w3*t)**2 - 1)*torch.expm1(w4)**2
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):
@@ -187,7 +190,7 @@ class SubvpSDE(torch.nn.Module):
     def drift_divergence(self, x, t):
         """div_x f(x, t) = d a(t), d the number of entries of one sample."""
         d = x[0].numel()
-        return d * (-1/2*self._k0*t + self._k3)
+        return d * (-1/2*self._k0*t + self._k4)
 
 
 class ReverseSubvpSDE:

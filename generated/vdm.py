@@ -144,8 +144,8 @@ class VDMSDE(torch.nn.Module):
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
         w0 = self._k0*t + self.gamma_min
-        r = self._expand(torch.sqrt(torch.exp(s*self._k0 + self.gamma_min) + 1)/torch.sqrt(torch.exp(w0) + 1), x)
-        f = (r - 1) * x
+        growth = self._expand(-1 + torch.sqrt(torch.exp(s*self._k0 + self.gamma_min) + 1)/torch.sqrt(torch.exp(w0) + 1), x)  # r - 1
+        f = growth * x
         G2 = -torch.expm1(-self._k0*(-s + t))/(1 + torch.exp(-w0))
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 

@@ -153,8 +153,8 @@ class VESDE(torch.nn.Module):
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
         w0 = 2*t
-        r = self._expand(torch.full_like(t, 1), x)
-        f = (r - 1) * x
+        growth = self._expand(torch.full_like(t, 0), x)  # r - 1
+        f = growth * x
         G2 = -self.sigma_max**w0*self.sigma_min**(2 - w0)*torch.expm1(-2*self._k4*(-s + t))
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 

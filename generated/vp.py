@@ -76,7 +76,8 @@ class VPSDE(torch.nn.Module):
         self._k0 = self.beta_max - self.beta_min
         self._k1 = -2*self.beta_min
         self._k2 = -self.beta_max + self.beta_min
-        self._k3 = -1/2*self.beta_min
+        self._k3 = 2*self.beta_min
+        self._k4 = -1/2*self.beta_min
         self.eps = 1/100000
         self.T = 1
         self.v0 = 0
@@ -146,12 +147,14 @@ class VPSDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = (1/2)*t
-        w1 = w0*self.beta_max - w0*self.beta_min + self.beta_min
-        w2 = (1/2)*s
-        r = self._expand(torch.exp(-1/4*s*(s*self._k2 + self._k1) + (1/4)*t*(self._k1 + self._k2*t)), x)
-        f = (r - 1) * x
-        G2 = (torch.expm1(s*(w2*self.beta_max - w2*self.beta_min + self.beta_min))/torch.expm1(w1*t) - 1)*torch.expm1(-w1*t)
+        w0 = s*self.beta_max
+        w1 = self.beta_max*t
+        w2 = s*self.beta_min
+        w3 = self.beta_min*t
+        w4 = (1/2)*w1 - 1/2*w3 + self.beta_min
+        growth = self._expand(torch.expm1(-1/4*(-s + t)*(self._k3 + w0 + w1 - w2 - w3)), x)  # r - 1
+        f = growth * x
+        G2 = (torch.expm1(s*((1/2)*w0 - 1/2*w2 + self.beta_min))/torch.expm1(w4*t) - 1)*torch.expm1(-w4*t)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):
@@ -183,7 +186,7 @@ class VPSDE(torch.nn.Module):
     def drift_divergence(self, x, t):
         """div_x f(x, t) = d a(t), d the number of entries of one sample."""
         d = x[0].numel()
-        return d * (-1/2*self._k0*t + self._k3)
+        return d * (-1/2*self._k0*t + self._k4)
 
 
 class ReverseVPSDE:

@@ -77,14 +77,15 @@ class VPLikelihoodSDE(torch.nn.Module):
         self._k0 = self.beta_max - self.beta_min
         self._k1 = -2*self.beta_min
         self._k2 = -self.beta_max + self.beta_min
-        self._k3 = 1 / (-math.log(math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)) + math.log(math.expm1((1/2)*self.beta_max + (1/2)*self.beta_min)))
-        self._k4 = -1/2*self.beta_min
-        self._k5 = -math.log(math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min))
-        self._k6 = -math.log(math.expm1((1/2)*self.beta_max + (1/2)*self.beta_min))
-        self._k7 = 1 / (self.beta_max - self.beta_min)
-        self._k8 = self.beta_min**2
-        self._k9 = 2*self.beta_max - 2*self.beta_min
-        self._k10 = math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)
+        self._k3 = 2*self.beta_min
+        self._k4 = 1 / (-math.log(math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)) + math.log(math.expm1((1/2)*self.beta_max + (1/2)*self.beta_min)))
+        self._k5 = -1/2*self.beta_min
+        self._k6 = -math.log(math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min))
+        self._k7 = -math.log(math.expm1((1/2)*self.beta_max + (1/2)*self.beta_min))
+        self._k8 = 1 / (self.beta_max - self.beta_min)
+        self._k9 = self.beta_min**2
+        self._k10 = 2*self.beta_max - 2*self.beta_min
+        self._k11 = math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)
         self.eps = 1/100000
         self.T = 1
         self.v0 = 0
@@ -154,12 +155,14 @@ class VPLikelihoodSDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = (1/2)*t
-        w1 = w0*self.beta_max - w0*self.beta_min + self.beta_min
-        w2 = (1/2)*s
-        r = self._expand(torch.exp(-1/4*s*(s*self._k2 + self._k1) + (1/4)*t*(self._k1 + self._k2*t)), x)
-        f = (r - 1) * x
-        G2 = (torch.expm1(s*(w2*self.beta_max - w2*self.beta_min + self.beta_min))/torch.expm1(w1*t) - 1)*torch.expm1(-w1*t)
+        w0 = s*self.beta_max
+        w1 = self.beta_max*t
+        w2 = s*self.beta_min
+        w3 = self.beta_min*t
+        w4 = (1/2)*w1 - 1/2*w3 + self.beta_min
+        growth = self._expand(torch.expm1(-1/4*(-s + t)*(self._k3 + w0 + w1 - w2 - w3)), x)  # r - 1
+        f = growth * x
+        G2 = (torch.expm1(s*((1/2)*w0 - 1/2*w2 + self.beta_min))/torch.expm1(w4*t) - 1)*torch.expm1(-w4*t)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):
@@ -172,21 +175,21 @@ class VPLikelihoodSDE(torch.nn.Module):
 
     def t_density(self, t):
         """Density of the training time t (importance): q(t) = lambda / (Z v) = -(beta_min + t*(beta_max - beta_min))/((-log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)) + log(expm1(beta_max/2 + beta_min/2)))*expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)))"""
-        return -self._k3*(self._k0*t + self.beta_min)/torch.expm1(t*(-1/2*self.beta_max*t + (1/2)*self.beta_min*t - self.beta_min))
+        return -self._k4*(self._k0*t + self.beta_min)/torch.expm1(t*(-1/2*self.beta_max*t + (1/2)*self.beta_min*t - self.beta_min))
 
     def t_cdf(self, t):
         """CDF of the training time t: (log(expm1(t*(beta_max*t/2 - beta_min*t/2 + beta_min))) - log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)))/(-log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)) + log(expm1(beta_max/2 + beta_min/2)))"""
         w0 = (1/2)*t
-        return self._k3*(self._k5 + torch.log(torch.expm1(t*(w0*self.beta_max - w0*self.beta_min + self.beta_min))))
+        return self._k4*(self._k6 + torch.log(torch.expm1(t*(w0*self.beta_max - w0*self.beta_min + self.beta_min))))
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""
-        lo, hi = self._k5, self._k6
+        lo, hi = self._k6, self._k7
         drop = u * (lo - hi)
         # t = logSNR^-1(lo - drop) = (2*beta_max*log1p(exp(drop)*expm1(beta_max/20000000000 + 199999*beta_min/20000000000)) - 2*beta_min*log1p(exp(drop)*expm1(beta_max/20000000000 + 199999*beta_min/20000000000)))/((beta_max - beta_min)*(beta_min + sqrt(beta_min^2 + (2*beta_max - 2*beta_min)*log1p(exp(drop)*expm1(beta_max/20000000000 + 199999*beta_min/20000000000)))))
-        w0 = torch.log1p(self._k10*torch.exp(drop))
+        w0 = torch.log1p(self._k11*torch.exp(drop))
         w1 = 2*w0
-        return torch.clamp(self._k7*(w1*self.beta_max - w1*self.beta_min)/(self.beta_min + torch.sqrt(self._k8 + self._k9*w0)), self.eps, self.T)
+        return torch.clamp(self._k8*(w1*self.beta_max - w1*self.beta_min)/(self.beta_min + torch.sqrt(self._k10*w0 + self._k9)), self.eps, self.T)
 
     def sample_t(self, batch_size, generator=None):
         """batch_size training times drawn from q(t) by inverting its CDF."""
@@ -196,7 +199,7 @@ class VPLikelihoodSDE(torch.nn.Module):
     def drift_divergence(self, x, t):
         """div_x f(x, t) = d a(t), d the number of entries of one sample."""
         d = x[0].numel()
-        return d * (-1/2*self._k0*t + self._k4)
+        return d * (-1/2*self._k0*t + self._k5)
 
 
 class ReverseVPLikelihoodSDE:

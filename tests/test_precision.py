@@ -296,3 +296,27 @@ def test_every_method_is_finite_on_interval(examples, name, dtype):
             bad = ~torch.isfinite(v)
             assert not bad.any(), f"{name}.{what} is not finite in {dtype} ({int(bad.sum())} entries)"
     assert bool(((outputs["sample_t"] >= t[0]) & (outputs["sample_t"] <= t[-1])).all())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_float32_discretize_step_keeps_its_digits_near_eps(examples, name):
+    """f = (r - 1) x over a step [s, t], both float32 numbers given to both modules, within K u of f itself
+    (relative, not of |r x| + |x|): r - 1 is computed as expm1(A(t) - A(s)) (or a product of sines), never as r
+    minus 1, which kept only the digits of r that differ from 1 (VP: 4.7e-2 of f at t = eps). OU's offset is
+    switched off (mu = 0) so that f is the growth term alone. Scale as in the module docstring: |f| (with the
+    numeric path's quadrature term) + |t df/dt| + |s df/ds| (cosine_vp near T)."""
+    example = examples[name]
+    params = {"mu": 0.0} if name == "ou" else {}
+    sde32, sde64 = example.build(params, dtype=F32), example.build(params, dtype=F64)
+    lo, hi = float(sde64.eps), float(sde64.T)
+    t32 = torch.tensor(np.geomspace(lo, hi, 97), dtype=F64).to(F32).clamp(min=lo)
+    for s32 in (torch.clamp(t32 - hi / sde64.N, min=0.0), t32 * 0.999, t32 / 2):
+        x = torch.linspace(0.5, 3, t32.shape[0], dtype=F64)[:, None]
+        f32, _ = sde32.discretize(x.to(F32), t32, s32)
+        t, s = t32.double().requires_grad_(True), s32.double().requires_grad_(True)
+        f = sde64.discretize(x, t, s)[0][:, 0]
+        df_dt, df_ds = (torch.autograd.grad(f.sum(), (t, s), allow_unused=True, materialize_grads=True)
+                        if f.requires_grad else (torch.zeros_like(t), torch.zeros_like(s)))   # VE: f = 0
+        f, t, s = f.detach(), t.detach(), s.detach()
+        scale = f.abs() * (1 + numeric_term(sde64, t)) + (t * df_dt).abs() + (s * df_ds).abs()
+        assert_close(f32[:, 0], f, scale, K * U32, f"{name} step f float32 vs float64", t)

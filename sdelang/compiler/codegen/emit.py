@@ -284,7 +284,7 @@ def emit_affine(d: Derivation) -> str:
         "std": code(k.std),
         "log_snr": code(d.log_snr),
         "prior": code(d.prior_mean, d.prior_variance),
-        "discretize": code(d.step.ratio, d.step.offset, d.step.variance),
+        "discretize": code(d.step.growth, d.step.offset, d.step.variance),
         "weight": code(d.weight),
         "t_density": code(1 / (p.T - p.eps) if uniform else imp.density),
         # The per-dimension divergence; the template multiplies by d = x[0].numel().
