@@ -6,6 +6,7 @@ that are not its nodes are compared with a DOP853 solution (rtol 1e-12) of
 
     A' = a,  I' = g^2 e^{-2A},  J' = b e^{-A},  W' = |b| e^{-A}   (from 0),   K' = lambda / v   (from eps)
 
+(from 1e-12 eps where the coefficients are not finite at 0)
 with m = e^A, v = e^{2A} (v0 + I), c = e^A J (its scale e^A W where c passes 0) and Q = K / K(T),
 evaluated from the program's own a, b, g^2 and weighting with SymPy's lambdify, never from the
 module's code. The errors go into the module's docstring; one above BOUND is a warning.
@@ -148,10 +149,12 @@ class _Reference:
 
     def _rhs(self, t, y, from_eps):
         A, I, J, W, K = y
-        a, b, g2 = (float(np.broadcast_to(f(t), ())) for f in (self.a, self.b, self.g2))
+        with np.errstate(all="ignore"):   # a pole is a non-finite value here, handled by the caller
+            a, b, g2 = (float(np.broadcast_to(f(t), ())) for f in (self.a, self.b, self.g2))
         weight = 0.0
         if from_eps and self.lam is not None:
-            weight = float(np.broadcast_to(self.lam(t), ())) / (math.exp(2 * A) * (self.v0 + I))
+            with np.errstate(all="ignore"):
+                weight = float(np.broadcast_to(self.lam(t), ())) / (math.exp(2 * A) * (self.v0 + I))
         return [a, g2 * math.exp(-2 * A), b * math.exp(-A), abs(b) * math.exp(-A), weight]
 
     def solve(self, ts: np.ndarray) -> dict:
@@ -161,7 +164,11 @@ class _Reference:
         tol = dict(method="DOP853", rtol=RTOL, atol=1e-40)
         start = [0.0] * 5
         if self.eps > 0:
-            first = scipy.integrate.solve_ivp(self._rhs, (0.0, self.eps), start, args=(False,), **tol)
+            # Coefficients singular at t = 0 (a logSNR given as -2 log tan(pi t / 2): inf * 0 there) start the
+            # solution at 1e-12 eps from the zero state; an integrand ~ t^k leaves out (1e-12)^(k + 1) of its
+            # integral at eps: 1e-12 for a bounded one (g^2 ~ t for the cosine schedules).
+            origin = 0.0 if np.isfinite(self._rhs(0.0, start, False)).all() else 1e-12 * self.eps
+            first = scipy.integrate.solve_ivp(self._rhs, (origin, self.eps), start, args=(False,), **tol)
             if not first.success:
                 raise ArithmeticError(first.message)
             start = list(first.y[:, -1])
