@@ -245,7 +245,7 @@ class NumericSDE(torch.nn.Module):
             to_powers[k + 1, 1:] = 2 * to_powers[k, :-1]
             to_powers[k + 1] -= to_powers[k - 1]
         eps, T = float(self.eps), float(self.T)
-        lo = eps * 1e-6 if eps > 0 else T * 1e-12  # below eps: for the start s = 0 of a first step
+        lo = eps * 1e-12 if eps > 0 else T * 1e-12  # below eps: for the start s = 0 of a first step
         points = [0.0, lo]
         while points[-1] * 2 < T:
             points.append(points[-1] * 2)

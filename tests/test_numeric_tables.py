@@ -311,3 +311,15 @@ def test_a_table_that_cannot_be_built_is_an_error_not_a_guess(compiled):
     v goes negative and log v is NaN), construction raises a ValueError that says so."""
     with pytest.raises(ValueError, match="cannot be resolved"):
         module(compiled, "oscillating").SDE(b1=-2.0)
+
+
+@pytest.mark.parametrize("name", ["oscillating", "pole_tables"])
+def test_a_first_step_from_zero_is_the_kernel(compiled, name):
+    """A step from s = 0 (the default at t = eps when T/N >= eps), where x_0 is the data: G must be sqrt(v(eps)) and
+    f the kernel's (m(eps) - 1) x. The tables reach below eps to 1e-12 eps for this (from 1e-6 eps, G was 5e-7 off)."""
+    sde = module(compiled, name).SDE().double()
+    t = torch.tensor([float(sde.eps)], dtype=F64)
+    x = torch.full((1, 1), 1.5, dtype=F64)
+    f, G = sde.discretize(x, t, torch.zeros_like(t))
+    assert abs(G.item() / sde.std(t).item() - 1) < 1e-10
+    assert abs(f.item() / ((sde.mean_coeff(t).item() - 1) * 1.5) - 1) < 1e-10
