@@ -206,11 +206,9 @@ def test_kernel_matches_an_independent_reference(modules, name):
     assert np.max(np.abs(v / v_ref - 1)) < 1e-7, name
 
 
-# Not fixed yet: the module evaluates 1 + d - t as (d - t) + 1, and in float32 the rounding of that sum (6e-8 near 1)
-# is 1.3e-5 of m(t) = (1 + d - t) / (1 + d) at t = T, where m is 1e-3; (1 - t) + d would keep it.
 # The sigmoid schedule's m = sqrt(gamma) vanishes at t = 1, just past T: its forms are compared on a grid with one point
 # near T, and the one kept is 2e-5 off at t = 0.999 (its variance, a difference of sigmoids near t = 0, holds 2e-7).
-FLOAT32_MISSES = {"bridge_pole_param", "sigmoid_schedule"}
+FLOAT32_MISSES = {"sigmoid_schedule"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="float32 order of a sum"))

@@ -187,6 +187,28 @@ class TensorPrinter(_PowMixin, PythonCodePrinter):
 
     _print_Dummy = _print_Symbol
 
+    def _print_Add(self, expr, order=None):
+        """A sum of a number n, a time term c t (or of the step start s) and terms in the parameters alone is
+        printed (n + c t) + the rest, so that Python adds those first: 1 + d - t (a pole a parameter past T)
+        reads (1 - t) + d, where 1 - t is exact in float32 near t = 1 and d is added to the small result;
+        (d - t) + 1 rounds at the scale of 1 and kept 1e-5 of (1 + d - t) / (1 + d) at t = 1, d = 0.001."""
+        number = [a for a in expr.args if a.is_Number]
+        times = [a for a in expr.args if self._is_time_term(a)]
+        rest = [a for a in expr.args if not a.is_Number and not self._is_time_term(a)]
+        if len(number) != 1 or len(times) != 1 or not rest or any(self._has_time(a) for a in rest):
+            return super()._print_Add(expr, order)
+        first = super()._print_Add(sp.Add(number[0], times[0]), order)
+        others = super()._print_Add(sp.Add(*rest), order) if len(rest) > 1 else self._print(rest[0])
+        return f"({first}) - {others[1:]}" if others.startswith("-") else f"({first}) + {others}"
+
+    def _has_time(self, term) -> bool:
+        return any(self.names.get(symbol) in ("t", "s") for symbol in term.free_symbols)
+
+    def _is_time_term(self, term) -> bool:
+        coefficient, symbol = term.as_coeff_Mul()
+        return (isinstance(symbol, sp.Symbol) and self.names.get(symbol) in ("t", "s")
+                and coefficient.is_Number)
+
     def _print_expm1(self, expr):
         return f"torch.expm1({self._print(expr.args[0])})"
 
