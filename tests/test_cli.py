@@ -190,3 +190,11 @@ def test_show_formats(compiled):
     lines = show(derivation, "markdown").splitlines()
     assert lines[2:4] == ["| quantity | value |", "| --- | --- |"]
     assert all(line.count("|") == 3 for line in lines[4:]), "a bar inside a cell would split it"
+
+
+def test_show_names_the_dimension_beside_a_parameter_called_d(program, capsys):
+    """The data dimension prints as d, or as d' where a parameter is called d; the row says which is which."""
+    source = "sde bridge\nparam d = 0.5\ndx = -x / (1 + d - t) dt + 1 dw\nt in [1e-3, 1]\n"
+    assert main(["show", str(program(source))]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "drift divergence" in line)
+    assert "(d': entries of one sample)" in row and "-d'/" in row

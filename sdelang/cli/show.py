@@ -77,11 +77,18 @@ def _rows(d: Derivation | GeneralDerivation | CoupledDerivation) -> list[tuple[s
         ("prior variance", d.prior_variance),
         ("step ratio m(t)/m(s)", d.step.ratio),
         ("step variance G^2", d.step.variance),
-        ("drift divergence", d.divergence),
+        (f"drift divergence ({_dimension_name(d.divergence)}: entries of one sample)", d.divergence),
         ("[eps, T]", f"[{_number(p.eps)}, {_number(p.T)}]"),
         ("N (steps)", str(p.N)),
         ("v0", p.v0),
     ]
+
+
+def _dimension_name(divergence: sp.Expr) -> str:
+    """The name the data dimension prints with: d, or d' beside a parameter called d."""
+    plain = plain_names(divergence)
+    return next((s.name for s in plain.free_symbols if s.name.startswith("d") and set(s.name[1:]) <= {"'"}
+                 and s not in divergence.free_symbols), "d")
 
 
 def _given_rows(d: Derivation) -> list[tuple[str, sp.Expr | str]]:
