@@ -22,7 +22,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
 from .kernel import Kernel
-from .symbolic import SIMPLIFY_LIMIT, Accuracy, bounded, printable, rewrites
+from .symbolic import SIMPLIFY_LIMIT, Accuracy, bounded, printable, rewrites, sum_to_product
 
 START = sp.Dummy("s", positive=True)  # the start of the step (a Dummy: never a user's name)
 
@@ -45,10 +45,15 @@ def discretize(k: Kernel, lsnr: sp.Expr, t: sp.Symbol, accuracy: Accuracy, N: in
     # m = exp(A): the ratio is exp(A(t) - A(s)), and powsimp finds it; simplify on two variables
     # is slow and adds nothing here.
     ratio = sp.powsimp(k.m / k.m.xreplace(at_start))
-    growths = rewrites(ratio - 1)
     if isinstance(ratio, sp.exp):
-        exponent = bounded(lambda e: sp.factor(sp.expand(e)), ratio.args[0], seconds=SIMPLIFY_LIMIT)
-        growths += [expm1(e) for e in (ratio.args[0], exponent) if e is not None and printable(e)]
+        # The common case, m = exp(A): expm1 of A(t) - A(s), with t - s as a factor where it is one.
+        A = ratio.args[0]
+        exponents = [A, bounded(lambda e: sp.factor(sp.expand(e)), A, seconds=SIMPLIFY_LIMIT)]
+        if A.has(sp.cos):
+            exponents.append(bounded(sum_to_product, A, seconds=SIMPLIFY_LIMIT))   # cos(3 s) - cos(3 t)
+        growths = [ratio - 1] + [expm1(e) for e in exponents if e is not None and printable(e)]
+    else:
+        growths = rewrites(ratio - 1)   # a ratio of cosines becomes a product of sines, (1 + d - t) / (1 + d - s) ...
     growth = best(growths)
     offset = best(rewrites(k.c - ratio * k.c.xreplace(at_start))) if k.c != 0 else sp.Integer(0)
     drop = lsnr - lsnr.xreplace(at_start)
