@@ -1,7 +1,7 @@
 """Stage 3: IR -> derived quantities, one pure function per module."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy as sp
 
@@ -73,8 +73,11 @@ def derive_affine(p: Program) -> Derivation:
         k = kernel(a, b, g2, p.v0, t, accuracy)
     else:
         # A stated kernel: the SDE is derived from it by differentiation, and the kernel is exact as given.
-        a, b, g2 = coefficients(p.given.m, p.given.c, p.given.v, t, p.given.log_snr)
         k = given_kernel(p.given.m, p.given.c, p.given.v, t, accuracy)
+        a, b, g2 = coefficients(p.given.m, p.given.c, p.given.v, t, p.given.log_snr, accuracy, k)
+        # The SDE the checker derived, in these forms (chosen by their float32 error): sde(), reverse() and
+        # the flow print from the program's drift and diffusion.
+        p = replace(p, drift=a * p.x + b, diffusion=sp.sqrt(g2))
     # From here on a quantity with no closed form is a table lookup, never an Integral: nothing
     # downstream integrates numerically at compile time.
     tables = Tables(t, p.T)

@@ -23,10 +23,14 @@ def from_log_snr(lam: sp.Expr) -> tuple[sp.Expr, sp.Expr, sp.Expr]:
 
 
 def coefficients(m: sp.Expr, c: sp.Expr, v: sp.Expr, t: sp.Symbol,
-                 lam: sp.Expr | None = None) -> tuple[sp.Expr, sp.Expr, sp.Expr]:
+                 lam: sp.Expr | None = None, accuracy: Accuracy | None = None,
+                 kernel: Kernel | None = None) -> tuple[sp.Expr, sp.Expr, sp.Expr]:
     """(a, b, g^2) of the SDE whose kernel is N(m x0 + c, v); ``lam`` is logSNR when it was given.
 
-    g^2 has two equivalent forms, v' - 2 a v and -v logSNR'; the shorter after simplification is kept.
+    g^2 has two equivalent forms, v' - 2 a v and -v logSNR'; the shorter after simplification is kept. With
+    ``accuracy`` and the ``kernel`` in its chosen forms, a and g^2 are also derived from those forms, and the
+    most accurate in float32 is kept: a = d/dt log m from m = sqrt(P expm1(k (t - 1))) keeps the digits that
+    d/dt log(sigmoid(end) - sigmoid(z(t))) loses near T (a sigmoid schedule's drift, 1e-4 off at t = 0.999).
     """
     if lam is not None:
         # Variance preserving: a = lam' sigmoid(-lam) / 2, g^2 = -lam' sigmoid(-lam), written with
@@ -37,6 +41,13 @@ def coefficients(m: sp.Expr, c: sp.Expr, v: sp.Expr, t: sp.Symbol,
     b = sp.Integer(0) if c == 0 else simplest(sp.diff(c, t) - a * c)
     forms = [sp.diff(v, t) - 2 * a * v, -v * sp.diff(sp.expand_log(sp.log(m**2 / v), force=True), t)]
     g2 = min((simplest(f) for f in forms), key=lambda e: (sp.count_ops(e), sp.default_sort_key(e)))
+    if accuracy is None or kernel is None or kernel.m == m and kernel.v == v:
+        return a, b, g2
+    a_kept = sp.diff(sp.expand_log(sp.log(kernel.m), force=True), t)
+    a = accuracy.best([a, a_kept, simplest(a_kept)], t)
+    g2_kept = sp.diff(kernel.v, t) - 2 * a * kernel.v
+    g2 = accuracy.best([g2, g2_kept, simplest(g2_kept)], t)
+    b = sp.Integer(0) if c == 0 else simplest(sp.diff(c, t) - a * c)
     return a, b, g2
 
 
