@@ -74,8 +74,9 @@ def discretize(k: Kernel, lsnr: sp.Expr, t: sp.Symbol, accuracy: Accuracy, N: in
 
 def step_difference(N: sp.Expr, t: sp.Symbol) -> sp.Expr:
     """N(t) - N(s) term by term, without the difference of nearly equal values when s ~ t: a term c exp(a t + b)
-    gives c exp(a s + b) expm1(a (t - s)), a polynomial term c (t^n - s^n) keeps its factor (t - s), a constant
-    nothing; any other term stays a difference."""
+    gives c exp(a s + b) expm1(a (t - s)), a term c p(t) exp(a t + b) with p a polynomial gives
+    c exp(a s + b) (p(t) expm1(a (t - s)) + (p(t) - p(s))), a polynomial term c (t^n - s^n) keeps its factor
+    (t - s), a constant nothing; any other term stays a difference."""
     out = []
     for term in sp.Add.make_args(sp.expand(N.rewrite(sp.exp), power_base=False, power_exp=True, log=False)):
         coeff, f = term.as_independent(t, as_Add=False)
@@ -91,5 +92,14 @@ def step_difference(N: sp.Expr, t: sp.Symbol) -> sp.Expr:
         if f.is_polynomial(t):
             out.append(coeff * sp.factor(f - f.xreplace({t: START})))
             continue
+        exps = [e for e in sp.Mul.make_args(f) if isinstance(e, sp.exp)]
+        if len(exps) == 1:
+            p = sp.Mul(*(e for e in sp.Mul.make_args(f) if e is not exps[0]))   # f / exp would keep exp(u) exp(-u)
+            arg = sp.expand(sp.expand_log(exps[0].args[0], force=True))
+            slope = sp.diff(arg, t)
+            if p.is_polynomial(t) and not slope.has(t):
+                at_start = sp.exp(arg.xreplace({t: START}))
+                out.append(coeff * at_start * (p * expm1(slope * (t - START)) + sp.factor(p - p.xreplace({t: START}))))
+                continue
         out.append(term - term.xreplace({t: START}))
     return sp.Add(*out)

@@ -28,6 +28,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 
 from .symbolic import (NUMERIC, SIMPLIFY_LIMIT, SOLVE_LIMIT, TIME_LIMIT, bounded, factor_exponentials,
                        integrate_from, most_accurate, printable, rationalize_roots, simplest)
+from .discretize import START, step_difference
 from .tables import Tables
 
 # Dummies, so that a user's parameter named u, drop or w never collides with them.
@@ -80,11 +81,28 @@ def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol,
         if invert:
             tables.invert(cdf)
         return Importance(density, cdf, None, False)
-    cdf = partial / Z
+    cdf = _accurate_cdf(partial, Z, t, defaults, eps, T)
     inverse = _solve(sp.Eq(cdf, U), t, U, cdf, defaults, eps, T) if invert else None
     if invert and inverse is None:
         tables.invert(tables.tabulate(cdf, "CDF Q(t)", absolute=True))
     return Importance(ratio / Z, cdf, inverse, False)
+
+
+def _accurate_cdf(partial, Z, t, defaults, eps, T) -> sp.Expr:
+    """Q = int_eps^t q as F(t) - F(eps) (SymPy's antiderivative at the limits), or written termwise in t - eps
+    (step_difference), whichever is more accurate in float32: F(t) - F(eps) cancels near eps (VE with v0 > 0 and
+    lambda = 1 + t: (1 + t) exp(-k t) against (1 + eps) exp(-k eps))."""
+    expanded = bounded(sp.expand, partial, seconds=SIMPLIFY_LIMIT)
+    forms = [partial / Z]
+    if expanded is not None:
+        # The terms in t are F(t); the others are -F(eps), since the integral vanishes at t = eps.
+        # Each term factored, its powers combined: smin^(2t) / (4 smax^(2t) L^2 - ...) becomes c exp(-k t).
+        F = sp.Add(*[sp.powsimp(sp.factor(a), combine="exp") for a in sp.Add.make_args(expanded) if a.has(t)])
+        termwise = bounded(lambda: step_difference(F, t).xreplace({START: eps}), seconds=SIMPLIFY_LIMIT)
+        if termwise is not None and printable(termwise):
+            forms.append(termwise / Z)
+    lo, hi = float(eps.subs(defaults)), float(T.subs(defaults))
+    return most_accurate(forms, t, defaults, np.geomspace(lo, hi, 25))
 
 
 def _accurate_inverse(inverse, lsnr, t, defaults, eps, T) -> sp.Expr:
