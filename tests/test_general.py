@@ -478,3 +478,40 @@ def test_float32_matches_float64(programs, name, data):
     ]:
         assert got.dtype == F32 and bool(torch.isfinite(got).all()), what
         assert_close(got, want, scale, bound, f"float32 {what}")
+
+
+LOGISTIC = """\
+sde logistic
+param a = 1.5
+h(u) = u * sigmoid(u)
+dx = (sin(x) * t - a * h(x)) dt + sqrt(1 + t * x^2 + softplus(x)) dw
+t in [0.01, 1]
+prior normal(0, 1)
+weighting 1
+"""
+
+
+@pytest.mark.parametrize("dtype, big", [(F32, 100.0), (F64, 800.0)])
+def test_softplus_and_sigmoid_of_the_state_do_not_overflow(dtype, big):
+    """softplus(x) and SymPy's derivatives of softplus and sigmoid print in forms that stay finite where exp(x)
+    overflows (x = 100 in float32, 800 in float64): log1p(exp(x)) was inf and exp(x) / (exp(x) + 1) NaN there.
+    Reference: the same formulas in float64 numpy with numpy's own stable logaddexp and expit-like forms."""
+    sde = import_code(sdelang.compile_source(sdelang.Source(LOGISTIC, "logistic.sde")).code,
+                      "sdelang_test_logistic").SDE().to(dtype)
+    x = torch.tensor([[big, -big, 30.0, -30.0, 0.5]], dtype=dtype)
+    t = torch.tensor([0.5], dtype=dtype)
+    f, g = sde.sde(x, t)
+    dg2 = sde.noise_gradient(x, t)
+    div = torch.stack([sde.drift_divergence(x[:, i:i + 1], t)[0] for i in range(x.shape[1])])
+    xs = x[0].double().numpy()
+    sig = np.where(xs >= 0, 1 / (1 + np.exp(-np.abs(xs))), np.exp(-np.abs(xs)) / (1 + np.exp(-np.abs(xs))))
+    want_f = np.sin(xs) * 0.5 - 1.5 * xs * sig
+    want_g = np.sqrt(1 + 0.5 * xs**2 + np.logaddexp(xs, 0.0))
+    want_dg2 = 2 * 0.5 * xs + sig
+    want_div = 0.5 * np.cos(xs) - 1.5 * (sig + xs * sig * (1 - sig))
+    tol = 1e-5 if dtype == F32 else 1e-12
+    for what, got, want in (("f", f[0], want_f), ("g", g[0], want_g), ("d(g^2)/dx", dg2[0], want_dg2),
+                            ("divergence", div, want_div)):
+        got = got.double().numpy()
+        assert np.isfinite(got).all(), what
+        assert np.allclose(got, want, rtol=tol, atol=tol * np.abs(want).max()), (what, got, want)

@@ -36,10 +36,37 @@ REWRITE_LIMIT = 2.0  # seconds for the expm1/log1p rewrites of one expression
 
 
 def stable(expr: sp.Expr) -> sp.Expr:
-    """expm1/log1p rewrites, which keep float32 precision near t = 0, and cos and tan measured from their
-    zero or pole (trig_from_quarter_turn) (unchanged if they run out of time)."""
-    rewritten = bounded(lambda e: trig_from_quarter_turn(use_expm1_log1p(e)), expr, seconds=REWRITE_LIMIT)
+    """expm1/log1p rewrites, which keep float32 precision near t = 0, cos and tan measured from their
+    zero or pole (trig_from_quarter_turn), and the forms of softplus and sigmoid that do not overflow
+    (no_overflow) (unchanged if they run out of time)."""
+    rewritten = bounded(lambda e: no_overflow(trig_from_quarter_turn(use_expm1_log1p(e))), expr,
+                        seconds=REWRITE_LIMIT)
     return expr if rewritten is None else rewritten
+
+
+class softplus(sp.Function):
+    """log(1 + exp(u)), printed as torch.nn.functional.softplus: exp(u) overflows from u = 89 in float32
+    (a state-dependent noise sqrt(1 + softplus(x)) was inf at x = 100)."""
+    nargs = 1
+
+
+def no_overflow(expr: sp.Expr) -> sp.Expr:
+    """log1p(exp(u)) as softplus(u), and exp(u) / (exp(u) + 1)^n (SymPy's derivatives of softplus and sigmoid)
+    as 1 / ((1 + exp(-u)) (exp(u) + 1)^(n - 1)): inf / inf is NaN for large u; this is 1, or 0, there."""
+    def sigmoid(e):
+        factors = list(e.args)
+        for i, f in enumerate(factors):
+            if f.is_Pow and f.exp.is_Integer and f.exp < 0 and f.base.is_Add and len(f.base.args) == 2 \
+                    and 1 in f.base.args:
+                (E,) = [a for a in f.base.args if a != 1]
+                if isinstance(E, sp.exp) and E in factors:
+                    rest = [g for j, g in enumerate(factors) if j != i and j != factors.index(E)]
+                    return sp.Mul(*rest) * f.base**(f.exp + 1) / (1 + sp.exp(-E.args[0]))
+        return e
+
+    expr = expr.replace(lambda e: isinstance(e, log1p) and isinstance(e.args[0], sp.exp),
+                        lambda e: softplus(e.args[0].args[0]))
+    return expr.replace(lambda e: e.is_Mul, sigmoid)
 
 
 def trig_from_quarter_turn(expr: sp.Expr) -> sp.Expr:
@@ -212,6 +239,9 @@ class TensorPrinter(_PowMixin, PythonCodePrinter):
     def _print_expm1(self, expr):
         return f"torch.expm1({self._print(expr.args[0])})"
 
+    def _print_softplus(self, expr):
+        return f"torch.nn.functional.softplus({self._print(expr.args[0])})"
+
     def _print_log1p(self, expr):
         return f"torch.log1p({self._print(expr.args[0])})"
 
@@ -264,6 +294,10 @@ class ScalarPrinter(_PowMixin, PythonCodePrinter):
 
     def _print_expm1(self, expr):
         return f"math.expm1({self._print(expr.args[0])})"
+
+    def _print_softplus(self, expr):
+        u = self._print(expr.args[0])
+        return f"(max({u}, 0.0) + math.log1p(math.exp(-abs({u}))))"
 
     def _print_Tabulated(self, expr):
         return f"self._table_at({expr.args[0]}, {self._print(expr.args[1])})"
