@@ -45,6 +45,8 @@ def _parts(f: sp.Expr, t: sp.Symbol) -> list[sp.Expr]:
 def _roots(part: sp.Expr, t: sp.Symbol, domain: sp.Interval) -> list[sp.Expr] | None:
     """The real roots of part's numerator and denominator in the domain, or None if SymPy cannot list them."""
     roots = []
+    # tan(u) as sin(u) / cos(u): SymPy lists the roots of each in an interval, not those of tan.
+    part = part.replace(lambda e: isinstance(e, sp.tan), lambda e: sp.sin(e.args[0]) / sp.cos(e.args[0]))
     for side in sp.fraction(sp.together(part)):
         if not side.has(t):
             continue
