@@ -71,7 +71,7 @@ def test_run_checks_on_a_float32_module_on_any_device(all_examples, name, device
 
 def test_bad_settings_are_value_errors(examples):
     sde = examples["vp"].build()
-    for kwargs in (dict(paths=10), dict(steps=2), dict(data_std=0.0), dict(data_std=math.nan)):
+    for kwargs in (dict(paths=10), dict(steps=2), dict(data_std=0.0), dict(data_std=math.nan), dict(data_std=1e160)):
         with pytest.raises(ValueError):
             verify.run_checks(sde, **kwargs)
 
@@ -861,3 +861,11 @@ def test_coupled_checks_allow_for_their_own_rounding_near_eps():
 
     cls = type("BrokenChain", (type(module),), {"_weight64": _weight64})
     assert statuses(verify.coupled_kernel_methods(cls().double(), FAST)) == {"kernel methods agree": verify.FAIL}
+
+
+def test_diverging_paths_fail_the_prior_gap():
+    """dx = x^3 dt + dw blows up before T = 1 for most paths from N(0, 1): the simulated KL(p_T || prior) is FAIL
+    with the count, where NaN once compared false against the warning level and passed as ok."""
+    sde = sdelang.load("sde unstable\ndx = x^3 dt + 1 dw\nprior normal(0, 1)\n").double()
+    (row,) = [r for r in verify.prior_gap_simulated(sde, FAST) if r.name == "KL(p_T || prior)"]
+    assert row.status == verify.FAIL and "Euler-Maruyama paths" in row.note and "not finite" in row.note

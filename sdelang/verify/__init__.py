@@ -87,8 +87,9 @@ def run_checks(sde, *, paths: int = DEFAULT_PATHS, steps: int = DEFAULT_STEPS, s
         raise ValueError(f"paths must be at least 100 for the Monte Carlo checks, got {paths}")
     if steps < 10:
         raise ValueError(f"steps must be at least 10, got {steps}")
-    if not (math.isfinite(data_std) and data_std > 0):
-        raise ValueError(f"the data standard deviation must be positive, got {data_std}")
+    if not (math.isfinite(data_std) and 0 < data_std <= 1e100):
+        # Past 1e100 its square times the kernel's overflows float64 (1e160 gave an OverflowError).
+        raise ValueError(f"the data standard deviation must be positive and at most 1e100, got {data_std}")
     kind = kind_of(sde)
     if kind not in CHECKS:
         raise ValueError(f"sdelang check does not know modules of kind {kind!r} (it knows {', '.join(CHECKS)})")

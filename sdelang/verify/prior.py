@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
-from .common import (IDENTITY_BOUND, KL_WARNING, OK, STANDARD_ERRORS, WARN, CheckResult, Comparison, Settings,
+from .common import (FAIL, IDENTITY_BOUND, KL_WARNING, OK, STANDARD_ERRORS, WARN, CheckResult, Comparison, Settings,
                      affine_kernel, column, components, initial_mean, not_applicable, worst_row)
 from .simulation import euler_grid, scalar_paths, starts_at_zero
 
@@ -109,9 +110,18 @@ def prior_gap(sde, settings: Settings) -> list[CheckResult]:
     info_note = f"m(T) = {m:.3g}, v(T) = {v:.4g}"
     if information > KL_WARNING:
         info_note += f"; {_gap_advice(information, variance / V)}"
-    return rows + [CheckResult("KL(p_T || prior)", WARN if kl > KL_WARNING else OK, kl, KL_WARNING, kl_note),
-                   CheckResult("I(x0; x_T)", WARN if information > KL_WARNING else OK, information, KL_WARNING,
-                               info_note)]
+    return rows + [CheckResult("KL(p_T || prior)", _gap_status(kl), kl, KL_WARNING, _finite_note(kl, kl_note)),
+                   CheckResult("I(x0; x_T)", _gap_status(information), information, KL_WARNING,
+                               _finite_note(information, info_note))]
+
+
+def _gap_status(value: float) -> str:
+    """ok within KL_WARNING, warn above it, FAIL when not a number at all (NaN compares false both ways)."""
+    return OK if value <= KL_WARNING else WARN if math.isfinite(value) else FAIL
+
+
+def _finite_note(value: float, note: str) -> str:
+    return note if math.isfinite(value) else f"{note}; not finite: the kernel or the prior at T is not finite"
 
 
 def prior_gap_simulated(sde, settings: Settings) -> list[CheckResult]:
@@ -131,6 +141,11 @@ def prior_gap_simulated(sde, settings: Settings) -> list[CheckResult]:
     run = scalar_paths(sde, column([0.0], like), column([initial], like), n, grid, [T],
                        settings.generator(like.device, 3))
     x = run.fine[0][0, :, 0].double()
+    diverged = int((~torch.isfinite(x)).sum())
+    if diverged:
+        return rows + [CheckResult("KL(p_T || prior)", FAIL, math.inf, KL_WARNING,
+                                   f"{diverged} of {n} Euler-Maruyama paths from data N(0, {s:g}^2) are not finite "
+                                   f"at T: the SDE blows up (or needs smaller steps than --steps {settings.steps})")]
     mean, variance = float(x.mean()), float(x.var())
     kl = gaussian_kl(mean, variance, mu, V)
     # d KL / d mean = (mean - mu) / V,  d KL / d var = (1 / V - 1 / var) / 2;  Var(mean) = var / n,
@@ -141,7 +156,7 @@ def prior_gap_simulated(sde, settings: Settings) -> list[CheckResult]:
             f"N(0, {s:g}^2) vs prior N({mu:.4g}, {V:.4g}), SE {se:.2g}")
     if kl > KL_WARNING:
         note += "; raise T or the diffusion, or move the prior to the simulated p_T"
-    return rows + [CheckResult("KL(p_T || prior)", WARN if kl > KL_WARNING else OK, kl, KL_WARNING, note)]
+    return rows + [CheckResult("KL(p_T || prior)", _gap_status(kl), kl, KL_WARNING, _finite_note(kl, note))]
 
 
 def _vector(values: np.ndarray) -> str:
