@@ -111,3 +111,16 @@ def test_ode_solves_never_leave_eps_T(examples, name, mean, std):
     times = torch.cat(seen)
     assert times.numel() > 0
     assert float(times.min()) >= eps and float(times.max()) <= T, (float(times.min()), float(times.max()))
+
+
+def test_a_non_finite_drift_is_a_solver_error():
+    """A drift that turns NaN mid-solve (a state where coefficients overflow) is a SolverError naming the interval,
+    not torchdiffeq's assertion with the whole state tensor in it (an internal error, exit 3, from `sdelang nll`)."""
+    def poisoned(t, state):   # (x, divergence integral), as the likelihood solves: the divergence turns inf
+        x, _ = state
+        return -x, torch.where(t > 0.3, torch.full_like(x[:, 0], float("inf")), -x[:, 0])
+
+    state = (torch.ones(3, 2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(SolverError, match="met a non-finite value between t = 0 and t = 1") as info:
+        solve(poisoned, state, torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    assert "tensor(" not in str(info.value)

@@ -72,6 +72,12 @@ def solve(func, y0, times, *, rtol: float, atol: float, method: str = "dopri5"):
         return torchdiffeq.odeint(once_cached, y0, times, rtol=rtol, atol=atol, method=method,
                                   options={"step_t": times[1:], "first_step": h})
     except AssertionError as exc:
+        if "non-finite" in str(exc):
+            # torchdiffeq's message carries the whole state tensor: the first line is what it says.
+            raise SolverError(f"the {method} solver met a non-finite value between t = {float(times[0]):g} and "
+                              f"t = {float(times[-1]):g}: the flow drift or its divergence is inf or NaN at a state "
+                              f"the solve reached (a score model that is not trained enough or diverges, or "
+                              f"coefficients that overflow there)") from None
         if "underflow" not in str(exc):
             raise
         raise SolverError(f"the {method} solver's step size underflowed between t = {float(times[0]):g} and "
