@@ -163,8 +163,9 @@ class CubicLangevinSDE(torch.nn.Module):
         return (t - self.eps) / (self.T - self.eps)
 
     def t_icdf(self, u):
-        """Inverse CDF of the training time t: eps + u (T - eps)."""
-        return self.eps + u * (self.T - self.eps)
+        """Inverse CDF of the training time t: eps + u (T - eps), kept in [eps, T] (in float32 eps + (T - eps) may
+        round one step past T)."""
+        return torch.clamp(self.eps + u * (self.T - self.eps), self.eps, self.T)
 
     def sample_t(self, batch_size, generator=None):
         """batch_size training times drawn uniformly on [eps, T]."""

@@ -515,3 +515,12 @@ def test_softplus_and_sigmoid_of_the_state_do_not_overflow(dtype, big):
         got = got.double().numpy()
         assert np.isfinite(got).all(), what
         assert np.allclose(got, want, rtol=tol, atol=tol * np.abs(want).max()), (what, got, want)
+
+
+def test_t_icdf_stays_inside_the_interval_in_float32():
+    """eps + u (T - eps) at u = 1 rounds one float32 step past T for some eps and T (these); the module clamps."""
+    text = "sde long_t\ndx = -x^3 dt + 1 dw\nt in [0.004880162470814877, 1.846344406475625]\nprior normal(0, 1)\n"
+    sde = import_code(sdelang.compile_source(sdelang.Source(text, "long_t.sde")).code, "sdelang_test_long_t").SDE()
+    u = torch.linspace(0, 1, 10001, dtype=F32)
+    t = sde.to(F32).t_icdf(u)
+    assert float(t.max()) <= float(torch.tensor(sde.T, dtype=F32)) and float(t.min()) >= float(torch.tensor(sde.eps, dtype=F32))
