@@ -9,8 +9,10 @@ swapped between the check and the import; no bytecode is written or read beside 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import hashlib
+import inspect
 import os
 import stat
 import sys
@@ -165,5 +167,13 @@ class _At:
 
 
 def load(path_or_source: str | os.PathLike, **params):
-    """An instance of the SDE in a .sde file or program text; keyword arguments override parameters."""
-    return load_module(path_or_source).SDE(**params)
+    """An instance of the SDE in a .sde file or program text; keyword arguments override parameters (a name the
+    program does not declare is a TypeError that lists the ones it does)."""
+    module = load_module(path_or_source)
+    known = [name for name in inspect.signature(module.SDE).parameters]
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        raise TypeError(f"unknown parameter {unknown[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                        + f"; this SDE takes: {', '.join(known)}")
+    return module.SDE(**params)

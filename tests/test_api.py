@@ -386,3 +386,11 @@ def test_sdelang_version():
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"sdelang {sdelang.__version__}\n"
+
+
+def test_load_names_an_unknown_parameter():
+    """A misspelt keyword is a TypeError that suggests the declared name and lists them all."""
+    text = "sde ou\nparam theta = 1\ndx = -theta * x dt + sqrt(2 * theta) dw\n"
+    with pytest.raises(TypeError, match=r"unknown parameter 'thet' \(did you mean 'theta'\?\); this SDE takes: theta, N"):
+        sdelang.load(text, thet=2)
+    assert sdelang.load(text, theta=2).theta == 2
