@@ -172,6 +172,9 @@ class ExpressionsPass:
         if name in self.params or name in self.consts or name in BUILTIN_CONSTANTS or name == "t":
             raise self.error(f"'{name}' is not a function", expr.func_span,
                              "multiplication is explicit: write 'a * (b)', not 'a(b)'")
+        if name in scope.bound and name in self.sdes:
+            raise self.error(f"'{name}' is a state variable, not a function of time", expr.func_span,
+                             f"write '{name}' alone, e.g. 'd{name} = -{name} dt + 1 dw'")
         raise self._undefined(name, expr.func_span, scope)
 
     def _function(self, name: str, span: Span) -> tuple[tuple[sp.Dummy, ...], sp.Expr]:
