@@ -55,7 +55,14 @@ class ExpressionsPass:
                 raise self.error(f"d/dt needs the time t, which {scope.context} does not have", expr.span,
                                  "take derivatives in the drift, the diffusion, the weighting, or inside "
                                  "a helper function whose argument is named t")
-            return sp.diff(self.lower(expr.expr, scope), scope.derivative_var)
+            inner = self.lower(expr.expr, scope)
+            states = [name for name in self.sdes if name in scope.bound and inner.has(scope.bound[name])]
+            if states:
+                # d/dt would hold the state fixed (d/dt(x^2 t) = x^2): a partial derivative the user rarely means.
+                raise self.error(f"d/dt of an expression in the state '{states[0]}'", expr.span,
+                                 "d/dt takes derivatives of functions of time only; write the derivative of "
+                                 "the time-dependent part, e.g. x^2 * d/dt(beta(t))")
+            return sp.diff(inner, scope.derivative_var)
         raise AssertionError(f"unknown expression node {expr!r}")
 
     def _number(self, expr: ast.Number) -> sp.Rational:
