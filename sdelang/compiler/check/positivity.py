@@ -157,6 +157,10 @@ class PositivityPass:
                 message = f"{what} is not a real number at {at} (a square root or logarithm of a negative number)"
             else:
                 message = f"{what} is {failure.what} at {at}"
+                if failure.what == "below 1e-25":
+                    hint = "values this small vanish in float32 arithmetic" + (
+                        "; scale the weighting up: only its shape over t changes the optimum" if "weighting" in what
+                        else "")
             raise self.error(message + self.at_defaults(), span, hint)
         self.sampled.append(f"{what} was checked positive at {GRID_POINTS} times in [eps, T] only: SymPy could not "
                             f"list its roots and poles")

@@ -70,8 +70,11 @@ def _value(f: sp.Expr, t: sp.Symbol, at: sp.Expr) -> str | None:
     real, imag = number.as_real_imag()
     if abs(imag) > TINY * (1 + abs(real)):
         return "not real"
-    if exact == 0 or abs(real) <= TINY:
+    if exact == 0 or (abs(real) <= TINY and exact.is_zero is not False):
         return "zero"
+    if abs(real) <= TINY:
+        # Proved nonzero but too small to train with (1e-100 is 0 in float32): refused, without calling it zero.
+        return "below 1e-25"
     return "negative" if real < 0 else None
 
 
@@ -109,4 +112,4 @@ def decide(f: sp.Expr, t: sp.Symbol, lo: sp.Expr, hi: sp.Expr) -> tuple[bool, Fa
     return True, min(failures, key=lambda fl: (_SEVERITY.index(fl.what), fl.t), default=None)
 
 
-_SEVERITY = ("infinite", "not real", "negative", "zero")
+_SEVERITY = ("infinite", "not real", "negative", "zero", "below 1e-25")
