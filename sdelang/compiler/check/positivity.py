@@ -51,12 +51,11 @@ class PositivityPass:
             return False
         for part in (slope, drift.subs(x, 0)):
             self._check_no_pole(part, drift_span, eps, T, "the drift")
-        for part, name in ((slope, "the drift"), (drift.subs(x, 0), "the drift")):
             values = self._on_grid(part, eps, T)
             if not np.all(np.isfinite(values)):
                 i = np.flatnonzero(~np.isfinite(values))[0]
                 bad = self._grid(eps, T)[i]
-                raise self.error(f"{name} is not finite at t = {bad:.6g}", drift_span,
+                raise self.error(f"the drift is not finite at t = {bad:.6g}", drift_span,
                                  pole_hint(eps, bad) if np.isinf(values[i]) else
                                  "choose [eps, T] inside the drift's domain")
         return True
@@ -67,18 +66,29 @@ class PositivityPass:
         of the wrong sign past it); undecided, the grid check that follows stands."""
         if not expr.has(TIME):
             return
+        decided, failure = self._decide(expr, eps, T)
+        if decided and failure is not None and failure.what in ("infinite", "not real"):
+            self._refuse_singular(failure, what, span, eps, T,
+                                  "the coefficients must be finite on [eps, T]: move the pole outside the interval"
+                                  if failure.what == "infinite" else "choose [eps, T] inside the drift's domain")
+
+    def _decide(self, expr, eps, T):
+        """check/sign.py's decision on expr(t) over [eps, T] at the defaults: (True, failure or None), or
+        (False, None) where SymPy does not list its roots and poles in time."""
         done, answer = call_with_time_limit(DECIDE_SECONDS, decide, self._exact(expr), TIME, _exact_number(eps),
                                             _exact_number(T))
-        if not (done and answer[0]) or answer[1] is None or answer[1].what not in ("infinite", "not real"):
-            return
-        failure = answer[1]
+        return answer if done else (False, None)
+
+    def _refuse_singular(self, failure, what, span, eps, T, hint) -> None:
+        """Raise for a pole or a value that is not real, found exactly; a pole near T is answered with where the
+        interval must stop (an interval that stops before the pole helps only for a pole at its end)."""
+        at = f"t = {failure.t:.6g}"
         if failure.what == "infinite":
             near_T = failure.t >= T - 0.01 * (T - eps)
-            raise self.error(f"{what} has a pole at t = {failure.t:.6g}" + self.at_defaults(), span,
-                             pole_hint(eps, failure.t) if near_T else
-                             "the coefficients must be finite on [eps, T]: move the pole outside the interval")
-        raise self.error(f"{what} is not a real number at t = {failure.t:.6g} (a square root or logarithm of a "
-                         f"negative number)" + self.at_defaults(), span, "choose [eps, T] inside the drift's domain")
+            raise self.error(f"{what} has a pole at {at}" + self.at_defaults(), span,
+                             pole_hint(eps, failure.t) if near_T else hint)
+        raise self.error(f"{what} is not a real number at {at} (a square root or logarithm of a negative number)"
+                         + self.at_defaults(), span, hint)
 
     def _check_on_states(self, expr, x, span, eps, T, what, positive) -> None:
         """expr(x, t) finite (and positive) on a grid of x in [-STATE_RANGE, STATE_RANGE] and t in [eps, T].
@@ -139,22 +149,16 @@ class PositivityPass:
     def _check_positive(self, expr, span, eps, T, what, hint) -> None:
         """expr(t) > 0 on [eps, T]: proved from its real roots and poles (check/sign.py) where SymPy lists them
         in time, else checked on a grid and recorded as sampled."""
-        done, answer = call_with_time_limit(DECIDE_SECONDS, decide, self._exact(expr), TIME, _exact_number(eps),
-                                            _exact_number(T))
-        if done and answer[0]:
-            failure = answer[1]
+        decided, failure = self._decide(expr, eps, T)
+        if decided:
             if failure is None:
                 return
+            if failure.what in ("infinite", "not real"):
+                self._refuse_singular(failure, what, span, eps, T, hint)
             at = f"t = {failure.t:.6g}"
             if failure.what == "negative" and failure.piece is not None:
                 a, b = failure.piece
                 message = f"{what} is negative for t between {a:.6g} and {b:.6g} (e.g. at {at})"
-            elif failure.what == "infinite":
-                # An interval that stops before the pole helps only for a pole at its end.
-                near_T = failure.t >= T - 0.01 * (T - eps)
-                raise self.error(f"{what} has a pole at {at}", span, pole_hint(eps, failure.t) if near_T else hint)
-            elif failure.what == "not real":
-                message = f"{what} is not a real number at {at} (a square root or logarithm of a negative number)"
             else:
                 message = f"{what} is {failure.what} at {at}"
                 if failure.what == "below 1e-25":
