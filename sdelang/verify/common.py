@@ -157,4 +157,3 @@ def inversion_rounding(Sigma: torch.Tensor) -> torch.Tensor:
     d = Sigma.diagonal(dim1=-2, dim2=-1).sqrt()
     C = Sigma / (d[..., :, None] * d[..., None, :])
     return Sigma.shape[-1] * torch.finfo(torch.float64).eps * torch.linalg.cond(C)
-

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import (IDENTITY_BOUND, CheckResult, inversion_rounding, Comparison, Settings, affine_coefficients, affine_kernel,
-                     check_grid, components, coupled_coefficients, data_column, flat, initial_mean, worst_row)
+from .common import (IDENTITY_BOUND, CheckResult, Comparison, Settings, affine_coefficients, affine_kernel,
+                     check_grid, components, coupled_coefficients, data_column, flat, initial_mean,
+                     inversion_rounding, worst_row)
 
 TINY = torch.finfo(torch.float64).tiny
 

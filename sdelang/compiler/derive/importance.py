@@ -26,9 +26,9 @@ import numpy as np
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
+from .discretize import START, step_difference
 from .symbolic import (NUMERIC, SIMPLIFY_LIMIT, SOLVE_LIMIT, TIME_LIMIT, bounded, factor_exponentials,
                        integrate_from, most_accurate, printable, rationalize_roots, simplest)
-from .discretize import START, step_difference
 from .tables import Tables
 
 # Dummies, so that a user's parameter named u, drop or w never collides with them.
