@@ -198,3 +198,16 @@ def test_show_names_the_dimension_beside_a_parameter_called_d(program, capsys):
     assert main(["show", str(program(source))]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if "drift divergence" in line)
     assert "(d': entries of one sample)" in row and "-d'/" in row
+
+
+def test_a_refusal_names_the_parameter_values_given_with_param(program, capsys):
+    """A refusal measured at --param values says which, not "the default parameters" (which they are not)."""
+    source = program("sde st\nparam c: real = 1\nparam k = 2\ndx = -k * x^3 dt + sqrt(c^2 + x^2) dw\n"
+                     "prior normal(0, 1)\nweighting 1\n", "st.sde")
+    assert main(["compile", str(source), "-o", str(source.parent / "out"), "--param", "c=0"]) == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.endswith("the diffusion is zero at x = 0, t = 1e-05 (with c = 0 and the other parameters at "
+                          "their defaults)"), first
+    # Every parameter given: no mention of defaults.
+    assert main(["compile", str(source), "-o", str(source.parent / "out"), "--param", "c=0", "--param", "k=3"]) == 2
+    assert capsys.readouterr().err.splitlines()[0].endswith("(with c = 0, k = 3)")

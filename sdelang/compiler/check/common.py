@@ -144,8 +144,14 @@ class CheckerState:
         return expr.xreplace(values) if values else expr
 
     def at_defaults(self) -> str:
-        """Said after a value measured at the parameters' defaults."""
-        return " (with the default parameters)" if self.params else ""
+        """Said after a value measured at the parameters' values: the defaults, and the --param overrides by name."""
+        if not self.params:
+            return ""
+        given = ", ".join(f"{name} = {self.param_defaults[name]:g}" for name in self.params if name in self.overrides)
+        if not given:
+            return " (with the default parameters)"
+        rest = " and the other parameters at their defaults" if len(self.overrides) < len(self.params) else ""
+        return f" (with {given}{rest})"
 
 
 DESCRIBE = {ast.Header: "the 'sde NAME' line", ast.SdeDef: "the SDE", ast.TimeDef: "the time interval",
