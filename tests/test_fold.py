@@ -107,6 +107,17 @@ def test_show_defines_the_helpers_and_uses_them():
     assert lines["diffusion g(t)"] == "sqrt(beta(t))"
 
 
+def test_show_writes_a_helper_with_the_argument_the_program_named():
+    """U(y) = ... applied to x is shown as U(y), not renamed to the time symbol; the drift is the state's."""
+    program = ("sde potential\nU(y) = y^4 / 4 - y^2 / 2\nh(u) = u^3 - u\ndx = -h(x) dt + sqrt(2) dw\n"
+               "prior normal(0, 1)\nweighting 1\n")
+    text = show(compile_source(Source(program, "potential.sde")).derivation)
+    lines = {line.split("  ")[1].strip(): line.rsplit("  ", 1)[1] for line in text.splitlines()[1:]}
+    assert lines["U(y) (helper)"] == "y**4/4 - y**2/2"
+    assert lines["h(u) (helper)"] == "u**3 - u"
+    assert lines["drift f(x, t)"] == "-x**3 + x"
+
+
 def test_show_of_every_example_runs(capsys):
     for example in ("subvp", "cosine_vp", "vdm", "ve"):
         assert main(["show", str(ROOT / "examples" / f"{example}.sde")]) == 0

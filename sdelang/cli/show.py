@@ -228,7 +228,8 @@ def _readable_rows(d) -> list[tuple[str, sp.Expr | str]]:
     # quantity is written through the helpers the program names, which come first.
     expand = d.tables.expand if isinstance(d, Derivation) and d.tables else (lambda e: e)
     p = d.program
-    helpers = [(f"{h.name}(t) (helper)", h.body) for h in p.helpers]
+    helpers = [(f"{h.name}({h.argument}) (helper)", h.body.xreplace({p.t: sp.Symbol(h.argument)}))
+               for h in p.helpers]
     rows = [(name, value if isinstance(value, str) else fold(expand(value), p.helpers, p.t))
             for name, value in _rows(d)]
     named = _named_integrals([(name, value if isinstance(value, str) else _decimals(plain_names(value)))

@@ -29,10 +29,12 @@ class Parameter:
 @dataclass(frozen=True)
 class Helper:
     """A function of t the program names, 'beta(t) = ...', with its body in the time symbol: inlined in every
-    expression above, kept to write derived expressions through it again (codegen/fold.py)."""
+    expression above, kept to write derived expressions through it again (codegen/fold.py). `argument` is the
+    name the program gave the argument, for display ('U(y) = ...' applied to x is shown as written)."""
 
     name: str
     body: sp.Expr
+    argument: str = "t"
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ class CheckerState:
             if len(formals) == 1:
                 body = body.xreplace({formals[0]: TIME})
                 if TIME in body.free_symbols and body != TIME and body.free_symbols <= params | {TIME}:
-                    named.append(Helper(name, body))
+                    named.append(Helper(name, body, formals[0].name))
         return tuple(named)
 
     def _defaults(self) -> dict[sp.Symbol, float]:
