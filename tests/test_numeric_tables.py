@@ -20,6 +20,7 @@ import importlib
 import math
 import warnings
 
+import mpmath
 import numpy as np
 import pytest
 import scipy.integrate
@@ -93,9 +94,21 @@ t in [1e-4, 0.999]
 weighting sigmoid(1 - L(t))
 t ~ importance
 """
+# Noise that starts at 0 (g(0) = 0) on a start of variance v0 > 0: logSNR is flat near eps (v - v0 ~ t^2), so the
+# inverse CDF t(u) ~ sqrt(eps^2 + c u) turns within u ~ 1e-11 of 0, below what the logSNR table resolves. Its
+# inverse table once halved there to 4000 pieces and the module refused to build.
+FLAT_START = """\
+sde flat_start
+param init = 0.25
+dx = sqrt(2 * t + t^2 * exp(t)) dw
+v0 = init
+t in [1e-5, 2]
+weighting likelihood
+t ~ importance
+"""
 PROGRAMS = {"pole": POLE, "pole_tables": POLE_TABLES, "oscillating": OSCILLATING, "nonelementary": NONELEMENTARY,
-            "custom": CUSTOM, "cosine_tables": COSINE_TABLES}
-TABULATED = ["pole_tables", "oscillating", "nonelementary", "custom", "cosine_tables"]
+            "custom": CUSTOM, "cosine_tables": COSINE_TABLES, "flat_start": FLAT_START}
+TABULATED = ["pole_tables", "oscillating", "nonelementary", "custom", "cosine_tables", "flat_start"]
 
 
 @pytest.fixture(scope="module")
@@ -277,6 +290,27 @@ def test_custom_importance_cdf_and_inverse(compiled):
     total = scipy.integrate.quad(lambda s: float(sde.t_density(torch.tensor([s], dtype=F64))), eps, T,
                                  epsabs=0, epsrel=1e-12, limit=200)[0]
     assert abs(total - 1) <= 1e-9
+
+
+def test_inverse_cdf_where_the_cdf_starts_flat(compiled):
+    """FLAT_START: v(t) = init + t^2 + e^t (t^2 - 2t + 2) - 2 exactly, so Q(t) = log(v(t) / v(eps)) / log(v(T) / v(eps))
+    and its inverse are computed here with mpmath at 40 digits. The module builds; at u down to 1e-14,
+    Q(t_icdf(u)) is within 1e-14 of u (the float64 rounding of the logSNR it inverts), and t itself within the
+    1e-7 bound where u >= 1e-8 (below, the same rounding is amplified by dt/du ~ t / u: 2e-7 measured at 1e-10)."""
+    mod = module(compiled, "flat_start")
+    assert mod.SDE.inverse_cdf_path == "numeric (piecewise Chebyshev table)"
+    sde = mod.SDE().double()
+    with mpmath.workdps(40):
+        v = lambda s: mpmath.mpf("0.25") + s**2 + mpmath.exp(s) * (s**2 - 2 * s + 2) - 2  # noqa: E731
+        eps, T = mpmath.mpf(float(sde.eps)), mpmath.mpf(float(sde.T))
+        Q = lambda s: mpmath.log(v(s) / v(eps)) / mpmath.log(v(T) / v(eps))  # noqa: E731
+        us = [0.0, 1e-14, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 0.01, 0.3, 0.7, 0.99, 1.0]
+        got = sde.t_icdf(torch.tensor(us, dtype=F64)).tolist()
+        for u, t in zip(us, got):
+            assert abs(Q(mpmath.mpf(t)) - u) <= 1e-14, (u, t)
+            want = mpmath.findroot(lambda s: Q(s) - u, (eps, T), solver="anderson") if 0 < u < 1 else (eps if u == 0 else T)
+            if u == 0 or u >= 1e-8:
+                assert abs(t / want - 1) <= BOUND, (u, t, want)
 
 
 # --- What the compiler says ------------------------------------------------------------------------------
