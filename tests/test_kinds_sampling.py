@@ -788,3 +788,24 @@ def test_coupled_sampling_and_likelihood_on_cuda(other_examples):
         for result in (flows[-1], split, logp):
             assert result.device.type == device and torch.isfinite(result).all()
     torch.testing.assert_close(flows[1].cpu(), flows[0], rtol=0, atol=1e-6)
+
+
+def test_the_deterministic_methods_are_those_that_draw_no_noise(examples, cld):
+    """DETERMINISTIC (what `sdelang sample` names as following the flow) holds exactly the methods whose samples
+    from a fixed x_T do not change with the generator: each method runs twice from the same x_T with two seeds."""
+    from sdelang.runtime.gaussian import GaussianData
+    from sdelang.runtime.sampling.common import ALL_METHODS, COUPLED_SAMPLERS, DETERMINISTIC
+
+    vp = examples["vp"].build()
+    vp_score = GaussianData(vp, 0.5, 0.5, (2,)).score
+    cld_score = CoupledGaussian(cld).score
+    found = set()
+    for method in ALL_METHODS:
+        sde, score, width = (cld, cld_score, 4) if method in COUPLED_SAMPLERS else (vp, vp_score, 2)
+        x_T = torch.randn(8, width, dtype=F64, generator=torch.Generator().manual_seed(3))
+        steps = None if method == "ode" else 6
+        runs = [sampling.sample(sde, score, (8, 2), method, steps, x_T=x_T,
+                                generator=torch.Generator().manual_seed(seed)).x for seed in (0, 1)]
+        if torch.equal(runs[0], runs[1]):
+            found.add(method)
+    assert found == set(DETERMINISTIC)

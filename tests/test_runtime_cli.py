@@ -173,6 +173,11 @@ def test_sample_counts_outliers_in_json_and_warns_in_the_table(moons_run, monkey
     out = capsys.readouterr().out
     assert out.splitlines()[2].split()[4] == "4"
     assert "warning: dpmpp_2m: 4 of 21 samples lie beyond |x| = " in out
+    # The causes it names: the prior against p_T first, and the flow only for a deterministic sampler.
+    assert "a prior that does not match the SDE's p_T (`sdelang check`" in out and "deterministic sampler" in out
+    assert main(["sample", str(moons_run), "--method", "em", "-n", "21"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: em: 4 of 21" in out and "deterministic" not in out and "stochastic sampler" in out
 
 
 def test_sample_outliers_match_the_saved_samples(moons_run, tmp_path, capsys):

@@ -304,11 +304,21 @@ def _sample(args) -> int:
         if r["outliers"]:
             print(f"warning: {r['method']}: {r['outliers']} of {r['n']} samples lie beyond |x| = "
                   f"{r['outlier_radius']:.2f} ({OUTLIER_RADIUS:g} data standard deviations x sqrt(d)), where no data "
-                  f"are; deterministic samplers follow the learned flow, which carries the prior's tails there "
-                  f"when the score is poorly learned far from the data (docs/runtime.md, 'Outliers')")
+                  f"are: {_outlier_cause(r['method'])} (docs/runtime.md, 'Outliers')")
     if args.plot:
         print(f"plot: {args.plot}")
     return 0
+
+
+def _outlier_cause(method: str) -> str:
+    """The likely causes of samples far from the data, for the kind of sampler that drew them."""
+    from ..runtime.sampling.common import DETERMINISTIC
+
+    common = ("a prior that does not match the SDE's p_T (`sdelang check` compares them) or a score poorly learned "
+              "far from the data")
+    if method in DETERMINISTIC:
+        return f"{common}; a deterministic sampler follows the learned flow and carries the prior's tails with it"
+    return f"{common}; too few steps of this stochastic sampler can add to it"
 
 
 @contextlib.contextmanager

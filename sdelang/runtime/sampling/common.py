@@ -21,6 +21,8 @@ KERNEL_SAMPLERS = ("reverse_diffusion", "ancestral", "ald", "ddim", "dpm2", "dpm
                    "unipc_3m", "deis", "dpmpp_2m_sde", "dpmpp_3m_sde")
 # Samplers of coupled linear SDEs only.
 COUPLED_SAMPLERS = ("splitting", "exponential")
+# Those that integrate the probability-flow ODE: no noise after the prior draw.
+DETERMINISTIC = ("ode", "heun", "ddim", "dpm2", "dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3m", "deis", "exponential")
 # The kernel functions the exact-kernel samplers and the final Tweedie step evaluate.
 KERNEL_METHODS = ("mean_coeff", "mean_offset", "std", "log_snr")
 
