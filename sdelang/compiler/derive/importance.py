@@ -28,7 +28,8 @@ from sympy.codegen.cfunctions import expm1, log1p
 
 from .discretize import START, step_difference
 from .symbolic import (NUMERIC, SIMPLIFY_LIMIT, SOLVE_LIMIT, TIME_LIMIT, bounded, factor_exponentials,
-                       integrate_from, most_accurate, printable, rationalize_roots, simplest)
+                       integrate_from, log_exp_differences, most_accurate, printable, rationalize_roots,
+                       real_logs, simplest)
 from .tables import Tables
 
 # Dummies, so that a user's parameter named u, drop or w never collides with them.
@@ -69,8 +70,15 @@ def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol,
     if kind == "score_matching":
         return Importance(1 / (T - eps), (t - eps) / (T - eps), eps + U * (T - eps), False)
     ratio = simplest(lam / v)
+    lo, hi = float(eps.subs(defaults)), float(T.subs(defaults))
     Z = integrate_from(ratio, t, eps, T) if not ratio.has(*NUMERIC) else None
     partial = integrate_from(ratio, t, eps, t) if Z is not None and not Z.has(*NUMERIC) else None
+    if partial is not None and not partial.has(*NUMERIC):
+        # An antiderivative may hold log(u) with u < 0 (beta / (1 - e^-B) integrates to log(expm1(-B))): real as
+        # a difference, but not term by term in the module.
+        Z, partial = real_logs(Z, t, defaults, lo, hi), real_logs(partial, t, defaults, lo, hi)
+        # log(exp(u1) - exp(u2)) cancels where u1 ~ u2 (near eps, and in the constant F(eps)).
+        Z, partial = (log_exp_differences(e, t, defaults, lo, hi) or e for e in (Z, partial))
     if partial is None or partial.has(*NUMERIC):
         # No closed form: the CDF is a column of the module's tables, normalised by its value at T.
         s = sp.Dummy("s", positive=True)

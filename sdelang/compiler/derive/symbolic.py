@@ -135,6 +135,77 @@ def _real_logs(F, var, lower):
     return F.xreplace(replacements)
 
 
+def real_logs(expr: sp.Expr, t: sp.Symbol, defaults: dict, lo: float, hi: float) -> sp.Expr:
+    """expr with each log(u) whose argument is negative on [lo, hi] at the default parameters written log(-u),
+    where that leaves expr's value unchanged: the antiderivative of an integrand such as beta / (1 - e^-B)
+    is log(expm1(-B)), whose iπ terms cancel between F(t) and F(eps) but whose module would take the log of a
+    negative number. The change is kept only if the real value at 5 points is unchanged (to 1e-12) and the
+    original's imaginary part is zero there (the iπ's cancel)."""
+    logs = [L for L in expr.atoms(sp.log) if _negative_on(L.args[0], t, defaults, lo, hi)]
+    if not logs:
+        return expr
+    rewritten = expr.xreplace({L: sp.log(-L.args[0]) for L in logs})
+    at = {k: _exact_value(v) for k, v in defaults.items()}
+    for point in np.geomspace(lo, hi, 5):
+        try:
+            old = complex(expr.xreplace(at).xreplace({t: sp.Float(point, 30)}).evalf(30))
+            new = complex(rewritten.xreplace(at).xreplace({t: sp.Float(point, 30)}).evalf(30))
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+            return expr
+        if not (abs(old - new) <= 1e-12 * max(1.0, abs(old)) and abs(new.imag) <= 1e-12 * max(1.0, abs(old))):
+            return expr
+    return rewritten
+
+
+def log_exp_differences(expr: sp.Expr, t: sp.Symbol, defaults: dict, lo: float, hi: float) -> sp.Expr | None:
+    """expr with each log(c1 exp(u1) + c2 exp(u2)), one term dominating the other on [lo, hi] at the defaults,
+    written log(c1) + u1 + log(-expm1(d)), d = u2 - u1 + log(-c2 / c1) < 0: the antiderivative of beta / (1 - e^-B)
+    is log(exp(b1 t^2 / 2) - exp(-b0 t)), a difference of two values near 1 at small t that loses log2(1 / B(t))
+    bits (every float32 digit near eps, and in the float64 constant F(eps)); log(-expm1(-B)) keeps them. None if no
+    log has that shape; a rewrite is kept only if its value agrees with the log's at 5 points (to 1e-12)."""
+    at = {k: _exact_value(v) for k, v in defaults.items()}
+    points = [sp.Float(x, 30) for x in np.geomspace(lo, hi, 5)]
+
+    def agrees(old, new) -> bool:
+        try:
+            pairs = [(complex(old.xreplace(at).xreplace({t: x}).evalf(30)), complex(new.xreplace(at).xreplace({t: x}).evalf(30)))
+                     for x in points]
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+            return False
+        return all(abs(a - b) <= 1e-12 * max(1.0, abs(a)) and abs(b.imag) == 0 for a, b in pairs)
+
+    def exponential_term(term):
+        # c exp(u_1) exp(u_2) ... as (c, u_1 + u_2 + ...), c free of t; a constant term is c exp(0).
+        factors = sp.Mul.make_args(term)
+        coefficient = sp.Mul(*(f for f in factors if not isinstance(f, sp.exp)))
+        exponent = sp.Add(*(f.args[0] for f in factors if isinstance(f, sp.exp)))
+        return None if coefficient.has(t) else (coefficient, exponent)
+
+    found = {}
+    for L in expr.atoms(sp.log):
+        X = bounded(lambda e: sp.powsimp(sp.expand(e), combine="exp"), L.args[0], seconds=SIMPLIFY_LIMIT)
+        terms = sp.Add.make_args(X) if X is not None else ()
+        parts = [exponential_term(term) for term in terms]
+        if len(parts) != 2 or None in parts:
+            continue
+        for (c1, u1), (c2, u2) in (parts, parts[::-1]):
+            d = sp.expand(u2 - u1) + sp.log(-c2 / c1)
+            rewritten = sp.log(c1) + u1 + sp.log(-expm1(d))
+            if printable(rewritten) and agrees(L, rewritten):
+                found[L] = rewritten
+                break
+    return expr.xreplace(found) if found else None
+
+
+def _negative_on(u: sp.Expr, t: sp.Symbol, defaults: dict, lo: float, hi: float) -> bool:
+    at = u.xreplace({k: _exact_value(v) for k, v in defaults.items()})
+    try:
+        values = [complex(at.xreplace({t: sp.Float(point, 30)}).evalf(30)) for point in np.geomspace(lo, hi, 9)]
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return False
+    return all(v.real < 0 and v.imag == 0 for v in values)
+
+
 def _exponential_antiderivative(body, var):
     """sum_k c_k exp(E_k(s)) when every term of body is a constant c_k times E_k'(s) exp(E_k(s)), else None.
 
