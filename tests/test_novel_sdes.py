@@ -50,6 +50,20 @@ prior normal(0, 1)
 weighting likelihood
 t ~ importance
 """, lambda t: -0.5 * (1 + np.sin(30 * t) ** 2), lambda t: 0.0, lambda t: 1 + np.sin(30 * t) ** 2, 0.0, None),
+    # An exponential beta, beta(t) = b0 e^(k t): t_icdf is (log(b0 + k L) - log(b0)) / k with L ~ b0 eps near u = 0, a
+    # difference of nearly equal logs that was 1.1e-3 off in float32 (now log1p(k L / b0) / k).
+    "exponential_vp": ("""
+sde exponential_vp
+param b0 = 0.2
+param k = 6
+beta(t) = b0 * exp(k * t)
+dx = -1/2 * beta(t) * x dt + sqrt(beta(t)) dw
+t in [1e-5, 1]
+prior kernel
+weighting likelihood
+t ~ importance
+""", lambda t: -0.1 * np.exp(6 * t), lambda t: 0.0, lambda t: 0.2 * np.exp(6 * t), 0.0,
+        lambda t: (np.exp(-0.2 * np.expm1(6 * t) / 12), 0.0 * t, -np.expm1(-0.2 * np.expm1(6 * t) / 6))),
     # A geometric beta schedule: beta(t) = beta_min (beta_max / beta_min)^t.
     "geometric_vp": ("""
 sde geometric_vp

@@ -197,6 +197,31 @@ def log_exp_differences(expr: sp.Expr, t: sp.Symbol, defaults: dict, lo: float, 
     return expr.xreplace(found) if found else None
 
 
+def log_ratios(expr: sp.Expr) -> sp.Expr | None:
+    """expr with each c log(P) - c log(Q) in a sum whose P - Q is shorter than P written c log1p((P - Q) / Q): the
+    inverse of an exponential schedule, (log(b0 + k L(drop)) - log(b0)) / k with L(0) ~ eps, is a difference of
+    nearly equal logarithms near drop = 0 that leaves ~1e-3 of t in float32; log1p(k L / b0) / k keeps its digits.
+    None if no pair has that shape."""
+    def pair_up(add):
+        terms = list(add.args)
+        logs = []
+        for i, term in enumerate(terms):
+            c, rest = term.as_coeff_Mul()
+            if isinstance(rest, sp.log):
+                logs.append((i, c, rest.args[0]))
+        for i, c, P in logs:
+            for j, d, Q in logs:
+                if i != j and d == -c:
+                    difference = P - Q  # like terms cancel; expanding would grow the rest
+                    if difference != 0 and size(difference) < size(P):
+                        rest = [u for k, u in enumerate(terms) if k not in (i, j)]
+                        return sp.Add(c * log1p(difference / Q), *rest)
+        return add
+
+    rewritten = expr.replace(lambda e: e.is_Add and e.has(sp.log), pair_up)
+    return rewritten if rewritten != expr else None
+
+
 def _negative_on(u: sp.Expr, t: sp.Symbol, defaults: dict, lo: float, hi: float) -> bool:
     at = u.xreplace({k: _exact_value(v) for k, v in defaults.items()})
     try:
