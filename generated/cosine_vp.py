@@ -154,17 +154,17 @@ class CosineVPSDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = self._k5 + t
-        w1 = self._k0*self._k1
-        w2 = (1/4)*w1
-        w3 = (1/2)*w1
+        w0 = self._k0*self._k1
+        w1 = (1/4)*w0
+        w2 = self._k5 + t
+        w3 = (1/2)*w0
         w4 = torch.cos(w3*(s + self.s))
         w5 = (1/2)*t
-        w6 = torch.sin(w1*w5)
+        w6 = torch.sin(w0*w5)
         w7 = (1/2)*s
-        growth = self._expand(-2*torch.sin(w2*(-s + t))*torch.sin(w2*(s + w0))/w4, x)  # r - 1
+        growth = self._expand(-2*torch.sin((t - s)*w1)*torch.sin(w1*(s + w2))/w4, x)  # r - 1
         f = growth * x
-        G2 = -self._k4*w6*(-1 + torch.sin(self._k2*(1 - t))**2*torch.sin(w1*w7)*torch.sin(w1*(w7 + self.s))/(w4**2*w6*torch.sin(w1*(w5 + self.s))))*torch.sin(w0*w3)
+        G2 = -self._k4*w6*(-1 + torch.sin(self._k2*(1 - t))**2*torch.sin(w0*w7)*torch.sin(w0*(w7 + self.s))/(w4**2*w6*torch.sin(w0*(w5 + self.s))))*torch.sin(w2*w3)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

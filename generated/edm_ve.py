@@ -143,7 +143,7 @@ class EDMVESDE(torch.nn.Module):
             s = torch.clamp(t - self.T / self.N, min=0.0)
         growth = self._expand(torch.full_like(t, 0), x)  # r - 1
         f = growth * x
-        G2 = (-s + t)*(s + t)
+        G2 = (t - s)*(s + t)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

@@ -162,12 +162,10 @@ class NumericSDE(torch.nn.Module):
         tab1 = self._tables(s)
         w0 = s**3
         w1 = t**3
-        w2 = (3/2)*s
-        w3 = (3/2)*t
-        w4 = tab0[0]
-        growth = self._expand(torch.expm1((1/2)*s + (1/6)*w0 - 1/6*w1 - 1/2*t + (1/3)*torch.sin(w2 - w3)*torch.sin(w2 + w3)), x)  # r - 1
+        w2 = tab0[0]
+        growth = self._expand(torch.expm1(-1/2*(t - s) + (1/6)*w0 - 1/6*w1 - 1/3*torch.sin((3/2)*(t - s))*torch.sin((3/2)*s + (3/2)*t)), x)  # r - 1
         f = growth * x
-        G2 = -torch.exp(w4)*torch.expm1(s + (1/3)*w0 - 1/3*w1 - w4 - t - 1/3*torch.cos(3*s) + (1/3)*torch.cos(3*t) + tab1[0])
+        G2 = -torch.exp(w2)*torch.expm1(-(t - s) + (1/3)*w0 - 1/3*w1 - w2 - 1/3*torch.cos(3*s) + (1/3)*torch.cos(3*t) + tab1[0])
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

@@ -75,9 +75,10 @@ class OUSDE(torch.nn.Module):
         self._k0 = self.mu*self.theta
         self._k1 = math.sqrt(2)
         self._k2 = 1 / math.sqrt(self.theta)
-        self._k3 = 1 / self.theta
+        self._k3 = math.log(self.theta)
         self._k4 = -self.mu*math.expm1(-5*self.theta)
         self._k5 = -math.expm1(-10*self.theta)/self.theta
+        self._k6 = 1 / self.theta
         self.eps = 1/100000
         self.T = 5
         self.v0 = 0
@@ -119,9 +120,8 @@ class OUSDE(torch.nn.Module):
         return self._k2*torch.sqrt(-torch.expm1(-2*t*self.theta))
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = -log((exp(t*theta) + 1)*expm1(t*theta)/theta)"""
-        w0 = t*self.theta
-        return -torch.log(self._k3*(torch.exp(w0) + 1)*torch.expm1(w0))
+        """logSNR(t) = log(m(t)^2 / v(t)) = log(theta) - log(expm1(2*t*theta))"""
+        return self._k3 - torch.log(torch.expm1(2*t*self.theta))
 
     def _prior(self):
         """Mean -mu*expm1(-5*theta) and variance -expm1(-10*theta)/theta of the prior."""
@@ -149,12 +149,12 @@ class OUSDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = s - t
-        w1 = -w0*self.theta
+        w0 = (t - s)*self.theta
+        w1 = torch.expm1(-w0)
         w2 = 2*self.theta
-        growth = self._expand(torch.expm1(-w1), x)  # r - 1
-        f = growth * x + self._expand(-self.mu*torch.expm1(w0*self.theta), x)
-        G2 = self._k3*torch.exp(s*w2 - w2*t)*torch.expm1(2*w1)
+        growth = self._expand(w1, x)  # r - 1
+        f = growth * x + self._expand(-w1*self.mu, x)
+        G2 = self._k6*torch.exp(s*w2 - w2*t)*torch.expm1(2*w0)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

@@ -119,16 +119,15 @@ class RectifiedFlowSDE(torch.nn.Module):
         """Exact transition over [s, t], by default s = max(t - T/N, 0): x_t = x_s + f + G z.
 
         r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
-          = -t^2*(s^2*(t - 1)^2/(t^2*(s - 1)^2) - 1)
+          = -(-s + t)*(2*s*t - s - t)/(s - 1)^2
         Pass s (shape [B], s <= t) for a step of another length, as samplers on their own grids do.
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
         w0 = s - 1
-        w1 = t**2
-        growth = self._expand((-s + t)/w0, x)  # r - 1
+        growth = self._expand((t - s)/w0, x)  # r - 1
         f = growth * x
-        G2 = -w1*(s**2*(t - 1)**2/(w0**2*w1) - 1)
+        G2 = -(t - s)*(2*s*t - s - t)/w0**2
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

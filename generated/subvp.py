@@ -156,7 +156,7 @@ class SubvpSDE(torch.nn.Module):
         w3 = (1/2)*w1 - 1/2*self.beta_min*t + self.beta_min
         w4 = -w3*t
         w5 = (1/2)*w0 - 1/2*w2 + self.beta_min
-        growth = self._expand(torch.expm1(-1/4*(-s + t)*(self._k3 + w0 + w1 - w2 - self.beta_min*t)), x)  # r - 1
+        growth = self._expand(torch.expm1(-1/4*(t - s)*(self._k3 + w0 + w1 - w2 - self.beta_min*t)), x)  # r - 1
         f = growth * x
         G2 = -(torch.exp(-s*w5 - w4)*torch.expm1(s*w5)**2/torch.expm1(w3*t)**2 - 1)*torch.expm1(w4)**2
         return f, torch.sqrt(torch.clamp(G2, min=0.0))

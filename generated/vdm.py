@@ -146,7 +146,7 @@ class VDMSDE(torch.nn.Module):
         w0 = self._k0*t + self.gamma_min
         growth = self._expand(-1 + torch.sqrt(torch.exp(s*self._k0 + self.gamma_min) + 1)/torch.sqrt(torch.exp(w0) + 1), x)  # r - 1
         f = growth * x
-        G2 = -torch.expm1(-self._k0*(-s + t))/(1 + torch.exp(-w0))
+        G2 = -torch.expm1(-(t - s)*self._k0)/(1 + torch.exp(-w0))
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

@@ -155,7 +155,7 @@ class VESDE(torch.nn.Module):
         w0 = 2*t
         growth = self._expand(torch.full_like(t, 0), x)  # r - 1
         f = growth * x
-        G2 = -self.sigma_max**w0*self.sigma_min**(2 - w0)*torch.expm1(-2*self._k4*(-s + t))
+        G2 = -self.sigma_max**w0*self.sigma_min**(2 - w0)*torch.expm1(-2*(t - s)*self._k4)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

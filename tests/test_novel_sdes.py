@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import mpmath
 import numpy as np
 import pytest
 import torch
@@ -287,8 +288,6 @@ WRITTEN_OUT = {
 def test_likelihood_weighting_written_as_a_custom_one(schedule):
     """q, Q and Q^-1 of `weighting beta(t)` against Q(t) = (L(eps) - L(t)) / Z, L = -log(expm1(B(t))) (mpmath, 30
     digits): float64 within 1e-12, float32 within 1e-6 (Q and Q(Q^-1(u)) absolute, q relative)."""
-    import mpmath
-
     header, B = WRITTEN_OUT[schedule]
     program = (f"sde written_out\n{header}dx = -1/2 * beta(t) * x dt + sqrt(beta(t)) dw\nt in [1e-5, 1]\n"
                f"prior normal(0, 1)\nweighting beta(t)\nt ~ importance\n")
@@ -305,6 +304,53 @@ def test_likelihood_weighting_written_as_a_custom_one(schedule):
             assert max(abs(Q(a) - b) for a, b in zip(ts, sde.t_cdf(t).tolist())) <= bound
             assert max(abs(b / (-mpmath.diff(L, a) / Z) - 1) for a, b in zip(ts, sde.t_density(t).tolist())) <= bound
             assert max(abs(Q(a) - u) for a, u in zip(sde.t_icdf(torch.tensor(us, dtype=dtype)).tolist(), us)) <= bound
+
+
+# discretize over short steps in float32, against the exact one-step law at the same float32 (s, t) in mpmath
+# (40 digits): name -> (program, m(t), v(t)). G^2 = v(t) - r^2 v(s) was computed as a ratio or a difference of values
+# of B, 1.5e-3 (VP with a quadratic beta), 5e-4 (exponential beta) and 5.5e-2 (flow matching with sigma_min) off at
+# h = 1e-5, and 5e-4 for the last at the default h = 1e-3.
+SHORT_STEPS = {
+    "quadratic_vp": ("""
+sde quadratic_vp
+beta(t) = 1/10 + 4 * t + 15 * t^2
+dx = -1/2 * beta(t) * x dt + sqrt(beta(t)) dw
+t in [1e-5, 1]
+""", lambda t: mpmath.exp(-(t / 10 + 2 * t**2 + 5 * t**3) / 2), lambda t: -mpmath.expm1(-(t / 10 + 2 * t**2 + 5 * t**3))),
+    "exponential_vp": ("""
+sde exponential_vp
+beta(t) = 1/5 * exp(6 * t)
+dx = -1/2 * beta(t) * x dt + sqrt(beta(t)) dw
+t in [1e-5, 1]
+""", lambda t: mpmath.exp(-mpmath.expm1(6 * t) / 60), lambda t: -mpmath.expm1(-mpmath.expm1(6 * t) / 30)),
+    "flow_matching": ("""
+sde flow_matching
+x(t) ~ normal((1 - t) * x(0), (1/100 + 99/100 * t)^2)
+t in [1e-5, 0.99]
+""", lambda t: 1 - t, lambda t: (mpmath.mpf(1) / 100 + 99 * t / 100) ** 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHORT_STEPS))
+def test_float32_discretize_over_short_steps(name):
+    """G within 1e-5 relative and f = (r - 1) x within 1e-5 |x| in float32, for steps h = 1e-3 (the default T / N),
+    1e-4 and 1e-5 ending at t from 0.01 to T (the issue's float32 bound)."""
+    program, m, v = SHORT_STEPS[name]
+    sde = sdelang.load(program).float()
+    T = float(sde.T)
+    worst_G = worst_f = 0.0
+    for h in (1e-3, 1e-4, 1e-5):
+        t = torch.tensor([0.01, 0.1, 0.3, 0.5, 0.7, 0.9 * T, T], dtype=torch.float32)
+        s = t - h
+        x = torch.full((len(t), 1), -1.7, dtype=torch.float32)
+        f, G = sde.discretize(x, t, s)
+        with mpmath.workdps(40):
+            for i, (ti, si) in enumerate(zip(t.double().tolist(), s.double().tolist())):
+                ti, si = mpmath.mpf(ti), mpmath.mpf(si)
+                r = m(ti) / m(si)
+                worst_G = max(worst_G, float(abs(G[i].item() / mpmath.sqrt(v(ti) - r**2 * v(si)) - 1)))
+                worst_f = max(worst_f, float(abs(f[i, 0].item() - (r - 1) * -1.7) / 1.7))
+    assert worst_G <= 1e-5 and worst_f <= 1e-5, (worst_G, worst_f)
 
 
 THIRD_ORDER = """

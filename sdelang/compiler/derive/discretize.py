@@ -51,6 +51,10 @@ def discretize(k: Kernel, lsnr: sp.Expr, t: sp.Symbol, accuracy: Accuracy, N: in
         exponents = [A, bounded(lambda e: sp.factor(sp.expand(e)), A, seconds=SIMPLIFY_LIMIT)]
         if A.has(sp.cos):
             exponents.append(bounded(sum_to_product, A, seconds=SIMPLIFY_LIMIT))   # cos(3 s) - cos(3 t)
+        if isinstance(k.m, sp.exp):
+            # A(t) - A(s) by step_difference: an exponential schedule's A = -b0 (e^(k t) - 1) / (2 k) is not a
+            # polynomial, and its difference is -b0 e^(k s) expm1(k (t - s)) / (2 k).
+            exponents.append(bounded(lambda: step_difference(k.m.args[0], t), seconds=SIMPLIFY_LIMIT))
         growths = [ratio - 1] + [expm1(e) for e in exponents if e is not None and printable(e)]
     else:
         growths = rewrites(ratio - 1)   # a ratio of cosines becomes a product of sines, (1 + d - t) / (1 + d - s) ...
@@ -72,34 +76,31 @@ def discretize(k: Kernel, lsnr: sp.Expr, t: sp.Symbol, accuracy: Accuracy, N: in
     return Step(ratio, growth, offset, variance)
 
 
-def step_difference(N: sp.Expr, t: sp.Symbol) -> sp.Expr:
-    """N(t) - N(s) term by term, without the difference of nearly equal values when s ~ t: a term c exp(a t + b)
-    gives c exp(a s + b) expm1(a (t - s)), a term c p(t) exp(a t + b) with p a polynomial gives
-    c exp(a s + b) (p(t) expm1(a (t - s)) + (p(t) - p(s))), a polynomial term c (t^n - s^n) keeps its factor
-    (t - s), a constant nothing; any other term stays a difference."""
+def step_difference(N: sp.Expr, t: sp.Symbol, depth: int = 0) -> sp.Expr:
+    """N(t) - N(s) term by term, without the difference of nearly equal values when s ~ t: a term c exp(u(t))
+    gives c exp(u(s)) expm1(u(t) - u(s)), a term c p(t) exp(u(t)) with p a polynomial gives
+    c exp(u(s)) (p(t) expm1(u(t) - u(s)) + (p(t) - p(s))), with u(t) - u(s) itself a step difference (a (t - s)
+    for a linear u, (t - s) (b0 + b1 (t + s) / 2) for VP's quadratic B, c exp(k s) expm1(k (t - s)) for an exponential
+    schedule's); a polynomial or rational term keeps its factor (t - s); a constant gives nothing; any other term
+    stays a difference."""
     out = []
     for term in sp.Add.make_args(sp.expand(N.rewrite(sp.exp), power_base=False, power_exp=True, log=False)):
         coeff, f = term.as_independent(t, as_Add=False)
         f = sp.powsimp(f, combine="exp")
         if f == 1:
             continue
-        if isinstance(f, sp.exp):
-            arg = sp.expand(sp.expand_log(f.args[0], force=True))
-            slope = sp.diff(arg, t)
-            if not slope.has(t):
-                out.append(coeff * sp.exp(arg.xreplace({t: START})) * expm1(slope * (t - START)))
-                continue
-        if f.is_polynomial(t):
-            out.append(coeff * sp.factor(f - f.xreplace({t: START})))
-            continue
-        exps = [e for e in sp.Mul.make_args(f) if isinstance(e, sp.exp)]
+        exps = [f] if isinstance(f, sp.exp) else [e for e in sp.Mul.make_args(f) if isinstance(e, sp.exp)]
         if len(exps) == 1:
             p = sp.Mul(*(e for e in sp.Mul.make_args(f) if e is not exps[0]))   # f / exp would keep exp(u) exp(-u)
             arg = sp.expand(sp.expand_log(exps[0].args[0], force=True))
-            slope = sp.diff(arg, t)
-            if p.is_polynomial(t) and not slope.has(t):
+            if p.is_polynomial(t) and (arg.is_polynomial(t) or depth == 0):
+                # u(t) - u(s) by the same rule, one level down (an exponent that is itself an exponential).
+                rise = sp.factor(arg - arg.xreplace({t: START})) if arg.is_polynomial(t) else step_difference(arg, t, 1)
                 at_start = sp.exp(arg.xreplace({t: START}))
-                out.append(coeff * at_start * (p * expm1(slope * (t - START)) + sp.factor(p - p.xreplace({t: START}))))
+                out.append(coeff * at_start * (p * expm1(rise) + sp.factor(p - p.xreplace({t: START}))))
                 continue
+        if f.is_polynomial(t) or f.is_rational_function(t):
+            out.append(coeff * sp.factor(sp.together(f - f.xreplace({t: START}))))
+            continue
         out.append(term - term.xreplace({t: START}))
     return sp.Add(*out)
