@@ -149,22 +149,17 @@ class CosineVPSDE(torch.nn.Module):
         """Exact transition over [s, t], by default s = max(t - T/N, 0): x_t = x_s + f + G z.
 
         r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
-          = -(sin((pi/(2*(s + 1)))*(1 - t))^2*sin(pi*s'/(2*(s + 1)))*sin(pi*(s + s'/2)/(s + 1))/(sin(pi*t/(2*(s + 1)))*sin(pi*(s + t/2)/(s + 1))*cos(pi*(s + s')/(2*(s + 1)))^2) - 1)*sin(pi*t/(2*(s + 1)))*sin(pi*(2*s + t)/(2*(s + 1)))/cos(pi*s/(2*(s + 1)))^2
+          = 2*(-2*sin(pi*(-s' + t)/(4*(s + 1)))*sin(pi*(2*s + s' + t)/(4*(s + 1)))/cos(pi*(s + s')/(2*(s + 1))) + 2)*sin(pi*(-s' + t)/(4*(s + 1)))*sin(pi*(2*s + s' + t)/(4*(s + 1)))/cos(pi*(s + s')/(2*(s + 1)))
         Pass s (shape [B], s <= t) for a step of another length, as samplers on their own grids do.
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
         w0 = self._k0*self._k1
         w1 = (1/4)*w0
-        w2 = self._k5 + t
-        w3 = (1/2)*w0
-        w4 = torch.cos(w3*(s + self.s))
-        w5 = (1/2)*t
-        w6 = torch.sin(w0*w5)
-        w7 = (1/2)*s
-        growth = self._expand(-2*torch.sin((t - s)*w1)*torch.sin(w1*(s + w2))/w4, x)  # r - 1
+        w2 = 2*torch.sin((t - s)*w1)*torch.sin(w1*(s + self._k5 + t))/torch.cos((1/2)*w0*(s + self.s))
+        growth = self._expand(-w2, x)  # r - 1
         f = growth * x
-        G2 = -self._k4*w6*(-1 + torch.sin(self._k2*(1 - t))**2*torch.sin(w0*w7)*torch.sin(w0*(w7 + self.s))/(w4**2*w6*torch.sin(w0*(w5 + self.s))))*torch.sin(w2*w3)
+        G2 = w2*(2 - w2)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

@@ -145,20 +145,21 @@ class SubvpSDE(torch.nn.Module):
         """Exact transition over [s, t], by default s = max(t - T/N, 0): x_t = x_s + f + G z.
 
         r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
-          = -(exp(s*(-beta_max*s/2 + beta_min*s/2 - beta_min) - t*(-beta_max*t/2 + beta_min*t/2 - beta_min))*expm1(s*(beta_max*s/2 - beta_min*s/2 + beta_min))^2/expm1(t*(beta_max*t/2 - beta_min*t/2 + beta_min))^2 - 1)*expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))^2
+          = -exp(beta_max*s^2/2 - beta_min*s^2/2 + beta_min*s + t*(-2*beta_min + t*(-beta_max + beta_min))/2)*expm1(beta_max*(-s + t)*(s + t)/2 - beta_min*(-s + t)*(s + t)/2 + beta_min*(-s + t))*expm1(-beta_max*s^2/2 - beta_max*t^2/2 + beta_min*s^2/2 - beta_min*s + beta_min*t^2/2 - beta_min*t)
         Pass s (shape [B], s <= t) for a step of another length, as samplers on their own grids do.
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = s*self.beta_max
-        w1 = self.beta_max*t
-        w2 = s*self.beta_min
-        w3 = (1/2)*w1 - 1/2*self.beta_min*t + self.beta_min
-        w4 = -w3*t
-        w5 = (1/2)*w0 - 1/2*w2 + self.beta_min
-        growth = self._expand(torch.expm1(-1/4*(t - s)*(self._k3 + w0 + w1 - w2 - self.beta_min*t)), x)  # r - 1
+        w0 = s*self.beta_min
+        w1 = self.beta_min*t
+        w2 = (t - s)*self.beta_min
+        w3 = (1/2)*s + (1/2)*t
+        w4 = (1/2)*s**2
+        w5 = w0 + w4*self.beta_max - w4*self.beta_min
+        w6 = t**2
+        growth = self._expand(torch.expm1(-1/4*(t - s)*(s*self.beta_max + self._k3 - w0 - w1 + self.beta_max*t)), x)  # r - 1
         f = growth * x
-        G2 = -(torch.exp(-s*w5 - w4)*torch.expm1(s*w5)**2/torch.expm1(w3*t)**2 - 1)*torch.expm1(w4)**2
+        G2 = -torch.exp(w5 + (1/2)*t*(self._k1 + self._k2*t))*torch.expm1((t - s)*w3*self.beta_max - w2*w3 + w2)*torch.expm1(-w1 - w5 - 1/2*w6*self.beta_max + (1/2)*w6*self.beta_min)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

@@ -142,17 +142,15 @@ class VPSDE(torch.nn.Module):
         """Exact transition over [s, t], by default s = max(t - T/N, 0): x_t = x_s + f + G z.
 
         r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
-          = exp(beta_max*s^2/2 - beta_min*s^2/2 + beta_min*s + t*(-2*beta_min + t*(-beta_max + beta_min))/2)*expm1((-s + t)*(beta_max*s + beta_max*t - beta_min*s - beta_min*t + 2*beta_min)/2)
+          = -(expm1(-(-s + t)*(beta_max*s + beta_max*t - beta_min*s - beta_min*t + 2*beta_min)/4) + 2)*expm1(-(-s + t)*(beta_max*s + beta_max*t - beta_min*s - beta_min*t + 2*beta_min)/4)
         Pass s (shape [B], s <= t) for a step of another length, as samplers on their own grids do.
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = s*self.beta_min
-        w1 = (t - s)*(s*self.beta_max + self._k3 - w0 + self.beta_max*t - self.beta_min*t)
-        w2 = (1/2)*s**2
-        growth = self._expand(torch.expm1(-1/4*w1), x)  # r - 1
+        w0 = torch.expm1(-1/4*(t - s)*(s*self.beta_max - s*self.beta_min + self._k3 + self.beta_max*t - self.beta_min*t))
+        growth = self._expand(w0, x)  # r - 1
         f = growth * x
-        G2 = torch.exp(w0 + w2*self.beta_max - w2*self.beta_min + (1/2)*t*(self._k1 + self._k2*t))*torch.expm1((1/2)*w1)
+        G2 = -w0*(w0 + 2)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

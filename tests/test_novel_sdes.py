@@ -307,9 +307,11 @@ def test_likelihood_weighting_written_as_a_custom_one(schedule):
 
 
 # discretize over short steps in float32, against the exact one-step law at the same float32 (s, t) in mpmath
-# (40 digits): name -> (program, m(t), v(t)). G^2 = v(t) - r^2 v(s) was computed as a ratio or a difference of values
-# of B, 1.5e-3 (VP with a quadratic beta), 5e-4 (exponential beta) and 5.5e-2 (flow matching with sigma_min) off at
-# h = 1e-5, and 5e-4 for the last at the default h = 1e-3.
+# (40 digits): name -> (program, m(t), v(t)); sub-VP and cosine in kernel form, whose closed forms the step's
+# rewrites work on (written by their SDE they take the numeric tables, whose G over short steps is left alone:
+# 3e-3 at h = 1e-5). G^2 = v(t) - r^2 v(s) was computed as a ratio or a difference of values
+# of B, 1.5e-3 (VP with a quadratic beta), 5e-4 (exponential beta), 1.1e-3 (sub-VP), 2.8e-3 (cosine) and 5.5e-2
+# (flow matching with sigma_min) off at h = 1e-5; cosine 1.4e-5 and flow matching 5e-4 at the default h = 1e-3.
 SHORT_STEPS = {
     "quadratic_vp": ("""
 sde quadratic_vp
@@ -323,6 +325,21 @@ beta(t) = 1/5 * exp(6 * t)
 dx = -1/2 * beta(t) * x dt + sqrt(beta(t)) dw
 t in [1e-5, 1]
 """, lambda t: mpmath.exp(-mpmath.expm1(6 * t) / 60), lambda t: -mpmath.expm1(-mpmath.expm1(6 * t) / 30)),
+    "sub_vp": ("""
+sde sub_vp
+B(t) = t / 10 + 199/20 * t^2
+x(t) ~ normal(exp(-B(t) / 2) * x(0), (1 - exp(-B(t)))^2)
+t in [1e-5, 1]
+""", lambda t: mpmath.exp(-(t / 10 + 199 * t**2 / 20) / 2), lambda t: mpmath.expm1(-(t / 10 + 199 * t**2 / 20)) ** 2),
+    "cosine_vp": ("""
+sde cosine_vp
+phi(t) = (t + 1/125) / (1 + 1/125) * pi / 2
+x(t) ~ normal(cos(phi(t)) / cos(phi(0)) * x(0), 1 - cos(phi(t))^2 / cos(phi(0))^2)
+t in [1e-5, 0.9946]
+""", lambda t: mpmath.cos((t + mpmath.mpf(1) / 125) / (1 + mpmath.mpf(1) / 125) * mpmath.pi / 2)
+        / mpmath.cos(mpmath.mpf(1) / 125 / (1 + mpmath.mpf(1) / 125) * mpmath.pi / 2),
+        lambda t: 1 - (mpmath.cos((t + mpmath.mpf(1) / 125) / (1 + mpmath.mpf(1) / 125) * mpmath.pi / 2)
+                       / mpmath.cos(mpmath.mpf(1) / 125 / (1 + mpmath.mpf(1) / 125) * mpmath.pi / 2)) ** 2),
     "flow_matching": ("""
 sde flow_matching
 x(t) ~ normal((1 - t) * x(0), (1/100 + 99/100 * t)^2)

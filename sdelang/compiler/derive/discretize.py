@@ -22,7 +22,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
 from .kernel import Kernel
-from .symbolic import SIMPLIFY_LIMIT, Accuracy, bounded, printable, rewrites, sum_to_product
+from .symbolic import SIMPLIFY_LIMIT, Accuracy, _is_constant_in, bounded, printable, rewrites, sum_to_product
 
 START = sp.Dummy("s", positive=True)  # the start of the step (a Dummy: never a user's name)
 
@@ -72,8 +72,76 @@ def discretize(k: Kernel, lsnr: sp.Expr, t: sp.Symbol, accuracy: Accuracy, N: in
         # m(t)^2 into each term, its exponentials combined: exp(2 theta (s - t)), not exp(2 theta s) exp(-2 theta t),
         # which overflows first.
         candidates.append(sp.Add(*[sp.powsimp(k.m**2 * term, combine="exp") for term in sp.Add.make_args(noise)]))
+    factored = bounded(lambda: exponential_step_factors(sp.powsimp(k.v / k.m**2), t), seconds=SIMPLIFY_LIMIT)
+    if factored is not None and printable(factored):
+        candidates.append(sp.powsimp(k.m**2 * factored, combine="exp"))
+    total = k.v + k.m**2
+    if bounded(_is_constant_in, total, t, seconds=SIMPLIFY_LIMIT):
+        # Variance preserving, v + m^2 = C: G^2 = C (1 - r^2) = -C (r - 1)(r + 1), from the accurate r - 1 (a cosine
+        # schedule's r - 1 is a product of sines, its v a difference of cosines over the step).
+        C = bounded(sp.simplify, total.xreplace({t: sp.Integer(0)}), seconds=SIMPLIFY_LIMIT)
+        if C is not None and not C.has(sp.zoo, sp.nan, sp.oo, -sp.oo) and printable(C):
+            candidates.append(-C * growth * (2 + growth))
     variance = best(candidates)
     return Step(ratio, growth, offset, variance)
+
+
+def exponential_step_factors(N: sp.Expr, t: sp.Symbol) -> sp.Expr | None:
+    """N(t) - N(s) for N a rational function of exp(u(t)) (every exponential exp(q u), q rational), factored as a
+    rational function of X = exp(u(t)) and Y = exp(u(s)), each factor X^a Y^b - X^c Y^d with a - c = d - b written
+    -X^c Y^b expm1((a - c) (u(t) - u(s))), u(t) - u(s) a step difference. Sub-VP's N = e^B - 2 + e^-B has
+    N(t) - N(s) = (X - Y)(XY - 1) / (XY): termwise (step_difference) the e^B and e^-B terms cancel near t = 0 and
+    the ratio form loses (t - s) to rounding; factored, it is e^-B(s) expm1(B(t) - B(s)) (-expm1(-B(t) - B(s))).
+    None where N is not of that kind or nothing cancels."""
+    expanded = sp.expand(N.rewrite(sp.exp), power_base=False, power_exp=True, log=False)
+    expanded = sp.Add(*[sp.powsimp(term, combine="exp") for term in sp.Add.make_args(expanded)])
+    exps = sorted((e for e in expanded.atoms(sp.exp) if e.has(t)), key=sp.default_sort_key)
+    if not exps:
+        return None
+    base = sp.expand(exps[0].args[0])
+    ks = [sp.cancel(sp.expand(e.args[0]) / base) for e in exps]
+    if not all(k.is_Rational for k in ks):
+        return None
+    q = sp.ilcm(*(k.q for k in ks))
+    base = base / q
+    X, Y = sp.Dummy("X", positive=True), sp.Dummy("Y", positive=True)
+    in_X = expanded.xreplace({e: X ** (k * q) for e, k in zip(exps, ks)})
+    if in_X.has(t):
+        return None
+    difference = sp.factor(sp.together(in_X - in_X.xreplace({X: Y})))
+    rise = step_difference(base, t)   # u(t) - u(s), without cancellation
+
+    def expm1_form(factor):
+        terms = sp.Add.make_args(sp.expand(factor))
+        if len(terms) != 2:
+            return factor
+        monomials = [_monomial(term, X, Y) for term in terms]
+        if None in monomials:
+            return factor
+        (c1, (a, b)), (c2, (c, d)) = monomials
+        if c2 != -c1 or a - c != d - b or a == c:
+            return factor
+        # c1 X^a Y^b - c1 X^c Y^d = c1 X^c Y^b (X^(a - c) - Y^(a - c)) = c1 X^c Y^b Y^(a - c) expm1((a - c) rise)
+        return c1 * X**c * Y**b * Y ** (a - c) * expm1((a - c) * rise)
+
+    numerator, denominator = sp.fraction(difference)
+    factors = []
+    for f in sp.Mul.make_args(numerator):
+        f, n = (f.base, f.exp) if f.is_Pow and f.exp.is_Integer else (f, 1)
+        factors.append(expm1_form(f) ** n)
+    if not any(f.has(expm1) for f in factors):
+        return None
+    back = {X: sp.exp(base), Y: sp.exp(base.xreplace({t: START}))}
+    return (sp.Mul(*factors) / denominator).xreplace(back)
+
+
+def _monomial(term, X, Y):
+    """(c, (a, b)) for term = c X^a Y^b, c free of X and Y; None otherwise."""
+    c, rest = term.as_independent(X, Y, as_Add=False)
+    powers = rest.as_powers_dict()
+    if set(powers) - {X, Y, sp.S.One} or not all(n.is_Integer for n in powers.values()):
+        return None
+    return c, (powers.get(X, 0), powers.get(Y, 0))
 
 
 def step_difference(N: sp.Expr, t: sp.Symbol, depth: int = 0) -> sp.Expr:
