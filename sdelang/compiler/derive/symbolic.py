@@ -82,7 +82,10 @@ def integrate_from(integrand: sp.Expr, var: sp.Symbol, lower: sp.Expr, upper: sp
     # First by inspection (cheap): terms that are constants times d/ds exp(E(s)), the integrands of a VP-like
     # variance whatever beta is (beta e^B with B' = beta), which SymPy's integrator may not find in time.
     expanded = bounded(lambda e: sp.powsimp(sp.expand(e)), body, seconds=SIMPLIFY_LIMIT)
-    for form in (body, expanded):
+    # Sub-VP's beta (1 - e^-2B) e^B arrives as (1 + 199 s) sinh(B) / 5: in exponentials, with the terms of each
+    # exponential gathered (s e^B and e^B are one term beta e^B), it is beta e^B - beta e^-B.
+    gathered = bounded(_by_exponential, body, seconds=SIMPLIFY_LIMIT)
+    for form in (body, expanded, gathered):
         inspected = bounded(_exponential_antiderivative, form, dummy, seconds=SIMPLIFY_LIMIT) if form is not None else None
         if inspected is not None:
             result = inspected.xreplace({dummy: upper}) - inspected.xreplace({dummy: lower})
@@ -229,6 +232,18 @@ def _negative_on(u: sp.Expr, t: sp.Symbol, defaults: dict, lo: float, hi: float)
     except (TypeError, ValueError, ZeroDivisionError, OverflowError):
         return False
     return all(v.real < 0 and v.imag == 0 for v in values)
+
+
+def _by_exponential(body: sp.Expr) -> sp.Expr:
+    """body in exponentials, expanded, with the terms of each distinct exponential summed: p(s) e^E(s) + ..."""
+    terms = sp.Add.make_args(sp.expand(body.rewrite(sp.exp)))
+    groups: dict[sp.Expr, sp.Expr] = {}
+    for term in terms:
+        term = sp.powsimp(term, combine="exp")
+        exps = [f for f in sp.Mul.make_args(term) if isinstance(f, sp.exp)]
+        key = exps[0] if len(exps) == 1 else sp.Integer(1)
+        groups[key] = groups.get(key, sp.Integer(0)) + term / key
+    return sp.Add(*(sp.factor(coefficient) * key for key, coefficient in groups.items()))
 
 
 def _exponential_antiderivative(body, var):
