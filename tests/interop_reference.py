@@ -47,7 +47,13 @@ def _ou(t, theta=1.0, mu=0.5, sigma2=2.0):
     return torch.exp(-theta * t), mu * -torch.expm1(-theta * t), sigma2 / (2 * theta) * -torch.expm1(-2 * theta * t)
 
 
-KERNELS = {"vp": _vp, "ve": _ve, "subvp": _subvp, "cosine_vp": _cosine_vp, "ou": _ou}
+def _vdm(t, gamma_min=-13.3, gamma_max=5.0):
+    # logSNR = -gamma(t): m^2 = sigmoid(-gamma), v = sigmoid(gamma); m(0)^2 = sigmoid(13.3) < 1.
+    gamma = gamma_min + (gamma_max - gamma_min) * t
+    return torch.sigmoid(-gamma).sqrt(), torch.zeros_like(t), torch.sigmoid(gamma)
+
+
+KERNELS = {"vp": _vp, "ve": _ve, "subvp": _subvp, "cosine_vp": _cosine_vp, "ou": _ou, "vdm": _vdm}
 
 
 def kernel(name: str, t: torch.Tensor):

@@ -13,8 +13,8 @@ The tables, for any affine SDE, on the grid t_i = (i + 1) T / N, i = 0 .. N - 1 
 i + 1 steps of T / N; score_sde's samplers read entry floor(t (N - 1) / T) at time t):
 
     alphas[i]                 = (m(t_i) / m(t_i - T/N))^2   squared mean ratio of the step into t_i
-    discrete_betas[i]         = v(t_i) - alphas[i] v(t_i - T/N), with v := 0 before the first step
-                                (the step from the data): the step's noise variance
+    discrete_betas[i]         = v(t_i) - alphas[i] v(t_i - T/N), with m := 1, v := 0 before the first step
+                                (the step from the data, even where m(0) != 1): the step's noise variance
     alphas_cumprod[i]         = m(t_i)^2 = prod_{j <= i} alphas[j]
     sqrt_alphas_cumprod[i]    = m(t_i),    sqrt_1m_alphas_cumprod[i] = sqrt(v(t_i))
     discrete_sigmas[i]        = sqrt(v(t_i)) / m(t_i)     the noise level in data units
@@ -67,6 +67,10 @@ def _tables(sde, role_name: str, discretization: str) -> dict[str, torch.Tensor]
     if discretization == "exact":
         t, s = (i + 1) * T / N, i * T / N
         m_t, m_s, v_t, v_s = sde.mean_coeff(t), sde.mean_coeff(s), sde.std(t) ** 2, sde.std(s) ** 2
+        # The first step starts from the data itself, x = x0 (m = 1, v = 0), not from the kernel at t = 0: with
+        # m(0) != 1 (a logSNR given with a finite value at 0, VDM) (m(t_0) / m(0))^2 broke both
+        # cumprod(alphas) = alphas_cumprod and, for VP, alphas + betas = 1 at i = 0.
+        m_s = torch.where(i == 0, torch.ones_like(m_s), m_s)
         v_s = torch.where(i == 0, torch.zeros_like(v_s), v_s)
         alphas = (m_t / m_s) ** 2
         betas = v_t - alphas * v_s
