@@ -90,6 +90,26 @@ def test_denoiser_times_are_the_bisection_s(name):
     assert torch.allclose(t, kd.time_of_sigma(sde, sigma), rtol=1e-12, atol=0)
 
 
+def test_denoiser_times_just_above_sigma_min_with_a_start_variance():
+    """VE from N(0, sigma_min^2) (v0 > 0): logSNR is linear in t near eps, where log t interpolated from the table is
+    far off; the Newton steps still reach the bisection and an mpmath inverse of the kernel (1e-10) just above
+    sigma_min, where three steps had left 3.6e-4."""
+    import mpmath
+
+    sde = sdelang.load("sde ve_start\nparam sigma_min = 0.01\nparam sigma_max = 378\n"
+                       "sigma(t) = sigma_min * (sigma_max / sigma_min)^t\ndx = sqrt(d/dt(sigma(t)^2)) dw\n"
+                       "v0 = sigma_min^2\nt in [1e-5, 1]\nprior normal(0, sigma_max^2)\n").double()
+    lo, _ = kd.sigma_range(sde)
+    sigma = torch.tensor([lo * (1 + 1e-6), lo * 1.0001, lo * 1.01], dtype=torch.float64)
+    t, _, _, _ = kd.Denoiser(sde, lambda x, t: x).kernel(sigma, torch.zeros(3, 1, dtype=torch.float64))
+    with mpmath.workdps(30):
+        # v(t) = sigma_min^2 + sigma_min^2 ((sigma_max / sigma_min)^(2t) - 1), m = 1: sigma_k^2 = v.
+        rate = 2 * mpmath.log(mpmath.mpf(378) / mpmath.mpf("0.01"))
+        want = [float(mpmath.log((mpmath.mpf(x) / mpmath.mpf("0.01")) ** 2) / rate) for x in sigma.tolist()]
+    assert torch.allclose(t, torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=0)
+    assert torch.allclose(t, kd.time_of_sigma(sde, sigma), rtol=1e-10, atol=0)
+
+
 def test_grids_of_each_spacing():
     sde = load("vp")
     lo, hi = kd.sigma_range(sde)
