@@ -22,7 +22,8 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
 from .kernel import Kernel
-from .symbolic import SIMPLIFY_LIMIT, Accuracy, _is_constant_in, bounded, printable, rewrites, sum_to_product
+from .symbolic import (SIMPLIFY_LIMIT, Accuracy, _is_constant_in, bounded, exponential_powers, printable, rewrites,
+                       sum_to_product)
 
 START = sp.Dummy("s", positive=True)  # the start of the step (a Dummy: never a user's name)
 
@@ -95,17 +96,12 @@ def exponential_step_factors(N: sp.Expr, t: sp.Symbol) -> sp.Expr | None:
     None where N is not of that kind or nothing cancels."""
     expanded = sp.expand(N.rewrite(sp.exp), power_base=False, power_exp=True, log=False)
     expanded = sp.Add(*[sp.powsimp(term, combine="exp") for term in sp.Add.make_args(expanded)])
-    exps = sorted((e for e in expanded.atoms(sp.exp) if e.has(t)), key=sp.default_sort_key)
-    if not exps:
+    powers = exponential_powers(e for e in expanded.atoms(sp.exp) if e.has(t))
+    if powers is None:
         return None
-    base = sp.expand(exps[0].args[0])
-    ks = [sp.cancel(sp.expand(e.args[0]) / base) for e in exps]
-    if not all(k.is_Rational for k in ks):
-        return None
-    q = sp.ilcm(*(k.q for k in ks))
-    base = base / q
+    base, exponents = powers
     X, Y = sp.Dummy("X", positive=True), sp.Dummy("Y", positive=True)
-    in_X = expanded.xreplace({e: X ** (k * q) for e, k in zip(exps, ks)})
+    in_X = expanded.xreplace({e: X**n for e, n in exponents.items()})
     if in_X.has(t):
         return None
     difference = sp.factor(sp.together(in_X - in_X.xreplace({X: Y})))

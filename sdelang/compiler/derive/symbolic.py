@@ -142,22 +142,27 @@ def real_logs(expr: sp.Expr, t: sp.Symbol, defaults: dict, lo: float, hi: float)
     """expr with each log(u) whose argument is negative on [lo, hi] at the default parameters written log(-u),
     where that leaves expr's value unchanged: the antiderivative of an integrand such as beta / (1 - e^-B)
     is log(expm1(-B)), whose iπ terms cancel between F(t) and F(eps) but whose module would take the log of a
-    negative number. The change is kept only if the real value at 5 points is unchanged (to 1e-12) and the
-    original's imaginary part is zero there (the iπ's cancel)."""
+    negative number. The change is kept only if its value at 5 points is real and the original's (_same_real_values)."""
     logs = [L for L in expr.atoms(sp.log) if _negative_on(L.args[0], t, defaults, lo, hi)]
     if not logs:
         return expr
     rewritten = expr.xreplace({L: sp.log(-L.args[0]) for L in logs})
+    return rewritten if _same_real_values(expr, rewritten, t, defaults, lo, hi) else expr
+
+
+def _same_real_values(old: sp.Expr, new: sp.Expr, t: sp.Symbol, defaults: dict, lo: float, hi: float) -> bool:
+    """new is real and equals old (to 1e-12 of max(1, |old|)) at 5 points of [lo, hi], parameters at their defaults,
+    evaluated at 30 digits (old may be complex term by term: its iπ's must cancel)."""
     at = {k: _exact_value(v) for k, v in defaults.items()}
     for point in np.geomspace(lo, hi, 5):
+        x = {t: sp.Float(point, 30)}
         try:
-            old = complex(expr.xreplace(at).xreplace({t: sp.Float(point, 30)}).evalf(30))
-            new = complex(rewritten.xreplace(at).xreplace({t: sp.Float(point, 30)}).evalf(30))
+            a, b = (complex(e.xreplace(at).xreplace(x).evalf(30)) for e in (old, new))
         except (TypeError, ValueError, ZeroDivisionError, OverflowError):
-            return expr
-        if not (abs(old - new) <= 1e-12 * max(1.0, abs(old)) and abs(new.imag) <= 1e-12 * max(1.0, abs(old))):
-            return expr
-    return rewritten
+            return False
+        if not (abs(a - b) <= 1e-12 * max(1.0, abs(a)) and b.imag == 0):
+            return False
+    return True
 
 
 def log_exp_differences(expr: sp.Expr, t: sp.Symbol, defaults: dict, lo: float, hi: float) -> sp.Expr | None:
@@ -166,17 +171,6 @@ def log_exp_differences(expr: sp.Expr, t: sp.Symbol, defaults: dict, lo: float, 
     is log(exp(b1 t^2 / 2) - exp(-b0 t)), a difference of two values near 1 at small t that loses log2(1 / B(t))
     bits (every float32 digit near eps, and in the float64 constant F(eps)); log(-expm1(-B)) keeps them. None if no
     log has that shape; a rewrite is kept only if its value agrees with the log's at 5 points (to 1e-12)."""
-    at = {k: _exact_value(v) for k, v in defaults.items()}
-    points = [sp.Float(x, 30) for x in np.geomspace(lo, hi, 5)]
-
-    def agrees(old, new) -> bool:
-        try:
-            pairs = [(complex(old.xreplace(at).xreplace({t: x}).evalf(30)), complex(new.xreplace(at).xreplace({t: x}).evalf(30)))
-                     for x in points]
-        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
-            return False
-        return all(abs(a - b) <= 1e-12 * max(1.0, abs(a)) and abs(b.imag) == 0 for a, b in pairs)
-
     def exponential_term(term):
         # c exp(u_1) exp(u_2) ... as (c, u_1 + u_2 + ...), c free of t; a constant term is c exp(0).
         factors = sp.Mul.make_args(term)
@@ -194,7 +188,7 @@ def log_exp_differences(expr: sp.Expr, t: sp.Symbol, defaults: dict, lo: float, 
         for (c1, u1), (c2, u2) in (parts, parts[::-1]):
             d = sp.expand(u2 - u1) + sp.log(-c2 / c1)
             rewritten = sp.log(c1) + u1 + sp.log(-expm1(d))
-            if printable(rewritten) and agrees(L, rewritten):
+            if printable(rewritten) and _same_real_values(L, rewritten, t, defaults, lo, hi):
                 found[L] = rewritten
                 break
     return expr.xreplace(found) if found else None
@@ -353,19 +347,28 @@ def factor_exponentials(expr: sp.Expr) -> sp.Expr:
     This finds, e.g., e^B - 2 + e^-B = (e^B - 1)^2 / e^B, which code generation
     then prints as expm1(B)^2 * exp(-B): no cancellation near B = 0.
     """
-    exps = sorted(expr.atoms(sp.exp), key=sp.default_sort_key)
-    if not exps:
+    powers = exponential_powers(expr.atoms(sp.exp))
+    if powers is None:
         return expr
-    base = sp.expand(exps[0].args[0])
+    base, exponents = powers
     E = sp.Dummy("E", positive=True)
+    factored = sp.factor(expr.xreplace({e: E**n for e, n in exponents.items()}))
+    return sp.powsimp(factored.xreplace({E: sp.exp(base)}))
+
+
+def exponential_powers(exps) -> tuple[sp.Expr, dict[sp.Expr, sp.Integer]] | None:
+    """(u, {e: n}) with each exponential e = exp(u)^n, n an integer, when the exponents are rational multiples of one
+    another (u is the first's divided by their common denominator: e^-y and e^-y/2 are E^2 and E for E = e^(-y/2));
+    None when there is none or they are not."""
+    exps = sorted(exps, key=sp.default_sort_key)
+    if not exps:
+        return None
+    base = sp.expand(exps[0].args[0])
     ks = {e: sp.cancel(sp.expand(e.args[0]) / base) for e in exps}
     if not all(k.is_Rational for k in ks.values()):
-        return expr
-    # Integer powers of E = exp(base / q) (q the common denominator): e^-y and e^-y/2 are E^2 and E.
+        return None
     q = sp.ilcm(*(k.q for k in ks.values()))
-    base = base / q
-    factored = sp.factor(expr.xreplace({e: E**(k * q) for e, k in ks.items()}))
-    return sp.powsimp(factored.xreplace({E: sp.exp(base)}))
+    return base / q, {e: k * q for e, k in ks.items()}
 
 
 def common_exponential(expr: sp.Expr) -> sp.Expr:
