@@ -11,9 +11,9 @@ Source sha256: b9a9b3e7d5c547bd091c3de1f13631e044beac9e50c8943d2a786f05a83fc711
 Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     m(t) = 1
     c(t) = 0
-    v(t) = sigma_max^(2*t)*sigma_min^(2 - 2*t)
+    v(t) = sigma_min^2*(sigma_max/sigma_min)^(2*t)
 
-Weighting (score_matching): lambda(t) = sigma_max^(2*t)*sigma_min^(2 - 2*t)
+Weighting (score_matching): lambda(t) = sigma_min^2*(sigma_max/sigma_min)^(2*t)
 Training time: t ~ uniform on [eps, T].
 
 The source:
@@ -81,11 +81,11 @@ class VESDE(torch.nn.Module):
         self._k1 = math.sqrt(2)
         self._k2 = math.sqrt(math.log(self.sigma_max) - math.log(self.sigma_min))
         self._k3 = self.sigma_max**2
-        self._k4 = math.log(self.sigma_max) - math.log(self.sigma_min)
-        self._k5 = self.sigma_min**2
+        self._k4 = self.sigma_min**2
+        self._k5 = math.log(self.sigma_max) - math.log(self.sigma_min)
         self.eps = 1/100000
         self.T = 1
-        self.v0 = self._k5
+        self.v0 = self._k4
         # Follows .to(device, dtype): new tensors are made on its device, in its dtype.
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 
@@ -107,7 +107,7 @@ class VESDE(torch.nn.Module):
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        return x0, self.sigma_max**t*self.sigma_min**(1 - t)
+        return x0, self._k0**t*self.sigma_min
 
     def mean_coeff(self, t):
         """m(t) = 1"""
@@ -118,8 +118,8 @@ class VESDE(torch.nn.Module):
         return torch.full_like(t, 0)
 
     def std(self, t):
-        """sigma(t) = sqrt(v(t)) = sigma_max^t*sigma_min^(1 - t)"""
-        return self.sigma_max**t*self.sigma_min**(1 - t)
+        """sigma(t) = sqrt(v(t)) = sigma_min*(sigma_max/sigma_min)^t"""
+        return self._k0**t*self.sigma_min
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -log(sigma_max^(2*t)*sigma_min^(2 - 2*t))"""
@@ -147,15 +147,14 @@ class VESDE(torch.nn.Module):
         """Exact transition over [s, t], by default s = max(t - T/N, 0): x_t = x_s + f + G z.
 
         r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
-          = -sigma_max^(2*t)*sigma_min^(2 - 2*t)*expm1(-2*(-s + t)*(log(sigma_max) - log(sigma_min)))
+          = -sigma_min^2*(sigma_max/sigma_min)^(2*t)*expm1(-2*(-s + t)*(log(sigma_max) - log(sigma_min)))
         Pass s (shape [B], s <= t) for a step of another length, as samplers on their own grids do.
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = 2*t
         growth = self._expand(torch.full_like(t, 0), x)  # r - 1
         f = growth * x
-        G2 = -self.sigma_max**w0*self.sigma_min**(2 - w0)*torch.expm1(-2*(t - s)*self._k4)
+        G2 = -self._k0**(2*t)*self._k4*torch.expm1(-2*(t - s)*self._k5)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):
@@ -163,9 +162,8 @@ class VESDE(torch.nn.Module):
         return ReverseVESDE(self, score_fn, probability_flow)
 
     def weight(self, t):
-        """lambda(t) = sigma_max^(2*t)*sigma_min^(2 - 2*t) (score_matching weighting)"""
-        w0 = 2*t
-        return self.sigma_max**w0*self.sigma_min**(2 - w0)
+        """lambda(t) = sigma_min^2*(sigma_max/sigma_min)^(2*t) (score_matching weighting)"""
+        return self._k0**(2*t)*self._k4
 
     def t_density(self, t):
         """Density of the training time t (uniform): 1 / (T - eps)"""

@@ -22,8 +22,8 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
 from .kernel import Kernel
-from .symbolic import (SIMPLIFY_LIMIT, Accuracy, _is_constant_in, bounded, exponential_powers, printable, rewrites,
-                       sum_to_product)
+from .symbolic import (SIMPLIFY_LIMIT, Accuracy, bounded, exponential_powers, is_constant_in, printable,
+                       rewrites, sum_to_product)
 
 START = sp.Dummy("s", positive=True)  # the start of the step (a Dummy: never a user's name)
 
@@ -77,7 +77,7 @@ def discretize(k: Kernel, lsnr: sp.Expr, t: sp.Symbol, accuracy: Accuracy, N: in
     if factored is not None and printable(factored):
         candidates.append(sp.powsimp(k.m**2 * factored, combine="exp"))
     total = k.v + k.m**2
-    if bounded(_is_constant_in, total, t, seconds=SIMPLIFY_LIMIT):
+    if bounded(is_constant_in, total, t, seconds=SIMPLIFY_LIMIT):
         # Variance preserving, v + m^2 = C: G^2 = C (1 - r^2) = -C (r - 1)(r + 1), from the accurate r - 1 (a cosine
         # schedule's r - 1 is a product of sines, its v a difference of cosines over the step).
         C = bounded(sp.simplify, total.xreplace({t: sp.Integer(0)}), seconds=SIMPLIFY_LIMIT)

@@ -233,7 +233,9 @@ def _by_exponential(body: sp.Expr) -> sp.Expr:
     terms = sp.Add.make_args(sp.expand(body.rewrite(sp.exp)))
     groups: dict[sp.Expr, sp.Expr] = {}
     for term in terms:
-        term = sp.powsimp(term, combine="exp")
+        # Factored first: a term over a sum of exponentials, e^(c s) / ((c - k)^2 e^(2 c s) e^(2 k s)), is then one
+        # exponential e^(-(c + k) s) / (c - k)^2.
+        term = sp.powsimp(sp.factor(term), combine="exp")
         exps = [f for f in sp.Mul.make_args(term) if isinstance(f, sp.exp)]
         key = exps[0] if len(exps) == 1 else sp.Integer(1)
         groups[key] = groups.get(key, sp.Integer(0)) + term / key
@@ -251,35 +253,42 @@ def _exponential_antiderivative(body, var):
             if not e.has(var):
                 continue
             ratio = term / (sp.diff(e.args[0], var) * e)
-            if _is_constant_in(ratio, var):
+            if is_constant_in(ratio, var):
                 pieces.append(sp.powsimp(ratio.xreplace({var: sp.Integer(0)})) * e)
                 break
         else:
             return None
     antiderivative = sp.Add(*pieces)
-    return antiderivative if _is_constant_in(sp.diff(antiderivative, var) - body, var, zero=True) else None
+    return antiderivative if is_constant_in(sp.diff(antiderivative, var) - body, var, zero=True) else None
 
 
-_PROBES = ((0.11, 0.23), (0.37, 0.71), (0.53, 1.37))  # (s, parameters): points where identities are tested
+_PROBES = (0.11, 0.37, 0.53)     # values of s where identities are tested
+_PARAMETER_SETS = (0.71, 1.37)   # parameters at these (times 1 + i / 7 for the i-th), one set at a time
 
 
-def _is_constant_in(expr, var, zero=False) -> bool:
-    """expr takes one value (0 when ``zero``) at a few points s in (0, 1), parameters at a few positive values."""
+def is_constant_in(expr, var, zero=False) -> bool:
+    """expr takes one value in var (0 when ``zero``) at a few points s in (0, 1), at each of two sets of positive
+    parameter values in turn. The value may differ between the sets: a constant c_k such as -2 k / ((c - k)(c + k))
+    is constant in s, not in the parameters."""
     others = sorted(expr.free_symbols - {var}, key=sp.default_sort_key)
-    values = []
-    for s_value, p_value in _PROBES:
-        point = {var: sp.Float(s_value, 30), **{o: sp.Float(p_value * (1 + i / 7), 30) for i, o in enumerate(others)}}
-        try:
-            value = complex(expr.xreplace(point).evalf(30))
-        except (TypeError, ValueError, ZeroDivisionError):
+    for p_value in _PARAMETER_SETS:
+        parameters = {o: sp.Float(p_value * (1 + i / 7), 30) for i, o in enumerate(others)}
+        values = []
+        for s_value in _PROBES:
+            try:
+                value = complex(expr.xreplace({**parameters, var: sp.Float(s_value, 30)}).evalf(30))
+            except (TypeError, ValueError, ZeroDivisionError):
+                return False
+            if value != value or abs(value) == float("inf"):
+                return False
+            values.append(value)
+        if zero:
+            scale = max(1.0, max(abs(v) for v in values))
+            if not all(abs(v) <= 1e-20 * scale for v in values):
+                return False
+        elif not all(abs(v - values[0]) <= 1e-20 * max(abs(values[0]), 1e-300) for v in values):
             return False
-        if value != value or abs(value) == float("inf"):
-            return False
-        values.append(value)
-    if zero:
-        scale = max(1.0, max(abs(v) for v in values))
-        return all(abs(v) <= 1e-20 * scale for v in values)
-    return all(abs(v - values[0]) <= 1e-20 * max(abs(values[0]), 1e-300) for v in values)
+    return True
 
 
 def simplest(expr: sp.Expr) -> sp.Expr:
