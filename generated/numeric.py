@@ -158,14 +158,17 @@ class NumericSDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
+        # The tables' values at t and s differ little over a short step: looked up and combined in float64 (in
+        # float32 log v(t) - log v(s) kept ~2^-24 |log v| of error, 2.4e-5 of G at the default step), then rounded.
+        dtype, t, s = t.dtype, t.to(torch.float64), s.to(torch.float64)
         tab0 = self._tables(t)
         tab1 = self._tables(s)
         w0 = s**3
         w1 = t**3
         w2 = tab0[0]
-        growth = self._expand(torch.expm1(-1/2*(t - s) + (1/6)*w0 - 1/6*w1 - 1/3*torch.sin((3/2)*(t - s))*torch.sin((3/2)*s + (3/2)*t)), x)  # r - 1
+        growth = self._expand((torch.expm1(-1/2*(t - s) + (1/6)*w0 - 1/6*w1 - 1/3*torch.sin((3/2)*(t - s))*torch.sin((3/2)*s + (3/2)*t))).to(dtype), x)  # r - 1
         f = growth * x
-        G2 = -torch.exp(w2)*torch.expm1(-(t - s) + (1/3)*w0 - 1/3*w1 - w2 - 1/3*torch.cos(3*s) + (1/3)*torch.cos(3*t) + tab1[0])
+        G2 = (-torch.exp(w2)*torch.expm1(-(t - s) + (1/3)*w0 - 1/3*w1 - w2 - 1/3*torch.cos(3*s) + (1/3)*torch.cos(3*t) + tab1[0])).to(dtype)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

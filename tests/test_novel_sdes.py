@@ -308,9 +308,8 @@ def test_likelihood_weighting_written_as_a_custom_one(schedule):
 
 # discretize over short steps in float32, against the exact one-step law at the same float32 (s, t) in mpmath
 # (40 digits): name -> (program, m(t), v(t)); sub-VP and cosine in kernel form, whose closed forms the step's
-# rewrites work on (written by their SDE they take the numeric tables, whose G over short steps is left alone:
-# 3e-3 at h = 1e-5). G^2 = v(t) - r^2 v(s) was computed as a ratio or a difference of values
-# of B, 1.5e-3 (VP with a quadratic beta), 5e-4 (exponential beta), 1.1e-3 (sub-VP), 2.8e-3 (cosine) and 5.5e-2
+# rewrites work on (the numeric tables' step: test_float32_discretize_on_the_tables). G^2 = v(t) - r^2 v(s) was
+# computed as a ratio or a difference of values of B, 1.5e-3 (VP with a quadratic beta), 5e-4 (exponential beta), 1.1e-3 (sub-VP), 2.8e-3 (cosine) and 5.5e-2
 # (flow matching with sigma_min) off at h = 1e-5; cosine 1.4e-5 and flow matching 5e-4 at the default h = 1e-3.
 SHORT_STEPS = {
     "quadratic_vp": ("""
@@ -379,6 +378,34 @@ def test_float32_discretize_over_short_steps(name):
                 worst_f = max(worst_f, float(abs(f[i, 0].item() - (r - 1) * -1.7) / 1.7))
     assert worst_G <= 1e-5 and worst_f <= 1e-5, (worst_G, worst_f)
 
+
+
+def test_float32_discretize_on_the_tables(examples):
+    """The same bounds where m and v come from the numeric tables (examples/numeric.sde, beta = 1 + t^2 + sin 3t):
+    the step looks the tables up and combines them in float64. In float32, G was 2.4e-5 off at the default step and
+    4.5e-3 at h = 1e-5 (log v(t) - log v(s) with ~2^-24 |log v| of error); now 6e-8. The reference: B in closed
+    form, v = m^2 int_0^t beta (1 + u) e^B(u) du by mpmath's quadrature, 40 digits."""
+    sde = examples["numeric"].build(dtype=torch.float32)
+    assert sde.kernel_path != "closed form"
+    B = lambda t: t + t**3 / 3 + (1 - mpmath.cos(3 * t)) / 3  # noqa: E731
+    m = lambda t: mpmath.exp(-B(t) / 2)  # noqa: E731
+    v = lambda t: m(t) ** 2 * mpmath.quad(  # noqa: E731
+        lambda u: (1 + u**2 + mpmath.sin(3 * u)) * (1 + u) * mpmath.exp(B(u)), [0, t])
+    T = float(sde.T)
+    worst_G = worst_f = 0.0
+    for h in (1e-3, 1e-4, 1e-5):
+        t = torch.tensor([0.01, 0.1, 0.5, 0.9 * T, T], dtype=torch.float32)
+        s = t - h
+        x = torch.full((len(t), 1), -1.7, dtype=torch.float32)
+        f, G = sde.discretize(x, t, s)
+        assert f.dtype == G.dtype == torch.float32
+        with mpmath.workdps(40):
+            for i, (ti, si) in enumerate(zip(t.double().tolist(), s.double().tolist())):
+                ti, si = mpmath.mpf(ti), mpmath.mpf(si)
+                r = m(ti) / m(si)
+                worst_G = max(worst_G, float(abs(G[i].item() / mpmath.sqrt(v(ti) - r**2 * v(si)) - 1)))
+                worst_f = max(worst_f, float(abs(f[i, 0].item() - (r - 1) * -1.7) / 1.7))
+    assert worst_G <= 1e-5 and worst_f <= 1e-5, (worst_G, worst_f)
 
 THIRD_ORDER = """
 sde third_order
