@@ -273,6 +273,22 @@ def test_float32_time_sampler_matches_float64(modules, name):
     assert torch.max(torch.abs(t32.double() / t64 - 1)) < 1e-5, name
 
 
+def test_inverse_cdf_of_a_cube_root_near_eps():
+    """The OU process with rate 1 / (1 + t) under the likelihood weighting: Q^-1 solves (1 + t)^3 = 1 + c e^drop,
+    t = (1 + c e^drop)^(1/3) - 1, which loses ~u / t near eps (Q(Q^-1(u)) 2.1e-5 off in float32); written
+    expm1(log1p(c e^drop) / 3) it keeps float32's digits. Q from L = log(m^2 / v) in mpmath, 30 digits:
+    Q(Q^-1(u)) within 1e-6 of u (float32) and 1e-12 (float64)."""
+    module = sdelang.load("sde ou_decay\ndx = -x / (1 + t) dt + sqrt(2) dw\nt in [1e-4, 5]\n"
+                          "weighting likelihood\nt ~ importance\n")
+    with mpmath.workdps(30):
+        L = lambda t: -mpmath.log(2 * ((1 + mpmath.mpf(t)) ** 3 - 1) / 3)  # noqa: E731
+        Z = L(1e-4) - L(5)
+        us = [0.0, 1e-6, 1e-4, 1e-3, 0.1, 0.5, 0.9, 1.0]
+        for dtype, bound in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+            ts = module.to(dtype).t_icdf(torch.tensor(us, dtype=dtype)).tolist()
+            assert max(abs((L(1e-4) - L(t)) / Z - u) for t, u in zip(ts, us)) <= bound, dtype
+
+
 # The likelihood weighting written out, `weighting beta(t)`: the CDF's antiderivative is log(expm1(-B)), real as
 # a difference F(t) - F(eps) but the log of a negative number term by term: the module once refused to build
 # ("math domain error"). Linear and quadratic beta; B(t) = int_0^t beta by hand.
@@ -348,6 +364,20 @@ t in [1e-5, 0.9946]
         / mpmath.cos(mpmath.mpf(1) / 125 / (1 + mpmath.mpf(1) / 125) * mpmath.pi / 2),
         lambda t: 1 - (mpmath.cos((t + mpmath.mpf(1) / 125) / (1 + mpmath.mpf(1) / 125) * mpmath.pi / 2)
                        / mpmath.cos(mpmath.mpf(1) / 125 / (1 + mpmath.mpf(1) / 125) * mpmath.pi / 2)) ** 2),
+    # An OU process whose rate decays, theta = 1 / (1 + t): N = v / m^2 = 2 ((1 + t)^3 - 1) / 3 is a polynomial, whose
+    # difference termwise (2 t - 2 s and the rest rounded apart) or as a ratio left G 8e-5 off at the default step.
+    "ou_decay": ("""
+sde ou_decay
+dx = -x / (1 + t) dt + sqrt(2) dw
+t in [1e-4, 5]
+""", lambda t: 1 / (1 + t), lambda t: 2 * ((1 + t) ** 3 - 1) / (3 * (1 + t) ** 2)),
+    # beta = 1 / sqrt(t), integrable at 0: B = 2 sqrt(t), whose difference over a step lost ~2 t / (t - s) roundings
+    # (G 3.6e-5 off at the default step) until sqrt(t) - sqrt(s) became (t - s) / (sqrt(t) + sqrt(s)).
+    "sqrt_beta": ("""
+sde sqrt_beta
+dx = -1/2 * x / sqrt(t) dt + t^(-1/4) dw
+t in [1e-5, 1]
+""", lambda t: mpmath.exp(-mpmath.sqrt(t)), lambda t: -mpmath.expm1(-2 * mpmath.sqrt(t))),
     "flow_matching": ("""
 sde flow_matching
 x(t) ~ normal((1 - t) * x(0), (1/100 + 99/100 * t)^2)
