@@ -22,7 +22,7 @@ from scipy.special import expit
 import sdelang
 from sdelang.compiler.derive import symbolic
 from sdelang.compiler.derive.symbolic import (common_exponential, integrate_from, is_constant_in,
-                                             powers_as_exponentials)
+                                             powers_as_exponentials, powers_minus_one)
 
 INTERPOLANT = "sde interp\ndx = -x / (1 - t) dt + sqrt(2 * t / (1 - t)) dw\nt in [1e-3, 0.999]\nt ~ importance\n"
 INTERPOLANT_DDT = """sde interp_ddt
@@ -142,6 +142,19 @@ def test_exponential_integrands_by_inspection(monkeypatch):
             point = {symbol: sp.Float(value, 40) for symbol, value in zip((k, c, r), values)}
             reference = sp.Integral(integrand.xreplace({k: point[k], c: point[c]}), (s, 0, point[r])).evalf(30)
             assert abs(result.xreplace(point).evalf(30) - reference) <= 1e-25 * max(1, abs(reference))
+
+
+def test_power_minus_one_and_factor_guard():
+    t, c = sp.symbols("t c", positive=True)
+    rewritten = powers_minus_one((1 + c * sp.exp(t)) ** sp.Rational(1, 3) - 1)
+    assert rewritten.has(symbolic.expm1) and rewritten.has(symbolic.log1p)
+    point = {t: sp.Float("0.3", 30), c: sp.Float("2e-4", 30)}
+    exact = ((1 + c * sp.exp(t)) ** sp.Rational(1, 3) - 1).xreplace(point).evalf(30)
+    assert abs(rewritten.xreplace(point).evalf(30) - exact) <= 1e-28
+    assert powers_minus_one((1 + t) ** 2 - 1) is None   # an integer power expands without cancelling
+    # sp.factor would factor a polynomial of degree 199 in exp(t^2 / 20): left out, with its 1 s time limit
+    assert symbolic._high_exponential_powers(sp.exp(t * (199 * t + 2) / 20) - 1)
+    assert not symbolic._high_exponential_powers(sp.exp(-t / 2 - 3 * t**2 / 4) - 1)
 
 
 def test_rewrites_that_keep_float32_digits():

@@ -28,8 +28,8 @@ from sympy.codegen.cfunctions import expm1, log1p
 
 from .discretize import START, step_difference
 from .symbolic import (NUMERIC, SIMPLIFY_LIMIT, SOLVE_LIMIT, TIME_LIMIT, bounded, factor_exponentials,
-                       integrate_from, log_exp_differences, log_ratios, most_accurate, printable,
-                       rationalize_roots, real_logs, simplest)
+                       integrate_from, log_exp_differences, log_ratios, most_accurate, powers_minus_one,
+                       printable, rationalize_roots, real_logs, simplest)
 from .tables import Tables
 
 # Dummies, so that a user's parameter named u, drop or w never collides with them.
@@ -122,6 +122,8 @@ def _accurate_inverse(inverse, lsnr, t, defaults, eps, T) -> sp.Expr:
     forms += [f for f in (bounded(factor_exponentials, inverse, seconds=SIMPLIFY_LIMIT),) if f is not None and printable(f)]
     grown = bounded(_grown_from_eps, inverse, eps, seconds=SIMPLIFY_LIMIT)
     forms += [grown] if grown is not None and printable(grown) else []
+    forms += [f for f in (bounded(powers_minus_one, form, seconds=SIMPLIFY_LIMIT) for form in list(forms))
+              if f is not None and printable(f)]
     # log(b0 + k L) - log(b0) as log1p(k L / b0), for each form that has such a pair.
     forms += [f for f in (bounded(log_ratios, form, seconds=SIMPLIFY_LIMIT) for form in list(forms))
               if f is not None and printable(f)]

@@ -194,6 +194,25 @@ def log_exp_differences(expr: sp.Expr, t: sp.Symbol, defaults: dict, lo: float, 
     return expr.xreplace(found) if found else None
 
 
+def powers_minus_one(expr: sp.Expr) -> sp.Expr | None:
+    """(1 + X)^p - 1 (p not an integer) as expm1(p log1p(X)): the inverse of an OU process with rate 1 / (1 + t),
+    t = (1 + c e^drop)^(1/3) - 1, lost ~u / t relative near eps that way (6e-4 at t = 1e-4 in float32). None if
+    there is no such sum."""
+    def rewrite(add):
+        terms = list(add.args)
+        if -1 not in terms:
+            return add
+        for i, term in enumerate(terms):
+            if isinstance(term, sp.Pow) and not term.exp.is_integer and term.base.is_Add and 1 in term.base.args:
+                X = term.base - 1
+                rest = [u for k, u in enumerate(terms) if k != i and u != -1]
+                return sp.Add(expm1(term.exp * log1p(X)), *rest)
+        return add
+
+    rewritten = expr.replace(lambda e: e.is_Add and e.has(sp.Pow), rewrite)
+    return rewritten if rewritten != expr else None
+
+
 def log_ratios(expr: sp.Expr) -> sp.Expr | None:
     """expr with each c log(P) - c log(Q) in a sum whose P - Q is shorter than P written c log1p((P - Q) / Q): the
     inverse of an exponential schedule, (log(b0 + k L(drop)) - log(b0)) / k with L(0) ~ eps, is a difference of
@@ -316,6 +335,8 @@ def rewrites(expr: sp.Expr) -> list[sp.Expr]:
         candidates.append(short)
         expr = short
     for rewrite in (sp.simplify, sp.factor, sp.powsimp, sp.expand_log, factor_exponentials, common_exponential):
+        if rewrite is sp.factor and _high_exponential_powers(expr):
+            continue
         value = bounded(rewrite, expr, seconds=SIMPLIFY_LIMIT)
         if value is not None and printable(value):
             candidates.append(value)
@@ -324,6 +345,18 @@ def rewrites(expr: sp.Expr) -> list[sp.Expr]:
     if expr.has(sp.cos):
         candidates += [sum_to_product(c) for c in candidates]
     return _with_exponentials(candidates)
+
+
+def _high_exponential_powers(expr: sp.Expr, limit: int = 24) -> bool:
+    """True if an exponential's exponent has a number with a numerator or denominator above ``limit``: sp.factor
+    writes exp(199 t^2 / 20) as exp(t^2 / 20)^199 and factors a polynomial of that degree, which takes its whole
+    time limit (a VP written with numbers, beta = 1/10 + 199/10 t, spent 8 of its 12 s of compile there)."""
+    for e in expr.atoms(sp.exp):
+        for term in sp.Add.make_args(sp.expand(e.args[0])):
+            number = term.as_coeff_Mul()[0]
+            if number.is_Rational and (abs(number.p) > limit or number.q > limit):
+                return True
+    return False
 
 
 def _with_exponentials(candidates: list[sp.Expr]) -> list[sp.Expr]:
