@@ -56,5 +56,28 @@ def given_kernel(m: sp.Expr, c: sp.Expr, v: sp.Expr, t: sp.Symbol, accuracy: Acc
     vs = rewrites(v) + exponential_differences(v, t)
     stds = [sp.sqrt(u) for u in vs] + [simplest(sp.sqrt(v))]
     ms = rewrites(m) + exponential_differences(m, t)
+    # |u| with u of one sign on [eps, T], proved: u or -u, which the rewrites can work on (a cosine logSNR gives
+    # m = |sin(pi (t - 1) / 2)|, whose ratio over a step cancels; as cos(pi t / 2) it is a product of sines).
+    for forms in (ms, stds):
+        forms += [r for f in list(forms) if (u := _signs_resolved(f, t, accuracy)) is not None for r in rewrites(u)]
     return Kernel(accuracy.best(ms, t), accuracy.best(rewrites(c), t) if c != 0 else c,
                   accuracy.best(vs, t), accuracy.best(stds, t))
+
+
+def _signs_resolved(expr: sp.Expr, t: sp.Symbol, accuracy: Accuracy) -> sp.Expr | None:
+    """expr with each |u| (u a function of t alone) replaced by u or -u where check/sign.py proves u of one sign on
+    [eps, T]; None if none is."""
+    from ..check.sign import decide  # here: the check package imports this module
+    lo, hi = sp.Rational(accuracy.eps), sp.Rational(accuracy.T)
+    replaced = {}
+    for a in expr.atoms(sp.Abs):
+        u = a.args[0]
+        if u.free_symbols != {t}:
+            continue
+        for sign in (1, -1):
+            proved, failure = decide(sign * u, t, lo, hi)
+            if proved and failure is None:
+                replaced[a] = sign * u
+                break
+    return expr.xreplace(replaced) if replaced else None
+
