@@ -120,8 +120,9 @@ class OUSDE(torch.nn.Module):
         return self._k2*torch.sqrt(-torch.expm1(-2*t*self.theta))
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = log(theta) - log(expm1(2*t*theta))"""
-        return self._k3 - torch.log(torch.expm1(2*t*self.theta))
+        """logSNR(t) = log(m(t)^2 / v(t)) = -2*t*theta + log(theta) - log(-expm1(-2*t*theta))"""
+        w0 = 2*t*self.theta
+        return self._k3 - w0 - torch.log(-torch.expm1(-w0))
 
     def _prior(self):
         """Mean -mu*expm1(-5*theta) and variance -expm1(-10*theta)/theta of the prior."""
@@ -175,8 +176,11 @@ class OUSDE(torch.nn.Module):
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form (t ~ uniform))."""
+        # In float64, whatever u's dtype: a batch of times costs nothing beside the network, and float32 would
+        # overflow where the schedule's exponentials outgrow it (an OU process with rate 30 on [0, 2]: e^120).
+        dtype, u = u.dtype, u.to(torch.float64)
         # t = eps + u * (T - eps)
-        return torch.clamp((499999/100000)*u + 1/100000, self.eps, self.T)
+        return torch.clamp((499999/100000)*u + 1/100000, self.eps, self.T).to(dtype)
 
     def sample_t(self, batch_size, generator=None):
         """batch_size training times drawn uniformly on [eps, T]."""

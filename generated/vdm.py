@@ -167,10 +167,13 @@ class VDMSDE(torch.nn.Module):
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""
+        # In float64, whatever u's dtype: a batch of times costs nothing beside the network, and float32 would
+        # overflow where the schedule's exponentials outgrow it (an OU process with rate 30 on [0, 2]: e^120).
+        dtype, u = u.dtype, u.to(torch.float64)
         lo, hi = self._k6, -self.gamma_max
         drop = u * (lo - hi)
         # t = logSNR^-1(lo - drop) = (drop + gamma_max/100000 - gamma_min/100000)/(gamma_max - gamma_min)
-        return torch.clamp(self._k7*(drop + self._k8 + self._k9), self.eps, self.T)
+        return torch.clamp(self._k7*(drop + self._k8 + self._k9), self.eps, self.T).to(dtype)
 
     def sample_t(self, batch_size, generator=None):
         """batch_size training times drawn from q(t) by inverting its CDF."""

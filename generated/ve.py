@@ -175,8 +175,11 @@ class VESDE(torch.nn.Module):
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form (t ~ uniform))."""
+        # In float64, whatever u's dtype: a batch of times costs nothing beside the network, and float32 would
+        # overflow where the schedule's exponentials outgrow it (an OU process with rate 30 on [0, 2]: e^120).
+        dtype, u = u.dtype, u.to(torch.float64)
         # t = eps + u * (T - eps)
-        return torch.clamp((99999/100000)*u + 1/100000, self.eps, self.T)
+        return torch.clamp((99999/100000)*u + 1/100000, self.eps, self.T).to(dtype)
 
     def sample_t(self, batch_size, generator=None):
         """batch_size training times drawn uniformly on [eps, T]."""

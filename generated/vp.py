@@ -117,9 +117,9 @@ class VPSDE(torch.nn.Module):
         return torch.sqrt(-torch.expm1((1/2)*t*(self._k1 - self.beta_max*t + self.beta_min*t)))
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = -log(expm1(t*(beta_max*t/2 - beta_min*t/2 + beta_min)))"""
+        """logSNR(t) = log(m(t)^2 / v(t)) = t*(-2*beta_min + t*(-beta_max + beta_min))/2 - log(-expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)))"""
         w0 = (1/2)*t
-        return -torch.log(torch.expm1(t*(w0*self.beta_max - w0*self.beta_min + self.beta_min)))
+        return w0*(self._k1 + self._k2*t) - torch.log(-torch.expm1(t*(-w0*self.beta_max + (1/2)*self.beta_min*t - self.beta_min)))
 
     def _prior(self):
         """Mean 0 and variance 1 of the prior."""
@@ -171,8 +171,11 @@ class VPSDE(torch.nn.Module):
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form (t ~ uniform))."""
+        # In float64, whatever u's dtype: a batch of times costs nothing beside the network, and float32 would
+        # overflow where the schedule's exponentials outgrow it (an OU process with rate 30 on [0, 2]: e^120).
+        dtype, u = u.dtype, u.to(torch.float64)
         # t = eps + u * (T - eps)
-        return torch.clamp((99999/100000)*u + 1/100000, self.eps, self.T)
+        return torch.clamp((99999/100000)*u + 1/100000, self.eps, self.T).to(dtype)
 
     def sample_t(self, batch_size, generator=None):
         """batch_size training times drawn uniformly on [eps, T]."""

@@ -78,14 +78,17 @@ class VPLikelihoodSDE(torch.nn.Module):
         self._k1 = -2*self.beta_min
         self._k2 = -self.beta_max + self.beta_min
         self._k3 = 2*self.beta_min
-        self._k4 = 1 / (-math.log(math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)) + math.log(math.expm1((1/2)*self.beta_max + (1/2)*self.beta_min)))
+        self._k4 = 1 / ((9999999999/20000000000)*self.beta_max + (9999800001/20000000000)*self.beta_min + math.log(-math.expm1(-1/2*self.beta_max - 1/2*self.beta_min)) - math.log(-math.expm1(-1/20000000000*self.beta_max - 199999/20000000000*self.beta_min)))
         self._k5 = -1/2*self.beta_min
-        self._k6 = -math.log(math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min))
-        self._k7 = -math.log(math.expm1((1/2)*self.beta_max + (1/2)*self.beta_min))
-        self._k8 = 1 / (self.beta_max - self.beta_min)
-        self._k9 = self.beta_min**2
-        self._k10 = 2*self.beta_max - 2*self.beta_min
-        self._k11 = math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)
+        self._k6 = -math.log(-math.expm1(-1/20000000000*self.beta_max - 199999/20000000000*self.beta_min))
+        self._k7 = -199999/20000000000*self.beta_min
+        self._k8 = -1/20000000000*self.beta_max
+        self._k9 = -1/20000000000*self.beta_max - 199999/20000000000*self.beta_min - math.log(-math.expm1(-1/20000000000*self.beta_max - 199999/20000000000*self.beta_min))
+        self._k10 = -1/2*self.beta_max - 1/2*self.beta_min - math.log(-math.expm1(-1/2*self.beta_max - 1/2*self.beta_min))
+        self._k11 = 1 / (self.beta_max - self.beta_min)
+        self._k12 = self.beta_min**2
+        self._k13 = 2*self.beta_max - 2*self.beta_min
+        self._k14 = math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)
         self.eps = 1/100000
         self.T = 1
         self.v0 = 0
@@ -125,9 +128,9 @@ class VPLikelihoodSDE(torch.nn.Module):
         return torch.sqrt(-torch.expm1((1/2)*t*(self._k1 - self.beta_max*t + self.beta_min*t)))
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = -log(expm1(t*(beta_max*t/2 - beta_min*t/2 + beta_min)))"""
+        """logSNR(t) = log(m(t)^2 / v(t)) = t*(-2*beta_min + t*(-beta_max + beta_min))/2 - log(-expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)))"""
         w0 = (1/2)*t
-        return -torch.log(torch.expm1(t*(w0*self.beta_max - w0*self.beta_min + self.beta_min)))
+        return w0*(self._k1 + self._k2*t) - torch.log(-torch.expm1(t*(-w0*self.beta_max + (1/2)*self.beta_min*t - self.beta_min)))
 
     def _prior(self):
         """Mean 0 and variance 1 of the prior."""
@@ -170,22 +173,25 @@ class VPLikelihoodSDE(torch.nn.Module):
         return self._k0*t + self.beta_min
 
     def t_density(self, t):
-        """Density of the training time t (importance): q(t) = lambda / (Z v) = -(beta_min + t*(beta_max - beta_min))/((-log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)) + log(expm1(beta_max/2 + beta_min/2)))*expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)))"""
+        """Density of the training time t (importance): q(t) = lambda / (Z v) = -(beta_min + t*(beta_max - beta_min))/((9999999999*beta_max/20000000000 + 9999800001*beta_min/20000000000 + log(-expm1(-beta_max/2 - beta_min/2)) - log(-expm1(-beta_max/20000000000 - 199999*beta_min/20000000000)))*expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)))"""
         return -self._k4*(self._k0*t + self.beta_min)/torch.expm1(t*(-1/2*self.beta_max*t + (1/2)*self.beta_min*t - self.beta_min))
 
     def t_cdf(self, t):
-        """CDF of the training time t: (log(expm1(t*(beta_max*t/2 - beta_min*t/2 + beta_min))) - log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)))/(-log(expm1(beta_max/20000000000 + 199999*beta_min/20000000000)) + log(expm1(beta_max/2 + beta_min/2)))"""
+        """CDF of the training time t: (-beta_max/20000000000 - 199999*beta_min/20000000000 - t*(-2*beta_min + t*(-beta_max + beta_min))/2 + log(-expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))) - log(-expm1(-beta_max/20000000000 - 199999*beta_min/20000000000)))/(9999999999*beta_max/20000000000 + 9999800001*beta_min/20000000000 + log(-expm1(-beta_max/2 - beta_min/2)) - log(-expm1(-beta_max/20000000000 - 199999*beta_min/20000000000)))"""
         w0 = (1/2)*t
-        return self._k4*(self._k6 + torch.log(torch.expm1(t*(w0*self.beta_max - w0*self.beta_min + self.beta_min))))
+        return self._k4*(self._k6 + self._k7 + self._k8 - w0*(self._k1 + self._k2*t) + torch.log(-torch.expm1(t*(-w0*self.beta_max + (1/2)*self.beta_min*t - self.beta_min))))
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""
-        lo, hi = self._k6, self._k7
+        # In float64, whatever u's dtype: a batch of times costs nothing beside the network, and float32 would
+        # overflow where the schedule's exponentials outgrow it (an OU process with rate 30 on [0, 2]: e^120).
+        dtype, u = u.dtype, u.to(torch.float64)
+        lo, hi = self._k9, self._k10
         drop = u * (lo - hi)
         # t = logSNR^-1(lo - drop) = (2*beta_max*log1p(exp(drop)*expm1(beta_max/20000000000 + 199999*beta_min/20000000000)) - 2*beta_min*log1p(exp(drop)*expm1(beta_max/20000000000 + 199999*beta_min/20000000000)))/((beta_max - beta_min)*(beta_min + sqrt(beta_min^2 + (2*beta_max - 2*beta_min)*log1p(exp(drop)*expm1(beta_max/20000000000 + 199999*beta_min/20000000000)))))
-        w0 = torch.log1p(self._k11*torch.exp(drop))
+        w0 = torch.log1p(self._k14*torch.exp(drop))
         w1 = 2*w0
-        return torch.clamp(self._k8*(w1*self.beta_max - w1*self.beta_min)/(self.beta_min + torch.sqrt(self._k10*w0 + self._k9)), self.eps, self.T)
+        return torch.clamp(self._k11*(w1*self.beta_max - w1*self.beta_min)/(self.beta_min + torch.sqrt(self._k12 + self._k13*w0)), self.eps, self.T).to(dtype)
 
     def sample_t(self, batch_size, generator=None):
         """batch_size training times drawn from q(t) by inverting its CDF."""

@@ -555,8 +555,9 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...
                   grid: np.ndarray | tuple[np.ndarray, ...]) -> sp.Expr:
     """The candidate whose float32 evaluation on the grid is closest to a 30-digit reference.
 
-    Ties (within a factor of two in error, or both below ROUNDING_TIE) go to the form with fewer operations.
-    Errors are measured at the default parameters; on a log-spaced grid of
+    Errors are measured at the default parameters; ties (within a factor of two in error, or both below
+    ROUNDING_TIE) are measured again with each parameter moved 100-fold, and ties that remain go to the form with
+    fewer operations. On a log-spaced grid of
     [eps, T], forms that lose digits near t = eps (1 - exp(-B) against
     -expm1(-B)) lose. With several variables, ``t`` and ``grid`` are tuples:
     the symbols and the columns of their values at the same points.
@@ -577,8 +578,40 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...
               if (err := _float32_error(at, variables, columns, reference)) is not None]
     if not scored:
         return candidates[0]
+    tied = _tied(scored)
+    if len(tied) > 1 and defaults:
+        # Tied at the defaults: by the worst error with one parameter at a time moved 100-fold, where forms part that
+        # agree at the defaults (log(c (e^u - 1)) overflows float32 once u > 88; log(c) + u + log(-expm1(-u)) does
+        # not). A parameter set where the reference is not finite, or a form cannot be evaluated, is left out.
+        worst = {id(s[3]): s[0] for s in tied}
+        for stressed in _stressed(defaults):
+            ats = [_at_defaults(s[3], stressed) for s in tied]
+            reference = _reference(ats, variables, columns)
+            if reference is None or not np.isfinite(reference).all():
+                continue
+            errors = [_float32_error(at, variables, columns, reference) for at in ats]
+            if any(e is None for e in errors):
+                continue
+            for s, e in zip(tied, errors):
+                worst[id(s[3])] = max(worst[id(s[3])], e)
+        tied = _tied([(worst[id(s[3])], *s[1:]) for s in tied])
+    return min(tied, key=lambda s: (s[1], s[2]))[3]
+
+
+def _tied(scored):
+    """The scored forms within a factor of two of the best error, or below ROUNDING_TIE."""
     best_err = min(s[0] for s in scored)
-    return min((s for s in scored if s[0] <= max(2 * best_err, ROUNDING_TIE)), key=lambda s: (s[1], s[2]))[3]
+    return [s for s in scored if s[0] <= max(2 * best_err, ROUNDING_TIE)]
+
+
+def _stressed(defaults: dict) -> list[dict]:
+    """The defaults with one nonzero parameter at a time multiplied by 1/100 and by 100."""
+    out = []
+    for key, value in defaults.items():
+        exact = _exact_value(value)
+        if exact.is_number and exact.is_finite and exact != 0:
+            out += [{**defaults, key: exact * factor} for factor in (sp.Rational(1, 100), sp.Integer(100))]
+    return out
 
 
 def _at_defaults(expr: sp.Expr, defaults: dict) -> sp.Expr:
