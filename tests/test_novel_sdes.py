@@ -286,6 +286,25 @@ def test_inverse_cdf_of_a_cube_root_near_eps():
             assert max(abs((L(1e-4) - L(t)) / Z - u) for t, u in zip(ts, us)) <= bound, dtype
 
 
+def test_float32_at_a_rate_far_from_the_default():
+    """OU compiled at rate theta = 1, used at theta = 30 on [1e-4, 2]: v / m^2 = (e^(2 theta t) - 1) / (2 theta) reaches
+    e^120, past float32. logSNR, t_cdf (were -inf) and t_icdf (0.1 off in Q) in float32 against mpmath (30 digits):
+    logSNR within 1e-6 relative, Q and Q(Q^-1(u)) within 1e-6."""
+    module = sdelang.load("sde ou_rate\nparam theta = 1\ndx = -theta * x dt + sqrt(2 * theta) dw\n"
+                          "t in [1e-4, 2]\nweighting likelihood\nt ~ importance\n")
+    sde = type(module)(theta=30.0).to(torch.float32)
+    with mpmath.workdps(30):
+        L = lambda t: -mpmath.log(mpmath.expm1(60 * mpmath.mpf(t)))  # noqa: E731 (v / m^2 = expm1(2 theta t))
+        Z = L(1e-4) - L(2)
+        t = torch.tensor([1e-4, 1e-3, 0.05, 0.5, 1.0, 2.0], dtype=torch.float32)
+        times = t.double().tolist()
+        assert max(abs(a / L(b) - 1) for a, b in zip(sde.log_snr(t).tolist(), times)) <= 1e-6
+        assert max(abs(a - (L(1e-4) - L(b)) / Z) for a, b in zip(sde.t_cdf(t).tolist(), times)) <= 1e-6
+        us = [0.0, 1e-6, 1e-3, 0.5, 0.999, 1.0]
+        ts = sde.t_icdf(torch.tensor(us, dtype=torch.float32)).double().tolist()
+        assert max(abs((L(1e-4) - L(a)) / Z - u) for a, u in zip(ts, us)) <= 1e-6
+
+
 # The likelihood weighting written out, `weighting beta(t)`: the CDF's antiderivative is log(expm1(-B)), real as
 # a difference F(t) - F(eps) but the log of a negative number term by term: the module once refused to build
 # ("math domain error"). Linear and quadratic beta; B(t) = int_0^t beta by hand.
