@@ -191,7 +191,7 @@ class NumericSDE(torch.nn.Module):
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (numeric (piecewise Chebyshev table))."""
-        return self._inverse(u)
+        return self._inverse(u.to(torch.float64)).to(u.dtype)  # in float64, as the closed forms below
 
     def sample_t(self, batch_size, generator=None):
         """batch_size training times drawn from q(t) by inverting its CDF."""
