@@ -35,8 +35,9 @@ R = sp.Dummy("r", positive=True)      # the time change r = B(t)
 RHO = sp.Dummy("rho", positive=True)
 # Seconds for the matrix exponential, and again for the integral. From K = 3 on, SymPy needs the roots of a cubic
 # or worse and has not finished one within 8 s (a three-component chain spent 9 s of a compile looking); the
-# numeric path is as precise, so the search gets a short budget there. For K = 2, 16 s: a pair whose closed kernel
-# SymPy finds in 4-5 s of CPU alone took over 8 s late in a long test process and fell to the numeric path.
+# numeric path is as precise, so the search gets a short budget there. For K = 2, 16 s: it was raised when a pair's
+# closed kernel took 4-5 s of CPU (its Q integrals went to SymPy's integrator, which integration by inspection now
+# spares: 0.2 s) and fell to the numeric path late in a long test process.
 MATRIX_LIMIT = {2: 16.0}
 MATRIX_LIMIT_LARGE = 1.0
 CHECK_TOLERANCE = 1e-9                # relative disagreement with the numeric kernel that refuses a closed form
