@@ -124,9 +124,12 @@ class CosineVPSDE(torch.nn.Module):
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -log(sin(pi*t/(2*(s + 1)))*sin(pi*(s + t/2)/(s + 1))/sin((pi/(2*(s + 1)))*(1 - t))^2)"""
+        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
+        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        dtype, t = t.dtype, t.to(torch.float64)
         w0 = (1/2)*t
         w1 = self._k0*self._k1
-        return -torch.log(torch.sin(w0*w1)*torch.sin(w1*(w0 + self.s))/torch.sin(self._k2*(1 - t))**2)
+        return (-torch.log(torch.sin(w0*w1)*torch.sin(w1*(w0 + self.s))/torch.sin(self._k2*(1 - t))**2)).to(dtype)
 
     def _prior(self):
         """Mean 0 and variance 1 of the prior."""
@@ -168,8 +171,10 @@ class CosineVPSDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = pi*sin(pi*(s + t)/(2*(s + 1)))/((s + 1)*sin((pi/(2*(s + 1)))*(1 - t))) (likelihood weighting)"""
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
         w0 = self._k0*self._k1
-        return w0*torch.sin((1/2)*w0*(self.s + t))/torch.sin(self._k2*(1 - t))
+        return (w0*torch.sin((1/2)*w0*(self.s + t))/torch.sin(self._k2*(1 - t))).to(dtype)
 
     def t_density(self, t):
         """Density of the training time t (uniform): 1 / (T - eps)"""
@@ -177,7 +182,9 @@ class CosineVPSDE(torch.nn.Module):
 
     def t_cdf(self, t):
         """CDF of the training time t: (t - eps) / (T - eps)"""
-        return (100000/99459)*t - 1/99459
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
+        return ((100000/99459)*t - 1/99459).to(dtype)
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form (t ~ uniform))."""

@@ -113,7 +113,10 @@ class EDMVESDE(torch.nn.Module):
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -2*log(t)"""
-        return -2*torch.log(t)
+        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
+        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (-2*torch.log(t)).to(dtype)
 
     def _prior(self):
         """Mean 0 and variance 6400 of the prior."""
@@ -152,15 +155,21 @@ class EDMVESDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = 2*t (likelihood weighting)"""
-        return 2*t
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (2*t).to(dtype)
 
     def t_density(self, t):
         """Density of the training time t (importance): q(t) = lambda / (Z v) = 2/(t*(2*log(80) + 2*log(500)))"""
-        return 2*self._k1/t
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (2*self._k1/t).to(dtype)
 
     def t_cdf(self, t):
         """CDF of the training time t: (2*log(t) + 2*log(500))/(2*log(80) + 2*log(500))"""
-        return self._k1*(self._k2 + 2*torch.log(t))
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (self._k1*(self._k2 + 2*torch.log(t))).to(dtype)
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""

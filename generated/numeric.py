@@ -129,8 +129,11 @@ class NumericSDE(torch.nn.Module):
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -log(Integral((s + 1)*(s^2 + sin(3*s) + 1)*exp(s^3/3 + s - cos(3*s)/3 + 1/3), (s, 0, t)))"""
+        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
+        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        dtype, t = t.dtype, t.to(torch.float64)
         tab0 = self._tables(t)
-        return -1/3*t**3 - t + (1/3)*torch.cos(3*t) - tab0[0] - 1/3
+        return (-1/3*t**3 - t + (1/3)*torch.cos(3*t) - tab0[0] - 1/3).to(dtype)
 
     def _prior(self):
         """Mean 0 and variance exp(-37/3 + cos(3*3)/3)*Integral((s + 1)*(s^2 + sin(3*s) + 1)*exp(s^3/3 + s - cos(3*s)/3 + 1/3), (s, 0, 3)) of the prior."""
@@ -177,17 +180,23 @@ class NumericSDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = (t + 1)*(t^2 + sin(3*t) + 1) (likelihood weighting)"""
-        return (t + 1)*(t**2 + torch.sin(3*t) + 1)
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
+        return ((t + 1)*(t**2 + torch.sin(3*t) + 1)).to(dtype)
 
     def t_density(self, t):
         """Density of the training time t (importance): q(t) = lambda / (Z v) = (a long expression with numeric integrals; see `sdelang show`)"""
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
         tab0 = self._tables(t)
-        return self._k1*(t + 1)*(t**2 + torch.sin(3*t) + 1)*torch.exp(-tab0[0])
+        return (self._k1*(t + 1)*(t**2 + torch.sin(3*t) + 1)*torch.exp(-tab0[0])).to(dtype)
 
     def t_cdf(self, t):
         """CDF of the training time t: (a long expression with numeric integrals; see `sdelang show`)"""
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
         tab0 = self._tables(t)
-        return self._k1*(self._k2 + self._k3 + (1/3)*t**3 + t - 1/3*torch.cos(3*t) + tab0[0] - 30000000001/3000000000000000)
+        return (self._k1*(self._k2 + self._k3 + (1/3)*t**3 + t - 1/3*torch.cos(3*t) + tab0[0] - 30000000001/3000000000000000)).to(dtype)
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (numeric (piecewise Chebyshev table))."""

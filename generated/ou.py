@@ -121,8 +121,11 @@ class OUSDE(torch.nn.Module):
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -2*t*theta + log(theta) - log(-expm1(-2*t*theta))"""
+        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
+        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        dtype, t = t.dtype, t.to(torch.float64)
         w0 = 2*t*self.theta
-        return self._k3 - w0 - torch.log(-torch.expm1(-w0))
+        return (self._k3 - w0 - torch.log(-torch.expm1(-w0))).to(dtype)
 
     def _prior(self):
         """Mean -mu*expm1(-5*theta) and variance -expm1(-10*theta)/theta of the prior."""
@@ -172,7 +175,9 @@ class OUSDE(torch.nn.Module):
 
     def t_cdf(self, t):
         """CDF of the training time t: (t - eps) / (T - eps)"""
-        return (100000/499999)*t - 1/499999
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
+        return ((100000/499999)*t - 1/499999).to(dtype)
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form (t ~ uniform))."""

@@ -96,7 +96,10 @@ class RectifiedFlowSDE(torch.nn.Module):
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -log(t^2/(t - 1)^2)"""
-        return -torch.log(t**2/(t - 1)**2)
+        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
+        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (-torch.log(t**2/(t - 1)**2)).to(dtype)
 
     def _prior(self):
         """Mean 0 and variance 998001/1000000 of the prior."""
@@ -136,15 +139,21 @@ class RectifiedFlowSDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = -2*t/(t - 1) (likelihood weighting)"""
-        return -2*t/(t - 1)
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (-2*t/(t - 1)).to(dtype)
 
     def t_density(self, t):
         """Density of the training time t (importance): q(t) = lambda / (Z v) = -1/(t*(t - 1)*log(998001))"""
-        return -self._k1/(t*(t - 1))
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (-self._k1/(t*(t - 1))).to(dtype)
 
     def t_cdf(self, t):
         """CDF of the training time t: (log(t^2/(t - 1)^2) + log(998001))/(2*log(998001))"""
-        return (1/2)*self._k1*(self._k2 + torch.log(t**2/(t - 1)**2))
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
+        return ((1/2)*self._k1*(self._k2 + torch.log(t**2/(t - 1)**2))).to(dtype)
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""

@@ -120,8 +120,11 @@ class SubvpSDE(torch.nn.Module):
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = t*(-2*beta_min + t*(-beta_max + beta_min))/2 - log(expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))^2)"""
+        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
+        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        dtype, t = t.dtype, t.to(torch.float64)
         w0 = (1/2)*t
-        return w0*(self._k1 + self._k2*t) - torch.log(torch.expm1(t*(-w0*self.beta_max + (1/2)*self.beta_min*t - self.beta_min))**2)
+        return (w0*(self._k1 + self._k2*t) - torch.log(torch.expm1(t*(-w0*self.beta_max + (1/2)*self.beta_min*t - self.beta_min))**2)).to(dtype)
 
     def _prior(self):
         """Mean 0 and variance 1 of the prior."""
@@ -163,7 +166,9 @@ class SubvpSDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = -(beta_min + t*(beta_max - beta_min))*expm1(-2*beta_min*t - t^2*(beta_max - beta_min)) (likelihood weighting)"""
-        return -(self._k0*t + self.beta_min)*torch.expm1(-self._k0*t**2 - 2*self.beta_min*t)
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (-(self._k0*t + self.beta_min)*torch.expm1(-self._k0*t**2 - 2*self.beta_min*t)).to(dtype)
 
     def t_density(self, t):
         """Density of the training time t (uniform): 1 / (T - eps)"""
@@ -171,7 +176,9 @@ class SubvpSDE(torch.nn.Module):
 
     def t_cdf(self, t):
         """CDF of the training time t: (t - eps) / (T - eps)"""
-        return (100000/99999)*t - 1/99999
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
+        return ((100000/99999)*t - 1/99999).to(dtype)
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form (t ~ uniform))."""

@@ -60,6 +60,10 @@ class VDMSDE(torch.nn.Module):
             raise ValueError(f"gamma_max must be positive and finite (the derivation assumed so; declare it "
                              f"'param gamma_max: real = ...' for any sign), got {gamma_max!r}")
         self.gamma_max = float(gamma_max)
+        if self.gamma_max - self.gamma_min == 0:
+            raise ValueError(f"gamma_max - gamma_min = 0 at gamma_max = {gamma_max!r}, gamma_min = {gamma_min!r}: the forms derived for this SDE divide by it; choose "
+                             f"other values, or declare gamma_max and gamma_min in the program as constants (name = value, "
+                             f"without 'param') to have this case derived")
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
         self._k0 = self.gamma_max - self.gamma_min
@@ -115,7 +119,10 @@ class VDMSDE(torch.nn.Module):
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -gamma_max*t + gamma_min*t - gamma_min"""
-        return -self.gamma_max*t + self.gamma_min*t - self.gamma_min
+        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
+        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (-self.gamma_max*t + self.gamma_min*t - self.gamma_min).to(dtype)
 
     def _prior(self):
         """Mean 0 and variance 1 of the prior."""
@@ -155,7 +162,9 @@ class VDMSDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = (gamma_max - gamma_min)/(exp(-gamma_min - t*(gamma_max - gamma_min)) + 1) (likelihood weighting)"""
-        return self._k0/(torch.exp(-self._k0*t - self.gamma_min) + 1)
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (self._k0/(torch.exp(-self._k0*t - self.gamma_min) + 1)).to(dtype)
 
     def t_density(self, t):
         """Density of the training time t (importance): q(t) = lambda / (Z v) = (1 + exp(-(gamma_min + t*(gamma_max - gamma_min))))*(gamma_max - gamma_min)/((99999*gamma_max/100000 - 99999*gamma_min/100000)*(exp(-gamma_min - t*(gamma_max - gamma_min)) + 1))"""
@@ -163,7 +172,9 @@ class VDMSDE(torch.nn.Module):
 
     def t_cdf(self, t):
         """CDF of the training time t: (gamma_max*t - gamma_max/100000 - gamma_min*t + gamma_min/100000)/(99999*gamma_max/100000 - 99999*gamma_min/100000)"""
-        return self._k3*(self._k4 + self._k5 + self.gamma_max*t - self.gamma_min*t)
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (self._k3*(self._k4 + self._k5 + self.gamma_max*t - self.gamma_min*t)).to(dtype)
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""

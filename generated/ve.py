@@ -123,8 +123,11 @@ class VESDE(torch.nn.Module):
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -log(sigma_max^(2*t)*sigma_min^(2 - 2*t))"""
+        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
+        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        dtype, t = t.dtype, t.to(torch.float64)
         w0 = 2*t
-        return -torch.log(self.sigma_max**w0*self.sigma_min**(2 - w0))
+        return (-torch.log(self.sigma_max**w0*self.sigma_min**(2 - w0))).to(dtype)
 
     def _prior(self):
         """Mean 0 and variance sigma_max^2 of the prior."""
@@ -163,7 +166,9 @@ class VESDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = sigma_min^2*(sigma_max/sigma_min)^(2*t) (score_matching weighting)"""
-        return self._k0**(2*t)*self._k4
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (self._k0**(2*t)*self._k4).to(dtype)
 
     def t_density(self, t):
         """Density of the training time t (uniform): 1 / (T - eps)"""
@@ -171,7 +176,9 @@ class VESDE(torch.nn.Module):
 
     def t_cdf(self, t):
         """CDF of the training time t: (t - eps) / (T - eps)"""
-        return (100000/99999)*t - 1/99999
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
+        return ((100000/99999)*t - 1/99999).to(dtype)
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form (t ~ uniform))."""

@@ -72,6 +72,10 @@ class VPLikelihoodSDE(torch.nn.Module):
             raise ValueError(f"beta_max must be positive and finite (the derivation assumed so; declare it "
                              f"'param beta_max: real = ...' for any sign), got {beta_max!r}")
         self.beta_max = float(beta_max)
+        if self.beta_max - self.beta_min == 0:
+            raise ValueError(f"beta_max - beta_min = 0 at beta_max = {beta_max!r}, beta_min = {beta_min!r}: the forms derived for this SDE divide by it; choose "
+                             f"other values, or declare beta_max and beta_min in the program as constants (name = value, "
+                             f"without 'param') to have this case derived")
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
         self._k0 = self.beta_max - self.beta_min
@@ -129,8 +133,11 @@ class VPLikelihoodSDE(torch.nn.Module):
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = t*(-2*beta_min + t*(-beta_max + beta_min))/2 - log(-expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)))"""
+        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
+        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        dtype, t = t.dtype, t.to(torch.float64)
         w0 = (1/2)*t
-        return w0*(self._k1 + self._k2*t) - torch.log(-torch.expm1(t*(-w0*self.beta_max + (1/2)*self.beta_min*t - self.beta_min)))
+        return (w0*(self._k1 + self._k2*t) - torch.log(-torch.expm1(t*(-w0*self.beta_max + (1/2)*self.beta_min*t - self.beta_min)))).to(dtype)
 
     def _prior(self):
         """Mean 0 and variance 1 of the prior."""
@@ -170,16 +177,22 @@ class VPLikelihoodSDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = beta_min + t*(beta_max - beta_min) (likelihood weighting)"""
-        return self._k0*t + self.beta_min
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (self._k0*t + self.beta_min).to(dtype)
 
     def t_density(self, t):
         """Density of the training time t (importance): q(t) = lambda / (Z v) = -(beta_min + t*(beta_max - beta_min))/((9999999999*beta_max/20000000000 + 9999800001*beta_min/20000000000 + log(-expm1(-beta_max/2 - beta_min/2)) - log(-expm1(-beta_max/20000000000 - 199999*beta_min/20000000000)))*expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)))"""
-        return -self._k4*(self._k0*t + self.beta_min)/torch.expm1(t*(-1/2*self.beta_max*t + (1/2)*self.beta_min*t - self.beta_min))
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (-self._k4*(self._k0*t + self.beta_min)/torch.expm1(t*(-1/2*self.beta_max*t + (1/2)*self.beta_min*t - self.beta_min))).to(dtype)
 
     def t_cdf(self, t):
         """CDF of the training time t: (-beta_max/20000000000 - 199999*beta_min/20000000000 - t*(-2*beta_min + t*(-beta_max + beta_min))/2 + log(-expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))) - log(-expm1(-beta_max/20000000000 - 199999*beta_min/20000000000)))/(9999999999*beta_max/20000000000 + 9999800001*beta_min/20000000000 + log(-expm1(-beta_max/2 - beta_min/2)) - log(-expm1(-beta_max/20000000000 - 199999*beta_min/20000000000)))"""
+        # In float64, as log_snr
+        dtype, t = t.dtype, t.to(torch.float64)
         w0 = (1/2)*t
-        return self._k4*(self._k6 + self._k7 + self._k8 - w0*(self._k1 + self._k2*t) + torch.log(-torch.expm1(t*(-w0*self.beta_max + (1/2)*self.beta_min*t - self.beta_min))))
+        return (self._k4*(self._k6 + self._k7 + self._k8 - w0*(self._k1 + self._k2*t) + torch.log(-torch.expm1(t*(-w0*self.beta_max + (1/2)*self.beta_min*t - self.beta_min))))).to(dtype)
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""

@@ -23,7 +23,9 @@ eps (logsnr_linear 325 -> 0.02, VE with v0 = smin^2 330 -> 0.01, VE with any v0 
 b0 - sqrt(b0^2 + ...) cancelled (vp_linear at b0 = 1: 127 -> 0.04); tan(pi/2 t) printed as
 1 / tan(pi/2 (1 - t)) lost t near 0 (trig_kernel weight 21 -> 0.02, logsnr_tan weight 428 -> 0.02 and
 logSNR 23 -> 0.12); an OU with v0 wrote sig^2 exp(2 theta t) - sig^2 without expm1 (OU v0 = 0.001, sig = 3:
-logSNR 28 -> 0.31, q 132 -> 0.02). KNOWN lists what still misses.
+logSNR 28 -> 0.31, q 132 -> 0.02). log_snr, weight, t_density and t_cdf now compute in float64 whatever t's
+dtype (as t_icdf did): the float32 limits of any form where logSNR crosses 0 or Q cancels near eps are gone, and
+FORMER_MISSES holds the points where they showed.
 """
 from __future__ import annotations
 
@@ -187,11 +189,10 @@ FAST = [
 ]
 VE_INIT = ("ve", "param init = 0.25\nv0 = init", "likelihood", "importance")
 OU_INIT = ("ou_moving", "param init = 0.25\nv0 = init", "likelihood", "importance")
-# Misses not fixed yet, each with the parameters and time where it was measured (err in units of the bound). The random
-# test leaves these quantities of these cases unchecked in float32 and checks everything else; test_known_misses
-# holds each at its parameters as a strict xfail, so a fix shows up as a failure to remove the entry.
-# The form of logSNR is chosen by its float32 error at the default parameters only, and these lose elsewhere.
-KNOWN = {
+# The points where forms missed the bound while these quantities were computed in float32 (err in units of the
+# bound, measured then), each checked now: the generated module computes them in float64 whatever t's dtype, which
+# removes the float32 limits described here.
+FORMER_MISSES = {
     # logSNR crosses 0 near t = 0.79 where |t logSNR'(t)| ~ 9: the rounding of t log(b1/b0) alone moves logSNR by
     # ~9 u = 5e-7, 3.3 x the 1e-7 absolute bound, in any float32 arithmetic on a float32 t.
     (("vp_geometric", "", "score_matching", "uniform"), "log_snr"): ({"b0": 0.01, "b1": 30.0}, 0.7895),
@@ -331,10 +332,8 @@ QUANTITIES = ("log_snr", "weight", "t_density", "t_cdf", "t_icdf")
 U_FIXED = [0.0, 1e-7, 1e-5, 1e-3, 0.5, 0.999, 1 - 2**-24, 1.0]
 
 
-def check_quantities(case: Case, params: dict[str, float], drawn_t, drawn_u, quantities=QUANTITIES,
-                     unchecked=frozenset()):
-    """The module in float32 and float64 against the reference, at the times and u values of the draws;
-    ``unchecked``: quantities left out in float32 (KNOWN)."""
+def check_quantities(case: Case, params: dict[str, float], drawn_t, drawn_u, quantities=QUANTITIES):
+    """The module in float32 and float64 against the reference, at the times and u values of the draws."""
     sdes = {dtype: case.module.SDE(**params).to(dtype) for dtype in (F32, F64)}
     eps, T = case.family.interval
     t32 = float32_times(eps, T, drawn_t)
@@ -348,8 +347,6 @@ def check_quantities(case: Case, params: dict[str, float], drawn_t, drawn_u, qua
             wants["t_icdf"] = [ref.t_icdf(mpf(x)) for x in u32.double().tolist()]
     for dtype, sde in sdes.items():
         for q, want in wants.items():
-            if dtype == F32 and q in unchecked:
-                continue
             at = u32 if q == "t_icdf" else t32
             got = getattr(sde, q)(at.to(dtype))
             assert got.dtype == dtype
@@ -364,8 +361,7 @@ def run_case(case_key, data):
                        label="params")
     drawn_t = data.draw(st.lists(st.tuples(st.booleans(), st.floats(0.0, 1.0)), min_size=1, max_size=6), label="t")
     drawn_u = data.draw(st.lists(st.floats(0.0, 1.0, width=32), max_size=4), label="u")
-    unchecked = frozenset(q for (c, q) in KNOWN if c == case_key)
-    check_quantities(case, params, drawn_t, drawn_u, unchecked=unchecked)
+    check_quantities(case, params, drawn_t, drawn_u)
 
 
 @pytest.mark.parametrize("case", FAST, ids=_label)
@@ -387,11 +383,10 @@ def test_float32_time_quantities_every_combination(case, data):
     run_case(case, data)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="a known float32 miss (KNOWN)")
-@pytest.mark.parametrize("case, quantity", list(KNOWN), ids=lambda x: x if isinstance(x, str) else _label(x))
-def test_known_misses(case, quantity):
-    """Each KNOWN miss, at the parameters and time where it was measured: still above the bound in float32."""
-    params, t = KNOWN[case, quantity]
+@pytest.mark.parametrize("case, quantity", list(FORMER_MISSES), ids=lambda x: x if isinstance(x, str) else _label(x))
+def test_former_misses(case, quantity):
+    """Each former float32 miss, at the parameters and time where it was measured: within the bound now."""
+    params, t = FORMER_MISSES[case, quantity]
     eps, T = FAMILIES[case[0]].interval
     check_quantities(compiled_case(case), params, [(False, (t - eps) / (T - eps))], [], quantities=(quantity,))
 
@@ -403,3 +398,12 @@ def test_custom_weighting_cdf_near_eps():
     case = ("ve", "v0 = smin^2", "1 + t", "importance")
     check_quantities(compiled_case(case), {"smin": 0.5, "smax": 5.0}, [(False, 0.0), (True, 0.01), (True, 0.1)], [],
                      quantities=("t_cdf", "t_density"))
+
+
+def test_custom_weighting_density_near_eps():
+    """q = lambda / (Z v) for VE with lambda = 1 + t: the shortest form of lambda / v, (1 + t) / (smin^2
+    ((smax/smin)^(2t) - 1)), cancels near eps where v's own form, smin^2 expm1(2 t log(smax/smin)), does not; the
+    density keeps the more accurate of the two (derive/importance.py). The shortest was ~2e-4 off at t = 2e-5."""
+    case = ("ve", "", "1 + t", "importance")
+    check_quantities(compiled_case(case), {"smin": 0.01, "smax": 50.0}, [(False, 0.0), (False, 1e-5), (True, 0.5)], [],
+                     quantities=("t_density",))

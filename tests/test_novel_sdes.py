@@ -110,6 +110,20 @@ prior kernel
 weighting likelihood
 t ~ importance
 """, lambda t: -(1 + t / 2), lambda t: 0.7 * np.sin(t) * (1 + t / 2), lambda t: 2 * (1 + t / 2), 0.0, None),
+    # An OU process started from x(0) + N(0, 1e-4): SymPy merges v0 into e^(2 t) - 1 as e^(2 t) - 9999/10000, whose
+    # float32 value near t = 0 cancels; every closed form found did, and the variance went to the numeric tables.
+    # Written expm1(2 t) + 1/10000 (symbolic.use_expm1_log1p) it keeps its closed form.
+    "ou_small_v0": ("""
+sde ou_small_v0
+param theta = 1
+dx = -theta * x dt + sqrt(2 * theta) dw
+v0 = 1/10000
+t in [1e-5, 6]
+prior normal(0, 1)
+weighting likelihood
+t ~ importance
+""", lambda t: -1.0, lambda t: 0.0, lambda t: 2.0, 1e-4,
+        lambda t: (np.exp(-t), 0.0 * t, 1e-4 * np.exp(-2 * t) - np.expm1(-2 * t))),
     # Chen's sigmoid schedule (2023) by its kernel: gamma(t) = (sigmoid(end / tau) - sigmoid(z(t))) / (sigmoid(end / tau)
     # - sigmoid(start / tau)), z(t) = (start + t (end - start)) / tau; 1 - gamma is a difference of sigmoids near t = 0.
     "sigmoid_schedule": ("""
@@ -529,3 +543,49 @@ def test_float32_coefficients_within_their_rounding(modules, name):
         q, dq = q.detach(), dq.detach()
         bound = 8 * u * (q.abs() + (t.detach() * dq).abs()) + 1e-30
         assert torch.all((q32.double() - q).abs() <= bound), (name, what, float(((q32.double() - q).abs() / bound).max()))
+
+
+PULLED_TO_A_DECAYING_TARGET = """
+sde decaying_target
+{theta}
+param mu: real = 2
+dx = theta * (mu * exp(-t) - x) dt + 0.8 dw
+t in [1e-5, 5]
+weighting likelihood
+t ~ uniform
+"""
+
+
+def test_a_parameter_where_the_closed_form_divides_by_zero():
+    """c(t) = mu theta e^(-theta t) expm1((theta - 1) t) / (theta - 1) holds for theta != 1: the module refuses
+    theta = 1 with a message (it raised ZeroDivisionError from its constants), works at other values, and the
+    constant the message suggests derives the case: c(t) = mu t e^(-t)."""
+    sde = sdelang.load(PULLED_TO_A_DECAYING_TARGET.format(theta="param theta = 1.5"))
+    with pytest.raises(ValueError, match=r"theta - 1 = 0 at theta = 1\.0: .*declare theta in the program as a"):
+        type(sde)(theta=1.0)
+    t = torch.tensor([1e-5, 0.3, 2.0, 5.0], dtype=torch.float64)
+    near = type(sde)(theta=1.0 + 2**-30).to(torch.float64)
+    fixed = sdelang.load(PULLED_TO_A_DECAYING_TARGET.format(theta="theta = 1")).to(torch.float64)
+    exact = 2 * t * torch.exp(-t)
+    assert torch.allclose(fixed.mean_offset(t), exact, rtol=1e-12, atol=0)
+    assert torch.allclose(near.mean_offset(t), exact, rtol=1e-7, atol=0)
+
+
+def test_a_parameter_beside_numeric_tables():
+    """Divisors read from the tables (Z = logSNR(eps) - logSNR(T) here) are not checked in the constructor, which
+    runs before the tables are built: such a check raised AttributeError from every module with tables and a
+    parameter in a divisor."""
+    sde = sdelang.load("sde tabulated_noise\nparam a = 0.5\ndx = -a * x dt + sqrt(2 + sin(10 * t)) dw\n"
+                       "t in [1e-5, 1]\nweighting likelihood\nt ~ importance\n")
+    assert sde.kernel_path.startswith("numeric")
+    other = type(sde)(a=0.7).to(torch.float64)
+    t = torch.tensor([1e-5, 0.5, 1.0], dtype=torch.float64)
+    assert torch.isfinite(other.t_density(t)).all() and torch.isfinite(other.std(t)).all()
+
+
+def test_a_small_v0_keeps_its_closed_form(modules):
+    """The variance of ou_small_v0 is a closed form (not the tables), accurate in float32 near eps."""
+    sde = modules("ou_small_v0")
+    assert sde.kernel_path == "closed form"
+    t = torch.tensor([1e-5, 1.1e-5, 1e-4, 1e-3], dtype=torch.float32)
+    assert torch.allclose(sde.to(torch.float32).std(t).double(), sde.to(torch.float64).std(t.double()), rtol=1e-5, atol=0)

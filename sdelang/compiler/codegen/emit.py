@@ -16,7 +16,7 @@ from ..derive.general import GeneralDerivation, reason
 from ..derive.discretize import START
 from ..derive.divergence import DIM
 from ..derive.importance import DROP, U
-from ..derive.symbolic import Tabulated, bounded, size
+from ..derive.symbolic import SIMPLIFY_LIMIT, Tabulated, bounded, size
 from ..derive.tables import BUILD_VARIABLE, Total
 from .fold import as_locals, fold
 from .printer import REWRITE_LIMIT, Code, ConstantPool, ScalarPrinter, generate, stable
@@ -107,9 +107,39 @@ def _shared(p, pool: ConstantPool) -> dict:
         params=[(prm.name, repr(float(prm.default)), bool(prm.symbol.is_positive)) for prm in p.params],
         N=p.N,
         constants=pool.lines(scalar.names),
+        zero_divisors=_zero_divisors(p, pool, scalar),
         # Statements of a method body, placed at the start of the line that follows them.
         body=lambda c: "".join(f"        {line}\n" for line in c.lines),
     )
+
+
+def _zero_divisors(p, pool: ConstantPool, scalar: ScalarPrinter) -> list[tuple[str, str, str, str]]:
+    """(code, text, values, names) for each parameter-only divisor the module's forms have (pool.denominators):
+    the constructor refuses parameters that make one 0 with a message, where the forms would divide by zero."""
+    by_symbol = {prm.symbol: prm.name for prm in p.params}
+    out = {}
+    for den in pool.denominators:
+        den = sp.factor_terms(den).as_coeff_Mul()[1]   # 99999 (g1 - g0) / 100000 and g1 - g0 are one check
+        if den in out or not _can_vanish(den):
+            continue
+        names = [by_symbol[s] for s in sorted(den.free_symbols, key=lambda s: by_symbol[s])]
+        out[den] = (scalar.doprint(den), sp.sstr(den), ", ".join(f"{n} = {{{n}!r}}" for n in names),
+                    " and ".join(names) + (" in the program as a constant" if len(names) == 1 else
+                                           " in the program as constants"))
+    return list(out.values())
+
+
+def _can_vanish(den: sp.Expr) -> bool:
+    """Whether a divisor polynomial in the parameters can be 0 where their assumptions allow: theta - 1 can for a
+    positive theta, theta + 1 cannot. Other divisors (a normaliser Z = logSNR(eps) - logSNR(T), cos(pi s / (2 (s +
+    1)))) are left to the checks of the SDE itself: an SDE that is not degenerate keeps them away from 0."""
+    symbols = den.free_symbols
+    if not den.is_polynomial(*symbols):
+        return False
+    if len(symbols) > 1:
+        return True
+    roots = bounded(sp.solve, den, *symbols, seconds=SIMPLIFY_LIMIT)
+    return roots is None or bool(roots)   # a positive symbol's solve keeps positive roots only
 
 
 # Names a method of a generated module uses for itself, which a helper's local must not take.
@@ -317,18 +347,8 @@ def emit_affine(d: Derivation) -> str:
         return SUMMARY if expanded is None else _formula(expanded)
 
     scalar = ScalarPrinter({prm.symbol: f"self.{prm.name}" for prm in p.params})
-    params = [(prm.name, repr(float(prm.default)), bool(prm.symbol.is_positive)) for prm in p.params]
-    source_text = p.source.text
     context = dict(
-        version=__version__,
-        source_name=_in_docstring(Path(p.source.path).name),
-        source_sha256=hashlib.sha256(source_text.encode()).hexdigest(),
-        source_lines=[_in_docstring(line.rstrip()) for line in source_text.rstrip("\n").splitlines()],
-        name=p.name,
-        class_name=class_name(p.name),
-        params=params,
-        N=p.N,
-        constants=pool.lines(scalar.names),
+        _shared(p, pool),
         table_constants=pool.lines(scalar.names, tables=True),
         tables=tables,
         degree=TABLE_DEGREE,
@@ -342,8 +362,6 @@ def emit_affine(d: Derivation) -> str:
         m_is_one=k.m == 1,
         uniform=uniform,
         by_log_snr=imp.by_log_snr and not uniform,
-        # Statements of a method body, placed at the start of the line that follows them.
-        body=lambda c: "".join(f"        {line}\n" for line in c.lines),
         numeric_inverse=numeric_inverse,
         kernel_path=d.kernel_path,
         inverse_cdf_path=d.inverse_cdf_path,

@@ -309,14 +309,30 @@ class ConstantPool:
 
     params: frozenset
     entries: dict[sp.Expr, sp.Symbol] = field(default_factory=dict)
+    # Parameter-only factors of denominators that the parameters' assumptions do not keep from 0: theta - 1 in
+    # c(t) = mu theta e^(-theta t) expm1((theta - 1) t) / (theta - 1), a closed form SymPy found for theta != 1.
+    denominators: dict[sp.Expr, None] = field(default_factory=dict)
 
     def is_constant(self, expr: sp.Expr) -> bool:
         # A Total is known only once the tables are built: it stays in the method's code.
         return expr.free_symbols <= self.params and not expr.has(sp.Integral, Column, Total)
 
+    def _note_denominators(self, expr: sp.Expr) -> None:
+        for node in sp.preorder_traversal(expr):
+            if isinstance(node, sp.Pow) and node.exp.is_negative:
+                for factor in sp.Mul.make_args(node.base):
+                    # Parameters only: a table's value (read after the constructor builds the tables) is not one.
+                    if (factor.free_symbols and self.is_constant(factor) and not factor.has(Tabulated)
+                            and factor.is_zero is not False):
+                        self.denominators.setdefault(factor)
+
     def hoist(self, expr: sp.Expr) -> sp.Expr:
         if expr.is_Atom and not isinstance(expr, sp.NumberSymbol):
             return expr
+        if self.is_constant(expr):
+            self._note_denominators(expr)
+        elif isinstance(expr, sp.Pow) and expr.exp.is_negative:
+            self._note_denominators(sp.Pow(expr.base, -1, evaluate=False))
         if self.is_constant(expr):
             if expr.is_Rational or (expr.is_Mul and len(expr.args) == 2 and expr.args[0] == -1
                                     and expr.args[1].is_Symbol):

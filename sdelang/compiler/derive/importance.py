@@ -71,6 +71,10 @@ def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol,
         return Importance(1 / (T - eps), (t - eps) / (T - eps), eps + U * (T - eps), False)
     ratio = simplest(lam / v)
     lo, hi = float(eps.subs(defaults)), float(T.subs(defaults))
+    # The shortest form of lambda / v is the one to integrate, but it may undo v's accurate form: VE's
+    # smin^2 expm1(2 k t) becomes smin^2 ((smax/smin)^(2t) - 1), which cancels near eps (q 2e-4 off in float32
+    # at t = 2e-5). The density keeps whichever is more accurate.
+    q_ratio = ratio if ratio.has(*NUMERIC) else most_accurate([lam / v, ratio], t, defaults, np.geomspace(lo, hi, 25))
     Z = integrate_from(ratio, t, eps, T) if not ratio.has(*NUMERIC) else None
     partial = integrate_from(ratio, t, eps, t) if Z is not None and not Z.has(*NUMERIC) else None
     if partial is not None and not partial.has(*NUMERIC):
@@ -85,7 +89,7 @@ def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol,
         integrand = ratio.xreplace({t: s})
         cdf = tables.tabulate(sp.Integral(integrand, (s, eps, t)) / sp.Integral(integrand, (s, eps, T)), "CDF Q(t)",
                               absolute=True)
-        density = ratio / tables.total(ratio, eps)
+        density = q_ratio / tables.total(ratio, eps)
         if invert:
             tables.invert(cdf)
         return Importance(density, cdf, None, False)
@@ -93,7 +97,7 @@ def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol,
     inverse = _solve(sp.Eq(cdf, U), t, U, cdf, defaults, eps, T) if invert else None
     if invert and inverse is None:
         tables.invert(tables.tabulate(cdf, "CDF Q(t)", absolute=True))
-    return Importance(ratio / Z, cdf, inverse, False)
+    return Importance(q_ratio / Z, cdf, inverse, False)
 
 
 def _accurate_cdf(partial, Z, t, defaults, eps, T) -> sp.Expr:
@@ -110,7 +114,11 @@ def _accurate_cdf(partial, Z, t, defaults, eps, T) -> sp.Expr:
         if termwise is not None and printable(termwise):
             forms.append(termwise / Z)
     lo, hi = float(eps.subs(defaults)), float(T.subs(defaults))
-    return most_accurate(forms, t, defaults, np.geomspace(lo, hi, 25))
+    # Q is held to 1e-5 relative or 1e-7 absolute, so errors count relative to max(|Q|, 1e-2). Where q is steep
+    # at eps (1/t^2 of an interpolant: Q(2 eps) ~ 1/2) the cancellation of F(t) - F(eps) shows only within a few
+    # thousandths of eps, so the grid has points there too.
+    grid = np.concatenate([lo * (1 + np.geomspace(1e-6, 0.5, 100)), np.geomspace(lo, hi, 25)])
+    return most_accurate(forms, t, defaults, grid, floor=1e-2)
 
 
 def _accurate_inverse(inverse, lsnr, t, defaults, eps, T) -> sp.Expr:

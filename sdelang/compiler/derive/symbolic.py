@@ -552,12 +552,15 @@ ROUNDING_TIE = 5e-7
 
 
 def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...], defaults: dict,
-                  grid: np.ndarray | tuple[np.ndarray, ...]) -> sp.Expr:
+                  grid: np.ndarray | tuple[np.ndarray, ...], floor: float = 0.0) -> sp.Expr:
     """The candidate whose float32 evaluation on the grid is closest to a 30-digit reference.
+
+    Errors are relative to max(|reference|, floor): a floor suits a quantity held to an absolute bound where it
+    is small (a CDF near 0), whose relative error there says nothing about the form.
 
     Errors are measured at the default parameters; ties (within a factor of two in error, or both below
     ROUNDING_TIE) are measured again with each parameter moved 100-fold, and ties that remain go to the form with
-    fewer operations. On a log-spaced grid of
+    fewer operations, and between forms as short, to the smaller error. On a log-spaced grid of
     [eps, T], forms that lose digits near t = eps (1 - exp(-B) against
     -expm1(-B)) lose. With several variables, ``t`` and ``grid`` are tuples:
     the symbols and the columns of their values at the same points.
@@ -575,7 +578,7 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...
     if reference is None:
         return candidates[0]
     scored = [(err, size(expr), sp.default_sort_key(expr), expr) for expr, at in forms
-              if (err := _float32_error(at, variables, columns, reference)) is not None]
+              if (err := _float32_error(at, variables, columns, reference, floor)) is not None]
     if not scored:
         return candidates[0]
     tied = _tied(scored)
@@ -589,13 +592,13 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...
             reference = _reference(ats, variables, columns)
             if reference is None or not np.isfinite(reference).all():
                 continue
-            errors = [_float32_error(at, variables, columns, reference) for at in ats]
+            errors = [_float32_error(at, variables, columns, reference, floor) for at in ats]
             if any(e is None for e in errors):
                 continue
             for s, e in zip(tied, errors):
                 worst[id(s[3])] = max(worst[id(s[3])], e)
         tied = _tied([(worst[id(s[3])], *s[1:]) for s in tied])
-    return min(tied, key=lambda s: (s[1], s[2]))[3]
+    return min(tied, key=lambda s: (s[1], s[0], s[2]))[3]
 
 
 def _tied(scored):
@@ -658,16 +661,16 @@ def _numpy_function(variables: tuple[sp.Symbol, ...], at: sp.Expr):
     return sp.lambdify(variables, at, modules="numpy")
 
 
-def _float32_error(at: sp.Expr, variables, columns, reference: np.ndarray) -> float | None:
-    """The largest relative error of ``at`` in float32 where the reference is finite; inf if it
-    gives NaN anywhere; None if it cannot be evaluated."""
+def _float32_error(at: sp.Expr, variables, columns, reference: np.ndarray, floor: float = 0.0) -> float | None:
+    """The largest error of ``at`` in float32 relative to max(|reference|, floor) where the reference is finite;
+    inf if it gives NaN anywhere; None if it cannot be evaluated."""
     values = _evaluate(at, variables, columns, np.float32)
     if values is None:
         return None
     values = values.astype(np.float64)
     finite = np.isfinite(reference)
     with np.errstate(all="ignore"):
-        rel = np.abs(values - reference) / np.maximum(np.abs(reference), 1e-300)
+        rel = np.abs(values - reference) / np.maximum(np.abs(reference), max(floor, 1e-300))
     err = np.max(rel[finite]) if finite.any() else 0.0
     return float(err) if np.isfinite(err) and not np.isnan(values).any() else np.inf
 
@@ -724,7 +727,9 @@ def use_expm1_log1p(expr: sp.Expr) -> sp.Expr:
     """Rewrite c exp(u) - c as c expm1(u) and log(1 + u) as log1p(u), literally and nothing more.
 
     These keep float32 digits near t = 0. (SymPy's own optimizer factors and
-    may trade log(1 + exp(-y)) for -y + log1p(exp(y)), which cancels.)
+    may trade log(1 + exp(-y)) for -y + log1p(exp(y)), which cancels.) A term d = r c with r a number within
+    1/2 of -1 is split the same way, c exp(u) + d = c expm1(u) + (1 + r) c: SymPy merges a variance v0 = 1/10000
+    into e^u - 1 as e^u - 9999/10000, which cancels near u = 0 where expm1(u) + 1/10000 does not.
     """
     def rewrite_add(e):
         # c exp(u) beside -c, for any factor c (1, -1, sigma^2, ...): c expm1(u).
@@ -739,6 +744,11 @@ def use_expm1_log1p(expr: sp.Expr) -> sp.Expr:
                 if j != i and b == -c:
                     rest = [x for k, x in enumerate(args) if k not in (i, j)]
                     return sp.Add(c * expm1(growths[0].args[0]), *rest, evaluate=False)
+            for j, b in enumerate(args):
+                r = b / c if j != i else None
+                if r is not None and r.is_Rational and abs(1 + r) <= sp.Rational(1, 2):
+                    rest = [x for k, x in enumerate(args) if k not in (i, j)]
+                    return sp.Add(c * expm1(growths[0].args[0]), (1 + r) * c, *rest, evaluate=False)
         return e
 
     def rewrite_log(e):
