@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import sympy as sp
-from sympy.codegen.cfunctions import expm1
+from sympy.codegen.cfunctions import expm1, log1p
 
 from .kernel import Kernel
 from .symbolic import (SIMPLIFY_LIMIT, Accuracy, bounded, exponential_powers, is_constant_in, printable,
@@ -84,6 +84,9 @@ def discretize(k: Kernel, lsnr: sp.Expr, t: sp.Symbol, accuracy: Accuracy, N: in
         whole = bounded(lambda: sp.factor(sp.together(N - N.xreplace(at_start))), seconds=SIMPLIFY_LIMIT)
         if whole is not None and printable(whole):
             candidates.append(k.m**2 * whole)
+    power = bounded(power_step_difference, N, t, seconds=SIMPLIFY_LIMIT)
+    if power is not None and printable(power):
+        candidates.append(k.m**2 * power)
     total = k.v + k.m**2
     if bounded(is_constant_in, total, t, seconds=SIMPLIFY_LIMIT):
         # Variance preserving, v + m^2 = C: G^2 = C (1 - r^2) = -C (r - 1)(r + 1), from the accurate r - 1 (a cosine
@@ -137,6 +140,29 @@ def exponential_step_factors(N: sp.Expr, t: sp.Symbol) -> sp.Expr | None:
         return None
     back = {X: sp.exp(base), Y: sp.exp(base.xreplace({t: START}))}
     return (sp.Mul(*factors) / denominator).xreplace(back)
+
+
+def power_step_difference(N: sp.Expr, t: sp.Symbol) -> sp.Expr | None:
+    """N(t) - N(s) for N = C q(t)^e, q a rational function of t, C and e free of it, as C q(s)^e expm1(e log1p(d / q(s)))
+    with d = q(t) - q(s) one factored fraction, (t - s) times the rest. Karras' sigma = (a + b t)^rho makes VE's
+    G^2 = sigma(t)^2 - sigma(s)^2 a difference of 14th powers, 2.7e-3 off in float32 over a step of 1e-5; a linear
+    interpolant with sigma_min has N = ((smin + (1 - smin) t) / (1 - t))^2, whose difference as one fraction has a
+    numerator that cancels near T. None where N is not such a power, or q(0) may be 0."""
+    C, rest = sp.together(N).as_independent(t, as_Add=False)
+    if rest.is_Pow:
+        q, e = rest.base, rest.exp
+    else:
+        # C P^e / Q^e as C (P / Q)^e
+        (P, e), (Q, e_den) = (f.as_base_exp() for f in sp.fraction(rest))
+        if Q != 1 and e_den != e:
+            return None
+        q = P / Q
+    # q(0) = 0 (rectified flow's N = (t / (1 - t))^2) would divide by zero on the first step, which starts at s = 0.
+    if e.has(t) or not q.is_rational_function(t) or not q.has(t) or q.xreplace({t: 0}).is_zero is not False:
+        return None
+    q_start = q.xreplace({t: START})
+    d = sp.factor(sp.together(q - q_start))
+    return C * q_start ** e * expm1(e * log1p(d / q_start))
 
 
 def _monomial(term, X, Y):
