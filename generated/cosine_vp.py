@@ -157,12 +157,16 @@ class CosineVPSDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
+        # In float64, then rounded once, as log_snr: t and s are one number per sample, and in float32 a form that
+        # keeps every digit at the default parameters may overflow at others (exp(B(s)) of a VDM whose logSNR spans
+        # 100).
+        dtype, t, s = t.dtype, t.to(torch.float64), s.to(torch.float64)
         w0 = self._k0*self._k1
         w1 = (1/4)*w0
         w2 = 2*torch.sin((t - s)*w1)*torch.sin(w1*(s + self._k5 + t))/torch.cos((1/2)*w0*(s + self.s))
-        growth = self._expand(-w2, x)  # r - 1
+        growth = self._expand((-w2).to(dtype), x)  # r - 1
         f = growth * x
-        G2 = w2*(2 - w2)
+        G2 = (w2*(2 - w2)).to(dtype)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

@@ -161,8 +161,10 @@ class NumericSDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        # The tables' values at t and s differ little over a short step: looked up and combined in float64 (in
-        # float32 log v(t) - log v(s) kept ~2^-24 |log v| of error, 2.4e-5 of G at the default step), then rounded.
+        # In float64, then rounded once, as log_snr: t and s are one number per sample, and in float32 a form that
+        # keeps every digit at the default parameters may overflow at others (exp(B(s)) of a VDM whose logSNR spans
+        # 100). The tables' values at t and s differ little over a short step: float32 log v(t) - log v(s)
+        # kept ~2^-24 |log v| of error, 2.4e-5 of G at the default step.
         dtype, t, s = t.dtype, t.to(torch.float64), s.to(torch.float64)
         tab0 = self._tables(t)
         tab1 = self._tables(s)

@@ -153,12 +153,16 @@ class OUSDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
+        # In float64, then rounded once, as log_snr: t and s are one number per sample, and in float32 a form that
+        # keeps every digit at the default parameters may overflow at others (exp(B(s)) of a VDM whose logSNR spans
+        # 100).
+        dtype, t, s = t.dtype, t.to(torch.float64), s.to(torch.float64)
         w0 = (t - s)*self.theta
         w1 = torch.expm1(-w0)
         w2 = 2*self.theta
-        growth = self._expand(w1, x)  # r - 1
-        f = growth * x + self._expand(-w1*self.mu, x)
-        G2 = self._k6*torch.exp(s*w2 - w2*t)*torch.expm1(2*w0)
+        growth = self._expand((w1).to(dtype), x)  # r - 1
+        f = growth * x + self._expand((-w1*self.mu).to(dtype), x)
+        G2 = (self._k6*torch.exp(s*w2 - w2*t)*torch.expm1(2*w0)).to(dtype)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

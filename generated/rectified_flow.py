@@ -127,10 +127,14 @@ class RectifiedFlowSDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
+        # In float64, then rounded once, as log_snr: t and s are one number per sample, and in float32 a form that
+        # keeps every digit at the default parameters may overflow at others (exp(B(s)) of a VDM whose logSNR spans
+        # 100).
+        dtype, t, s = t.dtype, t.to(torch.float64), s.to(torch.float64)
         w0 = s - 1
-        growth = self._expand((t - s)/w0, x)  # r - 1
+        growth = self._expand(((t - s)/w0).to(dtype), x)  # r - 1
         f = growth * x
-        G2 = -(t - s)*(2*s*t - s - t)/w0**2
+        G2 = (-(t - s)*(2*s*t - s - t)/w0**2).to(dtype)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

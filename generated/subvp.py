@@ -152,12 +152,16 @@ class SubvpSDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
+        # In float64, then rounded once, as log_snr: t and s are one number per sample, and in float32 a form that
+        # keeps every digit at the default parameters may overflow at others (exp(B(s)) of a VDM whose logSNR spans
+        # 100).
+        dtype, t, s = t.dtype, t.to(torch.float64), s.to(torch.float64)
         w0 = s*self.beta_max
         w1 = self.beta_max*t
         w2 = torch.expm1(t*(-1/2*w1 + (1/2)*self.beta_min*t - self.beta_min))**2
-        growth = self._expand(torch.expm1(-1/4*(t - s)*(-s*self.beta_min + self._k3 + w0 + w1 - self.beta_min*t)), x)  # r - 1
+        growth = self._expand((torch.expm1(-1/4*(t - s)*(-s*self.beta_min + self._k3 + w0 + w1 - self.beta_min*t))).to(dtype), x)  # r - 1
         f = growth * x
-        G2 = -w2*(-1 + torch.exp(-1/2*s*(s*self._k2 + self._k1) + (1/2)*t*(self._k1 + self._k2*t))*torch.expm1(s*((1/2)*s*self.beta_min - 1/2*w0 - self.beta_min))**2/w2)
+        G2 = (-w2*(-1 + torch.exp(-1/2*s*(s*self._k2 + self._k1) + (1/2)*t*(self._k1 + self._k2*t))*torch.expm1(s*((1/2)*s*self.beta_min - 1/2*w0 - self.beta_min))**2/w2)).to(dtype)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

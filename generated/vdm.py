@@ -69,17 +69,18 @@ class VDMSDE(torch.nn.Module):
         self._k0 = self.gamma_max - self.gamma_min
         self._k1 = -self.gamma_max + self.gamma_min
         self._k2 = math.sqrt(self.gamma_max - self.gamma_min)
-        self._k3 = 1 / ((99999/100000)*self.gamma_max - 99999/100000*self.gamma_min)
-        self._k4 = -1/100000*self.gamma_max
-        self._k5 = (1/100000)*self.gamma_min
-        self._k6 = -1/100000*self.gamma_max - 99999/100000*self.gamma_min
-        self._k7 = 1 / (self.gamma_max - self.gamma_min)
-        self._k8 = -1/100000*self.gamma_min
-        self._k9 = (1/100000)*self.gamma_max
-        self._k10 = 1 / (1 + math.exp(-self.gamma_min))
+        self._k3 = math.exp(self.gamma_min)
+        self._k4 = 1 / ((99999/100000)*self.gamma_max - 99999/100000*self.gamma_min)
+        self._k5 = -1/100000*self.gamma_max
+        self._k6 = (1/100000)*self.gamma_min
+        self._k7 = -1/100000*self.gamma_max - 99999/100000*self.gamma_min
+        self._k8 = 1 / (self.gamma_max - self.gamma_min)
+        self._k9 = -1/100000*self.gamma_min
+        self._k10 = (1/100000)*self.gamma_max
+        self._k11 = 1 / (1 + math.exp(-self.gamma_min))
         self.eps = 1/100000
         self.T = 1
-        self.v0 = self._k10
+        self.v0 = self._k11
         # Follows .to(device, dtype): new tensors are made on its device, in its dtype.
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 
@@ -150,10 +151,14 @@ class VDMSDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        w0 = self._k0*t + self.gamma_min
-        growth = self._expand(-1 + torch.sqrt(torch.exp(s*self._k0 + self.gamma_min) + 1)/torch.sqrt(torch.exp(w0) + 1), x)  # r - 1
+        # In float64, then rounded once, as log_snr: t and s are one number per sample, and in float32 a form that
+        # keeps every digit at the default parameters may overflow at others (exp(B(s)) of a VDM whose logSNR spans
+        # 100).
+        dtype, t, s = t.dtype, t.to(torch.float64), s.to(torch.float64)
+        w0 = (t - s)*self._k0
+        growth = self._expand((torch.expm1(-1/2*torch.log1p(self._k3*torch.exp(s*self.gamma_max - s*self.gamma_min)*torch.expm1(w0)/(torch.exp(s*self._k0 + self.gamma_min) + 1)))).to(dtype), x)  # r - 1
         f = growth * x
-        G2 = -torch.expm1(-(t - s)*self._k0)/(1 + torch.exp(-w0))
+        G2 = (-torch.expm1(-w0)/(torch.exp(-self._k0*t - self.gamma_min) + 1)).to(dtype)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):
@@ -168,23 +173,23 @@ class VDMSDE(torch.nn.Module):
 
     def t_density(self, t):
         """Density of the training time t (importance): q(t) = lambda / (Z v) = (1 + exp(-(gamma_min + t*(gamma_max - gamma_min))))*(gamma_max - gamma_min)/((99999*gamma_max/100000 - 99999*gamma_min/100000)*(exp(-gamma_min - t*(gamma_max - gamma_min)) + 1))"""
-        return torch.full_like(t, self._k0*self._k3)
+        return torch.full_like(t, self._k0*self._k4)
 
     def t_cdf(self, t):
         """CDF of the training time t: (gamma_max*t - gamma_max/100000 - gamma_min*t + gamma_min/100000)/(99999*gamma_max/100000 - 99999*gamma_min/100000)"""
         # In float64, as log_snr
         dtype, t = t.dtype, t.to(torch.float64)
-        return (self._k3*(self._k4 + self._k5 + self.gamma_max*t - self.gamma_min*t)).to(dtype)
+        return (self._k4*(self._k5 + self._k6 + self.gamma_max*t - self.gamma_min*t)).to(dtype)
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""
         # In float64, whatever u's dtype: a batch of times costs nothing beside the network, and float32 would
         # overflow where the schedule's exponentials outgrow it (an OU process with rate 30 on [0, 2]: e^120).
         dtype, u = u.dtype, u.to(torch.float64)
-        lo, hi = self._k6, -self.gamma_max
+        lo, hi = self._k7, -self.gamma_max
         drop = u * (lo - hi)
         # t = logSNR^-1(lo - drop) = (drop + gamma_max/100000 - gamma_min/100000)/(gamma_max - gamma_min)
-        return torch.clamp(self._k7*(drop + self._k8 + self._k9), self.eps, self.T).to(dtype)
+        return torch.clamp(self._k8*(drop + self._k10 + self._k9), self.eps, self.T).to(dtype)
 
     def sample_t(self, batch_size, generator=None):
         """batch_size training times drawn from q(t) by inverting its CDF."""

@@ -155,9 +155,13 @@ class VESDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
-        growth = self._expand(torch.full_like(t, 0), x)  # r - 1
+        # In float64, then rounded once, as log_snr: t and s are one number per sample, and in float32 a form that
+        # keeps every digit at the default parameters may overflow at others (exp(B(s)) of a VDM whose logSNR spans
+        # 100).
+        dtype, t, s = t.dtype, t.to(torch.float64), s.to(torch.float64)
+        growth = self._expand((torch.full_like(t, 0)).to(dtype), x)  # r - 1
         f = growth * x
-        G2 = -self._k0**(2*t)*self._k4*torch.expm1(-2*(t - s)*self._k5)
+        G2 = (-self._k0**(2*t)*self._k4*torch.expm1(-2*(t - s)*self._k5)).to(dtype)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

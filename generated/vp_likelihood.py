@@ -165,10 +165,14 @@ class VPLikelihoodSDE(torch.nn.Module):
         """
         if s is None:
             s = torch.clamp(t - self.T / self.N, min=0.0)
+        # In float64, then rounded once, as log_snr: t and s are one number per sample, and in float32 a form that
+        # keeps every digit at the default parameters may overflow at others (exp(B(s)) of a VDM whose logSNR spans
+        # 100).
+        dtype, t, s = t.dtype, t.to(torch.float64), s.to(torch.float64)
         w0 = torch.expm1(-1/4*(t - s)*(s*self.beta_max - s*self.beta_min + self._k3 + self.beta_max*t - self.beta_min*t))
-        growth = self._expand(w0, x)  # r - 1
+        growth = self._expand((w0).to(dtype), x)  # r - 1
         f = growth * x
-        G2 = -w0*(w0 + 2)
+        G2 = (-w0*(w0 + 2)).to(dtype)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

@@ -612,3 +612,16 @@ def test_a_small_v0_keeps_its_closed_form(modules):
     assert sde.kernel_path == "closed form"
     t = torch.tensor([1e-5, 1.1e-5, 1e-4, 1e-3], dtype=torch.float32)
     assert torch.allclose(sde.to(torch.float32).std(t).double(), sde.to(torch.float64).std(t.double()), rtol=1e-5, atol=0)
+
+
+def test_float32_steps_at_parameters_far_from_the_defaults(examples):
+    """discretize computes in float64 and rounds once: VDM's r - 1 = expm1(-log1p(e^gamma_min e^(B(s)) expm1(...) /
+    (e^(B(s) + gamma_min) + 1)) / 2), chosen at the defaults, overflowed float32 with a logSNR spanning 100 and gave
+    f = -x (r = 0) where r is 0.95."""
+    params = {"gamma_min": -50.0, "gamma_max": 50.0}
+    t = torch.tensor([0.1, 0.5, 0.9, 0.95, 1.0])
+    s = t - 1e-3
+    x = torch.ones(5, 1)
+    f32, G32 = examples["vdm"].build(params, dtype=torch.float32).discretize(x, t, s)
+    f64, G64 = examples["vdm"].build(params).discretize(x.double(), t.double(), s.double())
+    assert torch.allclose(f32.double(), f64, rtol=1e-6, atol=1e-7) and torch.allclose(G32.double(), G64, rtol=1e-6)
