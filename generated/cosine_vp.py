@@ -104,13 +104,15 @@ class CosineVPSDE(torch.nn.Module):
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        w0 = (1/2)*t
-        w1 = self._k0*self._k1
-        return self._expand(self._k3*torch.sin(self._k2*(1 - t)), x0) * x0, torch.sqrt(self._k4*torch.sin(w0*w1)*torch.sin(w1*(w0 + self.s)))
+        return self._expand(self.mean_coeff(t), x0) * x0, self.std(t)
 
     def mean_coeff(self, t):
         """m(t) = sin((pi/(2*(s + 1)))*(1 - t))/cos(pi*s/(2*(s + 1)))"""
-        return self._k3*torch.sin(self._k2*(1 - t))
+        # In float64, as every function of t alone below: a batch of times costs nothing beside the network,
+        # and float32 arithmetic on a float32 t loses ~|u| 2^-24 of exp(u) for a large exponent, or ~|t logSNR'(t)| 2^-24
+        # of logSNR where it crosses 0.
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (self._k3*torch.sin(self._k2*(1 - t))).to(dtype)
 
     def mean_offset(self, t):
         """c(t) = 0"""
@@ -118,14 +120,15 @@ class CosineVPSDE(torch.nn.Module):
 
     def std(self, t):
         """sigma(t) = sqrt(v(t)) = sqrt(sin(pi*t/(2*(s + 1)))*sin(pi*(s + t/2)/(s + 1))/cos(pi*s/(2*(s + 1)))^2)"""
+        # In float64, as mean_coeff
+        dtype, t = t.dtype, t.to(torch.float64)
         w0 = (1/2)*t
         w1 = self._k0*self._k1
-        return torch.sqrt(self._k4*torch.sin(w0*w1)*torch.sin(w1*(w0 + self.s)))
+        return (torch.sqrt(self._k4*torch.sin(w0*w1)*torch.sin(w1*(w0 + self.s)))).to(dtype)
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -log(sin(pi*t/(2*(s + 1)))*sin(pi*(s + t/2)/(s + 1))/sin((pi/(2*(s + 1)))*(1 - t))^2)"""
-        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
-        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         w0 = (1/2)*t
         w1 = self._k0*self._k1
@@ -175,7 +178,7 @@ class CosineVPSDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = pi*sin(pi*(s + t)/(2*(s + 1)))/((s + 1)*sin((pi/(2*(s + 1)))*(1 - t))) (likelihood weighting)"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         w0 = self._k0*self._k1
         return (w0*torch.sin((1/2)*w0*(self.s + t))/torch.sin(self._k2*(1 - t))).to(dtype)
@@ -186,7 +189,7 @@ class CosineVPSDE(torch.nn.Module):
 
     def t_cdf(self, t):
         """CDF of the training time t: (t - eps) / (T - eps)"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return ((100000/99459)*t - 1/99459).to(dtype)
 

@@ -97,7 +97,7 @@ class EDMVESDE(torch.nn.Module):
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        return x0, t
+        return x0, self.std(t)
 
     def mean_coeff(self, t):
         """m(t) = 1"""
@@ -109,12 +109,13 @@ class EDMVESDE(torch.nn.Module):
 
     def std(self, t):
         """sigma(t) = sqrt(v(t)) = t"""
-        return t
+        # In float64, as mean_coeff
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (t).to(dtype)
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -2*log(t)"""
-        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
-        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return (-2*torch.log(t)).to(dtype)
 
@@ -159,19 +160,19 @@ class EDMVESDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = 2*t (likelihood weighting)"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return (2*t).to(dtype)
 
     def t_density(self, t):
         """Density of the training time t (importance): q(t) = lambda / (Z v) = 2/(t*(2*log(80) + 2*log(500)))"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return (2*self._k1/t).to(dtype)
 
     def t_cdf(self, t):
         """CDF of the training time t: (2*log(t) + 2*log(500))/(2*log(80) + 2*log(500))"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return (self._k1*(self._k2 + 2*torch.log(t))).to(dtype)
 

@@ -90,12 +90,15 @@ class EDMVPSDE(torch.nn.Module):
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        w0 = self.beta_d*t
-        return self._expand(torch.exp(-1/4*t*(self._k1 + w0)), x0) * x0, torch.sqrt(-torch.expm1(-t*((1/2)*w0 + self.beta_min)))
+        return self._expand(self.mean_coeff(t), x0) * x0, self.std(t)
 
     def mean_coeff(self, t):
         """m(t) = exp(-t*(beta_d*t + 2*beta_min)/4)"""
-        return torch.exp(-1/4*t*(self._k1 + self.beta_d*t))
+        # In float64, as every function of t alone below: a batch of times costs nothing beside the network,
+        # and float32 arithmetic on a float32 t loses ~|u| 2^-24 of exp(u) for a large exponent, or ~|t logSNR'(t)| 2^-24
+        # of logSNR where it crosses 0.
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (torch.exp(-1/4*t*(self._k1 + self.beta_d*t))).to(dtype)
 
     def mean_offset(self, t):
         """c(t) = 0"""
@@ -103,12 +106,13 @@ class EDMVPSDE(torch.nn.Module):
 
     def std(self, t):
         """sigma(t) = sqrt(v(t)) = sqrt(-expm1(-t*(beta_d*t/2 + beta_min)))"""
-        return torch.sqrt(-torch.expm1(-t*((1/2)*self.beta_d*t + self.beta_min)))
+        # In float64, as mean_coeff
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (torch.sqrt(-torch.expm1(-t*((1/2)*self.beta_d*t + self.beta_min)))).to(dtype)
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -t*(beta_d*t/2 + beta_min) - log(-expm1(-t*(beta_d*t/2 + beta_min)))"""
-        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
-        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         w0 = t*((1/2)*self.beta_d*t + self.beta_min)
         return (-w0 - torch.log(-torch.expm1(-w0))).to(dtype)
@@ -155,7 +159,7 @@ class EDMVPSDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = -expm1(-t*(beta_d*t/2 + beta_min)) (score_matching weighting)"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return (-torch.expm1(-t*((1/2)*self.beta_d*t + self.beta_min))).to(dtype)
 
@@ -165,7 +169,7 @@ class EDMVPSDE(torch.nn.Module):
 
     def t_cdf(self, t):
         """CDF of the training time t: (t - eps) / (T - eps)"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return ((100000/99999)*t - 1/99999).to(dtype)
 

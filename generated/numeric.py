@@ -111,12 +111,15 @@ class NumericSDE(torch.nn.Module):
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        tab0 = self._tables(t)
-        return self._expand(torch.exp(-1/6*t**3 - 1/2*t + (1/6)*torch.cos(3*t) - 1/6), x0) * x0, torch.exp((1/2)*tab0[0])
+        return self._expand(self.mean_coeff(t), x0) * x0, self.std(t)
 
     def mean_coeff(self, t):
         """m(t) = exp((-t^3 - 3*t + cos(3*t) - 1)/6)"""
-        return torch.exp(-1/6*t**3 - 1/2*t + (1/6)*torch.cos(3*t) - 1/6)
+        # In float64, as every function of t alone below: a batch of times costs nothing beside the network,
+        # and float32 arithmetic on a float32 t loses ~|u| 2^-24 of exp(u) for a large exponent, or ~|t logSNR'(t)| 2^-24
+        # of logSNR where it crosses 0.
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (torch.exp(-1/6*t**3 - 1/2*t + (1/6)*torch.cos(3*t) - 1/6)).to(dtype)
 
     def mean_offset(self, t):
         """c(t) = 0"""
@@ -124,13 +127,14 @@ class NumericSDE(torch.nn.Module):
 
     def std(self, t):
         """sigma(t) = sqrt(v(t)) = exp(-t^3/6 - t/2 + cos(3*t)/6 - 1/6)*sqrt(Integral((s + 1)*(s^2 + sin(3*s) + 1)*exp(s^3/3 + s - cos(3*s)/3 + 1/3), (s, 0, t)))"""
+        # In float64, as mean_coeff
+        dtype, t = t.dtype, t.to(torch.float64)
         tab0 = self._tables(t)
-        return torch.exp((1/2)*tab0[0])
+        return (torch.exp((1/2)*tab0[0])).to(dtype)
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -log(Integral((s + 1)*(s^2 + sin(3*s) + 1)*exp(s^3/3 + s - cos(3*s)/3 + 1/3), (s, 0, t)))"""
-        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
-        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         tab0 = self._tables(t)
         return (-1/3*t**3 - t + (1/3)*torch.cos(3*t) - tab0[0] - 1/3).to(dtype)
@@ -182,20 +186,20 @@ class NumericSDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = (t + 1)*(t^2 + sin(3*t) + 1) (likelihood weighting)"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return ((t + 1)*(t**2 + torch.sin(3*t) + 1)).to(dtype)
 
     def t_density(self, t):
         """Density of the training time t (importance): q(t) = lambda / (Z v) = (a long expression with numeric integrals; see `sdelang show`)"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         tab0 = self._tables(t)
         return (self._k1*(t + 1)*(t**2 + torch.sin(3*t) + 1)*torch.exp(-tab0[0])).to(dtype)
 
     def t_cdf(self, t):
         """CDF of the training time t: (a long expression with numeric integrals; see `sdelang show`)"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         tab0 = self._tables(t)
         return (self._k1*(self._k2 + self._k3 + (1/3)*t**3 + t - 1/3*torch.cos(3*t) + tab0[0] - 30000000001/3000000000000000)).to(dtype)

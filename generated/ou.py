@@ -102,27 +102,32 @@ class OUSDE(torch.nn.Module):
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        w0 = t*self.theta
-        w1 = -w0
-        mean = self._expand(torch.exp(w1), x0) * x0 + self._expand(-self.mu*torch.expm1(w1), x0)
-        return mean, self._k2*torch.sqrt(-torch.expm1(-2*w0))
+        mean = self._expand(self.mean_coeff(t), x0) * x0 + self._expand(self.mean_offset(t), x0)
+        return mean, self.std(t)
 
     def mean_coeff(self, t):
         """m(t) = exp(-t*theta)"""
-        return torch.exp(-t*self.theta)
+        # In float64, as every function of t alone below: a batch of times costs nothing beside the network,
+        # and float32 arithmetic on a float32 t loses ~|u| 2^-24 of exp(u) for a large exponent, or ~|t logSNR'(t)| 2^-24
+        # of logSNR where it crosses 0.
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (torch.exp(-t*self.theta)).to(dtype)
 
     def mean_offset(self, t):
         """c(t) = -mu*expm1(-t*theta)"""
-        return -self.mu*torch.expm1(-t*self.theta)
+        # In float64, as mean_coeff
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (-self.mu*torch.expm1(-t*self.theta)).to(dtype)
 
     def std(self, t):
         """sigma(t) = sqrt(v(t)) = sqrt(-expm1(-2*t*theta))/sqrt(theta)"""
-        return self._k2*torch.sqrt(-torch.expm1(-2*t*self.theta))
+        # In float64, as mean_coeff
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (self._k2*torch.sqrt(-torch.expm1(-2*t*self.theta))).to(dtype)
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -2*t*theta + log(theta) - log(-expm1(-2*t*theta))"""
-        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
-        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         w0 = 2*t*self.theta
         return (self._k3 - w0 - torch.log(-torch.expm1(-w0))).to(dtype)
@@ -179,7 +184,7 @@ class OUSDE(torch.nn.Module):
 
     def t_cdf(self, t):
         """CDF of the training time t: (t - eps) / (T - eps)"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return ((100000/499999)*t - 1/499999).to(dtype)
 

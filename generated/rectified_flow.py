@@ -80,11 +80,15 @@ class RectifiedFlowSDE(torch.nn.Module):
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        return self._expand(1 - t, x0) * x0, t
+        return self._expand(self.mean_coeff(t), x0) * x0, self.std(t)
 
     def mean_coeff(self, t):
         """m(t) = 1 - t"""
-        return 1 - t
+        # In float64, as every function of t alone below: a batch of times costs nothing beside the network,
+        # and float32 arithmetic on a float32 t loses ~|u| 2^-24 of exp(u) for a large exponent, or ~|t logSNR'(t)| 2^-24
+        # of logSNR where it crosses 0.
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (1 - t).to(dtype)
 
     def mean_offset(self, t):
         """c(t) = 0"""
@@ -92,12 +96,13 @@ class RectifiedFlowSDE(torch.nn.Module):
 
     def std(self, t):
         """sigma(t) = sqrt(v(t)) = t"""
-        return t
+        # In float64, as mean_coeff
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (t).to(dtype)
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -log(t^2/(t - 1)^2)"""
-        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
-        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return (-torch.log(t**2/(t - 1)**2)).to(dtype)
 
@@ -143,19 +148,19 @@ class RectifiedFlowSDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = -2*t/(t - 1) (likelihood weighting)"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return (-2*t/(t - 1)).to(dtype)
 
     def t_density(self, t):
         """Density of the training time t (importance): q(t) = lambda / (Z v) = -1/(t*(t - 1)*log(998001))"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return (-self._k1/(t*(t - 1))).to(dtype)
 
     def t_cdf(self, t):
         """CDF of the training time t: (log(t^2/(t - 1)^2) + log(998001))/(2*log(998001))"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return ((1/2)*self._k1*(self._k2 + torch.log(t**2/(t - 1)**2))).to(dtype)
 

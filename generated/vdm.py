@@ -103,12 +103,15 @@ class VDMSDE(torch.nn.Module):
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        w0 = self._k0*t + self.gamma_min
-        return self._expand(1 / torch.sqrt(torch.exp(w0) + 1), x0) * x0, 1 / torch.sqrt(1 + torch.exp(-w0))
+        return self._expand(self.mean_coeff(t), x0) * x0, self.std(t)
 
     def mean_coeff(self, t):
         """m(t) = 1/sqrt(exp(gamma_min + t*(gamma_max - gamma_min)) + 1)"""
-        return 1 / torch.sqrt(torch.exp(self._k0*t + self.gamma_min) + 1)
+        # In float64, as every function of t alone below: a batch of times costs nothing beside the network,
+        # and float32 arithmetic on a float32 t loses ~|u| 2^-24 of exp(u) for a large exponent, or ~|t logSNR'(t)| 2^-24
+        # of logSNR where it crosses 0.
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (1 / torch.sqrt(torch.exp(self._k0*t + self.gamma_min) + 1)).to(dtype)
 
     def mean_offset(self, t):
         """c(t) = 0"""
@@ -116,12 +119,13 @@ class VDMSDE(torch.nn.Module):
 
     def std(self, t):
         """sigma(t) = sqrt(v(t)) = 1/sqrt(1 + exp(-(gamma_min + t*(gamma_max - gamma_min))))"""
-        return 1 / torch.sqrt(torch.exp(-self._k0*t - self.gamma_min) + 1)
+        # In float64, as mean_coeff
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (1 / torch.sqrt(torch.exp(-self._k0*t - self.gamma_min) + 1)).to(dtype)
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -gamma_max*t + gamma_min*t - gamma_min"""
-        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
-        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return (-self.gamma_max*t + self.gamma_min*t - self.gamma_min).to(dtype)
 
@@ -167,7 +171,7 @@ class VDMSDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = (gamma_max - gamma_min)/(exp(-gamma_min - t*(gamma_max - gamma_min)) + 1) (likelihood weighting)"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return (self._k0/(torch.exp(-self._k0*t - self.gamma_min) + 1)).to(dtype)
 
@@ -177,7 +181,7 @@ class VDMSDE(torch.nn.Module):
 
     def t_cdf(self, t):
         """CDF of the training time t: (gamma_max*t - gamma_max/100000 - gamma_min*t + gamma_min/100000)/(99999*gamma_max/100000 - 99999*gamma_min/100000)"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return (self._k4*(self._k5 + self._k6 + self.gamma_max*t - self.gamma_min*t)).to(dtype)
 

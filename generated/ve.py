@@ -107,7 +107,7 @@ class VESDE(torch.nn.Module):
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        return x0, self._k0**t*self.sigma_min
+        return x0, self.std(t)
 
     def mean_coeff(self, t):
         """m(t) = 1"""
@@ -119,12 +119,13 @@ class VESDE(torch.nn.Module):
 
     def std(self, t):
         """sigma(t) = sqrt(v(t)) = sigma_min*(sigma_max/sigma_min)^t"""
-        return self._k0**t*self.sigma_min
+        # In float64, as mean_coeff
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (self._k0**t*self.sigma_min).to(dtype)
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = -log(sigma_max^(2*t)*sigma_min^(2 - 2*t))"""
-        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
-        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         w0 = 2*t
         return (-torch.log(self.sigma_max**w0*self.sigma_min**(2 - w0))).to(dtype)
@@ -170,7 +171,7 @@ class VESDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = sigma_min^2*(sigma_max/sigma_min)^(2*t) (score_matching weighting)"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return (self._k0**(2*t)*self._k4).to(dtype)
 
@@ -180,7 +181,7 @@ class VESDE(torch.nn.Module):
 
     def t_cdf(self, t):
         """CDF of the training time t: (t - eps) / (T - eps)"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return ((100000/99999)*t - 1/99999).to(dtype)
 

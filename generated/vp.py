@@ -102,11 +102,15 @@ class VPSDE(torch.nn.Module):
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        return self._expand(torch.exp((1/4)*t*(self._k1 + self._k2*t)), x0) * x0, torch.sqrt(-torch.expm1((1/2)*t*(self._k1 - self.beta_max*t + self.beta_min*t)))
+        return self._expand(self.mean_coeff(t), x0) * x0, self.std(t)
 
     def mean_coeff(self, t):
         """m(t) = exp(t*(-2*beta_min + t*(-beta_max + beta_min))/4)"""
-        return torch.exp((1/4)*t*(self._k1 + self._k2*t))
+        # In float64, as every function of t alone below: a batch of times costs nothing beside the network,
+        # and float32 arithmetic on a float32 t loses ~|u| 2^-24 of exp(u) for a large exponent, or ~|t logSNR'(t)| 2^-24
+        # of logSNR where it crosses 0.
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (torch.exp((1/4)*t*(self._k1 + self._k2*t))).to(dtype)
 
     def mean_offset(self, t):
         """c(t) = 0"""
@@ -114,12 +118,13 @@ class VPSDE(torch.nn.Module):
 
     def std(self, t):
         """sigma(t) = sqrt(v(t)) = sqrt(-expm1(t*(-beta_max*t + beta_min*t - 2*beta_min)/2))"""
-        return torch.sqrt(-torch.expm1((1/2)*t*(self._k1 - self.beta_max*t + self.beta_min*t)))
+        # In float64, as mean_coeff
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (torch.sqrt(-torch.expm1((1/2)*t*(self._k1 - self.beta_max*t + self.beta_min*t)))).to(dtype)
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = t*(-2*beta_min + t*(-beta_max + beta_min))/2 - log(-expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)))"""
-        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
-        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         w0 = (1/2)*t
         return (w0*(self._k1 + self._k2*t) - torch.log(-torch.expm1(t*(-w0*self.beta_max + (1/2)*self.beta_min*t - self.beta_min)))).to(dtype)
@@ -166,7 +171,7 @@ class VPSDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = -expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)) (score_matching weighting)"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return (-torch.expm1(t*(-1/2*self.beta_max*t + (1/2)*self.beta_min*t - self.beta_min))).to(dtype)
 
@@ -176,7 +181,7 @@ class VPSDE(torch.nn.Module):
 
     def t_cdf(self, t):
         """CDF of the training time t: (t - eps) / (T - eps)"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return ((100000/99999)*t - 1/99999).to(dtype)
 

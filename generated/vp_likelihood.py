@@ -117,11 +117,15 @@ class VPLikelihoodSDE(torch.nn.Module):
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
-        return self._expand(torch.exp((1/4)*t*(self._k1 + self._k2*t)), x0) * x0, torch.sqrt(-torch.expm1((1/2)*t*(self._k1 - self.beta_max*t + self.beta_min*t)))
+        return self._expand(self.mean_coeff(t), x0) * x0, self.std(t)
 
     def mean_coeff(self, t):
         """m(t) = exp(t*(-2*beta_min + t*(-beta_max + beta_min))/4)"""
-        return torch.exp((1/4)*t*(self._k1 + self._k2*t))
+        # In float64, as every function of t alone below: a batch of times costs nothing beside the network,
+        # and float32 arithmetic on a float32 t loses ~|u| 2^-24 of exp(u) for a large exponent, or ~|t logSNR'(t)| 2^-24
+        # of logSNR where it crosses 0.
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (torch.exp((1/4)*t*(self._k1 + self._k2*t))).to(dtype)
 
     def mean_offset(self, t):
         """c(t) = 0"""
@@ -129,12 +133,13 @@ class VPLikelihoodSDE(torch.nn.Module):
 
     def std(self, t):
         """sigma(t) = sqrt(v(t)) = sqrt(-expm1(t*(-beta_max*t + beta_min*t - 2*beta_min)/2))"""
-        return torch.sqrt(-torch.expm1((1/2)*t*(self._k1 - self.beta_max*t + self.beta_min*t)))
+        # In float64, as mean_coeff
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (torch.sqrt(-torch.expm1((1/2)*t*(self._k1 - self.beta_max*t + self.beta_min*t)))).to(dtype)
 
     def log_snr(self, t):
         """logSNR(t) = log(m(t)^2 / v(t)) = t*(-2*beta_min + t*(-beta_max + beta_min))/2 - log(-expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)))"""
-        # In float64, as the other functions of t alone below: a batch of times costs nothing beside the network, and
-        # float32 arithmetic on a float32 t leaves ~|t logSNR'(t)| 2^-24 where logSNR crosses 0.
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         w0 = (1/2)*t
         return (w0*(self._k1 + self._k2*t) - torch.log(-torch.expm1(t*(-w0*self.beta_max + (1/2)*self.beta_min*t - self.beta_min)))).to(dtype)
@@ -181,19 +186,19 @@ class VPLikelihoodSDE(torch.nn.Module):
 
     def weight(self, t):
         """lambda(t) = beta_min + t*(beta_max - beta_min) (likelihood weighting)"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return (self._k0*t + self.beta_min).to(dtype)
 
     def t_density(self, t):
         """Density of the training time t (importance): q(t) = lambda / (Z v) = -(beta_min + t*(beta_max - beta_min))/((9999999999*beta_max/20000000000 + 9999800001*beta_min/20000000000 + log(-expm1(-beta_max/2 - beta_min/2)) - log(-expm1(-beta_max/20000000000 - 199999*beta_min/20000000000)))*expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)))"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         return (-self._k4*(self._k0*t + self.beta_min)/torch.expm1(t*(-1/2*self.beta_max*t + (1/2)*self.beta_min*t - self.beta_min))).to(dtype)
 
     def t_cdf(self, t):
         """CDF of the training time t: (-beta_max/20000000000 - 199999*beta_min/20000000000 - t*(-2*beta_min + t*(-beta_max + beta_min))/2 + log(-expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))) - log(-expm1(-beta_max/20000000000 - 199999*beta_min/20000000000)))/(9999999999*beta_max/20000000000 + 9999800001*beta_min/20000000000 + log(-expm1(-beta_max/2 - beta_min/2)) - log(-expm1(-beta_max/20000000000 - 199999*beta_min/20000000000)))"""
-        # In float64, as log_snr
+        # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
         w0 = (1/2)*t
         return (self._k4*(self._k6 + self._k7 + self._k8 - w0*(self._k1 + self._k2*t) + torch.log(-torch.expm1(t*(-w0*self.beta_max + (1/2)*self.beta_min*t - self.beta_min))))).to(dtype)

@@ -625,3 +625,17 @@ def test_float32_steps_at_parameters_far_from_the_defaults(examples):
     f32, G32 = examples["vdm"].build(params, dtype=torch.float32).discretize(x, t, s)
     f64, G64 = examples["vdm"].build(params).discretize(x.double(), t.double(), s.double())
     assert torch.allclose(f32.double(), f64, rtol=1e-6, atol=1e-7) and torch.allclose(G32.double(), G64, rtol=1e-6)
+
+
+def test_float32_mean_and_std_with_a_large_exponent(examples):
+    """mean_coeff, std and marginal_prob compute in float64 and round once: VP with beta_max = 200 has m = e^u with u
+    ~ -50 at T (m ~ 1e-22, a normal float32 number), where float32 arithmetic on the exponent lost 5.5e-6 of m."""
+    params = {"beta_min": 0.1, "beta_max": 200.0}
+    t = torch.linspace(0.5, 1.0, 51)
+    sde32, sde64 = examples["vp"].build(params, dtype=torch.float32), examples["vp"].build(params)
+    for name in ("mean_coeff", "std"):
+        got, want = getattr(sde32, name)(t).double(), getattr(sde64, name)(t.double())
+        assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=2**-23, atol=0), name
+    mean, std = sde32.marginal_prob(torch.ones(51, 1), t)
+    assert mean.dtype == std.dtype == torch.float32
+    assert torch.allclose(mean[:, 0].double(), sde64.mean_coeff(t.double()), rtol=2**-23, atol=0)

@@ -308,7 +308,6 @@ def emit_affine(d: Derivation) -> str:
     methods = {
         "sde": _through_helpers(p, pool, names, d.a, d.b, p.diffusion),
         "diffusion": _through_helpers(p, pool, names, p.diffusion),
-        "marginal_prob": code(k.m, k.c, k.std),
         "mean_coeff": code(k.m),
         "mean_offset": code(k.c),
         "std": code(k.std),
