@@ -28,6 +28,16 @@ def _sigmoid_one_minus_gamma(t):
     return _sigmoid_difference(6.0 * t - 3.0, -3.0) / _sigmoid_difference(3.0, -3.0)
 
 
+# Karras' sigma(t) = (smin^(1/rho) + t (smax^(1/rho) - smin^(1/rho)))^rho as a VE kernel, rho a parameter (PROGRAMS
+# and SHORT_STEPS).
+KARRAS = """param smin = 0.002
+param smax = 80
+param rho = 7
+x(t) ~ normal(x(0), ((smin^(1/rho) + t * (smax^(1/rho) - smin^(1/rho)))^rho)^2)
+t in [1e-5, 1]
+prior normal(0, smax^2)
+"""
+
 # name -> (program, a(t), b(t), g2(t), v0, exact (m, c, v) or None)
 PROGRAMS = {
     # A linear interpolant written by its SDE (Albergo & Vanden-Eijnden; Liu et al.): m = 1 - t, v = t^2, the
@@ -136,18 +146,9 @@ prior kernel
 weighting likelihood
 t ~ importance
 """, None, None, None, 0.0, lambda t: (1 - t, 0.5 * t, 2 * (t - t * t))),
-    # Karras' sigma(t) = (smin^(1/rho) + t (smax^(1/rho) - smin^(1/rho)))^rho as a VE kernel, rho a parameter.
-    "karras_sigma_kernel": ("""
-sde karras_sigma_kernel
-param smin = 0.002
-param smax = 80
-param rho = 7
-x(t) ~ normal(x(0), ((smin^(1/rho) + t * (smax^(1/rho) - smin^(1/rho)))^rho)^2)
-t in [1e-5, 1]
-prior normal(0, smax^2)
-weighting likelihood
-t ~ importance
-""", None, None, None, 0.0,
+    # Karras' sigma(t) as a VE kernel (KARRAS).
+    "karras_sigma_kernel": ("sde karras_sigma_kernel\n" + KARRAS + "weighting likelihood\nt ~ importance\n",
+                            None, None, None, 0.0,
         lambda t: (1 + 0 * t, 0 * t, (0.002 ** (1 / 7) + t * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 14)),
     # score_sde's VP written by its logSNR and shifted by 1.5 (a shifted schedule): m = (1 + e^-1.5 expm1(B))^(-1/2).
     "shifted_vp_logsnr": ("""
@@ -466,15 +467,7 @@ t in [1e-5, 0.999]
 """, lambda t: 1 - t, lambda t: (mpmath.mpf(1) / 1000 + 999 * t / 1000) ** 2),
     # Karras' sigma = (smin^(1/rho) + t (smax^(1/rho) - smin^(1/rho)))^rho as a VE kernel: G^2 = sigma(t)^2 - sigma(s)^2
     # is a difference of 14th powers (2.7e-3 off at h = 1e-5), kept by discretize.power_step_difference.
-    "karras_ve": ("""
-sde karras_ve
-param smin = 0.002
-param smax = 80
-param rho = 7
-x(t) ~ normal(x(0), ((smin^(1/rho) + t * (smax^(1/rho) - smin^(1/rho)))^rho)^2)
-t in [1e-5, 1]
-prior normal(0, smax^2)
-""", lambda t: mpmath.mpf(1),
+    "karras_ve": ("sde karras_ve\n" + KARRAS, lambda t: mpmath.mpf(1),
         lambda t: (mpmath.mpf("0.002") ** (mpmath.mpf(1) / 7) + t * (mpmath.mpf(80) ** (mpmath.mpf(1) / 7)
                                                                     - mpmath.mpf("0.002") ** (mpmath.mpf(1) / 7))) ** 14),
 }

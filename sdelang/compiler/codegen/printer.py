@@ -331,15 +331,14 @@ class ConstantPool:
             return expr
         if self.is_constant(expr):
             self._note_denominators(expr)
-        elif isinstance(expr, sp.Pow) and expr.exp.is_negative:
-            self._note_denominators(sp.Pow(expr.base, -1, evaluate=False))
-        if self.is_constant(expr):
             if expr.is_Rational or (expr.is_Mul and len(expr.args) == 2 and expr.args[0] == -1
                                     and expr.args[1].is_Symbol):
                 return expr
             if expr not in self.entries:
                 self.entries[expr] = sp.Symbol(f"_k{len(self.entries)}")
             return self.entries[expr]
+        if isinstance(expr, sp.Pow) and expr.exp.is_negative:
+            self._note_denominators(sp.Pow(expr.base, -1, evaluate=False))
         if isinstance(expr, sp.Integral):
             (var, lo, hi), = expr.limits
             return sp.Integral(self.hoist(expr.function), (var, self.hoist(lo), self.hoist(hi)))

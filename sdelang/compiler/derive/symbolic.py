@@ -740,15 +740,13 @@ def use_expm1_log1p(expr: sp.Expr) -> sp.Expr:
             if len(growths) != 1:
                 continue
             c = sp.Mul(*[f for f in factors if f is not growths[0]])
-            for j, b in enumerate(args):
-                if j != i and b == -c:
+            # b = r c with r = -1 first (c expm1(u), nothing left over), then r within 1/2 of -1.
+            partners = sorted(((j, b / c) for j, b in enumerate(args) if j != i), key=lambda p: p[1] != -1)
+            for j, r in partners:
+                if r.is_Rational and abs(1 + r) <= sp.Rational(1, 2):
                     rest = [x for k, x in enumerate(args) if k not in (i, j)]
-                    return sp.Add(c * expm1(growths[0].args[0]), *rest, evaluate=False)
-            for j, b in enumerate(args):
-                r = b / c if j != i else None
-                if r is not None and r.is_Rational and abs(1 + r) <= sp.Rational(1, 2):
-                    rest = [x for k, x in enumerate(args) if k not in (i, j)]
-                    return sp.Add(c * expm1(growths[0].args[0]), (1 + r) * c, *rest, evaluate=False)
+                    left = [(1 + r) * c] if r != -1 else []
+                    return sp.Add(c * expm1(growths[0].args[0]), *left, *rest, evaluate=False)
         return e
 
     def rewrite_log(e):
