@@ -476,6 +476,25 @@ def test_line_continuation_with_trailing_blanks_gives_clean_module():
         import_code(compiled.code)
 
 
+@pytest.mark.parametrize("bare, explicit", [
+    ("dx = -x / (1 + t) dt + dw", "dx = -x / (1 + t) dt + 1 dw"),
+    ("dx = dw", "dx = 1 dw"),
+    ("dx = v dt\ndv = -x - 2 * v dt + dw\nv(0) ~ normal(0, 0.01)",
+     "dx = v dt\ndv = -x - 2 * v dt + 1 dw\nv(0) ~ normal(0, 0.01)"),
+])
+def test_a_bare_dw_is_unit_noise(bare, explicit):
+    """`+ dw` and `dx = dw` (the textbook spelling of a unit diffusion) compile to the module of `+ 1 dw`: the
+    same code apart from the quoted source (the lines with 'dw' and its hash). They were refused with "the SDE line must end with 'dw'"."""
+    def code(line):
+        compiled = sdelang.compile_source(sdelang.Source(f"sde unit\n{line}\nt in [1e-5, 2]\n", "unit.sde"))
+        return [row for row in compiled.code.splitlines() if " dw" not in row and "sha256" not in row]
+
+    assert code(bare) == code(explicit)
+    brownian = sdelang.load("sde unit\ndx = dw\nt in [1e-5, 2]\n").double()
+    t = torch.tensor([1e-5, 0.5, 2.0], dtype=torch.float64)
+    assert torch.equal(brownian.std(t), t.sqrt())
+
+
 def test_a_closed_form_that_cancels_near_eps_gives_way_to_quadrature():
     """g(0) = 0 with a growing drift: every closed form of v is like e^x - 1 - x (x = 2 a t), which
     cancels near t = eps (float64 loses ~5e-5 relative at t = 1e-5, float32 everything). The compiler

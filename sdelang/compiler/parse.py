@@ -272,6 +272,14 @@ class _ToAst(Transformer):
         name, diffusion, _dw = items
         return ast.SdeDef(str(name), None, diffusion, _token_span(name), _meta_span(meta))
 
+    def sde_def_unit_noise(self, meta, items):
+        name, drift, _dt, dw = items
+        return ast.SdeDef(str(name), drift, ast.Number("1", _token_span(dw)), _token_span(name), _meta_span(meta))
+
+    def sde_def_brownian(self, meta, items):
+        name, dw = items
+        return ast.SdeDef(str(name), None, ast.Number("1", _token_span(dw)), _token_span(name), _meta_span(meta))
+
     def sde_def_no_noise(self, meta, items):
         name, drift, _dt = items
         return ast.SdeDef(str(name), drift, None, _token_span(name), _meta_span(meta))
