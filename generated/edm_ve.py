@@ -88,12 +88,16 @@ class EDMVESDE(torch.nn.Module):
 
     def sde(self, x, t):
         """Drift f = a(t) x + b(t) and diffusion g(t) of the forward SDE."""
-        a = self._expand(torch.full_like(t, 0), x)
-        return a * x, self._k0*torch.sqrt(t)
+        # a(t), b(t) and g(t) in float64 and rounded once, as every function of t alone (see mean_coeff).
+        dtype, t = t.dtype, t.to(torch.float64)
+        a = self._expand((torch.full_like(t, 0)).to(dtype), x)
+        return a * x, (self._k0*torch.sqrt(t)).to(dtype)
 
     def diffusion(self, t):
         """g(t) = sqrt(2)*sqrt(t)"""
-        return self._k0*torch.sqrt(t)
+        # In float64, as mean_coeff
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (self._k0*torch.sqrt(t)).to(dtype)
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""

@@ -80,13 +80,17 @@ class EDMVPSDE(torch.nn.Module):
 
     def sde(self, x, t):
         """Drift f = a(t) x + b(t) and diffusion g(t) of the forward SDE."""
+        # a(t), b(t) and g(t) in float64 and rounded once, as every function of t alone (see mean_coeff).
+        dtype, t = t.dtype, t.to(torch.float64)
         w0 = self.beta_d*t
-        a = self._expand(self._k0 - 1/2*w0, x)
-        return a * x, torch.sqrt(w0 + self.beta_min)
+        a = self._expand((self._k0 - 1/2*w0).to(dtype), x)
+        return a * x, (torch.sqrt(w0 + self.beta_min)).to(dtype)
 
     def diffusion(self, t):
         """g(t) = sqrt(beta_d*t + beta_min)"""
-        return torch.sqrt(self.beta_d*t + self.beta_min)
+        # In float64, as mean_coeff
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (torch.sqrt(self.beta_d*t + self.beta_min)).to(dtype)
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""

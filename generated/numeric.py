@@ -100,14 +100,18 @@ class NumericSDE(torch.nn.Module):
 
     def sde(self, x, t):
         """Drift f = a(t) x + b(t) and diffusion g(t) of the forward SDE."""
+        # a(t), b(t) and g(t) in float64 and rounded once, as every function of t alone (see mean_coeff).
+        dtype, t = t.dtype, t.to(torch.float64)
         beta = t**2 + torch.sin(3*t) + 1
-        a = self._expand(-1/2*beta, x)
-        return a * x, torch.sqrt(beta)*torch.sqrt(t + 1)
+        a = self._expand((-1/2*beta).to(dtype), x)
+        return a * x, (torch.sqrt(beta)*torch.sqrt(t + 1)).to(dtype)
 
     def diffusion(self, t):
         """g(t) = sqrt(t + 1)*sqrt(beta(t))"""
+        # In float64, as mean_coeff
+        dtype, t = t.dtype, t.to(torch.float64)
         beta = t**2 + torch.sin(3*t) + 1
-        return torch.sqrt(beta)*torch.sqrt(t + 1)
+        return (torch.sqrt(beta)*torch.sqrt(t + 1)).to(dtype)
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""

@@ -70,13 +70,17 @@ class RectifiedFlowSDE(torch.nn.Module):
 
     def sde(self, x, t):
         """Drift f = a(t) x + b(t) and diffusion g(t) of the forward SDE."""
+        # a(t), b(t) and g(t) in float64 and rounded once, as every function of t alone (see mean_coeff).
+        dtype, t = t.dtype, t.to(torch.float64)
         w0 = 1 / (t - 1)
-        a = self._expand(w0, x)
-        return a * x, self._k0*torch.sqrt(t)*torch.sqrt(-w0)
+        a = self._expand((w0).to(dtype), x)
+        return a * x, (self._k0*torch.sqrt(t)*torch.sqrt(-w0)).to(dtype)
 
     def diffusion(self, t):
         """g(t) = sqrt(2)*sqrt(t)*sqrt(-1/(t - 1))"""
-        return self._k0*torch.sqrt(t)*torch.sqrt(-1/(t - 1))
+        # In float64, as mean_coeff
+        dtype, t = t.dtype, t.to(torch.float64)
+        return (self._k0*torch.sqrt(t)*torch.sqrt(-1/(t - 1))).to(dtype)
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""

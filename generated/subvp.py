@@ -89,16 +89,20 @@ class SubvpSDE(torch.nn.Module):
 
     def sde(self, x, t):
         """Drift f = a(t) x + b(t) and diffusion g(t) of the forward SDE."""
+        # a(t), b(t) and g(t) in float64 and rounded once, as every function of t alone (see mean_coeff).
+        dtype, t = t.dtype, t.to(torch.float64)
         beta = self._k0*t + self.beta_min
         B = (1/2)*self._k0*t**2 + self.beta_min*t
-        a = self._expand(-1/2*beta, x)
-        return a * x, torch.sqrt(-beta*torch.expm1(-2*B))
+        a = self._expand((-1/2*beta).to(dtype), x)
+        return a * x, (torch.sqrt(-beta*torch.expm1(-2*B))).to(dtype)
 
     def diffusion(self, t):
         """g(t) = sqrt(-beta(t)*expm1(-2*B(t)))"""
+        # In float64, as mean_coeff
+        dtype, t = t.dtype, t.to(torch.float64)
         beta = self._k0*t + self.beta_min
         B = (1/2)*self._k0*t**2 + self.beta_min*t
-        return torch.sqrt(-beta*torch.expm1(-2*B))
+        return (torch.sqrt(-beta*torch.expm1(-2*B))).to(dtype)
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""

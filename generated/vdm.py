@@ -91,15 +91,19 @@ class VDMSDE(torch.nn.Module):
 
     def sde(self, x, t):
         """Drift f = a(t) x + b(t) and diffusion g(t) of the forward SDE."""
+        # a(t), b(t) and g(t) in float64 and rounded once, as every function of t alone (see mean_coeff).
+        dtype, t = t.dtype, t.to(torch.float64)
         gamma = self._k0*t + self.gamma_min
         w0 = torch.exp(-gamma)
-        a = self._expand(self._k1/(2*w0 + 2), x)
-        return a * x, self._k2/torch.sqrt(w0 + 1)
+        a = self._expand((self._k1/(2*w0 + 2)).to(dtype), x)
+        return a * x, (self._k2/torch.sqrt(w0 + 1)).to(dtype)
 
     def diffusion(self, t):
         """g(t) = sqrt(gamma_max - gamma_min)/sqrt(1 + exp(-gamma(t)))"""
+        # In float64, as mean_coeff
+        dtype, t = t.dtype, t.to(torch.float64)
         gamma = self._k0*t + self.gamma_min
-        return self._k2/torch.sqrt(1 + torch.exp(-gamma))
+        return (self._k2/torch.sqrt(1 + torch.exp(-gamma))).to(dtype)
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""

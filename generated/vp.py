@@ -91,14 +91,18 @@ class VPSDE(torch.nn.Module):
 
     def sde(self, x, t):
         """Drift f = a(t) x + b(t) and diffusion g(t) of the forward SDE."""
+        # a(t), b(t) and g(t) in float64 and rounded once, as every function of t alone (see mean_coeff).
+        dtype, t = t.dtype, t.to(torch.float64)
         beta = self._k0*t + self.beta_min
-        a = self._expand(-1/2*beta, x)
-        return a * x, torch.sqrt(beta)
+        a = self._expand((-1/2*beta).to(dtype), x)
+        return a * x, (torch.sqrt(beta)).to(dtype)
 
     def diffusion(self, t):
         """g(t) = sqrt(beta(t))"""
+        # In float64, as mean_coeff
+        dtype, t = t.dtype, t.to(torch.float64)
         beta = self._k0*t + self.beta_min
-        return torch.sqrt(beta)
+        return (torch.sqrt(beta)).to(dtype)
 
     def marginal_prob(self, x0, t):
         """Mean m(t) x0 + c(t) and std sqrt(v(t)) of p_0t(x_t | x0)."""
