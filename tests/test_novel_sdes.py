@@ -212,6 +212,60 @@ weighting likelihood
 t ~ importance
 """, None, None, None, 0.0,
         lambda t: (np.cos(np.pi * t / 2), 0 * t, np.sin(np.pi * t / 2) ** 2)),
+    # IR-SDE's mean-reverting process (Luo et al. 2023): pulled to mu at rate theta(t), g^2 / theta = 2 lam^2 fixed.
+    "mean_reverting": ("""
+sde mean_reverting
+param mu: real = 0.3
+param lam = 0.5
+theta(t) = 0.1 + 2 * sin(pi * t / 2)^2
+dx = theta(t) * (mu - x) dt + sqrt(2 * lam^2 * theta(t)) dw
+t in [1e-5, 1]
+prior kernel
+weighting likelihood
+t ~ importance
+""", None, None, None, 0.0,
+        lambda t: (np.exp(-(1.1 * t - np.sin(np.pi * t) / np.pi)), -0.3 * np.expm1(-(1.1 * t - np.sin(np.pi * t) / np.pi)),
+                   -0.25 * np.expm1(-2 * (1.1 * t - np.sin(np.pi * t) / np.pi)))),
+    # TrigFlow (Lu & Song 2024): x_t = cos(t) x0 + sigma_d sin(t) z, up to just before pi / 2 where cos vanishes.
+    "trigflow": ("""
+sde trigflow
+param sd = 0.5
+x(t) ~ normal(cos(t) * x(0), sd^2 * sin(t)^2)
+t in [1e-4, 1.5]
+prior kernel
+weighting likelihood
+t ~ importance
+""", None, None, None, 0.0, lambda t: (np.cos(t), 0 * t, 0.25 * np.sin(t) ** 2)),
+    # Flow matching's path with sigma_min (Lipman et al. 2023): sigma(t) = 1 - (1 - smin) (1 - t).
+    "flow_matching_sigma_min": ("""
+sde flow_matching_sigma_min
+param smin = 0.001
+x(t) ~ normal((1 - t) * x(0), (1 - (1 - smin) * (1 - t))^2)
+t in [1e-5, 0.999]
+prior kernel
+weighting likelihood
+t ~ importance
+""", None, None, None, 0.0, lambda t: (1 - t, 0 * t, (0.001 + 0.999 * t) ** 2)),
+    # Simple diffusion's interpolated shifted cosine logSNR (Hoogeboom et al. 2023): shift 2 log 2 at t = 0 to -4 log 2.
+    "interpolated_cosine_logsnr": ("""
+sde interpolated_cosine_logsnr
+logsnr(t) = -2 * log(tan(pi * t / 2)) + 2 * log(2) - 6 * log(2) * t
+t in [1e-4, 0.999]
+prior kernel
+weighting likelihood
+t ~ importance
+""", None, None, None, 0.0,
+        lambda t: (np.sqrt(1 / (1 + np.tan(np.pi * t / 2) ** 2 / 4.0 ** (1 - 3 * t))), 0 * t,
+                   1 / (1 + 4.0 ** (1 - 3 * t) / np.tan(np.pi * t / 2) ** 2))),
+    # Unit noise written with a bare dw; m = 1 / (1 + t), v = (t + t^2 + t^3 / 3) / (1 + t)^2.
+    "harmonic_decay": ("""
+sde harmonic_decay
+dx = -x / (1 + t) dt + dw
+t in [1e-5, 5]
+prior kernel
+weighting likelihood
+t ~ importance
+""", None, None, None, 0.0, lambda t: (1 / (1 + t), 0 * t, (t + t * t + t**3 / 3) / (1 + t) ** 2)),
 }
 
 
@@ -320,6 +374,47 @@ def test_float32_time_sampler_matches_float64(modules, name):
     finally:
         sde.to(torch.float64)
     assert torch.max(torch.abs(t32.double() / t64 - 1)) < 1e-5, name
+
+
+DATA_MEAN, DATA_STD = torch.tensor([1.0, -0.5], dtype=torch.float64), 0.5
+
+
+def _gaussian_marginal(name: str, t: float) -> tuple[torch.Tensor, float]:
+    """Mean and variance of p_t for data N(DATA_MEAN, DATA_STD^2 I), from the reference moments."""
+    m, c, v = (float(q[0]) for q in _reference(name, np.array([t])))
+    return m * DATA_MEAN + c, m * m * DATA_STD**2 + v
+
+
+@pytest.mark.parametrize("name", sorted(PROGRAMS))
+def test_flow_ode_and_likelihood_with_the_exact_score(modules, name):
+    """The runtime on each program, with the exact score of Gaussian data: the adaptive flow ODE from draws of p_T
+    lands on the exact flow map x_eps = mean_eps + sqrt(S_eps / S_T) (x_T - mean_T), and the likelihood (exact trace)
+    equals the model's density prior(Phi(x)) p_eps(x) / p_T(Phi(x)), Phi the exact flow map eps -> T; means and
+    variances S from the reference moments, not the module's. The solves run at rtol = atol = 1e-7 (flow) and
+    1e-6 (likelihood); the bounds, 1e-4 of the data's scale and 1e-4 nats, leave room for the error each step's
+    tolerance lets accumulate (its largest, 9e-6 of the scale and 7e-6 nats, on the bridges with a pole just past
+    T, where the flow error is 12x larger at 1e-6), while a drift or g^2 off by 1e-3 misses them."""
+    from sdelang.runtime import sampling
+    from sdelang.runtime.gaussian import GaussianData
+    from sdelang.runtime.likelihood import log_likelihood
+
+    sde = modules(name)
+    score = GaussianData(sde, DATA_MEAN, DATA_STD, (2,)).score
+    (mean_e, S_e), (mean_T, S_T) = (_gaussian_marginal(name, float(time)) for time in (sde.eps, sde.T))
+    z = torch.randn(200, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = sampling.probability_flow(sde, score, z.shape, x_T=mean_T + math.sqrt(S_T) * z, denoise=False,
+                                    rtol=1e-7, atol=1e-7)
+    assert (out.x - (mean_e + math.sqrt(S_e) * z)).abs().max() < 1e-4 * DATA_STD, name
+
+    x = mean_e + math.sqrt(S_e) * z[:32]
+    x_T = mean_T + math.sqrt(S_T / S_e) * (x - mean_e)
+
+    def log_normal(y, mean, variance):
+        return -((y - mean) ** 2).sum(1) / (2 * variance) - math.log(2 * math.pi * variance)
+
+    expected = log_normal(x, mean_e, S_e) + sde.prior_logp(x_T) - log_normal(x_T, mean_T, S_T)
+    result = log_likelihood(sde, score, x, exact_trace=True, rtol=1e-6, atol=1e-6)
+    assert (result.logp - expected).abs().max() < 1e-4, name
 
 
 def test_inverse_cdf_of_a_cube_root_near_eps():
