@@ -357,3 +357,32 @@ def test_a_first_step_from_zero_is_the_kernel(compiled, name):
     f, G = sde.discretize(x, t, torch.zeros_like(t))
     assert abs(G.item() / sde.std(t).item() - 1) < 1e-10
     assert abs(f.item() / ((sde.mean_coeff(t).item() - 1) * 1.5) - 1) < 1e-10
+
+
+@pytest.mark.parametrize("rate", [2.0, 500.0])
+def test_the_compile_time_reference_at_a_rate_past_float64s_range(rate):
+    """The reference that checks the tables, for an OU process dx = -k x dt + sqrt(2 k) dw on [1e-5, 1]: m, std,
+    logSNR and the likelihood-weighted Q against their closed forms. At k = 500 the integrating factor e^{kt}
+    leaves float64 (e^1000); the solver then shrank its steps until the compile's 60 s CPU limit stopped an
+    ordinary program. Now it falls back to the moment equations as they are, within 1e-9 here."""
+    import types
+
+    import sympy as sp
+
+    t = sp.Symbol("t", positive=True)
+    k = sp.Float(rate)
+    d = types.SimpleNamespace(program=types.SimpleNamespace(t=t, weighting="likelihood"), a=-k + 0 * t, b=0 * t,
+                              g2=2 * k + 0 * t, weight=2 * k + 0 * t)
+    eps, T = 1e-5, 1.0
+    ts = np.geomspace(eps, T, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # nothing for the user's terminal either
+        ref = accuracy._Reference(d, {}, eps, T, 0.0).solve(ts)
+    v = -np.expm1(-2 * rate * ts)
+    log_snr = -2 * rate * ts - np.log(v)
+    np.testing.assert_allclose(ref["m"], np.exp(-rate * ts), rtol=1e-9, atol=0)
+    np.testing.assert_allclose(ref["std"], np.sqrt(v), rtol=1e-9)
+    np.testing.assert_allclose(ref["logSNR"], log_snr, rtol=1e-9)
+    lo = -2 * rate * eps - np.log(-np.expm1(-2 * rate * eps))
+    hi = -2 * rate * T - np.log(-np.expm1(-2 * rate * T))
+    np.testing.assert_allclose(ref["Q"], (lo - log_snr) / (lo - hi), rtol=0, atol=1e-9)

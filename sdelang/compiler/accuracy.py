@@ -9,7 +9,11 @@ that are not its nodes are compared with a DOP853 solution (rtol 1e-12) of
 (from 1e-12 eps where the coefficients are not finite at 0)
 with m = e^A, v = e^{2A} (v0 + I), c = e^A J (its scale e^A W where c passes 0) and Q = K / K(T),
 evaluated from the program's own a, b, g^2 and weighting with SymPy's lambdify, never from the
-module's code. The errors go into the module's docstring; one above BOUND is a warning.
+module's code. Where e^{-A} overflows (|A| past 709: an OU process with rate 500 on [0, 1]) the moments
+are integrated as they are instead, v' = 2 a v + g^2 (v(0) = v0), c' = a c + b, (e^A W)' = a e^A W + |b|,
+a little less accurate (1e-10 rather than 1e-12 on examples/numeric.sde); before, the solver went on in
+steps of no size until the compile's CPU limit stopped it. The errors go into the module's docstring;
+one above BOUND is a warning.
 """
 from __future__ import annotations
 
@@ -132,6 +136,10 @@ def _tabulated(d: Derivation, name: str) -> bool:
     return expr is None or expr.has(*NUMERIC)
 
 
+class _FactorOverflow(ArithmeticError):
+    """e^{-A} left float64's range: the integrating-factor form cannot go on."""
+
+
 class _Reference:
     """The moment equations of the program, solved by SciPy (see the module docstring)."""
 
@@ -147,41 +155,63 @@ class _Reference:
         self.kind = p.weighting
         self.lam = None if d.weight.has(*NUMERIC) else fn(d.weight)
 
-    def _rhs(self, t, y, from_eps):
-        A, I, J, W, K = y
+    def _rhs(self, t, y, from_eps, factor):
+        """factor: y = (A, I, J, W, K), the integrating-factor form; otherwise y = (A, v, c, e^A W, K)."""
         with np.errstate(all="ignore"):   # a pole is a non-finite value here, handled by the caller
             a, b, g2 = (float(np.broadcast_to(f(t), ())) for f in (self.a, self.b, self.g2))
-        weight = 0.0
-        if from_eps and self.lam is not None:
-            with np.errstate(all="ignore"):
-                weight = float(np.broadcast_to(self.lam(t), ())) / (math.exp(2 * A) * (self.v0 + I))
-        return [a, g2 * math.exp(-2 * A), b * math.exp(-A), abs(b) * math.exp(-A), weight]
+            lam = float(np.broadcast_to(self.lam(t), ())) if from_eps and self.lam is not None else 0.0
+        A, second, c, w, _ = y
+        if not all(map(math.isfinite, y)):   # a stage past float64's range: the solver would shrink its steps forever
+            raise _FactorOverflow if factor else ArithmeticError("the moments leave float64's range")
+        if not factor:
+            return [a, 2 * a * second + g2, a * c + b, a * w + abs(b), lam / second if lam else 0.0]
+        try:
+            e = math.exp(-A)
+            out = [a, g2 * e * e, b * e, abs(b) * e, lam / (self.v0 + second) * e * e if lam else 0.0]
+        except (OverflowError, ZeroDivisionError):
+            raise _FactorOverflow from None
+        if math.isfinite(a + b + g2 + lam) and not all(map(math.isfinite, out)):
+            raise _FactorOverflow
+        return out
 
     def solve(self, ts: np.ndarray) -> dict:
         """The reference quantities at the times ts (in [eps, T])."""
+        # A stage past float64's range warns inside SciPy before _rhs sees it: nothing for the user's terminal.
+        with np.errstate(all="ignore"):
+            try:
+                return self._solve(ts, factor=True)
+            except _FactorOverflow:
+                return self._solve(ts, factor=False)
+
+    def _solve(self, ts: np.ndarray, factor: bool) -> dict:
         import scipy.integrate
 
         tol = dict(method="DOP853", rtol=RTOL, atol=1e-40)
-        start = [0.0] * 5
+        start = [0.0] * 5 if factor else [0.0, self.v0, 0.0, 0.0, 0.0]
         if self.eps > 0:
             # Coefficients singular at t = 0 (a logSNR given as -2 log tan(pi t / 2): inf * 0 there) start the
             # solution at 1e-12 eps from the zero state; an integrand ~ t^k leaves out (1e-12)^(k + 1) of its
             # integral at eps: 1e-12 for a bounded one (g^2 ~ t for the cosine schedules).
-            origin = 0.0 if np.isfinite(self._rhs(0.0, start, False)).all() else 1e-12 * self.eps
-            first = scipy.integrate.solve_ivp(self._rhs, (origin, self.eps), start, args=(False,), **tol)
+            origin = 0.0 if np.isfinite(self._rhs(0.0, start, False, factor)).all() else 1e-12 * self.eps
+            first = scipy.integrate.solve_ivp(self._rhs, (origin, self.eps), start, args=(False, factor), **tol)
             if not first.success:
                 raise ArithmeticError(first.message)
             start = list(first.y[:, -1])
             start[4] = 0.0
         points = np.unique(np.concatenate([ts, [self.eps, self.T]]))
-        sol = scipy.integrate.solve_ivp(self._rhs, (points[0], points[-1]), start, t_eval=points, args=(True,), **tol)
+        sol = scipy.integrate.solve_ivp(self._rhs, (points[0], points[-1]), start, t_eval=points, args=(True, factor),
+                                        **tol)
         if not sol.success:
             raise ArithmeticError(sol.message)
-        A, I, J, W, K = sol.y
+        A, second, c, w, K = sol.y
         m = np.exp(A)
-        v = np.exp(2 * A) * (self.v0 + I)
-        lsnr = np.log(m**2 / v)
-        out = {"m": m, "c": m * J, "c_scale": m * W, "std": np.sqrt(v), "logSNR": lsnr}
+        if factor:
+            v, c, w = np.exp(2 * A) * (self.v0 + second), m * c, m * w
+            lsnr = -np.log(self.v0 + second)   # log(m^2 / v)
+        else:
+            v = second
+            lsnr = 2 * A - np.log(v)
+        out = {"m": m, "c": c, "c_scale": w, "std": np.sqrt(v), "logSNR": lsnr}
         if self.lam is not None:
             lam = np.array([float(np.broadcast_to(self.lam(s), ())) for s in points])
             if self.kind == "likelihood":
