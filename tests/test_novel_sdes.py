@@ -769,3 +769,61 @@ def test_float32_mean_and_std_with_a_large_exponent(examples):
     mean, std = sde32.marginal_prob(torch.ones(51, 1), t)
     assert mean.dtype == std.dtype == torch.float32
     assert torch.allclose(mean[:, 0].double(), sde64.mean_coeff(t.double()), rtol=2**-23, atol=0)
+
+
+FAST_OU = """
+sde fast_ou
+param k = 500
+dx = -k * x dt + sqrt(2 * k) dw
+t in [1e-5, 1]
+prior normal(0, 1)
+weighting likelihood
+t ~ importance
+"""
+
+
+@pytest.mark.parametrize("rate, written", [(20, "number"), (300, "number"), (500, "number"), (500, "parameter")])
+def test_inverse_cdf_of_a_fast_process(rate, written):
+    """An OU process with rate k under the likelihood weighting: t = log1p(K e^drop) / 2k, drop up to Z ~ 2k. SymPy
+    read e^(2k t) as a polynomial of degree 2k in e^t and ran out of time from k = 300 (solved in tau = 2k t now),
+    and at k = 500 e^drop overflows float64 (Z = 1005): printed as softplus(drop + log K) the inverse is a closed
+    form at every rate (a table before, 4-5 s of compile). Against mpmath's root of logSNR(t) = logSNR(eps) - u Z
+    (40 digits): relative error of t below 8 u of each dtype (the few roundings of a float64 closed form, then one to
+    float32). With the rate a parameter SymPy solves in e^(2k t) at once; the softplus form then needs the sign of
+    K = -e^(2k eps) expm1(-2k eps), which its assumptions cannot tell (expm1's is its argument's)."""
+    program = FAST_OU.replace("k = 500", f"k = {rate}")
+    if written == "number":
+        program = program.replace(f"param k = {rate}\n", "").replace("-k * x", f"-{rate} * x").replace("2 * k", str(2 * rate))
+    sde = sdelang.load(program)
+    assert sde.inverse_cdf_path == "closed form"
+    with mpmath.workdps(40):
+        def L(t):
+            return -2 * rate * t - mpmath.log(-mpmath.expm1(-2 * rate * t))
+        eps, T = mpmath.mpf("1e-5"), mpmath.mpf(1)
+        Z = L(eps) - L(T)
+        u = [0.0, 1e-6, 1e-3, 0.1, 0.5, 0.7, 0.9, 0.99, 1 - 1e-6, 1.0]
+        ref = [float(mpmath.findroot(lambda x: L(x) - (L(eps) - mpmath.mpf(p) * Z), (eps, T), solver="anderson"))
+               if 0 < p < 1 else float(eps if p == 0 else T) for p in u]
+    ref = torch.tensor(ref, dtype=torch.float64)
+    for dtype, unit in ((torch.float64, 2.0**-53), (torch.float32, 2.0**-24)):
+        with torch.no_grad():
+            t = sde.to(dtype).t_icdf(torch.tensor(u, dtype=dtype)).double()
+        assert torch.all((t / ref - 1).abs() <= 8 * unit), (rate, dtype, float((t / ref - 1).abs().max()))
+
+
+def test_an_inverse_that_overflows_float64_goes_to_a_table():
+    """A form of the inverse that overflows float64 for some drop in [0, Z] at the defaults is refused, so that the
+    module tabulates the inverse instead of returning inf, clamped to T, for the upper part of [0, 1]. Here the
+    factor c of exp(drop) is a real parameter, whose sign SymPy cannot know, so no softplus form is offered."""
+    import importlib
+
+    import sympy as sp
+    from sympy.codegen.cfunctions import expm1
+
+    importance = importlib.import_module("sdelang.compiler.derive.importance")
+
+    t, c = sp.Symbol("t", positive=True), sp.Symbol("c", real=True)
+    lsnr = -1000 * t - sp.log(-expm1(-1000 * t))
+    args = (lsnr, t, {c: 0.01}, sp.Float(1e-5), sp.Integer(1))
+    assert importance._accurate_inverse(sp.log(1 + c * sp.exp(importance.DROP)) / 1000, *args) is None
+    assert importance._accurate_inverse(sp.log(1 + c * sp.exp(importance.DROP / 2)) / 1000, *args) is not None

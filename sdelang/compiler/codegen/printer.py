@@ -27,7 +27,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
-from ..derive.symbolic import PRINTABLE, Tabulated, bounded, use_expm1_log1p
+from ..derive.symbolic import PRINTABLE, Tabulated, bounded, softplus, use_expm1_log1p
 from ..derive.tables import BUILD_VARIABLE, Column, Total
 from ...errors import InternalCompilerError
 
@@ -44,14 +44,9 @@ def stable(expr: sp.Expr) -> sp.Expr:
     return expr if rewritten is None else rewritten
 
 
-class softplus(sp.Function):
-    """log(1 + exp(u)), printed as torch.nn.functional.softplus: exp(u) overflows from u = 89 in float32
-    (a state-dependent noise sqrt(1 + softplus(x)) was inf at x = 100)."""
-    nargs = 1
-
-
 def no_overflow(expr: sp.Expr) -> sp.Expr:
-    """log1p(exp(u)) as softplus(u), and exp(u) / (exp(u) + 1)^n (SymPy's derivatives of softplus and sigmoid)
+    """log1p(exp(u)) as softplus(u) (a state-dependent noise sqrt(1 + softplus(x)) was inf at x = 100 in float32),
+    and exp(u) / (exp(u) + 1)^n (SymPy's derivatives of softplus and sigmoid)
     as 1 / ((1 + exp(-u)) (exp(u) + 1)^(n - 1)): inf / inf is NaN for large u; this is 1, or 0, there."""
     def sigmoid(e):
         factors = list(e.args)
@@ -240,7 +235,9 @@ class TensorPrinter(_PowMixin, PythonCodePrinter):
         return f"torch.expm1({self._print(expr.args[0])})"
 
     def _print_softplus(self, expr):
-        return f"torch.nn.functional.softplus({self._print(expr.args[0])})"
+        # Above its threshold softplus returns u itself, off by log1p(exp(-u)): at the default 20 that is 1e-10 of
+        # the value, above float64's rounding; at 40 it is 1e-19, and exp(40) is still finite in float32.
+        return f"torch.nn.functional.softplus({self._print(expr.args[0])}, threshold=40)"
 
     def _print_log1p(self, expr):
         return f"torch.log1p({self._print(expr.args[0])})"

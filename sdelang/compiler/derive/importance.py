@@ -19,6 +19,7 @@ checks out numerically; otherwise the generated module tabulates it
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import mpmath
@@ -28,8 +29,8 @@ from sympy.codegen.cfunctions import expm1, log1p
 
 from .discretize import START, step_difference
 from .symbolic import (NUMERIC, SIMPLIFY_LIMIT, SOLVE_LIMIT, TIME_LIMIT, bounded, factor_exponentials,
-                       integrate_from, log_exp_differences, log_ratios, most_accurate, powers_minus_one,
-                       printable, rationalize_roots, real_logs, simplest)
+                       finite_in_float64, integrate_from, log_exp_differences, log_ratios, most_accurate,
+                       powers_minus_one, printable, rationalize_roots, real_logs, simplest, softplus_forms)
 from .tables import Tables
 
 # Dummies, so that a user's parameter named u, drop or w never collides with them.
@@ -64,7 +65,7 @@ def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol,
             # W = exp(-y) = exp(-logSNR(eps)) exp(drop): the noise-to-signal ratio at eps, grown by exp(drop).
             nsr_eps = simplest(nsr.xreplace({t: eps}))
             inverse = _accurate_inverse(inverse.xreplace({W: nsr_eps * sp.exp(DROP)}), lsnr, t, defaults, eps, T)
-        elif invert:
+        if invert and inverse is None:
             tables.invert(tables.tabulate(lsnr, "logSNR(t)", absolute=True))
         return Importance(density, cdf, inverse, True)
     if kind == "score_matching":
@@ -95,6 +96,8 @@ def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol,
         return Importance(density, cdf, None, False)
     cdf = _accurate_cdf(partial, Z, t, defaults, eps, T)
     inverse = _solve(sp.Eq(cdf, U), t, U, cdf, defaults, eps, T) if invert else None
+    if inverse is not None and not finite_in_float64(inverse, U, defaults, np.linspace(0.0, 1.0, 101)):
+        inverse = None   # overflows somewhere in [0, 1]: tabulated instead
     if invert and inverse is None:
         tables.invert(tables.tabulate(cdf, "CDF Q(t)", absolute=True))
     return Importance(q_ratio / Z, cdf, inverse, False)
@@ -121,9 +124,10 @@ def _accurate_cdf(partial, Z, t, defaults, eps, T) -> sp.Expr:
     return most_accurate(forms, t, defaults, grid, floor=1e-2)
 
 
-def _accurate_inverse(inverse, lsnr, t, defaults, eps, T) -> sp.Expr:
+def _accurate_inverse(inverse, lsnr, t, defaults, eps, T) -> sp.Expr | None:
     """Of the equivalent forms of t = logSNR^-1(logSNR(eps) - drop), the one most accurate in float32 for
-    drop in [0, Z]."""
+    drop in [0, Z]; None if even that one is not finite in float64 (the module's precision) for every drop in
+    [0, Z] at the defaults, which leaves the inverse to a table."""
     forms = [inverse, sp.expand_log(inverse, force=True), rationalize_roots(inverse)]
     forms += [rationalize_roots(sp.expand_log(inverse, force=True))]
     # (W - W^(1/2)) / (W - 1), W = exp(-y), a 0/0 where logSNR = 0, factors into W^(1/2) / (W^(1/2) + 1).
@@ -135,12 +139,16 @@ def _accurate_inverse(inverse, lsnr, t, defaults, eps, T) -> sp.Expr:
     # log(b0 + k L) - log(b0) as log1p(k L / b0), for each form that has such a pair.
     forms += [f for f in (bounded(log_ratios, form, seconds=SIMPLIFY_LIMIT) for form in list(forms))
               if f is not None and printable(f)]
+    # log1p(K exp(drop)) as softplus(drop + log K), for each form that has one: exp(drop) overflows where Z > 709.
+    forms += [f for f in (bounded(softplus_forms, form, DROP, seconds=SIMPLIFY_LIMIT) for form in list(forms))
+              if f is not None and printable(f)]
     lsnr_at = sp.lambdify(t, lsnr.subs(defaults), modules="mpmath")
     lo, hi = float(eps.subs(defaults)), float(T.subs(defaults))
     with mpmath.workdps(30):
         top = lsnr_at(lo)
         grid = np.array([float(top - lsnr_at(s)) for s in np.geomspace(lo, hi, 25)])
-    return most_accurate(forms, DROP, defaults, grid)
+    chosen = most_accurate(forms, DROP, defaults, grid)
+    return chosen if finite_in_float64(chosen, DROP, defaults, grid) else None
 
 
 def _grown_from_eps(inverse: sp.Expr, eps: sp.Expr) -> sp.Expr | None:
@@ -171,8 +179,25 @@ def _grown_from_eps(inverse: sp.Expr, eps: sp.Expr) -> sp.Expr | None:
 
 
 def _solve(equation, t, target, forward, defaults, eps, T) -> sp.Expr | None:
-    """A root t(target) of the equation that inverts ``forward`` on [eps, T] at the defaults."""
-    roots = bounded(sp.solve, equation, t, check=False, simplify=False, seconds=SOLVE_LIMIT)
+    """A root t(target) of the equation that inverts ``forward`` on [eps, T] at the defaults.
+
+    Solved in tau = k t, k the greatest common divisor of the rational rates of its exponentials exp(r t + ...):
+    SymPy reads exp(600 t) - 1 = w as a polynomial of degree 600 in exp(t) and looks for its 600 roots (40 for a
+    rate of 40, which it found in 0.2 s; at 600 it ran out of time and the inverse went to a table); in tau it is
+    exp(tau) - 1 = w."""
+    rates = set()
+    for e in equation.atoms(sp.exp):
+        rate = sp.diff(e.args[0], t)
+        if rate != 0:
+            rates.add(rate)
+    k = functools.reduce(sp.gcd, rates) if rates and all(r.is_Rational for r in rates) else sp.S.One
+    if k.is_Rational and k > 1:
+        tau = sp.Dummy("tau", positive=True)
+        scaled = bounded(sp.solve, equation.xreplace({t: tau / k}), tau, check=False, simplify=False,
+                         seconds=SOLVE_LIMIT)
+        roots = None if scaled is None else [root / k for root in scaled]
+    else:
+        roots = bounded(sp.solve, equation, t, check=False, simplify=False, seconds=SOLVE_LIMIT)
     if not roots:
         return None
     subs = {k: v for k, v in defaults.items()}

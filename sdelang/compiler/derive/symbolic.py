@@ -25,8 +25,20 @@ MAX_REWRITE_SIZE = 80  # larger expressions are kept as they are: simplify is sl
 
 # Functions code generation prints for tensors (torch) and for constants (math). A closed form with
 # any other (LambertW, erfi, Ei, sign, ...) is not used: the numeric path takes its place.
+class softplus(sp.Function):
+    """log(1 + exp(u)), which does not overflow: code generation prints torch.nn.functional.softplus (exp(u)
+    overflows from u = 89 in float32, 710 in float64); forms are measured with numpy's logaddexp(0, u)."""
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return 1 / (1 + sp.exp(-self.args[0]))
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+
 PRINTABLE = (sp.exp, sp.log, sp.sin, sp.cos, sp.tan, sp.tanh, sp.sinh, sp.cosh, sp.atan, sp.asin, sp.acos,
-             sp.asinh, sp.acosh, sp.atanh, sp.Abs, sp.erf, expm1, log1p)
+             sp.asinh, sp.acosh, sp.atanh, sp.Abs, sp.erf, expm1, log1p, softplus)
 
 
 class Tabulated(sp.Function):
@@ -658,7 +670,7 @@ def _constants_folded(at: sp.Expr) -> sp.Expr:
 def _numpy_function(variables: tuple[sp.Symbol, ...], at: sp.Expr):
     """at as a numpy function, made once: each form is evaluated in float32 and in long double, and
     lambdify's printing and exec is most of the cost of choosing among forms."""
-    return sp.lambdify(variables, at, modules="numpy")
+    return sp.lambdify(variables, at, modules=[{"softplus": lambda u: np.logaddexp(0, u)}, "numpy"])
 
 
 def _float32_error(at: sp.Expr, variables, columns, reference: np.ndarray, floor: float = 0.0) -> float | None:
@@ -679,7 +691,7 @@ def _exact(ats, variables, columns) -> np.ndarray | None:
     """The first of ``ats`` that mpmath can evaluate, with 30 digits, on the points."""
     for at in ats:
         try:
-            exact = sp.lambdify(variables, at, modules="mpmath")
+            exact = sp.lambdify(variables, at, modules=[{"softplus": lambda u: mpmath.log1p(mpmath.exp(u))}, "mpmath"])
             with mpmath.workdps(30):
                 return np.array([float(exact(*map(mpmath.mpf, point))) for point in zip(*columns)])
         except (TypeError, ValueError, ZeroDivisionError, OverflowError):
@@ -757,3 +769,53 @@ def use_expm1_log1p(expr: sp.Expr) -> sp.Expr:
 
     expr = expr.replace(lambda e: e.is_Add, rewrite_add)
     return expr.replace(lambda e: isinstance(e, sp.log), rewrite_log)
+
+
+def softplus_forms(expr: sp.Expr, x: sp.Symbol) -> sp.Expr:
+    """log(1 + K exp(X)) and log1p(K exp(X)), X in x and K > 0 free of it, as softplus(X + log K),
+    which does not overflow: an OU process with rate 500 has t = log1p(K exp(drop)) / 1000 with drop up to
+    1000, where exp overflows even float64 (its inverse CDF was inf, clamped to T, for every u past 0.7)."""
+    def rewrite(e):
+        arg = e.args[0] if isinstance(e, log1p) else e.args[0] - 1
+        exps = [f for f in sp.Mul.make_args(arg) if isinstance(f, sp.exp) and f.has(x)]
+        if len(exps) != 1:
+            return e
+        K = arg / exps[0]
+        if K.has(x) or not _surely_positive(K):
+            return e
+        return softplus(exps[0].args[0] + sp.log(K))
+
+    return expr.replace(lambda e: isinstance(e, log1p) or (isinstance(e, sp.log) and e.args[0].is_Add
+                                                             and 1 in e.args[0].args), rewrite)
+
+
+def finite_in_float64(expr: sp.Expr, t: sp.Symbol, defaults: dict, grid: np.ndarray) -> bool:
+    """True if expr, at the defaults, is finite in float64 at every point of the grid (as the module computes it)."""
+    values = _evaluate(_at_defaults(expr, defaults), (t,), (np.asarray(grid, dtype=np.float64),), np.float64)
+    return values is not None and bool(np.isfinite(values).all())
+
+
+def _surely_positive(K: sp.Expr) -> bool:
+    """K > 0 for every value of its symbols: the product of its factors' signs, each known to SymPy's assumptions
+    or, for expm1(u) and log1p(u) (which SymPy knows nothing about), the sign of u; a number by its value."""
+    if not K.free_symbols:
+        value = K.evalf(30)
+        return value.is_real is True and bool(value > 0)
+    return _sign(K) == 1
+
+
+def _sign(e: sp.Expr) -> int | None:
+    """+1 or -1 if e has that sign for every value of its symbols, else None."""
+    if e.is_positive:
+        return 1
+    if e.is_negative:
+        return -1
+    if isinstance(e, (expm1, log1p)):
+        return _sign(e.args[0])
+    if e.is_Mul:
+        signs = [_sign(f) for f in e.args]
+        return None if None in signs else math.prod(signs)
+    if e.is_Pow and e.exp.is_Integer:
+        base = _sign(e.base)
+        return None if base is None else base ** int(e.exp)
+    return None
