@@ -827,3 +827,16 @@ def test_an_inverse_that_overflows_float64_goes_to_a_table():
     args = (lsnr, t, {c: 0.01}, sp.Float(1e-5), sp.Integer(1))
     assert importance._accurate_inverse(sp.log(1 + c * sp.exp(importance.DROP)) / 1000, *args) is None
     assert importance._accurate_inverse(sp.log(1 + c * sp.exp(importance.DROP / 2)) / 1000, *args) is not None
+
+
+def test_inverse_cdf_at_a_rate_given_to_the_module():
+    """Forms are chosen at the defaults: compiled with rate 20, the inverse was log1p(K e^drop) / 2k, and a module
+    built with k = 500 (Z = 1005) overflowed to t = T for every u above 0.8 (|Q(t) - u| = 0.2 at u = 0.8), silently.
+    Where a softplus form exists it is the only kind considered now: Q(t_icdf(u)) = u to 1e-12 at 25 to 100 times
+    the default rate."""
+    module = type(sdelang.load(FAST_OU.replace("k = 500", "k = 20")))
+    u = torch.linspace(0, 1, 101, dtype=torch.float64)
+    for k in (20.0, 500.0, 2000.0):
+        sde = module(k=k).double()
+        with torch.no_grad():
+            assert (sde.t_cdf(sde.t_icdf(u)) - u).abs().max() < 1e-12, k

@@ -30,7 +30,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 from .discretize import START, step_difference
 from .symbolic import (NUMERIC, SIMPLIFY_LIMIT, SOLVE_LIMIT, TIME_LIMIT, bounded, factor_exponentials,
                        finite_in_float64, integrate_from, log_exp_differences, log_ratios, most_accurate,
-                       powers_minus_one, printable, rationalize_roots, real_logs, simplest, softplus_forms)
+                       powers_minus_one, printable, rationalize_roots, real_logs, simplest, softplus, softplus_forms)
 from .tables import Tables
 
 # Dummies, so that a user's parameter named u, drop or w never collides with them.
@@ -139,15 +139,18 @@ def _accurate_inverse(inverse, lsnr, t, defaults, eps, T) -> sp.Expr | None:
     # log(b0 + k L) - log(b0) as log1p(k L / b0), for each form that has such a pair.
     forms += [f for f in (bounded(log_ratios, form, seconds=SIMPLIFY_LIMIT) for form in list(forms))
               if f is not None and printable(f)]
-    # log1p(K exp(drop)) as softplus(drop + log K), for each form that has one: exp(drop) overflows where Z > 709.
-    forms += [f for f in (bounded(softplus_forms, form, DROP, seconds=SIMPLIFY_LIMIT) for form in list(forms))
-              if f is not None and printable(f)]
+    # log1p(K exp(drop)) as softplus(drop + log K), for each form that has one. Where there is one it is the only
+    # kind of form considered: exp(drop) overflows float64 once Z > 709, which a parameter given to the module can
+    # bring about after the forms were chosen at the defaults (an OU process compiled with rate 20 and built with
+    # rate 500 returned t = T for every u above 0.8); softplus is log1p(exp) without the overflow, as accurate.
+    soft = [f for f in (bounded(softplus_forms, form, DROP, seconds=SIMPLIFY_LIMIT) for form in forms)
+            if f is not None and f.has(softplus) and printable(f)]
     lsnr_at = sp.lambdify(t, lsnr.subs(defaults), modules="mpmath")
     lo, hi = float(eps.subs(defaults)), float(T.subs(defaults))
     with mpmath.workdps(30):
         top = lsnr_at(lo)
         grid = np.array([float(top - lsnr_at(s)) for s in np.geomspace(lo, hi, 25)])
-    chosen = most_accurate(forms, DROP, defaults, grid)
+    chosen = most_accurate(soft or forms, DROP, defaults, grid)
     return chosen if finite_in_float64(chosen, DROP, defaults, grid) else None
 
 
