@@ -71,15 +71,49 @@ class EDMVESDE(torch.nn.Module):
         super().__init__()
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
-        self._k0 = math.sqrt(2)
-        self._k1 = 1 / (2*math.log(80) + 2*math.log(500))
-        self._k2 = 2*math.log(500)
-        self._k3 = -2*math.log(80)
+        try:
+            self._k0 = math.sqrt(2)
+            self._k1 = 1 / (2*math.log(80) + 2*math.log(500))
+            self._k2 = 2*math.log(500)
+            self._k3 = -2*math.log(80)
+        except OverflowError:
+            raise ValueError(f"{self._parameter_values()} overflow float64 in this module's constants: "
+                             f"{self._FAR_FROM_DEFAULTS}") from None
         self.eps = 1/500
         self.T = 80
         self.v0 = 0
         # Follows .to(device, dtype): new tensors are made on its device, in its dtype.
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+        self._check_parameters()
+
+    _FAR_FROM_DEFAULTS = ("the forms of this module were chosen at the program's default parameters, and far from "
+                          "them a closed form can leave float64's range; choose other values, or make these the "
+                          "defaults ('param name = value') and recompile, so that the compiler picks forms (or "
+                          "numeric tables) that hold here")
+
+    def _parameter_values(self):
+        return "the program's constants"
+
+    def _check_parameters(self):
+        """The functions of t finite at 65 times in [eps, T] and t_icdf inverting t_cdf to 1e-6 at 65 values of u,
+        at the parameters given (float64, once, where the module is built): see _FAR_FROM_DEFAULTS. On the meta
+        device (deferred initialisation) there are no values to check; the same parameters built on a real device
+        are checked."""
+        if self._anchor.is_meta:
+            return
+        u = torch.linspace(0.0, 1.0, 65, dtype=torch.float64, device=self._anchor.device)
+        t = self.eps * (self.T / self.eps) ** u
+        with torch.no_grad():
+            for name in ("mean_coeff", "mean_offset", "std", "log_snr", "weight", "t_density", "t_cdf", "t_icdf"):
+                values = getattr(self, name)(u if name == "t_icdf" else t)
+                if not torch.isfinite(values).all():
+                    at = (u if name == "t_icdf" else t)[~torch.isfinite(values)][0]
+                    raise ValueError(f"{name} is not finite at {'u' if name == 't_icdf' else 't'} = {float(at):.4g} "
+                                     f"with {self._parameter_values()}: {self._FAR_FROM_DEFAULTS}")
+            miss = (self.t_cdf(self.t_icdf(u)) - u).abs().max()
+        if not miss <= 1e-6:
+            raise ValueError(f"t_icdf misses the inverse of t_cdf by {float(miss):.2g} with "
+                             f"{self._parameter_values()}: {self._FAR_FROM_DEFAULTS}")
 
     @staticmethod
     def _expand(v, x):

@@ -840,3 +840,20 @@ def test_inverse_cdf_at_a_rate_given_to_the_module():
         sde = module(k=k).double()
         with torch.no_grad():
             assert (sde.t_cdf(sde.t_icdf(u)) - u).abs().max() < 1e-12, k
+
+
+@pytest.mark.parametrize("program, values, message", [
+    ("examples/vp_likelihood.sde", {"beta_max": 2000.0}, r"t_icdf is not finite at u = 0\.70"),
+    ("ou_small_v0", {"theta": 100.0}, r"t_icdf misses the inverse of t_cdf by 0\.4"),
+    ("exponential_vp", {"k": 600.0}, r"b0 = 0\.2, k = 600\.0 overflow float64 in this module's constants"),
+])
+def test_parameters_where_the_forms_chosen_at_the_defaults_fail(examples, program, values, message):
+    """Forms are chosen at the program's defaults; far from them a closed form can leave float64. Each of these
+    built without complaint and then returned NaN from t_icdf for u above 0.70 (VP at 100 times beta_max), t = T for
+    most u (OU at 100 times its rate, |Q(t) - u| = 0.41), or raised a bare OverflowError. The module now checks
+    itself when it is built and says what to do; at the defaults the same check passes (every module here runs it)."""
+    module = examples[program[9:-4]].module.SDE if program.startswith("examples/") else \
+        type(sdelang.load(PROGRAMS[program][0]))
+    with pytest.raises(ValueError, match=message + r".*make these the defaults \('param name = value'\) and recompile"):
+        module(**values)
+    module()

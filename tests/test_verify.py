@@ -42,8 +42,10 @@ def original(self, name: str):
 
 
 def broken(example, **methods):
-    """An instance of a subclass of the example's golden module with some methods replaced, in float64."""
-    cls = type(f"Broken{example.module.SDE.__name__}", (example.module.SDE,), methods)
+    """An instance of a subclass of the example's golden module with some methods replaced, in float64. The
+    module's own check at construction would refuse most of these doubles first; they test `sdelang check`."""
+    cls = type(f"Broken{example.module.SDE.__name__}", (example.module.SDE,),
+               {"_check_parameters": lambda self: None, **methods})
     return cls().double()
 
 
@@ -363,6 +365,7 @@ def general_vp(examples, beta_max=2.0):
         return drift, self._expand(g, x).expand_as(x)
 
     methods = dict(kind="general", unavailable={"marginal_prob": "no kernel (test double)"}, sde=sde_,
+                   _check_parameters=lambda self: None,   # it reads the kernel, which this double refuses
                    **{name: refuse for name in ("marginal_prob", "std", "log_snr", "mean_coeff", "mean_offset")})
     return type("GeneralVP", (vp,), methods)(beta_max=beta_max).double()
 
