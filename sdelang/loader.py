@@ -64,11 +64,13 @@ def compiler_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def load_module(path_or_source: str | os.PathLike):
-    """The generated Python module for a .sde file (or program text), compiled once and cached."""
+def load_module(path_or_source: str | os.PathLike, defaults: dict[str, float] | None = None):
+    """The generated Python module for a .sde file (or program text), compiled once and cached; ``defaults``
+    replaces parameter defaults before compiling (as `sdelang compile --param` does)."""
     source = _source(path_or_source)
     name = Path(source.path).name
-    key = hashlib.sha256(f"{compiler_fingerprint()}\0{name}\0{source.text}".encode()).hexdigest()[:20]
+    chosen = "".join(f"\0{k}={float(v)!r}" for k, v in sorted((defaults or {}).items()))
+    key = hashlib.sha256(f"{compiler_fingerprint()}\0{name}\0{source.text}{chosen}".encode()).hexdigest()[:20]
     module_name = f"sdelang_generated_{key}"
     if module_name in sys.modules:
         return sys.modules[module_name]
@@ -77,7 +79,7 @@ def load_module(path_or_source: str | os.PathLike):
     with _private_folder(folder) as fd:
         code = _read_own_file(_At(folder, fd), file_name)
         if code is None:
-            compiled = compile_source(source)
+            compiled = compile_source(source, defaults)
             for text in compiled.warnings:  # a numeric table that missed its bound, say (the CLI prints them)
                 warnings.warn(f"{name}: {text}", stacklevel=2)
             code = compiled.code
@@ -168,7 +170,11 @@ class _At:
 
 def load(path_or_source: str | os.PathLike, **params):
     """An instance of the SDE in a .sde file or program text; keyword arguments override parameters (a name the
-    program does not declare is a TypeError that lists the ones it does)."""
+    program does not declare is a TypeError that lists the ones it does).
+
+    The module's forms were chosen at the program's defaults. Where the module refuses the values given because
+    a form fails that far from them (its construction check), the program is compiled again with those values as
+    its defaults, so that the compiler picks forms (or tables) that hold there, and that module is used."""
     module = load_module(path_or_source)
     known = [name for name in inspect.signature(module.SDE).parameters]
     unknown = sorted(set(params) - set(known))
@@ -176,4 +182,18 @@ def load(path_or_source: str | os.PathLike, **params):
         close = difflib.get_close_matches(unknown[0], known, n=1)
         raise TypeError(f"unknown parameter {unknown[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                         + f"; this SDE takes: {', '.join(known)}")
-    return module.SDE(**params)
+    try:
+        return module.SDE(**params)
+    except ValueError as exc:
+        far = getattr(module.SDE, "_FAR_FROM_DEFAULTS", None)
+        defaults = {k: v for k, v in params.items() if k != "N"}
+        if far is None or not str(exc).endswith(far) or not defaults:
+            raise
+    try:
+        return load_module(path_or_source, defaults).SDE(**params)
+    except ValueError as exc:
+        if not str(exc).endswith(far):
+            raise
+        what = str(exc)[:-len(far)].rstrip(": ")
+        raise ValueError(f"{what}, also compiled with these values as the program's defaults: the SDE leaves "
+                         f"float64's range there; choose other values") from None

@@ -857,3 +857,20 @@ def test_parameters_where_the_forms_chosen_at_the_defaults_fail(examples, progra
     with pytest.raises(ValueError, match=message + r".*make these the defaults \('param name = value'\) and recompile"):
         module(**values)
     module()
+
+
+def test_load_recompiles_where_the_forms_fail(tmp_path, monkeypatch):
+    """sdelang.load (and so the CLI's --param) compiles the program again with the values as its defaults when the
+    module refuses them: the OU process at 100 times its rate then gets a tabulated inverse, Q(t_icdf(u)) = u to
+    1e-12. Where even that module cannot hold the SDE (an exponential VP at k = 600: B(1) ~ 1e257) the error says so
+    instead of suggesting the recompile that was just made."""
+    monkeypatch.setenv("SDELANG_CACHE", str(tmp_path))
+    sde = sdelang.load(PROGRAMS["ou_small_v0"][0], theta=100.0).double()
+    assert sde.theta == 100.0
+    u = torch.linspace(0, 1, 101, dtype=torch.float64)
+    with torch.no_grad():
+        assert (sde.t_cdf(sde.t_icdf(u)) - u).abs().max() < 1e-12
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"k = 600\.0 overflow float64 in this module's "
+                                                  r"constants, also compiled with these values as the program's "
+                                                  r"defaults: the SDE leaves float64's range there"):
+        sdelang.load(PROGRAMS["exponential_vp"][0], k=600.0)

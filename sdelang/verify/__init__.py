@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from ..errors import SdeError
-from ..loader import load_module
+from ..loader import load, load_module
 from .common import (DEFAULT_PATHS, DEFAULT_STEPS, FAIL, KS_LEVEL, NA, OK, WARN, CheckResult, Settings, kind_of,
                      not_applicable)
 from .methods import coupled_kernel_methods, kernel_methods
@@ -108,4 +108,5 @@ def build(path: str, params: dict[str, float]):
     if unknown:
         hint = f"the parameters are: {', '.join(known)}" if known else "the program declares no parameters"
         raise SdeError(f"{path}: unknown parameter '{unknown[0]}'", hint=hint)
-    return module.SDE(**params).to("cpu", torch.float64)
+    # Through load(): values far from the program's defaults, which its forms cannot take, recompile it with them.
+    return load(path, **params).to("cpu", torch.float64)
