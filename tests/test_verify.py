@@ -872,3 +872,14 @@ def test_diverging_paths_fail_the_prior_gap():
     sde = sdelang.load("sde unstable\ndx = x^3 dt + 1 dw\nprior normal(0, 1)\n").double()
     (row,) = [r for r in verify.prior_gap_simulated(sde, FAST) if r.name == "KL(p_T || prior)"]
     assert row.status == verify.FAIL and "Euler-Maruyama paths" in row.note and "not finite" in row.note
+
+
+def test_a_fast_process_far_from_its_defaults_passes():
+    """OU pulled to its mean at 100 times the default rate, on [1e-5, 5]: m falls to e^-500 beside c = 0.5. The
+    checks read m from marginal_prob as (m X + c) - c, which at X = 1 was 0 from t = 0.33 (m' = a m FAILED, and
+    log m^2 / v was -inf against a correct logSNR), and float32 cannot hold m below 1.2e-38 at all (relative error
+    1, FAILED): a correct module failed three checks. X = 2^1000, and float32 errors against max(|value|, its
+    smallest normal number)."""
+    sde = sdelang.load(ROOT / "examples" / "ou.sde", theta=100.0)
+    rows = verify.run_checks(sde, paths=FAST.paths, steps=FAST.steps)
+    assert verify.passed(rows) and not [r for r in rows if r.status == verify.FAIL], verify.format_table(rows)

@@ -112,12 +112,19 @@ def affine_coefficients(sde, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def affine_kernel(sde, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """m(t), c(t) and v(t) from marginal_prob() alone: its mean at x0 = 0 is c, at x0 = 1 it is m + c."""
+    """m(t), c(t) and v(t) from marginal_prob() alone: its mean at x0 = 0 is c, at x0 = X it is m X + c. X = 2^1000,
+    not 1: (m + c) - c loses m where it is below c's rounding (m = e^-77 beside c = 0.5, an OU process pulled to a
+    mean at 100 times its rate, read as m = 0; e^-500 at its T); m X stands far above c, and the division by X is
+    exact. Where m X overflows, the next of X = 2^500 and 1."""
     n = t.shape[0]
     c, std = sde.marginal_prob(torch.zeros(n, 1, dtype=t.dtype, device=t.device), t)
-    mc, _ = sde.marginal_prob(torch.ones(n, 1, dtype=t.dtype, device=t.device), t)
-    c, mc, std = flat(c, n, t), flat(mc, n, t), flat(std, n, t)
-    return mc - c, c, std**2
+    c, std = flat(c, n, t), flat(std, n, t)
+    m = None
+    for scale in (2.0**1000, 2.0**500, 1.0):
+        mc, _ = sde.marginal_prob(torch.full((n, 1), scale, dtype=t.dtype, device=t.device), t)
+        estimate = (flat(mc, n, t) - c) / scale
+        m = estimate if m is None else torch.where(torch.isfinite(m), m, estimate)
+    return m, c, std**2
 
 
 # -- Coupled modules: K components per data entry; one entry, u of shape [n, K] -------------------------------

@@ -17,9 +17,12 @@ from .common import FLOAT32_BOUND, CheckResult, Comparison, Settings, components
 
 
 def _relative(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """|low - high| / |high| per time (the largest over any trailing entries); 0 where they agree exactly."""
+    """|low - high| / |high| per time (the largest over any trailing entries); 0 where they agree exactly. Below
+    float32's smallest normal number a value cannot be held to a relative error in float32 at all (m = e^-109 of an
+    OU process at 100 times its rate underflows to 0): there the error is taken against that number instead."""
     error = (low - high).abs()
-    return torch.where(error == 0, error, error / high.abs()).reshape(len(high), -1).amax(-1)
+    scale = high.abs().clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.where(error == 0, error, error / scale).reshape(len(high), -1).amax(-1)
 
 
 def _absolute(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
