@@ -874,3 +874,21 @@ def test_load_recompiles_where_the_forms_fail(tmp_path, monkeypatch):
                                                   r"constants, also compiled with these values as the program's "
                                                   r"defaults: the SDE leaves float64's range there"):
         sdelang.load(PROGRAMS["exponential_vp"][0], k=600.0)
+
+
+def test_sub_vp_with_a_large_beta_keeps_its_closed_form():
+    """Sub-VP by its SDE with beta_max = 200 written as numbers: the variance's integrand (1 + 1999 s) sinh(B) / 5 has
+    terms near e^28 at s = 0.53, and the inspection's check that the derivative of c e^B matches it asked for an
+    absolute 1e-20 of a difference evaluated to 30 digits (1e-15 there), so the kernel went to the numeric tables.
+    The check is relative to the terms' size now: closed form v = expm1(-B)^2, within 1e-13 of mpmath."""
+    sde = sdelang.load("sde sub_vp_200\nbeta(t) = 1/10 + 1999/10 * t\nB(t) = t / 10 + 1999/20 * t^2\n"
+                       "dx = -1/2 * beta(t) * x dt + sqrt(beta(t) * (1 - exp(-2 * B(t)))) dw\nt in [1e-5, 1]\n"
+                       ).double()
+    assert sde.kernel_path == "closed form"
+    ts = [1e-5, 1e-3, 0.1, 0.5, 1.0]
+    with torch.no_grad():
+        std = sde.std(torch.tensor(ts, dtype=torch.float64)).tolist()
+    with mpmath.workdps(30):
+        for t, s in zip(ts, std):
+            exact = -mpmath.expm1(-(mpmath.mpf(t) / 10 + 1999 * mpmath.mpf(t) ** 2 / 20))
+            assert abs(s / exact - 1) < 1e-13, t

@@ -290,31 +290,37 @@ def _exponential_antiderivative(body, var):
         else:
             return None
     antiderivative = sp.Add(*pieces)
-    return antiderivative if is_constant_in(sp.diff(antiderivative, var) - body, var, zero=True) else None
+    derivative = sp.diff(antiderivative, var)
+    return antiderivative if is_constant_in(derivative - body, var, zero=True, size_of=derivative) else None
 
 
 _PROBES = (0.11, 0.37, 0.53)     # values of s where identities are tested
 _PARAMETER_SETS = (0.71, 1.37)   # parameters at these (times 1 + i / 7 for the i-th), one set at a time
 
 
-def is_constant_in(expr, var, zero=False) -> bool:
+def is_constant_in(expr, var, zero=False, size_of=None) -> bool:
     """expr takes one value in var (0 when ``zero``) at a few points s in (0, 1), at each of two sets of positive
     parameter values in turn. The value may differ between the sets: a constant c_k such as -2 k / ((c - k)(c + k))
-    is constant in s, not in the parameters."""
-    others = sorted(expr.free_symbols - {var}, key=sp.default_sort_key)
+    is constant in s, not in the parameters. With ``zero``, 0 means below 1e-20 of max(1, |size_of|) at the same
+    point: expr is a difference of terms of that size, evaluated to 30 digits (a sub-VP integrand with beta_max =
+    200 has terms near e^28, whose difference at 30 digits is 1e-15, not 0)."""
+    others = sorted((expr.free_symbols | (size_of.free_symbols if size_of is not None else set())) - {var},
+                    key=sp.default_sort_key)
     for p_value in _PARAMETER_SETS:
         parameters = {o: sp.Float(p_value * (1 + i / 7), 30) for i, o in enumerate(others)}
-        values = []
+        values, sizes = [], []
         for s_value in _PROBES:
+            point = {**parameters, var: sp.Float(s_value, 30)}
             try:
-                value = complex(expr.xreplace({**parameters, var: sp.Float(s_value, 30)}).evalf(30))
+                value = complex(expr.xreplace(point).evalf(30))
+                sizes.append(abs(complex(size_of.xreplace(point).evalf(30))) if size_of is not None else 0.0)
             except (TypeError, ValueError, ZeroDivisionError):
                 return False
             if value != value or abs(value) == float("inf"):
                 return False
             values.append(value)
         if zero:
-            scale = max(1.0, max(abs(v) for v in values))
+            scale = max(1.0, max(abs(v) for v in values), max(sizes))
             if not all(abs(v) <= 1e-20 * scale for v in values):
                 return False
         elif not all(abs(v - values[0]) <= 1e-20 * max(abs(values[0]), 1e-300) for v in values):
@@ -774,7 +780,7 @@ def use_expm1_log1p(expr: sp.Expr) -> sp.Expr:
 def softplus_forms(expr: sp.Expr, x: sp.Symbol) -> sp.Expr:
     """log(1 + K exp(X)) and log1p(K exp(X)), X in x and K > 0 free of it, as softplus(X + log K),
     which does not overflow: an OU process with rate 500 has t = log1p(K exp(drop)) / 1000 with drop up to
-    1000, where exp overflows even float64 (its inverse CDF was inf, clamped to T, for every u past 0.7)."""
+    1000, where exp overflows even float64 (the inverse CDF would be inf, clamped to T, for every u past 0.7)."""
     def rewrite(e):
         arg = e.args[0] if isinstance(e, log1p) else e.args[0] - 1
         exps = [f for f in sp.Mul.make_args(arg) if isinstance(f, sp.exp) and f.has(x)]
