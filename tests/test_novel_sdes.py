@@ -782,12 +782,14 @@ t ~ importance
 """
 
 
-@pytest.mark.parametrize("rate, written", [(20, "number"), (300, "number"), (500, "number"), (500, "parameter")])
+@pytest.mark.parametrize("rate, written", [(20, "number"), (300, "number"), (500, "number"), (3000, "number"),
+                                           (500, "parameter")])
 def test_inverse_cdf_of_a_fast_process(rate, written):
     """An OU process with rate k under the likelihood weighting: t = log1p(K e^drop) / 2k, drop up to Z ~ 2k. SymPy
     read e^(2k t) as a polynomial of degree 2k in e^t and ran out of time from k = 300 (solved in tau = 2k t now),
     and at k = 500 e^drop overflows float64 (Z = 1005): printed as softplus(drop + log K) the inverse is a closed
-    form at every rate (a table before, 4-5 s of compile). Against mpmath's root of logSNR(t) = logSNR(eps) - u Z
+    form at every rate (a table before, 4-5 s of compile; at k = 3000 also because the check of the root turned
+    e^(6000 t) into a Python complex, which overflowed). Against mpmath's root of logSNR(t) = logSNR(eps) - u Z
     (40 digits): relative error of t below 8 u of each dtype (the few roundings of a float64 closed form, then one to
     float32). With the rate a parameter SymPy solves in e^(2k t) at once; the softplus form then needs the sign of
     K = -e^(2k eps) expm1(-2k eps), which its assumptions cannot tell (expm1's is its argument's)."""
