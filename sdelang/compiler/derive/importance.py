@@ -20,6 +20,7 @@ checks out numerically; otherwise the generated module tabulates it
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import mpmath
@@ -216,12 +217,19 @@ def _solve(equation, t, target, forward, defaults, eps, T) -> sp.Expr | None:
 
 
 def _inverts(root, forward, t, target, subs, probes) -> bool:
-    """root(forward(probe)) = probe at each probe, to 30 digits. forward's value stays a SymPy number between the
-    two: as a Python complex e^(6000 t) overflowed (OverflowError) at t = 0.15, and an OU process with rate 3000
-    lost its closed-form inverse CDF to a table."""
+    """root(forward(probe)) = probe at each probe, to 30 digits. forward's value goes into the root as a complex
+    number (a real root then stays on its principal branch), or as the SymPy number itself where that overflows:
+    e^(6000 t) at t = 0.15 did (inf, or an OverflowError), and an OU process with rate 3000 lost its closed-form
+    inverse CDF to a table."""
     for probe in probes:
         try:
             value = forward.subs(subs).subs(t, probe).evalf(30)
+            try:
+                as_complex = complex(value)
+            except OverflowError:
+                as_complex = complex(math.inf)
+            if math.isfinite(abs(as_complex)):
+                value = as_complex
             back = complex(root.subs(subs).subs(target, value).evalf(30))
         except (TypeError, ValueError, ZeroDivisionError, OverflowError):
             return False
