@@ -114,7 +114,7 @@ class OUSDE(torch.nn.Module):
                     at = (u if name == "t_icdf" else t)[~torch.isfinite(values)][0]
                     raise ValueError(f"{name} is not finite at {'u' if name == 't_icdf' else 't'} = {float(at):.4g} "
                                      f"with {self._parameter_values()}: {self._FAR_FROM_DEFAULTS}")
-            miss = (self.t_cdf(self.t_icdf(u)) - u).abs().max()
+            miss = (self.t_cdf(values) - u).abs().max()   # values: t_icdf(u), the loop's last
         if not miss <= 1e-6:
             raise ValueError(f"t_icdf misses the inverse of t_cdf by {float(miss):.2g} with "
                              f"{self._parameter_values()}: {self._FAR_FROM_DEFAULTS}")
