@@ -162,3 +162,91 @@ def test_a_recursion_error_in_a_bounded_call_is_a_call_that_did_not_finish():
         return deep(n + 1)
 
     assert call_with_time_limit(5.0, deep, 0) == (False, None)
+
+
+# --- a limit that falls due inside a garbage collection --------------------------------------------
+
+class _SlowCollections:
+    """A gc callback that spends ``seconds`` of CPU time in every collection, as a library's callback may
+    (Hypothesis installs one); an exception raised inside it is printed and dropped by Python."""
+
+    def __init__(self, seconds):
+        self.seconds, self.calls = seconds, 0
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self.calls += 1
+            spin(self.seconds)
+
+    def __enter__(self):
+        import gc
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+        gc.callbacks.remove(self)
+
+
+def _collecting(seconds_between):
+    """Collect garbage over and over, with about ``seconds_between`` of CPU time of plain code in between."""
+    import gc
+    while True:
+        gc.collect(0)
+        spin(seconds_between)
+
+
+def _unraisable_during(fn):
+    """fn's result and the exceptions Python dropped while it ran (sys.unraisablehook)."""
+    import sys
+    dropped, previous = [], sys.unraisablehook
+    sys.unraisablehook = lambda report: dropped.append(report.exc_type)
+    try:
+        return fn(), dropped
+    finally:
+        sys.unraisablehook = previous
+
+
+def test_a_limit_due_during_a_collection_waits_for_it_to_end():
+    """The timer falls due while a gc callback runs (most of the time is spent in one here): raising there
+    would be printed and dropped (pytest reports such an exception as an error of whatever test is running).
+    The limit waits for the collection to end and stops the call in plain code."""
+    start = time.process_time()
+    with _SlowCollections(0.02) as slow:
+        result, dropped = _unraisable_during(lambda: call_with_time_limit(0.3, _collecting, 0.002))
+    assert result == (False, None)
+    assert slow.calls > 5  # the timer had collections to fall into
+    assert dropped == []
+    assert time.process_time() - start < 5.0
+
+
+def test_a_deadline_due_during_a_collection_waits_for_it_to_end():
+    start = time.process_time()
+    with _SlowCollections(0.02) as slow:
+        result, dropped = _unraisable_during(lambda: with_deadline(0.3, _collecting, 0.002))
+    assert result == (False, None)
+    assert slow.calls > 5
+    assert dropped == []
+    assert time.process_time() - start < 5.0
+
+
+def test_a_call_that_is_almost_always_collecting_is_still_stopped():
+    """A call that spends nine tenths of its time in collections: the ticks that land in plain code stop it."""
+    start = time.process_time()
+    with _SlowCollections(0.01):
+        assert call_with_time_limit(0.2, _collecting, 0.001) == (False, None)
+    assert time.process_time() - start < 10.0
+
+
+def test_waiting_for_collections_is_bounded():
+    """Should the collection flag stay set, the wait ends after MAX_DEFERRED ticks and the limit raises."""
+    from sdelang.compiler import timelimit
+    timelimit._collecting[0] = True
+    try:
+        start = time.process_time()
+        # The collection flag is set again at every bracketing; hold it set as a stuck flag would be.
+        ok, _ = call_with_time_limit(0.1, lambda: [timelimit._collecting.__setitem__(0, True), spin(30.0)])
+        assert not ok
+        assert time.process_time() - start < 0.1 + (timelimit.MAX_DEFERRED + 5) * timelimit.REPEAT + 1.0
+    finally:
+        timelimit._collecting[0] = False
