@@ -254,8 +254,23 @@ class UnderdampedSDE(torch.nn.Module):
         L comes from Gram-Schmidt on the rows of W = [Phi Sigma0^1/2, C], Sigma = W W^T, with Q = C C^T (Cholesky of
         Q scaled to unit diagonal): near t = 0 the rows of the no-noise components are nearly parallel, and W has
         the square root of the condition number of Sigma, so L keeps its digits where a Cholesky factor of Sigma
-        loses them all. A zero pivot (Sigma singular) gives NaN, never a factor of another matrix."""
-        return self._factor_of(*self.transition(self.time_change(t.to(torch.float64))))
+        loses them all. A zero pivot (Sigma singular) gives NaN, never a factor of another matrix.
+
+        With components without noise, the noisy block is then L_NN = U^-T with U from _score_factor: in a chain of
+        K = 4 the noisy row's remainder after its projections is ~1e-3 of the row at t = 1e-6, and Gram-Schmidt kept
+        two digits of it (L_NN 2e-2 off: a training pair's target was not the score at its u); U keeps them."""
+        A, L_NN = self._factor_of(*self.transition(self.time_change(t.to(torch.float64))))
+        if self._FIRST_NOISY == 0:  # every component noisy: Sigma is as well conditioned as P, Gram-Schmidt keeps all
+            return A, L_NN
+        U = self._score_factor(t)
+        n = U.shape[-1]
+        zero = torch.zeros_like(U[:, 0, 0])
+        L_NN = torch.stack([torch.stack(self._solve_lower(U.transpose(1, 2), [zero + (i == k) for i in range(n)]), -1)
+                            for k in range(n)], -1)
+        noisy = torch.tensor([i for i in self._ORDER if self.noisy[i]], device=A.device)
+        A = A.clone()
+        A[:, noisy[:, None], noisy[None, :]] = L_NN
+        return A, L_NN
 
     def _factor_of(self, Phi, Q):
         """_factor from Phi and Q."""

@@ -1204,3 +1204,23 @@ def test_an_auxiliary_component_started_at_a_point():
     with pytest.raises(ValueError, match=r"v\(0\) ~ normal\(mean, 0\) starts at a point.*positive variance"):
         log_likelihood(sde, score, torch.zeros(2, 1, dtype=F64))
     assert not calls
+
+
+def test_perturb_keeps_the_noisy_factor_near_zero(programs):
+    """chain4 near t = 0: perturb's factor at the noisy component equals sqrt(Sigma_c), the conditional variance given
+    the noiseless components, from mpmath (`truth`: Sigma_c = g^2 / weight for one noisy component), within 1e-12
+    relative. Gram-Schmidt on the rows of the factor kept two digits of it at t = 1e-6 (the noisy row's remainder
+    is ~1e-3 of the row), so training pairs u = mean + A z were not drawn at the score their target states."""
+    sde = build64(programs["chain4:numeric"])
+    p = params_of(sde, "chain4")
+    K = len(sde.components)
+    for t in (1e-7, 1e-6, 1e-5, 1e-3):
+        _, w = truth("chain4", p, t)
+        g2 = SPECS["chain4"].g2(p, t)
+        (k,) = [i for i in range(K) if g2[i] > 0]
+        expected = math.sqrt(g2[k] / w)
+        at, x0 = torch.tensor([t], dtype=F64), torch.zeros(1, 1, dtype=F64)
+        unit = torch.zeros(1, K, dtype=F64)
+        unit[0, k] = 1.0
+        got = float((sde.perturb(x0, at, unit) - sde.perturb(x0, at, torch.zeros_like(unit)))[0, k])
+        assert abs(got / expected - 1) < 1e-12, (t, got, expected)
