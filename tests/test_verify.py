@@ -56,7 +56,8 @@ def test_every_example_passes_every_check(examples, name):
     rows = verify.run_checks(examples[name].build(), paths=FAST.paths, steps=FAST.steps)
     assert [r.status for r in rows if r.status != verify.OK] == [], verify.format_table(rows)
     assert {r.name for r in rows} >= {"forward EM: mean", "forward EM: variance", "m' = a m", "c' = a c + b",
-                                      "v' = 2 a v + g^2", "kernel methods agree", "prior: logp vs sampling",
+                                      "v' = 2 a v + g^2", "kernel methods agree", "discretize vs kernel",
+                                      "drift_divergence = d a(t)", "reverse: f - g^2 s", "prior: logp vs sampling",
                                       "KL(p_T || prior)", "I(x0; x_T)", "t_density integrates to t_cdf",
                                       "t_icdf inverts t_cdf", "sample_t vs t_cdf (KS)", "float32 vs float64"}
 
@@ -211,6 +212,27 @@ def test_kernel_methods_catch_a_wrong_log_snr(examples):
 
     rows = statuses(verify.kernel_methods(broken(examples["subvp"], log_snr=log_snr), FAST))
     assert rows == {"kernel methods agree": verify.FAIL}
+
+
+@pytest.mark.parametrize("method, broken_method, row", [
+    ("discretize", lambda o: lambda x, t, s=None: (o(x, t, s)[0], o(x, t, s)[1] * (1 + 1e-6)), "discretize vs kernel"),
+    ("discretize", lambda o: lambda x, t, s=None: (o(x, t, s)[0] * (1 + 1e-6), o(x, t, s)[1]), "discretize vs kernel"),
+    ("discretize", lambda o: lambda x, t, s=None: o(x, t), "discretize vs kernel"),   # ignores the step's start
+    ("drift_divergence", lambda o: lambda x, t: -o(x, t), "drift_divergence = d a(t)"),
+    ("drift_divergence", lambda o: lambda x, t: o(x, t) / x[0].numel(), "drift_divergence = d a(t)"),
+    ("reverse", lambda o: lambda score_fn, probability_flow=False: o(score_fn, False), "reverse: f - g^2 s"),
+])
+def test_step_methods_catch_a_wrong_step_divergence_or_reverse(examples, method, broken_method, row):
+    """discretize off by a millionth in G or f, or ignoring s; drift_divergence of the wrong sign or per entry;
+    reverse() ignoring probability_flow: each fails its row of step_methods, and only that row (OU: c != 0)."""
+    def replaced(self, *args, **kwargs):
+        return broken_method(original(self, method))(*args, **kwargs)
+
+    assert statuses(verify.step_methods(examples["ou"].build(), FAST)) == {
+        "discretize vs kernel": verify.OK, "drift_divergence = d a(t)": verify.OK, "reverse: f - g^2 s": verify.OK}
+    rows = statuses(verify.step_methods(broken(examples["ou"], **{method: replaced}), FAST))
+    assert rows[row] == verify.FAIL
+    assert all(status == verify.OK for name, status in rows.items() if name != row)
 
 
 # -- 3. Prior and KL(p_T || prior) ----------------------------------------------------------------------
@@ -690,7 +712,7 @@ def test_cli_check_prints_the_table(capsys):
     assert main(["check", str(ROOT / "examples" / "vp.sde"), "--paths", "2048", "--steps", "200"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:3] == ["check", "result", "measured"]
-    assert out.rstrip().endswith("passed: 14 ok")
+    assert out.rstrip().endswith("passed: 17 ok")
 
 
 def test_cli_check_a_coupled_sde(other_examples, monkeypatch, capsys):

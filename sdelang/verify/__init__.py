@@ -6,7 +6,8 @@ per kind of check:
 
     simulation  Euler-Maruyama paths of sde() against marginal_prob()'s mean and (co)variance
     moments     the moment ODEs by finite differences
-    methods     the kernel's methods against each other and against sde()
+    methods     the kernel's methods against each other and against sde(); discretize, drift_divergence
+                and reverse against them
     prior       prior_logp() against prior_sampling(); KL(p_T || prior) and the information left at T
     sampler     t_density() against t_cdf(), t_icdf(), sample_t() and its stated form
     precision   float32 against float64 near eps and across [eps, T]
@@ -29,7 +30,7 @@ from ..errors import SdeError
 from ..loader import load, load_module
 from .common import (DEFAULT_PATHS, DEFAULT_STEPS, FAIL, KS_LEVEL, NA, OK, WARN, CheckResult, Settings, kind_of,
                      not_applicable)
-from .methods import coupled_kernel_methods, kernel_methods
+from .methods import coupled_kernel_methods, kernel_methods, step_methods
 from .moments import coupled_moment_odes, moment_odes
 from .precision import float32_precision
 from .prior import coupled_prior_gap, gaussian_kl, prior_gap, prior_gap_simulated, prior_gaussian
@@ -42,7 +43,7 @@ __all__ = [
     "CHECKS", "QUICK_CHECKS", "quick_checks", "CheckResult", "Settings", "run_checks", "format_table", "to_json", "passed", "build", "kind_of",
     "OK", "FAIL", "WARN", "NA", "KS_LEVEL",
     "forward_simulation", "moment_odes", "kernel_methods", "prior_gap", "prior_gap_simulated", "time_sampler",
-    "float32_precision", "coupled_forward_simulation", "coupled_moment_odes", "coupled_kernel_methods",
+    "float32_precision", "step_methods", "coupled_forward_simulation", "coupled_moment_odes", "coupled_kernel_methods",
     "coupled_prior_gap", "hybrid_score", "gaussian_kl", "prior_gaussian", "ks_uniform", "ks_critical",
 ]
 
@@ -54,7 +55,8 @@ def _without_kernel(sde, settings: Settings) -> list[CheckResult]:
 
 
 CHECKS: dict[str, tuple[Callable, ...]] = {
-    "affine": (forward_simulation, moment_odes, kernel_methods, prior_gap, time_sampler, float32_precision),
+    "affine": (forward_simulation, moment_odes, kernel_methods, step_methods, prior_gap, time_sampler,
+               float32_precision),
     "general": (_without_kernel, prior_gap_simulated, time_sampler, float32_precision),
     "coupled": (coupled_forward_simulation, coupled_moment_odes, coupled_kernel_methods, coupled_prior_gap,
                 time_sampler, float32_precision, hybrid_score),
@@ -64,7 +66,7 @@ CHECKS: dict[str, tuple[Callable, ...]] = {
 # The checks without Monte Carlo paths: a tenth of a second, so `sdelang train` and `sample` run them and
 # warn (the simulations stay with `sdelang check`).
 QUICK_CHECKS: dict[str, tuple[Callable, ...]] = {
-    "affine": (moment_odes, kernel_methods, prior_gap, time_sampler, float32_precision),
+    "affine": (moment_odes, kernel_methods, step_methods, prior_gap, time_sampler, float32_precision),
     "general": (time_sampler, float32_precision),
     "coupled": (coupled_moment_odes, coupled_kernel_methods, coupled_prior_gap, time_sampler, float32_precision),
 }

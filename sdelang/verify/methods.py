@@ -2,6 +2,7 @@
 formulas of one quantity (MATH.md sections 1, 3, 6).
 
     kernel_methods          scalar kernels: mean_coeff(), mean_offset(), std(), log_snr(), diffusion(), weight()
+    step_methods            scalar kernels: discretize(), drift_divergence() and reverse() against the kernel and sde()
     coupled_kernel_methods  coupled kernels: marginal_prob(), kernel(), transition(), time_change(), profile(),
                             sde(), diffusion(), drift_divergence(), weight()
 """
@@ -40,6 +41,82 @@ def kernel_methods(sde, settings: Settings) -> list[CheckResult]:
     comparisons += [Comparison(float(error[i]), IDENTITY_BOUND, f"log_snr at t = {float(t[i]):.4g}")
                     for i in range(n)]
     return [worst_row("kernel methods agree", comparisons, "relative difference (log_snr: absolute)")]
+
+
+UNIT = torch.finfo(torch.float64).eps
+ROUNDING = 64 * UNIT    # a reference formed from a few float64 values: this many units of each value it sums
+SCORE_TEST = (0.3, 1.0)  # the test score s(x, t) = -(x - 0.3) / (1 + t), any smooth function will do
+STATES = (-2.0, 0.0, 3.0)
+
+
+def step_methods(sde, settings: Settings) -> list[CheckResult]:
+    """discretize(), drift_divergence() and reverse() of a scalar affine module against its kernel and sde().
+
+    discretize(x, t, s) = (f, G): f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s), r = m(t) / m(s), from the
+    kernel methods (checked above), over the module's own step (s = t - T/N, where s >= eps) and over [t/2, t]. The
+    difference forms cancel for short steps, so the tolerance is IDENTITY_BOUND of the result plus 3e-9 (the kernel
+    methods' own bound, three times) and ROUNDING of each term. drift_divergence(x, t) = d a(t) for x of d = 3
+    entries. reverse(s): sde() drift f - g^2 s (flow: f - g^2 s / 2), diffusion g (flow: 0), and discretize() drift
+    f - G^2 s (flow: f - G^2 s / 2), noise G (flow: 0), for a test score s."""
+    t = check_grid(sde)
+    eps, T = float(sde.eps), float(sde.T)
+    steps = [(t - T / sde.N, "step T/N"), (t / 2, "step [t/2, t]")]
+    states = torch.tensor(STATES, dtype=t.dtype, device=t.device)
+    step, div, rev = [], [], []
+    for s, label in steps:
+        keep = s >= eps
+        if not bool(keep.any()):
+            continue
+        tk, sk = t[keep], s[keep]
+        n = tk.shape[0]
+        m_t, c_t, v_t = affine_kernel(sde, tk)
+        m_s, c_s, v_s = affine_kernel(sde, sk)
+        r = m_t / m_s
+        for x_value in STATES:
+            x = torch.full((n, 1), x_value, dtype=t.dtype, device=t.device)
+            f, G = sde.discretize(x, tk) if label == "step T/N" else sde.discretize(x, tk, sk)
+            f, G = flat(f, n, t), flat(G, n, t)
+            f_ref = (r - 1) * x_value + c_t - r * c_s
+            size = (r.abs() + 1) * abs(x_value) + c_t.abs() + (r * c_s).abs()
+            tol = IDENTITY_BOUND * f_ref.abs() + (3e-9 + ROUNDING) * size
+            step += [Comparison(float((f - f_ref).abs()[i]), float(tol[i]), f"f at t = {float(tk[i]):.4g}, x = "
+                                f"{x_value:g} ({label})") for i in range(n)]
+        G2_ref = v_t - r**2 * v_s
+        tol = IDENTITY_BOUND * G2_ref.abs() + (3e-9 + ROUNDING) * (v_t + r**2 * v_s)
+        step += [Comparison(float((G**2 - G2_ref).abs()[i]), float(tol[i]), f"G^2 at t = {float(tk[i]):.4g} ({label})")
+                 for i in range(n)]
+    n = t.shape[0]
+    a, b, g = affine_coefficients(sde, t)
+    x = states.expand(n, 3)
+    divergence = flat(sde.drift_divergence(x, t), n, t)
+    tol = IDENTITY_BOUND * (3 * a).abs() + ROUNDING * (3 * a).abs()
+    div = [Comparison(float((divergence - 3 * a).abs()[i]), float(tol[i]), f"at t = {float(t[i]):.4g}")
+           for i in range(n)]
+
+    def score(x, t):
+        return -(x - SCORE_TEST[0]) / (SCORE_TEST[1] + t.reshape((-1,) + (1,) * (x.dim() - 1)))
+
+    for x_value in STATES:
+        x = torch.full((n, 1), x_value, dtype=t.dtype, device=t.device)
+        s_x = flat(score(x, t), n, t)
+        f = a * x_value + b
+        f_step, G_step = (flat(v, n, t) for v in sde.discretize(x, t))
+        for flow in (False, True):
+            scale, what = (0.5, "flow") if flow else (1.0, "reverse SDE")
+            reverse = sde.reverse(score, probability_flow=flow)
+            pairs = [(reverse.sde(x, t)[0], f - g**2 * s_x * scale, "sde drift"),
+                     (reverse.sde(x, t)[1], torch.zeros_like(g) if flow else g, "sde diffusion"),
+                     (reverse.discretize(x, t)[0], f_step - G_step**2 * s_x * scale, "discretize drift"),
+                     (reverse.discretize(x, t)[1], torch.zeros_like(g) if flow else G_step, "discretize noise")]
+            for value, reference, part in pairs:
+                value = flat(value, n, t)
+                size = reference.abs() + (g**2 * s_x).abs() + G_step**2 * s_x.abs() + f.abs() + f_step.abs()
+                rev += [Comparison(float((value - reference).abs()[i]), float(IDENTITY_BOUND * reference.abs()[i]
+                                                                                 + ROUNDING * size[i]),
+                                   f"{what} {part} at t = {float(t[i]):.4g}, x = {x_value:g}") for i in range(n)]
+    return [worst_row("discretize vs kernel", step, "f and G^2 against m, c, v over the step, absolute"),
+            worst_row("drift_divergence = d a(t)", div, "absolute, d = 3 entries"),
+            worst_row("reverse: f - g^2 s", rev, "reverse() and its flow ODE for a test score, absolute")]
 
 
 # -- Coupled kernels: each helper returns (what, relative error [n, ...] or [1, ...]) pairs --------------------
