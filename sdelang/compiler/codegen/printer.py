@@ -179,16 +179,27 @@ class TensorPrinter(_PowMixin, PythonCodePrinter):
     (SymPy's own torch printer imports torch, a second of start-up the compiler does not need.)
     """
 
-    def __init__(self, names: dict[sp.Symbol, str]):
+    def __init__(self, names: dict[sp.Symbol, str], floats: frozenset = frozenset()):
         super().__init__({"fully_qualified_modules": True, "strict": True})
         self.known_functions = {name: f"torch.{name}" for name in TORCH_FUNCTIONS}
         self.names = names
+        self.floats = floats  # the symbols whose values are Python floats (parameters, hoisted constants)
         self.table_calls: dict[str, str] = {}  # printed time -> the local holding the table's columns there
 
     def _print_Symbol(self, expr):
         if expr in self.names:
             return self.names[expr]
         raise InternalCompilerError(f"no name for symbol {expr} in generated code")
+
+    def _print(self, expr, **kwargs):
+        # A function of Python floats only, which SymPy can make after the pool has hoisted the constants
+        # (rebuilding sqrt(2 u) gives sqrt(2) sqrt(u); exp(k - log(u) / 2) gives exp(k) / sqrt(u)), is printed
+        # with math: torch.sqrt(2) and torch.exp(self._k3) fail on a Python number.
+        if (isinstance(expr, (sp.Function, sp.Pow)) and not (expr.free_symbols - self.floats)
+                and not (isinstance(expr, sp.Pow) and expr.exp.is_Integer)
+                and not expr.has(Tabulated, Column, Total, sp.Integral)):  # tables: their own printers
+            return ScalarPrinter(self.names)._print(expr, **kwargs)
+        return super()._print(expr, **kwargs)
 
     def _print_Tabulated(self, expr):
         k, x = expr.args
@@ -426,7 +437,13 @@ def _generate(exprs: list[sp.Expr], pool: ConstantPool, names: dict[sp.Symbol, s
     replacements, reduced = sp.cse(hidden, symbols=sp.numbered_symbols("_w", start=start), order="canonical")
     local = dict(names)
     local.update({sym: f"self.{sym.name}" for sym in pool.entries.values()})
-    printer = TensorPrinter(local)
+    # Which values are Python floats, not tensors: parameters, hoisted constants and CSE locals made of them.
+    varying = (set(names) - pool.params) | set(integrals.values())
+    for sym, value in replacements:
+        if value.free_symbols & varying:
+            varying.add(sym)
+    floats = frozenset(pool.params | set(pool.entries.values()) | {sym for sym, _ in replacements if sym not in varying})
+    printer = TensorPrinter(local, floats)
     lines = []
     for integral, sym in integrals.items():
         local[sym] = sym.name.lstrip("_")
@@ -437,10 +454,6 @@ def _generate(exprs: list[sp.Expr], pool: ConstantPool, names: dict[sp.Symbol, s
     results = tuple(printer.doprint(r) for r in reduced)
     # A result is a Python float when it uses no tensor input, which CSE can reveal: the time cancels from
     # (1 + exp(-u)) / (exp(-u) + 1) only once both exponentials are one subexpression.
-    varying = (set(names) - pool.params) | set(integrals.values())
-    for sym, value in replacements:
-        if value.free_symbols & varying:
-            varying.add(sym)
     constant = tuple(not r.free_symbols & varying for r in reduced)
     # One lookup per time serves every column the method reads there.
     lookups = [f"{local} = self._tables({at})" for at, local in printer.table_calls.items()]
