@@ -387,3 +387,15 @@ def test_the_compile_time_reference_at_a_rate_past_float64s_range(rate):
     lo = -2 * rate * eps - np.log(-np.expm1(-2 * rate * eps))
     hi = -2 * rate * T - np.log(-np.expm1(-2 * rate * T))
     np.testing.assert_allclose(ref["Q"], (lo - log_snr) / (lo - hi), rtol=0, atol=1e-9)
+
+
+def test_uniform_training_times_build_no_importance_table():
+    """The same weighting with t ~ uniform: the module never computes the importance CDF, so it has no table to
+    build and nothing to check (it once built one at every construction, and the compile warned that its tables
+    reached an 'inf' error, having measured nothing)."""
+    compiled = sdelang.compile_source(sdelang.Source(CUSTOM.replace("t ~ importance", "t ~ uniform")))
+    assert not compiled.derivation.tables
+    assert compiled.warnings == ()
+    sde = import_code(compiled.code, "custom_uniform").SDE().double()
+    t = torch.tensor([1e-5, 0.5, 1.0], dtype=F64)
+    assert torch.allclose(sde.t_cdf(t), (t - 1e-5) / (1 - 1e-5), rtol=0, atol=1e-15)

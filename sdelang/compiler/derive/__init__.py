@@ -86,8 +86,8 @@ def derive_affine(p: Program) -> Derivation:
     lam = weighting(p.weighting, p.weighting_expr, g2, k.v)
     # The importance density is always derived (`sdelang show` reports it);
     # its inverse CDF only when the source samples t by importance.
-    imp = importance(p.weighting, lam, k.v, lsnr, t, p.eps, p.T, defaults, tables,
-                     invert=p.t_sampling == "importance")
+    imp = importance(p.weighting, lam, k.v, lsnr, t, p.eps, p.T, defaults,
+                     tables if p.t_sampling == "importance" else None, invert=p.t_sampling == "importance")
     mean, variance = prior(k, t, p.T, p.prior_mean, p.prior_variance)
     return Derivation(p, a, b, g2, k, lsnr, reverse_drift(p.drift, g2), flow_drift(p.drift, g2), lam, imp,
                       mean, variance, discretize(k, lsnr, t, accuracy, p.N), drift_divergence(a), tables)

@@ -49,9 +49,10 @@ class Importance:
 
 
 def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol, eps: sp.Expr,
-               T: sp.Expr, defaults: dict, tables: Tables, invert: bool = True) -> Importance:
+               T: sp.Expr, defaults: dict, tables: Tables | None, invert: bool = True) -> Importance:
     """q, Q and (when ``invert``; only importance sampling needs it) Q^-1; a Q^-1 with no closed form
-    is added to ``tables``."""
+    is added to ``tables``. Without ``tables`` (the module samples t uniformly and computes none of them), a Q
+    with no closed form stays a ratio of Integrals, for `sdelang show`."""
     if kind == "likelihood":
         lo, hi = lsnr.xreplace({t: eps}), lsnr.xreplace({t: T})
         Z = lo - hi
@@ -89,8 +90,10 @@ def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol,
         # No closed form: the CDF is a column of the module's tables, normalised by its value at T.
         s = sp.Dummy("s", positive=True)
         integrand = ratio.xreplace({t: s})
-        cdf = tables.tabulate(sp.Integral(integrand, (s, eps, t)) / sp.Integral(integrand, (s, eps, T)), "CDF Q(t)",
-                              absolute=True)
+        cdf = sp.Integral(integrand, (s, eps, t)) / sp.Integral(integrand, (s, eps, T))
+        if tables is None:  # training times are uniform: q and Q are only shown (`sdelang show`), never computed
+            return Importance(q_ratio / sp.Integral(integrand, (s, eps, T)), cdf, None, False)
+        cdf = tables.tabulate(cdf, "CDF Q(t)", absolute=True)
         density = q_ratio / tables.total(ratio, eps)
         if invert:
             tables.invert(cdf)
