@@ -11,9 +11,9 @@ Source sha256: 18ec00f8f847e115774a51ab91b6470dbf8004b628acd40c90c7c94102be0ad5
 Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     m(t) = exp(t*(-2*beta_min + t*(-beta_max + beta_min))/4)
     c(t) = 0
-    v(t) = -expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))
+    v(t) = -expm1(t*(-2*beta_min + t*(-beta_max + beta_min))/2)
 
-Weighting (score_matching): lambda(t) = -expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))
+Weighting (score_matching): lambda(t) = -expm1(t*(-2*beta_min + t*(-beta_max + beta_min))/2)
 Training time: t ~ uniform on [eps, T].
 
 The source:
@@ -155,17 +155,17 @@ class VPSDE(torch.nn.Module):
         return torch.full_like(t, 0)
 
     def std(self, t):
-        """sigma(t) = sqrt(v(t)) = sqrt(-expm1(t*(-beta_max*t + beta_min*t - 2*beta_min)/2))"""
+        """sigma(t) = sqrt(v(t)) = sqrt(-expm1(t*(-2*beta_min + t*(-beta_max + beta_min))/2))"""
         # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
-        return (torch.sqrt(-torch.expm1((1/2)*t*(self._k1 - self.beta_max*t + self.beta_min*t)))).to(dtype)
+        return (torch.sqrt(-torch.expm1((1/2)*t*(self._k1 + self._k2*t)))).to(dtype)
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = t*(-2*beta_min + t*(-beta_max + beta_min))/2 - log(-expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)))"""
+        """logSNR(t) = log(m(t)^2 / v(t)) = t*(-2*beta_min + t*(-beta_max + beta_min))/2 - log(-expm1(t*(-2*beta_min + t*(-beta_max + beta_min))/2))"""
         # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
-        w0 = (1/2)*t
-        return (w0*(self._k1 + self._k2*t) - torch.log(-torch.expm1(t*(-w0*self.beta_max + (1/2)*self.beta_min*t - self.beta_min)))).to(dtype)
+        w0 = (1/2)*t*(self._k1 + self._k2*t)
+        return (w0 - torch.log(-torch.expm1(w0))).to(dtype)
 
     def _prior(self):
         """Mean 0 and variance 1 of the prior."""
@@ -208,10 +208,10 @@ class VPSDE(torch.nn.Module):
         return ReverseVPSDE(self, score_fn, probability_flow)
 
     def weight(self, t):
-        """lambda(t) = -expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)) (score_matching weighting)"""
+        """lambda(t) = -expm1(t*(-2*beta_min + t*(-beta_max + beta_min))/2) (score_matching weighting)"""
         # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
-        return (-torch.expm1(t*(-1/2*self.beta_max*t + (1/2)*self.beta_min*t - self.beta_min))).to(dtype)
+        return (-torch.expm1((1/2)*t*(self._k1 + self._k2*t))).to(dtype)
 
     def t_density(self, t):
         """Density of the training time t (uniform): 1 / (T - eps)"""

@@ -11,7 +11,7 @@ Source sha256: 70f301225cb6ed545262348a843c3a455bd55d7c4eb00f9548a242a9a4c259a3
 Transition kernel N(m(t) x0 + c(t), v(t) I), closed form:
     m(t) = exp(t*(-2*beta_min + t*(-beta_max + beta_min))/4)
     c(t) = 0
-    v(t) = -expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))
+    v(t) = -expm1(t*(-2*beta_min + t*(-beta_max + beta_min))/2)
 
 Weighting (likelihood): lambda(t) = beta_min + t*(beta_max - beta_min)
 Training time: t ~ q(t) proportional to lambda(t) / v(t) (importance sampling); inverse CDF: closed form.
@@ -93,7 +93,7 @@ class VPLikelihoodSDE(torch.nn.Module):
             self._k11 = 1 / (self.beta_max - self.beta_min)
             self._k12 = self.beta_min**2
             self._k13 = 2*self.beta_max - 2*self.beta_min
-            self._k14 = math.expm1((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)
+            self._k14 = math.log(-math.exp((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)*math.expm1(-1/20000000000*self.beta_max - 199999/20000000000*self.beta_min))
         except OverflowError:
             raise ValueError(f"{self._parameter_values()} overflow float64 in this module's constants: "
                              f"{self._FAR_FROM_DEFAULTS}") from None
@@ -170,17 +170,17 @@ class VPLikelihoodSDE(torch.nn.Module):
         return torch.full_like(t, 0)
 
     def std(self, t):
-        """sigma(t) = sqrt(v(t)) = sqrt(-expm1(t*(-beta_max*t + beta_min*t - 2*beta_min)/2))"""
+        """sigma(t) = sqrt(v(t)) = sqrt(-expm1(t*(-2*beta_min + t*(-beta_max + beta_min))/2))"""
         # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
-        return (torch.sqrt(-torch.expm1((1/2)*t*(self._k1 - self.beta_max*t + self.beta_min*t)))).to(dtype)
+        return (torch.sqrt(-torch.expm1((1/2)*t*(self._k1 + self._k2*t)))).to(dtype)
 
     def log_snr(self, t):
-        """logSNR(t) = log(m(t)^2 / v(t)) = t*(-2*beta_min + t*(-beta_max + beta_min))/2 - log(-expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)))"""
+        """logSNR(t) = log(m(t)^2 / v(t)) = t*(-2*beta_min + t*(-beta_max + beta_min))/2 - log(-expm1(t*(-2*beta_min + t*(-beta_max + beta_min))/2))"""
         # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
-        w0 = (1/2)*t
-        return (w0*(self._k1 + self._k2*t) - torch.log(-torch.expm1(t*(-w0*self.beta_max + (1/2)*self.beta_min*t - self.beta_min)))).to(dtype)
+        w0 = (1/2)*t*(self._k1 + self._k2*t)
+        return (w0 - torch.log(-torch.expm1(w0))).to(dtype)
 
     def _prior(self):
         """Mean 0 and variance 1 of the prior."""
@@ -229,17 +229,17 @@ class VPLikelihoodSDE(torch.nn.Module):
         return (self._k0*t + self.beta_min).to(dtype)
 
     def t_density(self, t):
-        """Density of the training time t (importance): q(t) = lambda / (Z v) = -(beta_min + t*(beta_max - beta_min))/((9999999999*beta_max/20000000000 + 9999800001*beta_min/20000000000 + log(-expm1(-beta_max/2 - beta_min/2)) - log(-expm1(-beta_max/20000000000 - 199999*beta_min/20000000000)))*expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min)))"""
+        """Density of the training time t (importance): q(t) = lambda / (Z v) = -(beta_min + t*(beta_max - beta_min))/((9999999999*beta_max/20000000000 + 9999800001*beta_min/20000000000 + log(-expm1(-beta_max/2 - beta_min/2)) - log(-expm1(-beta_max/20000000000 - 199999*beta_min/20000000000)))*expm1(t*(-2*beta_min + t*(-beta_max + beta_min))/2))"""
         # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
-        return (-self._k4*(self._k0*t + self.beta_min)/torch.expm1(t*(-1/2*self.beta_max*t + (1/2)*self.beta_min*t - self.beta_min))).to(dtype)
+        return (-self._k4*(self._k0*t + self.beta_min)/torch.expm1((1/2)*t*(self._k1 + self._k2*t))).to(dtype)
 
     def t_cdf(self, t):
-        """CDF of the training time t: (-beta_max/20000000000 - 199999*beta_min/20000000000 - t*(-2*beta_min + t*(-beta_max + beta_min))/2 + log(-expm1(t*(-beta_max*t/2 + beta_min*t/2 - beta_min))) - log(-expm1(-beta_max/20000000000 - 199999*beta_min/20000000000)))/(9999999999*beta_max/20000000000 + 9999800001*beta_min/20000000000 + log(-expm1(-beta_max/2 - beta_min/2)) - log(-expm1(-beta_max/20000000000 - 199999*beta_min/20000000000)))"""
+        """CDF of the training time t: (-beta_max/20000000000 - 199999*beta_min/20000000000 - t*(-2*beta_min + t*(-beta_max + beta_min))/2 + log(-expm1(t*(-2*beta_min + t*(-beta_max + beta_min))/2)) - log(-expm1(-beta_max/20000000000 - 199999*beta_min/20000000000)))/(9999999999*beta_max/20000000000 + 9999800001*beta_min/20000000000 + log(-expm1(-beta_max/2 - beta_min/2)) - log(-expm1(-beta_max/20000000000 - 199999*beta_min/20000000000)))"""
         # In float64, as mean_coeff
         dtype, t = t.dtype, t.to(torch.float64)
-        w0 = (1/2)*t
-        return (self._k4*(self._k6 + self._k7 + self._k8 - w0*(self._k1 + self._k2*t) + torch.log(-torch.expm1(t*(-w0*self.beta_max + (1/2)*self.beta_min*t - self.beta_min))))).to(dtype)
+        w0 = (1/2)*t*(self._k1 + self._k2*t)
+        return (self._k4*(self._k6 + self._k7 + self._k8 - w0 + torch.log(-torch.expm1(w0)))).to(dtype)
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t, u in [0, 1] (closed form)."""
@@ -248,8 +248,8 @@ class VPLikelihoodSDE(torch.nn.Module):
         dtype, u = u.dtype, u.to(torch.float64)
         lo, hi = self._k9, self._k10
         drop = u * (lo - hi)
-        # t = logSNR^-1(lo - drop) = (2*beta_max*log1p(exp(drop)*expm1(beta_max/20000000000 + 199999*beta_min/20000000000)) - 2*beta_min*log1p(exp(drop)*expm1(beta_max/20000000000 + 199999*beta_min/20000000000)))/((beta_max - beta_min)*(beta_min + sqrt(beta_min^2 + (2*beta_max - 2*beta_min)*log1p(exp(drop)*expm1(beta_max/20000000000 + 199999*beta_min/20000000000)))))
-        w0 = torch.log1p(self._k14*torch.exp(drop))
+        # t = logSNR^-1(lo - drop) = (2*beta_max*softplus(drop + log(-exp(beta_max/20000000000 + 199999*beta_min/20000000000)*expm1(-beta_max/20000000000 - 199999*beta_min/20000000000))) - 2*beta_min*softplus(drop + log(-exp(beta_max/20000000000 + 199999*beta_min/20000000000)*expm1(-beta_max/20000000000 - 199999*beta_min/20000000000))))/((beta_max - beta_min)*(beta_min + sqrt(beta_min^2 + (2*beta_max - 2*beta_min)*softplus(drop + log(-exp(beta_max/20000000000 + 199999*beta_min/20000000000)*expm1(-beta_max/20000000000 - 199999*beta_min/20000000000))))))
+        w0 = torch.nn.functional.softplus(drop + self._k14, threshold=40)
         w1 = 2*w0
         return torch.clamp(self._k11*(w1*self.beta_max - w1*self.beta_min)/(self.beta_min + torch.sqrt(self._k12 + self._k13*w0)), self.eps, self.T).to(dtype)
 

@@ -6,12 +6,19 @@
 - A geometric beta(t) = beta_min r^t, r = beta_max / beta_min: B = beta_min (r^t - 1) / log r.
 - VDM's sigmoid schedule as a VP SDE, beta = d/dt softplus(gamma(t)): m^2 = sigmoid(-gamma) / sigmoid(-gamma(0)),
   v = (e^gamma - e^gamma(0)) / (1 + e^gamma).
+- VP with beta = 1 + tanh(4 t): B = t + log(cosh(4 t)) / 4, v = 1 - e^-B. SymPy writes e^-B as a product of powers
+  of 1 + tanh(4 t), whose 1 - m^2 cancels; every VP-like noise integral is k d/dt(1/m^2), v = -k expm1(2 A).
+- An OU process with that rate and a fixed target mu: c = mu (1 - e^-B) as -mu expm1(-B), m = e^-B, v = 1 - e^-2B.
+- The cosine schedule written by its SDE (a tan drift): alpha = cos(u) / cos(u0). Its module once failed to build
+  (torch.sqrt(2) and torch.exp of a hoisted constant, numbers SymPy made while constants were hoisted).
 
 Each must compile to a closed-form kernel, equal to the hand formula in float64 (1e-12 relative: rounding
 of a few operations) and within 1e-5 relative in float32 on [eps, T] (the project's float32 bound), with
 t_icdf finite for every u in [0, 1].
 """
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -47,6 +54,10 @@ beta(t) = d/dt(softplus(gamma(t)))
 dx = -1/2 * beta(t) * x dt + sqrt(beta(t)) dw
 t ~ importance
 """
+TANH = """sde tanh_vp
+beta(t) = 1 + tanh(4 * t)
+dx = -1/2 * beta(t) * x dt + sqrt(beta(t)) dw
+"""
 
 
 def _interpolant(t):
@@ -65,8 +76,45 @@ def _sigmoid(t, gamma_min=-13.3, gamma_max=5.0):
     return m, np.sqrt(v)
 
 
+def _tanh(t):
+    # B = int_0^t 1 + tanh(4 s) ds = t + log(cosh(4 t)) / 4, with log cosh x = x + log1p(expm1(-2 x) / 2).
+    B = t + (4 * t + np.log1p(np.expm1(-8 * t) / 2)) / 4
+    return np.exp(-B / 2), np.sqrt(-np.expm1(-B))
+
+
+OU_TANH = """sde ou_tanh
+param mu = 0.5
+theta(t) = 1 + tanh(4 * t)
+dx = theta(t) * (mu - x) dt + sqrt(2 * theta(t)) dw
+t in [1e-5, 3]
+"""
+
+
+def _ou_tanh(t, mu=0.5):
+    # An OU process whose rate theta = 1 + tanh(4 t) SymPy integrates only by the variable change: with
+    # B = int theta, m = e^-B, c = mu (1 - e^-B), v = 1 - e^-2B.
+    B = t + (4 * t + np.log1p(np.expm1(-8 * t) / 2)) / 4
+    return np.exp(-B), np.sqrt(-np.expm1(-2 * B)), -mu * np.expm1(-B)
+
+
+COSINE_SDE = """sde cosine_sde
+param s = 0.008
+beta(t) = pi / (1 + s) * tan(pi / 2 * (t + s) / (1 + s))
+dx = -1/2 * beta(t) * x dt + sqrt(beta(t)) dw
+t in [1e-5, 0.999]
+"""
+
+
+def _cosine_sde(t, s=0.008):
+    # iDDPM's cosine schedule by its SDE: alpha = cos(u) / cos(u0), u = pi (t + s) / (2 (1 + s)), and
+    # 1 - alpha^2 = sin(u - u0) sin(u + u0) / cos(u0)^2 without cancellation.
+    u, u0 = np.pi * (t + s) / (2 * (1 + s)), np.pi * s / (2 * (1 + s))
+    return np.cos(u) / np.cos(u0), np.sqrt(np.sin(u - u0) * np.sin(u + u0)) / np.cos(u0)
+
+
 CASES = {"interpolant": (INTERPOLANT, _interpolant), "interpolant_ddt": (INTERPOLANT_DDT, _interpolant),
-         "geometric": (GEOMETRIC, _geometric), "sigmoid": (SIGMOID, _sigmoid)}
+         "geometric": (GEOMETRIC, _geometric), "sigmoid": (SIGMOID, _sigmoid), "tanh": (TANH, _tanh),
+         "ou_tanh": (OU_TANH, _ou_tanh), "cosine_sde": (COSINE_SDE, _cosine_sde)}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -76,17 +124,17 @@ def test_closed_form_kernel(name):
     assert sde.kernel_path == "closed form"
     eps, T = float(sde.eps), float(sde.T)
     t = np.unique(np.concatenate([np.geomspace(eps, T, 40), np.linspace(eps, T, 40)]))
-    m, std = reference(t)
+    methods = ("mean_coeff", "std", "mean_offset")  # the reference gives m, sigma and, if c != 0, c
     t64 = torch.tensor(t, dtype=torch.float64)
     sde64 = sde.double()
-    np.testing.assert_allclose(sde64.mean_coeff(t64).numpy(), m, rtol=1e-12, atol=0)
-    np.testing.assert_allclose(sde64.std(t64).numpy(), std, rtol=1e-12, atol=0)
-    sde32 = sdelang.load(text).float()
+    for name, expected in zip(methods, reference(t)):
+        np.testing.assert_allclose(getattr(sde64, name)(t64).numpy(), expected, rtol=1e-12, atol=0, err_msg=name)
+    sde32 = copy.deepcopy(sde).float()
     t32 = torch.tensor(t, dtype=torch.float32)
     t_exact = t32.double().numpy()  # the float32 times, exactly: the error is the formula's, not t's rounding
-    m, std = reference(t_exact)
-    np.testing.assert_allclose(sde32.mean_coeff(t32).double().numpy(), m, rtol=1e-5, atol=0)
-    np.testing.assert_allclose(sde32.std(t32).double().numpy(), std, rtol=1e-5, atol=0)
+    for name, expected in zip(methods, reference(t_exact)):
+        np.testing.assert_allclose(getattr(sde32, name)(t32).double().numpy(), expected, rtol=1e-5, atol=0,
+                                   err_msg=name)
 
 
 @pytest.mark.parametrize("name", ["interpolant", "sigmoid"])

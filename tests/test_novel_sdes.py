@@ -845,15 +845,14 @@ def test_inverse_cdf_at_a_rate_given_to_the_module():
 
 
 @pytest.mark.parametrize("program, values, message", [
-    ("examples/vp_likelihood.sde", {"beta_max": 2000.0}, r"t_icdf is not finite at u = 0\.70"),
     ("ou_small_v0", {"theta": 100.0}, r"t_icdf misses the inverse of t_cdf by 0\.4"),
-    ("exponential_vp", {"k": 600.0}, r"b0 = 0\.2, k = 600\.0 overflow float64 in this module's constants"),
+    ("exponential_vp", {"k": 1000.0}, r"b0 = 0\.2, k = 1000\.0 overflow float64 in this module's constants"),
 ])
 def test_parameters_where_the_forms_chosen_at_the_defaults_fail(examples, program, values, message):
     """Forms are chosen at the program's defaults; far from them a closed form can leave float64. Each of these
-    built without complaint and then returned NaN from t_icdf for u above 0.70 (VP at 100 times beta_max), t = T for
-    most u (OU at 100 times its rate, |Q(t) - u| = 0.41), or raised a bare OverflowError. The module now checks
-    itself when it is built and says what to do; at the defaults the same check passes (every module here runs it)."""
+    built without complaint and then returned t = T for most u (OU at 100 times its rate, |Q(t) - u| = 0.41), or
+    raised a bare OverflowError (an exponential VP whose B(1) = 0.2 e^1000 / 1000). The module now checks itself when
+    it is built and says what to do; at the defaults the same check passes (every module here runs it)."""
     module = examples[program[9:-4]].module.SDE if program.startswith("examples/") else \
         type(sdelang.load(PROGRAMS[program][0]))
     with pytest.raises(ValueError, match=message + r".*make these the defaults \('param name = value'\) and recompile"):
@@ -861,21 +860,40 @@ def test_parameters_where_the_forms_chosen_at_the_defaults_fail(examples, progra
     module()
 
 
+@pytest.mark.parametrize("beta_max", [2000.0, 1e4, 1e6])
+def test_vp_likelihood_far_from_its_defaults(examples, beta_max):
+    """VP's variance as -expm1(-B) for any beta (kernel.py): the likelihood-weighted inverse CDF compiled at beta_max =
+    20 is right at 100 to 50000 times that (at 100 times it once returned NaN for u above 0.70, then was refused by
+    the construction check). Against mpmath's root of logSNR(t) = logSNR(eps) - u Z at 50 digits."""
+    sde = examples["vp_likelihood"].module.SDE(beta_max=beta_max).double()
+    bmin, eps, T = float(sde.beta_min), float(sde.eps), float(sde.T)
+    u = [0.0, 1e-6, 1e-3, 0.1, 0.5, 0.7, 0.9, 0.99, 1 - 1e-6, 1.0]
+    with mpmath.workdps(50):
+        def L(t):
+            B = bmin * t + (beta_max - bmin) * t**2 / 2
+            return -B - mpmath.log(-mpmath.expm1(-B))
+        lo, Z = L(mpmath.mpf(eps)), L(mpmath.mpf(eps)) - L(mpmath.mpf(T))
+        ref = [float(mpmath.findroot(lambda x: L(x) - (lo - p * Z), (mpmath.mpf(eps), mpmath.mpf(T)), solver="anderson"))
+               if 0 < p < 1 else (eps if p == 0 else T) for p in u]
+    with torch.no_grad():
+        got = sde.t_icdf(torch.tensor(u, dtype=torch.float64))
+    assert torch.all((got / torch.tensor(ref, dtype=torch.float64) - 1).abs() <= 1e-13), got
+
+
 def test_load_recompiles_where_the_forms_fail(tmp_path, monkeypatch):
     """sdelang.load (and so the CLI's --param) compiles the program again with the values as its defaults when the
     module refuses them: the OU process at 100 times its rate then gets a tabulated inverse, Q(t_icdf(u)) = u to
-    1e-12. Where even that module cannot hold the SDE (an exponential VP at k = 600: B(1) ~ 1e257) the error says so
-    instead of suggesting the recompile that was just made."""
+    1e-12. Where even the program cannot hold the SDE (an exponential VP at k = 1000: beta = 0.2 e^(1000 t) passes
+    float64's range at t = 0.71) the recompile's error says so, an overflow and not a pole."""
     monkeypatch.setenv("SDELANG_CACHE", str(tmp_path))
     sde = sdelang.load(PROGRAMS["ou_small_v0"][0], theta=100.0).double()
     assert sde.theta == 100.0
     u = torch.linspace(0, 1, 101, dtype=torch.float64)
     with torch.no_grad():
         assert (sde.t_cdf(sde.t_icdf(u)) - u).abs().max() < 1e-12
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"k = 600\.0 overflow float64 in this module's "
-                                                  r"constants, also compiled with these values as the program's "
-                                                  r"defaults: the SDE leaves float64's range there"):
-        sdelang.load(PROGRAMS["exponential_vp"][0], k=600.0)
+    with pytest.raises(sdelang.SdeError, match=r"the drift overflows float64 at t = 0\.71\d* \(with k = 1000\b.*it is "
+                                               r"finite there.*beyond 1\.8e308"):
+        sdelang.load(PROGRAMS["exponential_vp"][0], k=1000.0)
 
 
 def test_sub_vp_with_a_large_beta_keeps_its_closed_form():
@@ -894,3 +912,21 @@ def test_sub_vp_with_a_large_beta_keeps_its_closed_form():
         for t, s in zip(ts, std):
             exact = -mpmath.expm1(-(mpmath.mpf(t) / 10 + 1999 * mpmath.mpf(t) ** 2 / 20))
             assert abs(s / exact - 1) < 1e-13, t
+
+
+@pytest.mark.parametrize("v0", [0.25, 25.0, 1e4])
+def test_ve_with_initial_variance_inverts_near_eps_far_from_its_default(v0):
+    """VE with v0 > 0: t = sqrt((v0 + eps^2) e^drop - v0) cancelled v0 in float64 once v0 >> eps^2 (1.7e-7 relative
+    at u = 0 with v0 = 1e4, 5e-7 at u = 1e-12); written (v0 + eps^2) expm1(drop) + eps^2 it keeps every digit. Against
+    mpmath (30 digits) of logSNR^-1(logSNR(eps) - u Z), logSNR = -log(v0 + t^2), within 1e-13 relative."""
+    sde = sdelang.load("sde ve_v0\nparam v0p = 0.25\ndx = sqrt(2 * t) dw\nv0 = v0p\nt in [1e-3, 80]\nprior kernel\n"
+                       "weighting likelihood\nt ~ importance\n", v0p=v0).double()
+    u = [0.0, 1e-12, 1e-9, 1e-6, 0.5, 1.0]
+    with mpmath.workdps(30):
+        eps, T = mpmath.mpf("1e-3"), mpmath.mpf(80)
+        L = lambda t: -mpmath.log(v0 + t * t)  # noqa: E731
+        Z = L(eps) - L(T)
+        ref = [float(mpmath.sqrt(mpmath.exp(-(L(eps) - mpmath.mpf(p) * Z)) - v0)) for p in u]
+    with torch.no_grad():
+        got = sde.t_icdf(torch.tensor(u, dtype=torch.float64))
+    assert torch.all((got / torch.tensor(ref, dtype=torch.float64) - 1).abs() <= 1e-13), got

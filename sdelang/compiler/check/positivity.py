@@ -55,10 +55,22 @@ class PositivityPass:
             if not np.all(np.isfinite(values)):
                 i = np.flatnonzero(~np.isfinite(values))[0]
                 bad = self._grid(eps, T)[i]
+                if np.isinf(values[i]) and self._finite_beyond_float64(part, bad):
+                    raise self.error(f"the drift overflows float64 at t = {bad:.6g}{self.at_defaults()}: it is finite "
+                                     "there, but it or a part of it is beyond 1.8e308", drift_span,
+                                     "choose parameters or an interval [eps, T] that keep the coefficients within "
+                                     "float64's range")
                 raise self.error(f"the drift is not finite at t = {bad:.6g}", drift_span,
                                  pole_hint(eps, bad) if np.isinf(values[i]) else
                                  "choose [eps, T] inside the drift's domain")
         return True
+
+    def _finite_beyond_float64(self, expr: sp.Expr, at: float) -> bool:
+        """expr (at the defaults), which float64 evaluates as inf at t = at, is a finite real number there: an
+        overflow, of the value or of a part (e^(1000 t) / 10 at t = 0.71), not a pole."""
+        done, value = call_with_time_limit(EVALUATE_SECONDS, lambda: self._exact(expr).subs(TIME, _exact_number(at))
+                                           .evalf(20))
+        return bool(done and value.is_number and value.is_real and value.is_finite)
 
     def _check_no_pole(self, expr, span, eps, T, what) -> None:
         """expr(t) finite and real on [eps, T], decided from its poles where SymPy lists them in time (a pole

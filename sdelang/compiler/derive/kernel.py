@@ -16,8 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import sympy as sp
+from sympy.codegen.cfunctions import expm1
 
-from .symbolic import Accuracy, integrate_from, is_closed, rewrites, simplest
+from .symbolic import (SIMPLIFY_LIMIT, Accuracy, bounded, derivative_multiple, integrate_from, is_closed, rewrites,
+                       simplest, use_expm1_log1p)
 from .tables import Tables
 
 # The largest float32 relative error on [eps, T] accepted from a closed-form variance: the issue's
@@ -40,16 +42,30 @@ class Kernel:
 def kernel(a: sp.Expr, b: sp.Expr, g2: sp.Expr, v0: sp.Expr, t: sp.Symbol, accuracy: Accuracy) -> Kernel:
     """Of the equivalent forms found for v and sigma, keep the one most accurate in float32."""
     zero = sp.Integer(0)
-    A = integrate_from(a, t, zero, t)
-    m = sp.exp(simplest(A))
+    A = simplest(integrate_from(a, t, zero, t))
+    m = sp.exp(A)
     if b == 0:
         c = zero
     else:
-        c = simplest(m * integrate_from(b / m, t, zero, t))
+        offset = integrate_from(b / m, t, zero, t)
+        k = bounded(derivative_multiple, b / m, sp.exp(-A), t, seconds=SIMPLIFY_LIMIT) if offset.has(sp.Integral) else None
+        # b = -k a, a fixed target k approached at a rate a(t) SymPy cannot integrate against: c = k (1 - m) =
+        # -k expm1(A), as v below. (Where SymPy can, its form is kept: discretize simplifies c(t) - r c(s) better.)
+        c = -k * expm1(use_expm1_log1p(A)) if k is not None else simplest(m * offset)
     integrand = simplest(g2 / m**2)
-    noise = integrate_from(integrand, t, zero, t)
-    vs = rewrites(m**2 * (v0 + noise))
-    v = accuracy.best(vs, t)
+    # Variance preserving in its noise, g^2 = k d/dt(1/m^2) (VP with any beta): the integral is k (1/m^2 - 1), and
+    # v = v0 m^2 - k expm1(2 A), which keeps its digits near t = 0 however SymPy writes m (it turns exp(A) with
+    # A = -t + log(1 + tanh(4 t)) / 8 into a product of powers, whose 1 - m^2 cancels in float32). Where none of
+    # these forms is accurate enough, SymPy's integral may give one that is (VDM's sigmoid schedule).
+    vs = []
+    k = bounded(derivative_multiple, integrand, sp.exp(-2 * A), t, seconds=SIMPLIFY_LIMIT)
+    if k is not None:
+        # log(1 + u) in A as log1p(u) first: SymPy would fold exp(c log(1 + u)) out of expm1 again.
+        vs = [v0 * m**2 - k * expm1(2 * use_expm1_log1p(A))] + rewrites(m**2 * (v0 + k * (sp.exp(-2 * A) - 1)))
+        v = accuracy.best(vs, t)
+    if k is None or accuracy.float32_error(v, t) > CLOSED_FORM_TOLERANCE:
+        vs = rewrites(m**2 * (v0 + integrate_from(integrand, t, zero, t))) + vs
+        v = accuracy.best(vs, t)
     if accuracy.float32_error(v, t) > CLOSED_FORM_TOLERANCE:
         # Every closed form found cancels near t = eps (e.g. e^x - 1 - x when g(0) = 0 and a != 0):
         # quadrature of the integral itself cannot, so it replaces them.

@@ -36,6 +36,13 @@ class softplus(sp.Function):
     def _eval_is_real(self):
         return self.args[0].is_real
 
+    def _eval_evalf(self, prec):
+        u = self.args[0]._eval_evalf(prec)
+        if u is None or not u.is_number:
+            return None
+        # log(1 + e^u) = max(u, 0) + log(1 + e^-|u|): no overflow for a large u.
+        return (sp.Max(u, 0) + sp.log(1 + sp.exp(-sp.Abs(u))))._eval_evalf(prec)
+
 
 PRINTABLE = (sp.exp, sp.log, sp.sin, sp.cos, sp.tan, sp.tanh, sp.sinh, sp.cosh, sp.atan, sp.asin, sp.acos,
              sp.asinh, sp.acosh, sp.atanh, sp.Abs, sp.erf, expm1, log1p, softplus)
@@ -78,9 +85,12 @@ def bounded(fn, *args, seconds: float = TIME_LIMIT, **kwargs):
 
 
 def integrate_from(integrand: sp.Expr, var: sp.Symbol, lower: sp.Expr, upper: sp.Expr,
-                   closed: bool = True) -> sp.Expr:
+                   closed: bool = True, hints: tuple[sp.Expr, ...] = ()) -> sp.Expr:
     """int_lower^upper integrand d(var): closed form if SymPy finds one in time, else an Integral.
 
+    ``hints`` are functions of var that may be antiderivatives up to a constant factor (the kernel passes
+    1/m^2, whose derivative is the variance's integrand for every variance-preserving SDE however SymPy
+    wrote m); each is tried first, and kept only if its derivative checks against the integrand.
     The unevaluated Integral is kept as a node; a scalar kernel turns it into a column of
     its numeric tables (derive/tables.py), a coupled one into Gauss-Legendre quadrature.
     ``closed=False`` asks for that Integral directly.
@@ -91,6 +101,13 @@ def integrate_from(integrand: sp.Expr, var: sp.Symbol, lower: sp.Expr, upper: sp
         return body * (upper - lower)
     if not closed:
         return sp.Integral(body, (dummy, lower, upper))
+    for hint in hints:
+        F = hint.xreplace({var: dummy})
+        k = bounded(derivative_multiple, body, F, dummy, seconds=SIMPLIFY_LIMIT)
+        if k is not None:
+            result = k * (F.xreplace({dummy: upper}) - F.xreplace({dummy: lower}))
+            if printable(result):
+                return result
     # First by inspection (cheap): terms that are constants times d/ds exp(E(s)), the integrands of a VP-like
     # variance whatever beta is (beta e^B with B' = beta), which SymPy's integrator may not find in time.
     expanded = bounded(lambda e: sp.powsimp(sp.expand(e)), body, seconds=SIMPLIFY_LIMIT)
@@ -292,6 +309,39 @@ def _exponential_antiderivative(body, var):
     antiderivative = sp.Add(*pieces)
     derivative = sp.diff(antiderivative, var)
     return antiderivative if is_constant_in(derivative - body, var, zero=True, size_of=derivative) else None
+
+
+def derivative_multiple(body: sp.Expr, F: sp.Expr, var: sp.Symbol) -> sp.Expr | None:
+    """The constant k with body = k F'(var), or None: that the ratio is constant, and then that k F' - body
+    vanishes, are tested numerically (exact identities hold at random points)."""
+    dF = sp.diff(F, var)
+    if dF == 0 or not is_constant_in(body / dF, var):
+        return None
+    # A small rational first (1 for every VP): SymPy's simplify may not see that a trigonometric ratio is 1.
+    k = _small_rational(body / dF, var)
+    if k is None:
+        k = sp.simplify(body / dF)
+    if k.has(var):  # constant, but not in a form SymPy sees as one: its value at a point of (0, 1)
+        k = sp.simplify((body / dF).xreplace({var: sp.Rational(1, 2)}))
+    if k.has(var) or k.has(sp.nan, sp.zoo, sp.oo, -sp.oo):
+        return None
+    return k if is_constant_in(k * dF - body, var, zero=True, size_of=k * dF) else None
+
+
+def _small_rational(expr: sp.Expr, var: sp.Symbol) -> sp.Rational | None:
+    """p/q (|p|, q <= 1000) if expr, at var = 0.37 and each set of parameter values, is that number to 25 digits."""
+    others = sorted(expr.free_symbols - {var}, key=sp.default_sort_key)
+    found = set()
+    for p_value in _PARAMETER_SETS:
+        point = {o: sp.Float(p_value * (1 + i / 7), 30) for i, o in enumerate(others)}
+        value = expr.xreplace({**point, var: sp.Float(0.37, 30)}).evalf(30)
+        if not (value.is_number and value.is_real and value.is_finite):
+            return None
+        q = sp.Rational(float(value)).limit_denominator(1000)
+        if abs(q.p) > 1000 or abs(value - q) > 1e-25 * max(1, abs(q)):
+            return None
+        found.add(q)
+    return found.pop() if len(found) == 1 else None
 
 
 _PROBES = (0.11, 0.37, 0.53)     # values of s where identities are tested
@@ -765,6 +815,15 @@ def use_expm1_log1p(expr: sp.Expr) -> sp.Expr:
                     rest = [x for k, x in enumerate(args) if k not in (i, j)]
                     left = [(1 + r) * c] if r != -1 else []
                     return sp.Add(c * expm1(growths[0].args[0]), *left, *rest, evaluate=False)
+            # With parameters: (v0 + eps^2) e^u - v0 is (v0 + eps^2) expm1(u) + eps^2, whose v0 cancels in the
+            # algebra instead of in float64 (t_icdf of a VE with v0 = 1e4 and eps = 1e-3 lost 7 digits at u = 0).
+            for j, b in enumerate(args):
+                if j == i or (b / c).is_Rational:
+                    continue
+                left = sp.expand(c + b)
+                if left.free_symbols < (c.free_symbols | b.free_symbols):
+                    rest = [x for k, x in enumerate(args) if k not in (i, j)]
+                    return sp.Add(c * expm1(growths[0].args[0]), *([left] if left != 0 else []), *rest, evaluate=False)
         return e
 
     def rewrite_log(e):
