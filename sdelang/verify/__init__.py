@@ -51,7 +51,8 @@ __all__ = [
 def _without_kernel(sde, settings: Settings) -> list[CheckResult]:
     reason = dict(getattr(sde, "unavailable", {})).get("marginal_prob", "the module has no Gaussian kernel")
     return not_applicable(("forward EM: mean", "forward EM: variance", "m' = a m", "c' = a c + b",
-                           "v' = 2 a v + g^2", "kernel methods agree"), reason)
+                           "v' = 2 a v + g^2", "kernel methods agree", "discretize vs kernel",
+                           "drift_divergence = d a(t)", "reverse: f - g^2 s"), reason)
 
 
 CHECKS: dict[str, tuple[Callable, ...]] = {
