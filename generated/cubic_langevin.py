@@ -74,6 +74,9 @@ class CubicLangevinSDE(torch.nn.Module):
             raise ValueError(f"beta must be positive and finite (the derivation assumed so; declare it "
                              f"'param beta: real = ...' for any sign), got {beta!r}")
         self.beta = float(beta)
+        if not (N == int(N) and 1 <= N <= 1_000_000):
+            raise ValueError(f"N, the number of discretisation steps, must be a whole number from 1 to 1,000,000, "
+                             f"got {N!r}")
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
         self._k0 = math.sqrt(self.beta)

@@ -63,6 +63,9 @@ class EDMVPSDE(torch.nn.Module):
             raise ValueError(f"beta_min must be positive and finite (the derivation assumed so; declare it "
                              f"'param beta_min: real = ...' for any sign), got {beta_min!r}")
         self.beta_min = float(beta_min)
+        if not (N == int(N) and 1 <= N <= 1_000_000):
+            raise ValueError(f"N, the number of discretisation steps, must be a whole number from 1 to 1,000,000, "
+                             f"got {N!r}")
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
         try:

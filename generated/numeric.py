@@ -68,6 +68,9 @@ class NumericSDE(torch.nn.Module):
 
     def __init__(self, N: int = 1000):
         super().__init__()
+        if not (N == int(N) and 1 <= N <= 1_000_000):
+            raise ValueError(f"N, the number of discretisation steps, must be a whole number from 1 to 1,000,000, "
+                             f"got {N!r}")
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
         try:

@@ -70,6 +70,9 @@ class OUSDE(torch.nn.Module):
         if not math.isfinite(mu):
             raise ValueError(f"mu must be finite, got {mu!r}")
         self.mu = float(mu)
+        if not (N == int(N) and 1 <= N <= 1_000_000):
+            raise ValueError(f"N, the number of discretisation steps, must be a whole number from 1 to 1,000,000, "
+                             f"got {N!r}")
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
         try:

@@ -69,6 +69,9 @@ class SubvpSDE(torch.nn.Module):
             raise ValueError(f"beta_max must be positive and finite (the derivation assumed so; declare it "
                              f"'param beta_max: real = ...' for any sign), got {beta_max!r}")
         self.beta_max = float(beta_max)
+        if not (N == int(N) and 1 <= N <= 1_000_000):
+            raise ValueError(f"N, the number of discretisation steps, must be a whole number from 1 to 1,000,000, "
+                             f"got {N!r}")
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
         try:

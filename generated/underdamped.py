@@ -96,6 +96,9 @@ class UnderdampedSDE(torch.nn.Module):
             raise ValueError(f"M_inv must be positive and finite (the derivation assumed so; declare it "
                              f"'param M_inv: real = ...' for any sign), got {M_inv!r}")
         self.M_inv = float(M_inv)
+        if not (N == int(N) and 1 <= N <= 1_000_000):
+            raise ValueError(f"N, the number of discretisation steps, must be a whole number from 1 to 1,000,000, "
+                             f"got {N!r}")
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
         self._k0 = self.M_inv*self.beta

@@ -60,6 +60,9 @@ class VDMSDE(torch.nn.Module):
             raise ValueError(f"gamma_max must be positive and finite (the derivation assumed so; declare it "
                              f"'param gamma_max: real = ...' for any sign), got {gamma_max!r}")
         self.gamma_max = float(gamma_max)
+        if not (N == int(N) and 1 <= N <= 1_000_000):
+            raise ValueError(f"N, the number of discretisation steps, must be a whole number from 1 to 1,000,000, "
+                             f"got {N!r}")
         if self.gamma_max - self.gamma_min == 0:
             raise ValueError(f"gamma_max - gamma_min = 0 at gamma_max = {gamma_max!r}, gamma_min = {gamma_min!r}: the forms derived for this SDE divide by it; choose "
                              f"other values, or declare gamma_max and gamma_min in the program as constants (name = value, "

@@ -72,6 +72,9 @@ class VPLikelihoodSDE(torch.nn.Module):
             raise ValueError(f"beta_max must be positive and finite (the derivation assumed so; declare it "
                              f"'param beta_max: real = ...' for any sign), got {beta_max!r}")
         self.beta_max = float(beta_max)
+        if not (N == int(N) and 1 <= N <= 1_000_000):
+            raise ValueError(f"N, the number of discretisation steps, must be a whole number from 1 to 1,000,000, "
+                             f"got {N!r}")
         if self.beta_max - self.beta_min == 0:
             raise ValueError(f"beta_max - beta_min = 0 at beta_max = {beta_max!r}, beta_min = {beta_min!r}: the forms derived for this SDE divide by it; choose "
                              f"other values, or declare beta_max and beta_min in the program as constants (name = value, "

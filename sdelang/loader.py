@@ -168,6 +168,16 @@ class _At:
         return name if self.fd is not None else str(self.folder / name)
 
 
+def check_values(path_or_source: str | os.PathLike | Source, values: dict[str, float]) -> None:
+    """The parameter values through the program's checks, as `sdelang compile --param` takes them: an SdeError for
+    a name the program does not declare (N too: the step count is the program's `steps`) or for values at which
+    the program is invalid (a diffusion that turns negative), located in the source."""
+    from .compiler import check, parse
+
+    source = path_or_source if isinstance(path_or_source, Source) else _source(path_or_source)
+    check.check(parse.parse(source), source, values)
+
+
 def load(path_or_source: str | os.PathLike, **params):
     """An instance of the SDE in a .sde file or program text; keyword arguments override parameters (a name the
     program does not declare is a TypeError that lists the ones it does).
@@ -182,6 +192,11 @@ def load(path_or_source: str | os.PathLike, **params):
         close = difflib.get_close_matches(unknown[0], known, n=1)
         raise TypeError(f"unknown parameter {unknown[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                         + f"; this SDE takes: {', '.join(known)}")
+    values = {k: v for k, v in params.items() if k != "N"}
+    if values and getattr(module.SDE, "kind", "affine") == "general":
+        # A general module cannot check its g(x, t) when built (a sign over states is decided by the compiler's
+        # check): values that make it negative somewhere gave NaN noise. Refused here as `compile --param` does.
+        check_values(path_or_source, values)
     try:
         return module.SDE(**params)
     except ValueError as exc:

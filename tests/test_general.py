@@ -524,3 +524,13 @@ def test_t_icdf_stays_inside_the_interval_in_float32():
     u = torch.linspace(0, 1, 10001, dtype=F32)
     t = sde.to(F32).t_icdf(u)
     assert float(t.max()) <= float(torch.tensor(sde.T, dtype=F32)) and float(t.min()) >= float(torch.tensor(sde.eps, dtype=F32))
+
+
+def test_load_refuses_values_that_make_a_state_dependent_diffusion_negative():
+    """g(x, t) = sqrt(c + tanh(x)) is real for every state only while c >= 1. `compile --param c=0.5` refused it;
+    `sdelang.load(..., c=0.5)` (and so `check` and `train`) built a module whose noise was NaN for x <= -1. The
+    values now go through the program's checks, located at the SDE line."""
+    text = "sde gpar\nparam c = 2\ndx = (x - x^3) dt + sqrt(c + tanh(x)) dw\nprior normal(0, 1)\nweighting 1\n"
+    assert torch.isfinite(sdelang.load(text, c=1.5).sde(torch.full((2, 1), -4.0), torch.full((2,), 0.5))[1]).all()
+    with pytest.raises(sdelang.SdeError, match=r"the diffusion is negative at x = -4.*\(with c = 0\.5\)"):
+        sdelang.load(text, c=0.5)

@@ -256,3 +256,12 @@ def test_kernel_with_a_mean_offset_is_ornstein_uhlenbeck():
     _assert_close(a, -np.ones_like(t))
     _assert_close(b, 0.7 * np.ones_like(t))
     _assert_close(g2, 2 * np.ones_like(t))
+
+
+@pytest.mark.parametrize("mean", ["(1 - t) * x(0) + x(t)", "x(t) * 0 + x(0)", "x(0.5) + x(0)"])
+def test_the_state_at_another_time_in_a_kernel_is_named_as_such(mean):
+    """x(t) in its own kernel's mean was reported as 'the time cannot depend on the time t' (its argument checked as
+    a constant first); every argument but 0 now gets the kernel's own message, at the call."""
+    with pytest.raises(sdelang.SdeError, match=r"in a kernel, 'x' appears only as the data x\(0\)") as info:
+        sdelang.load(f"sde k\nx(t) ~ normal({mean}, t^2)\n")
+    assert "cannot depend on the time" not in str(info.value)

@@ -106,9 +106,18 @@ def test_digits_train_and_bits_per_dim(tmp_path, capsys):
     (["sample", "{run}", "--method", "magic"], "unknown sampling method 'magic'"),
     (["nll", "{run}", "--threads", "0"], "--threads must be >= 1"),
     (["sample", "{run}", "--method", "ode", "--spacing", "logsnr"], "--spacing does not apply to 'ode'"),
+    # --param as `compile` takes it (an internal error, and N=0 a ZeroDivisionError, before):
+    (["train", "examples/vp.sde", "--param", "beta_mx=3", "--out", "{tmp}/x", "--steps", "1"],
+     "unknown parameter 'beta_mx'"),
+    (["train", "examples/vp.sde", "--param", "N=0", "--out", "{tmp}/x", "--steps", "1"], "unknown parameter 'N'"),
+    # a path under a file: one line naming it (train: was "[Errno 20] ..."), sample before it samples
+    (["train", "examples/vp.sde", "--out", "{tmp}/file/run", "--steps", "1"], "cannot "),
+    (["sample", "{run}", "--method", "em", "--steps", "2", "-n", "5", "--save", "{tmp}/file/x.npy"],
+     "is a file, not a folder"),
 ])
 def test_runtime_errors_are_reported_without_traceback(argv, message, tmp_path, moons_run, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
+    (tmp_path / "file").write_text("a file where a folder is expected\n")
     argv = [a.format(tmp=tmp_path, run=moons_run) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -188,3 +197,22 @@ def test_sample_outliers_match_the_saved_samples(moons_run, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     norms = np.linalg.norm(np.load(tmp_path / "x.npy"), axis=1)
     assert result["outliers"] == int((~(norms <= result["outlier_radius"])).sum())
+
+
+def test_sample_refuses_an_unwritable_save_before_sampling(moons_run, tmp_path, capsys, monkeypatch):
+    """--save under a file is refused before any sampler runs (it was refused after sampling, with an errno)."""
+    from sdelang.runtime import sampling
+
+    (tmp_path / "file").write_text("x\n")
+    monkeypatch.setattr(sampling, "sample", lambda *a, **k: pytest.fail("sampled before checking --save"))
+    assert main(["sample", str(moons_run), "--method", "em", "--steps", "2", "-n", "5",
+                 "--save", str(tmp_path / "file" / "x.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file, not a folder" in err
+
+
+def test_compile_names_an_unwritable_target_once(tmp_path, capsys):
+    (tmp_path / "file").write_text("x\n")
+    assert main(["compile", str(ROOT / "examples" / "vp.sde"), "-o", str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("cannot write") == 1, err

@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         if args.command in ("compile", "show"):  # the compiler reports user mistakes as SdeError
             return _bug(exc)
-        print(f"sdelang {args.command}: error: {exc}", file=sys.stderr)
+        text = describe_os_error(exc) if isinstance(exc, FileNotFoundError) else str(exc)
+        print(f"sdelang {args.command}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import math
 import os
@@ -12,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..compiler import read_source
+from ..files import CannotWrite, atomic_open
 from ..compiler.check.common import MAX_STEPS
 from ..text import table
 from ..runtime.config import OBJECTIVES, REDUCTIONS, ModelConfig, TrainConfig
@@ -115,8 +117,11 @@ def add_train(sub, params) -> None:
 def _train(args, params) -> int:
     from ..runtime.training import train
 
+    from ..loader import check_values
+
     _set_threads(args)
     source = read_source(args.file)
+    check_values(source, params(args.param))   # names and values as `compile --param` takes them
     sizes = {k: v for k, v in (("width", args.width), ("depth", args.depth)) if v is not None}
     sizes.update(blocks=args.blocks, attention=args.attention, bf16=args.bf16, channels_last=args.channels_last,
                  compile=args.compile)
@@ -240,6 +245,24 @@ def _spacing(method: str, spacing: str | None) -> dict:
     return {"spacing": spacing}
 
 
+def _npy(path: str) -> str:
+    """The file np.save(path) writes: path with .npy appended unless it ends so."""
+    return path if path.endswith(".npy") else path + ".npy"
+
+
+def _writable(path: str | None) -> None:
+    """A CannotWrite (exit 2, one line) unless path's folder exists or can be made there: its nearest existing
+    ancestor must be a folder this process may write in (atomic_open makes the missing folders)."""
+    if path is None:
+        return
+    folder = Path(path).absolute().parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise CannotWrite(f"cannot write {path}: {existing} is a file, not a folder", errno.ENOTDIR)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CannotWrite(f"cannot write {path}: no permission to write in {existing}", errno.EACCES)
+
+
 def _sample(args) -> int:
     import numpy as np
     import torch
@@ -257,6 +280,8 @@ def _sample(args) -> int:
     if args.steps is not None and "ode" in methods:
         raise ValueError("--steps does not apply to 'ode' (the adaptive solver chooses its steps); sample ode "
                          "on its own without --steps, or choose a fixed-step method such as heun or dpm2")
+    for target in (_npy(args.save) if args.save else None, args.plot):
+        _writable(target)   # before sampling, not after it
     run = load_run(args.run_dir, device=args.device)
     _applicable(methods, run.sde)
     warn_failed_checks(run.sde, run.config.sde_name)
@@ -282,7 +307,8 @@ def _sample(args) -> int:
             panels.append((_subtitle(row, args.steps if method != "ode" else None), x.float()))
             row["plot"] = str(args.plot)
         if args.save and method == methods[0]:
-            np.save(args.save, x.numpy())
+            with atomic_open(_npy(args.save)) as file:   # np.save to a file object adds no suffix: _npy does
+                np.save(file, x.numpy())
         results.append(row)
     if args.plot:   # one figure, a panel per method (and held-out images first, for image data)
         plots.save_panels(args.plot, panels, run.dataset, title=f"{run.config.data}: {run.config.sde_name}",

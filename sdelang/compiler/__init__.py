@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SdeError, Source, Span
-from ..files import write_atomic
+from ..files import CannotWrite, write_atomic
 from . import accuracy, check, codegen, derive, parse  # the stages, one module (or package) each
 from .derive import Derivation
 from .syntax import SdeDef
@@ -127,7 +127,7 @@ def write_module(compiled: Compiled, out_dir: str | os.PathLike = "generated") -
     target = Path(out_dir) / f"{compiled.name}.py"
     try:
         write_atomic(target, compiled.code)
-    except OSError as exc:
-        raise SdeError(f"cannot write {target}: {exc.strerror or exc}",
+    except OSError as exc:  # a CannotWrite already names the target
+        raise SdeError(str(exc) if isinstance(exc, CannotWrite) else f"cannot write {target}: {exc.strerror or exc}",
                        hint="choose an output folder you can write with -o DIR") from None
     return target

@@ -147,13 +147,21 @@ class ExpressionsPass:
                              "definitions cannot be recursive")
         self._in_progress.append(name)
 
+    def _is_zero(self, arg) -> bool:
+        """arg is a constant equal to 0 (x(0)); x(t) or any other argument is not (and raises nothing here: the
+        caller's message, that the state appears only as the data, is the one that fits)."""
+        try:
+            return self.lower(arg, self._constant_scope("the time")) == 0
+        except SdeError:
+            return False
+
     def _call(self, expr: ast.Call, scope: Scope) -> sp.Expr:
         name = expr.func
         if self.kernels and name == self.state:
             if name not in scope.data:
                 raise self.error(f"{scope.context} cannot depend on the data {name}(0)", expr.span,
                                  f"the data appears only in the kernel's mean, alpha(t) * {name}(0) + c(t)")
-            if len(expr.args) != 1 or self.lower(expr.args[0], self._constant_scope("the time")) != 0:
+            if len(expr.args) != 1 or not self._is_zero(expr.args[0]):
                 raise self.error(f"in a kernel, '{name}' appears only as the data {name}(0)", expr.span,
                                  f"write the mean as alpha(t) * {name}(0) + c(t)")
             return scope.data[name]
