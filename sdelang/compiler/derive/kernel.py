@@ -48,9 +48,11 @@ def kernel(a: sp.Expr, b: sp.Expr, g2: sp.Expr, v0: sp.Expr, t: sp.Symbol, accur
         c = zero
     else:
         offset = integrate_from(b / m, t, zero, t)
-        k = bounded(derivative_multiple, b / m, sp.exp(-A), t, seconds=SIMPLIFY_LIMIT) if offset.has(sp.Integral) else None
         # b = -k a, a fixed target k approached at a rate a(t) SymPy cannot integrate against: c = k (1 - m) =
         # -k expm1(A), as v below. (Where SymPy can, its form is kept: discretize simplifies c(t) - r c(s) better.)
+        k = None
+        if offset.has(sp.Integral):
+            k = bounded(derivative_multiple, b / m, sp.exp(-A), t, seconds=SIMPLIFY_LIMIT)
         c = -k * expm1(use_expm1_log1p(A)) if k is not None else simplest(m * offset)
     integrand = simplest(g2 / m**2)
     # Variance preserving in its noise, g^2 = k d/dt(1/m^2) (VP with any beta): the integral is k (1/m^2 - 1), and

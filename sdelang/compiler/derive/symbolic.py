@@ -85,12 +85,9 @@ def bounded(fn, *args, seconds: float = TIME_LIMIT, **kwargs):
 
 
 def integrate_from(integrand: sp.Expr, var: sp.Symbol, lower: sp.Expr, upper: sp.Expr,
-                   closed: bool = True, hints: tuple[sp.Expr, ...] = ()) -> sp.Expr:
+                   closed: bool = True) -> sp.Expr:
     """int_lower^upper integrand d(var): closed form if SymPy finds one in time, else an Integral.
 
-    ``hints`` are functions of var that may be antiderivatives up to a constant factor (the kernel passes
-    1/m^2, whose derivative is the variance's integrand for every variance-preserving SDE however SymPy
-    wrote m); each is tried first, and kept only if its derivative checks against the integrand.
     The unevaluated Integral is kept as a node; a scalar kernel turns it into a column of
     its numeric tables (derive/tables.py), a coupled one into Gauss-Legendre quadrature.
     ``closed=False`` asks for that Integral directly.
@@ -101,13 +98,6 @@ def integrate_from(integrand: sp.Expr, var: sp.Symbol, lower: sp.Expr, upper: sp
         return body * (upper - lower)
     if not closed:
         return sp.Integral(body, (dummy, lower, upper))
-    for hint in hints:
-        F = hint.xreplace({var: dummy})
-        k = bounded(derivative_multiple, body, F, dummy, seconds=SIMPLIFY_LIMIT)
-        if k is not None:
-            result = k * (F.xreplace({dummy: upper}) - F.xreplace({dummy: lower}))
-            if printable(result):
-                return result
     # First by inspection (cheap): terms that are constants times d/ds exp(E(s)), the integrands of a VP-like
     # variance whatever beta is (beta e^B with B' = beta), which SymPy's integrator may not find in time.
     expanded = bounded(lambda e: sp.powsimp(sp.expand(e)), body, seconds=SIMPLIFY_LIMIT)
@@ -818,12 +808,13 @@ def use_expm1_log1p(expr: sp.Expr) -> sp.Expr:
             # With parameters: (v0 + eps^2) e^u - v0 is (v0 + eps^2) expm1(u) + eps^2, whose v0 cancels in the
             # algebra instead of in float64 (t_icdf of a VE with v0 = 1e4 and eps = 1e-3 lost 7 digits at u = 0).
             for j, b in enumerate(args):
-                if j == i or (b / c).is_Rational:
+                if j == i or (b / c).is_Rational or size(c) + size(b) > 40:  # large: expand could take long
                     continue
-                left = sp.expand(c + b)
+                left = sp.expand(c + b, deep=False)
                 if left.free_symbols < (c.free_symbols | b.free_symbols):
                     rest = [x for k, x in enumerate(args) if k not in (i, j)]
-                    return sp.Add(c * expm1(growths[0].args[0]), *([left] if left != 0 else []), *rest, evaluate=False)
+                    return sp.Add(c * expm1(growths[0].args[0]), *([left] if left != 0 else []), *rest,
+                                  evaluate=False)
         return e
 
     def rewrite_log(e):
