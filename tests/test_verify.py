@@ -386,7 +386,16 @@ def general_vp(examples, beta_max=2.0):
         drift, g = vp.sde(self, x, t)
         return drift, self._expand(g, x).expand_as(x)
 
+    def noise_gradient(self, x, t):   # g depends on t alone
+        return torch.zeros_like(x)
+
+    def euler(self, x, t, s=None):    # a general module's step
+        drift, g = sde_(self, x, t)
+        dt = self._expand(t - torch.clamp(t - self.T / self.N, min=0.0), x)
+        return drift * dt, g * dt.sqrt()
+
     methods = dict(kind="general", unavailable={"marginal_prob": "no kernel (test double)"}, sde=sde_,
+                   noise_gradient=noise_gradient, discretize=euler,
                    _check_parameters=lambda self: None,   # it reads the kernel, which this double refuses
                    **{name: refuse for name in ("marginal_prob", "std", "log_snr", "mean_coeff", "mean_offset")})
     return type("GeneralVP", (vp,), methods)(beta_max=beta_max).double()
@@ -411,6 +420,44 @@ def test_general_modules_get_n_a_and_a_simulated_kl(examples):
     assert kl.status == verify.WARN and kl.note.startswith("estimate")
     assert abs(kl.measured - exact) <= 5 * se + 1e-4
     assert verify.passed(rows)
+
+
+GENERAL = "sde noisy_well\ndx = (x - x^3) dt + sqrt(1 + x^2 / 2) dw\nt in [1e-3, 2]\nprior normal(0, 1)\nweighting 1\n"
+
+
+@pytest.mark.parametrize("method, broken_method, failing", [
+    # reverse() reads noise_gradient, so its row fails too
+    ("noise_gradient", lambda o: lambda x, t: 2 * o(x, t), {"noise_gradient = autograd", "reverse: f - (g^2)' - g^2 s"}),
+    ("drift_divergence", lambda o: lambda x, t: o(x, t) / x[0].numel(), {"drift_divergence = autograd"}),
+    ("discretize", lambda o: lambda x, t, s=None: (o(x, t, s)[0], o(x, t, s)[1] ** 2), {"discretize: Euler step"}),
+])
+def test_general_methods_catch_a_wrong_gradient_divergence_or_step(method, broken_method, failing):
+    """A general module's noise gradient twice too large, its divergence per entry, its Euler noise squared: each
+    fails its rows of general_methods (autograd of sde() is the reference), and only those."""
+    module = type(sdelang.load(GENERAL))
+    assert {r.status for r in verify.general_methods(module().double(), FAST)} == {verify.OK}
+
+    def replaced(self, *args, **kwargs):
+        return broken_method(getattr(module, method).__get__(self))(*args, **kwargs)
+
+    rows = statuses(verify.general_methods(type("Broken", (module,), {method: replaced})().double(), FAST))
+    assert {name for name, status in rows.items() if status == verify.FAIL} == failing
+
+
+def test_general_methods_catch_a_reverse_without_the_noise_gradient():
+    """The reverse drift of a state-dependent noise is f - d(g^2)/dx - g^2 s; one that leaves d(g^2)/dx out fails."""
+    module = type(sdelang.load(GENERAL))
+
+    class Flat(module):   # the same f and g, with d(g^2)/dx taken as 0
+        def noise_gradient(self, x, t):
+            return torch.zeros_like(x)
+
+    class Broken(module):
+        def reverse(self, score_fn, probability_flow=False):
+            return Flat().double().reverse(score_fn, probability_flow)
+
+    rows = statuses(verify.general_methods(Broken().double(), FAST))
+    assert {name for name, status in rows.items() if status == verify.FAIL} == {"reverse: f - (g^2)' - g^2 s"}
 
 
 def test_a_compiled_general_sde(tmp_path):

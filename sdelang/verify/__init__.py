@@ -30,7 +30,7 @@ from ..errors import SdeError
 from ..loader import load, load_module
 from .common import (DEFAULT_PATHS, DEFAULT_STEPS, FAIL, KS_LEVEL, NA, OK, WARN, CheckResult, Settings, kind_of,
                      not_applicable)
-from .methods import coupled_kernel_methods, kernel_methods, step_methods
+from .methods import coupled_kernel_methods, general_methods, kernel_methods, step_methods
 from .moments import coupled_moment_odes, moment_odes
 from .precision import float32_precision
 from .prior import coupled_prior_gap, gaussian_kl, prior_gap, prior_gap_simulated, prior_gaussian
@@ -43,7 +43,7 @@ __all__ = [
     "CHECKS", "QUICK_CHECKS", "quick_checks", "CheckResult", "Settings", "run_checks", "format_table", "to_json", "passed", "build", "kind_of",
     "OK", "FAIL", "WARN", "NA", "KS_LEVEL",
     "forward_simulation", "moment_odes", "kernel_methods", "prior_gap", "prior_gap_simulated", "time_sampler",
-    "float32_precision", "step_methods", "coupled_forward_simulation", "coupled_moment_odes", "coupled_kernel_methods",
+    "float32_precision", "step_methods", "general_methods", "coupled_forward_simulation", "coupled_moment_odes", "coupled_kernel_methods",
     "coupled_prior_gap", "hybrid_score", "gaussian_kl", "prior_gaussian", "ks_uniform", "ks_critical",
 ]
 
@@ -51,14 +51,13 @@ __all__ = [
 def _without_kernel(sde, settings: Settings) -> list[CheckResult]:
     reason = dict(getattr(sde, "unavailable", {})).get("marginal_prob", "the module has no Gaussian kernel")
     return not_applicable(("forward EM: mean", "forward EM: variance", "m' = a m", "c' = a c + b",
-                           "v' = 2 a v + g^2", "kernel methods agree", "discretize vs kernel",
-                           "drift_divergence = d a(t)", "reverse: f - g^2 s"), reason)
+                           "v' = 2 a v + g^2", "kernel methods agree"), reason)
 
 
 CHECKS: dict[str, tuple[Callable, ...]] = {
     "affine": (forward_simulation, moment_odes, kernel_methods, step_methods, prior_gap, time_sampler,
                float32_precision),
-    "general": (_without_kernel, prior_gap_simulated, time_sampler, float32_precision),
+    "general": (_without_kernel, general_methods, prior_gap_simulated, time_sampler, float32_precision),
     "coupled": (coupled_forward_simulation, coupled_moment_odes, coupled_kernel_methods, coupled_prior_gap,
                 time_sampler, float32_precision, hybrid_score),
 }
@@ -68,7 +67,7 @@ CHECKS: dict[str, tuple[Callable, ...]] = {
 # warn (the simulations stay with `sdelang check`).
 QUICK_CHECKS: dict[str, tuple[Callable, ...]] = {
     "affine": (moment_odes, kernel_methods, step_methods, prior_gap, time_sampler, float32_precision),
-    "general": (time_sampler, float32_precision),
+    "general": (general_methods, time_sampler, float32_precision),
     "coupled": (coupled_moment_odes, coupled_kernel_methods, coupled_prior_gap, time_sampler, float32_precision),
 }
 

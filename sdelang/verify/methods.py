@@ -3,6 +3,8 @@ formulas of one quantity (MATH.md sections 1, 3, 6).
 
     kernel_methods          scalar kernels: mean_coeff(), mean_offset(), std(), log_snr(), diffusion(), weight()
     step_methods            scalar kernels: discretize(), drift_divergence() and reverse() against the kernel and sde()
+    general_methods         general modules: drift_divergence(), noise_gradient(), reverse() and discretize() against
+                            autograd of sde()
     coupled_kernel_methods  coupled kernels: marginal_prob(), kernel(), transition(), time_change(), profile(),
                             sde(), diffusion(), drift_divergence(), weight()
 """
@@ -117,6 +119,60 @@ def step_methods(sde, settings: Settings) -> list[CheckResult]:
     return [worst_row("discretize vs kernel", step, "f and G^2 against m, c, v over the step, absolute"),
             worst_row("drift_divergence = d a(t)", div, "absolute, d = 3 entries"),
             worst_row("reverse: f - g^2 s", rev, "reverse() and its flow ODE for a test score, absolute")]
+
+
+GENERAL_STATES = (-2.0, -0.5, 0.0, 0.7, 2.0)  # one sample of five entries, the same at every time
+
+
+def general_methods(sde, settings: Settings) -> list[CheckResult]:
+    """drift_divergence(), noise_gradient(), reverse() and discretize() of a general module against autograd of its
+    sde(), whose f and g act entry by entry: div f = sum_i df_i/dx_i, noise_gradient = d(g^2)/dx per entry, the
+    reverse drift f - (d(g^2)/dx + g^2 s) (flow: half of both) for a test score s, and the Euler step
+    (f (t - s), g sqrt(t - s)). Absolute differences within 1e-9 of the reference plus ROUNDING of its terms."""
+    t = check_grid(sde, points=16)
+    n = t.shape[0]
+    x = torch.tensor(GENERAL_STATES, dtype=t.dtype, device=t.device).expand(n, len(GENERAL_STATES)).clone()
+    with torch.enable_grad():
+        leaf = x.clone().requires_grad_(True)
+        f, g = sde.sde(leaf, t)
+        # A part that does not depend on x (g = sqrt(2), a drift sin(t)) has no graph: its derivative is 0.
+        df, dg2 = (torch.autograd.grad(y.sum(), leaf, retain_graph=True)[0] if y.requires_grad else
+                   torch.zeros_like(x) for y in (f, g**2))
+    f, g, df, dg2 = (v.detach() for v in (f, g, df, dg2))
+
+    def compare(value, reference, size, where):
+        value = value.reshape(reference.shape)
+        error, tol = (value - reference).abs(), IDENTITY_BOUND * reference.abs() + ROUNDING * size
+        flat_error, flat_tol = error.reshape(n, -1), tol.reshape(n, -1)
+        worst = (flat_error / flat_tol.clamp(min=TINY)).argmax(1)
+        return [Comparison(float(flat_error[i, worst[i]]), float(flat_tol[i, worst[i]]),
+                           f"{where} at t = {float(t[i]):.4g}") for i in range(n)]
+
+    rows = []
+    rows.append(worst_row("drift_divergence = autograd", compare(
+        sde.drift_divergence(x, t), df.sum(1), df.abs().sum(1), "div f"), "absolute, 5 entries per sample"))
+    rows.append(worst_row("noise_gradient = autograd", compare(
+        sde.noise_gradient(x, t), dg2, dg2.abs(), "d(g^2)/dx"), "absolute, entrywise"))
+
+    def score(x, t):
+        return -(x - SCORE_TEST[0]) / (SCORE_TEST[1] + t.reshape((-1,) + (1,) * (x.dim() - 1)))
+
+    s_x = score(x, t)
+    reverse = []
+    for flow in (False, True):
+        scale, what = (0.5, "flow") if flow else (1.0, "reverse SDE")
+        drift, diffusion = sde.reverse(score, probability_flow=flow).sde(x, t)
+        reference = f - scale * (dg2 + g**2 * s_x)
+        reverse += compare(drift, reference, f.abs() + dg2.abs() + (g**2 * s_x).abs(), f"{what} drift")
+        reverse += compare(diffusion, torch.zeros_like(g) if flow else g, g.abs(), f"{what} diffusion")
+    rows.append(worst_row("reverse: f - (g^2)' - g^2 s", reverse, "reverse() and its flow ODE for a test score, "
+                          "absolute"))
+    step = (t - torch.clamp(t - float(sde.T) / sde.N, min=0.0))[:, None]
+    f_step, G_step = sde.discretize(x, t)
+    rows.append(worst_row("discretize: Euler step", compare(f_step, f * step, (f * step).abs(), "f (t - s)")
+                          + compare(G_step, g * step.sqrt(), (g * step.sqrt()).abs(), "g sqrt(t - s)"),
+                          "absolute, s = t - T/N"))
+    return rows
 
 
 # -- Coupled kernels: each helper returns (what, relative error [n, ...] or [1, ...]) pairs --------------------
