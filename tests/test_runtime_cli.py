@@ -216,3 +216,17 @@ def test_compile_names_an_unwritable_target_once(tmp_path, capsys):
     assert main(["compile", str(ROOT / "examples" / "vp.sde"), "-o", str(tmp_path / "file" / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("cannot write") == 1, err
+
+
+def test_a_stiff_general_sde_trains_with_more_simulation_steps(tmp_path, capsys):
+    """dx = -50 x^3 dt + dw is stable, but 64 Euler steps to each training x_t overflow: the loss turns NaN. That was
+    an internal error (exit 3) naming a setting the command line did not have; it is exit 1 now, naming
+    --simulation-steps, and with 1024 steps the same run trains."""
+    program = tmp_path / "stiff.sde"
+    program.write_text("sde stiff\ndx = -50 * x^3 dt + dw\nt in [1e-3, 5]\nprior normal(0, 1)\nweighting 1\n")
+    argv = ["train", str(program), "--data", "gaussian", "--steps", "10", "--batch", "32", "--width", "8",
+            "--depth", "1", "--quiet", "--plot-samples", "0"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 1
+    assert "--simulation-steps" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "b"), "--simulation-steps", "1024"]) == 0
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["simulation_steps"] == 1024

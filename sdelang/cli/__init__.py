@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     except InternalCompilerError as exc:
         print(f"sdelang: {exc}", file=sys.stderr)
         return 3
-    except SolverError as exc:
+    except (SolverError, FloatingPointError) as exc:   # the ODE solver or the training loss gave up
         print(f"sdelang {args.command}: {exc}", file=sys.stderr)
         return 1
     except EnvironmentProblem as exc:

@@ -76,6 +76,9 @@ def add_train(sub, params) -> None:
     p.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective,
                    help="denoising score matching (affine and coupled SDEs), sliced score matching (any SDE), "
                         f"or auto: by the SDE's kind (default {defaults.objective})")
+    p.add_argument("--simulation-steps", type=int, default=defaults.simulation_steps,
+                   help="Euler-Maruyama steps to each training time x_t of a general SDE (sliced objective); raise it "
+                        f"for a stiff drift (default {defaults.simulation_steps})")
     p.add_argument("--reduction", choices=REDUCTIONS, default=defaults.reduction,
                    help="sum (the weighted score-matching integral, in nats for the likelihood weighting) "
                         f"or mean over the entries of a sample (default {defaults.reduction})")
@@ -128,7 +131,7 @@ def _train(args, params) -> int:
     config = TrainConfig(
         sde_source=source.text, sde_name=Path(args.file).name, params=params(args.param), data=_data_spec(args.data),
         steps=args.steps, batch=args.batch, lr=args.lr, ema=args.ema, seed=args.seed, objective=args.objective,
-        reduction=args.reduction, dtype=args.dtype, device=args.device, checkpoint_every=args.checkpoint_every,
+        reduction=args.reduction, simulation_steps=args.simulation_steps, dtype=args.dtype, device=args.device, checkpoint_every=args.checkpoint_every,
         sample_every=args.sample_every, eval_every=args.eval_every, plot_samples=args.plot_samples,
         plot_method=_methods(args.plot_method)[0], model=ModelConfig(kind=args.model, **sizes))
     if int(os.environ.get("RANK", "0")) == 0:

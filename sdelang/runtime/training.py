@@ -285,8 +285,9 @@ def train(config: TrainConfig, out: str | os.PathLike, *, progress: bool = True,
         if step % config.log_every == 0 or step == config.steps:
             mean_loss = float(running) / since    # one sync per logging interval, not per step
             if not math.isfinite(mean_loss):
-                hint = (f" or raise simulation_steps ({config.simulation_steps}): Euler-Maruyama paths of a strongly "
-                        "non-linear drift can overflow" if kind_of(sde) == "general" else "")
+                hint = (f" or raise simulation_steps ({config.simulation_steps}; `sdelang train --simulation-steps`): "
+                        "Euler-Maruyama paths of a strongly non-linear drift can overflow" if kind_of(sde) == "general"
+                        else "")
                 raise FloatingPointError(f"the training loss is {mean_loss} in the {since} steps up to step {step}; "
                                          f"lower the learning rate{hint}")
             losses.append((step, mean_loss))
