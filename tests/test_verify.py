@@ -952,3 +952,12 @@ def test_a_fast_process_far_from_its_defaults_passes():
     sde = sdelang.load(ROOT / "examples" / "ou.sde", theta=100.0)
     rows = verify.run_checks(sde, paths=FAST.paths, steps=FAST.steps)
     assert verify.passed(rows) and not [r for r in rows if r.status == verify.FAIL], verify.format_table(rows)
+
+
+def test_step_methods_where_m_underflows(examples):
+    """VP at beta_max = 1e4: m(t) = e^(-B/2) underflows float64 past t = 0.55 (m(1) = e^-2500), so m(t) / m(s) is
+    0 / 0, while the module's step is right (r = e^-(B(t) - B(s))/2). The row takes r from logSNR there and passes;
+    it reported NaN before."""
+    rows = statuses(verify.step_methods(examples["vp"].build({"beta_max": 1e4}), FAST))
+    assert rows == {"discretize vs kernel": verify.OK, "drift_divergence = d a(t)": verify.OK,
+                    "reverse: f - g^2 s": verify.OK}
