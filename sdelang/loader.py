@@ -201,11 +201,10 @@ def load(path_or_source: str | os.PathLike, **params):
         return module.SDE(**params)
     except ValueError as exc:
         far = getattr(module.SDE, "_FAR_FROM_DEFAULTS", None)
-        defaults = {k: v for k, v in params.items() if k != "N"}
-        if far is None or not str(exc).endswith(far) or not defaults:
+        if far is None or not str(exc).endswith(far) or not values:
             raise
     try:
-        return load_module(path_or_source, defaults).SDE(**params)
+        return load_module(path_or_source, values).SDE(**params)   # the values as the program's defaults
     except ValueError as exc:
         if not str(exc).endswith(far):
             raise

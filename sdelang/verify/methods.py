@@ -52,6 +52,21 @@ SCORE_TEST = (0.3, 1.0)  # the test score s(x, t) = -(x - 0.3) / (1 + t), any sm
 STATES = (-2.0, 0.0, 3.0)
 
 
+def _test_score(x, t):
+    """s(x, t) = -(x - 0.3) / (1 + t) (SCORE_TEST): the score reverse() is checked with."""
+    return -(x - SCORE_TEST[0]) / (SCORE_TEST[1] + t.reshape((-1,) + (1,) * (x.dim() - 1)))
+
+
+def _comparisons(error: torch.Tensor, tol: torch.Tensor, t: torch.Tensor, where: str) -> list[Comparison]:
+    """One Comparison per time t[i]: of error and tol (one shape, [n] or [n, ...]), the entry nearest its tolerance
+    there; `where` names it, with {t} for the time."""
+    n = t.shape[0]
+    error, tol = error.reshape(n, -1), tol.reshape(n, -1)
+    worst = (error / tol.clamp(min=TINY)).argmax(1)
+    return [Comparison(float(error[i, worst[i]]), float(tol[i, worst[i]]), where.format(t=f"{float(t[i]):.4g}"))
+            for i in range(n)]
+
+
 def step_methods(sde, settings: Settings) -> list[CheckResult]:
     """discretize(), drift_divergence() and reverse() of a scalar affine module against its kernel and sde().
 
@@ -86,41 +101,34 @@ def step_methods(sde, settings: Settings) -> list[CheckResult]:
             f_ref = (r - 1) * x_value + c_t - r * c_s
             size = (r.abs() + 1) * abs(x_value) + c_t.abs() + (r * c_s).abs()
             tol = IDENTITY_BOUND * f_ref.abs() + (3e-9 + ROUNDING) * size
-            step += [Comparison(float((f - f_ref).abs()[i]), float(tol[i]), f"f at t = {float(tk[i]):.4g}, x = "
-                                f"{x_value:g} ({label})") for i in range(n)]
+            step += _comparisons((f - f_ref).abs(), tol, tk, f"f at t = {{t}}, x = {x_value:g} ({label})")
         G2_ref = v_t - r**2 * v_s
         tol = IDENTITY_BOUND * G2_ref.abs() + (3e-9 + ROUNDING) * (v_t + r**2 * v_s)
-        step += [Comparison(float((G**2 - G2_ref).abs()[i]), float(tol[i]), f"G^2 at t = {float(tk[i]):.4g} ({label})")
-                 for i in range(n)]
+        step += _comparisons((G**2 - G2_ref).abs(), tol, tk, f"G^2 at t = {{t}} ({label})")
     n = t.shape[0]
     a, b, g = affine_coefficients(sde, t)
     x = states.expand(n, 3)
     divergence = flat(sde.drift_divergence(x, t), n, t)
     tol = IDENTITY_BOUND * (3 * a).abs() + ROUNDING * (3 * a).abs()
-    div = [Comparison(float((divergence - 3 * a).abs()[i]), float(tol[i]), f"at t = {float(t[i]):.4g}")
-           for i in range(n)]
-
-    def score(x, t):
-        return -(x - SCORE_TEST[0]) / (SCORE_TEST[1] + t.reshape((-1,) + (1,) * (x.dim() - 1)))
-
+    div = _comparisons((divergence - 3 * a).abs(), tol, t, "at t = {t}")
     for x_value in STATES:
         x = torch.full((n, 1), x_value, dtype=t.dtype, device=t.device)
-        s_x = flat(score(x, t), n, t)
+        s_x = flat(_test_score(x, t), n, t)
         f = a * x_value + b
         f_step, G_step = (flat(v, n, t) for v in sde.discretize(x, t))
         for flow in (False, True):
             scale, what = (0.5, "flow") if flow else (1.0, "reverse SDE")
-            reverse = sde.reverse(score, probability_flow=flow)
-            pairs = [(reverse.sde(x, t)[0], f - g**2 * s_x * scale, "sde drift"),
-                     (reverse.sde(x, t)[1], torch.zeros_like(g) if flow else g, "sde diffusion"),
-                     (reverse.discretize(x, t)[0], f_step - G_step**2 * s_x * scale, "discretize drift"),
-                     (reverse.discretize(x, t)[1], torch.zeros_like(g) if flow else G_step, "discretize noise")]
+            reverse = sde.reverse(_test_score, probability_flow=flow)
+            (drift, diffusion), (rev_f, rev_G) = reverse.sde(x, t), reverse.discretize(x, t)
+            pairs = [(drift, f - g**2 * s_x * scale, "sde drift"),
+                     (diffusion, torch.zeros_like(g) if flow else g, "sde diffusion"),
+                     (rev_f, f_step - G_step**2 * s_x * scale, "discretize drift"),
+                     (rev_G, torch.zeros_like(g) if flow else G_step, "discretize noise")]
             for value, reference, part in pairs:
-                value = flat(value, n, t)
                 size = reference.abs() + (g**2 * s_x).abs() + G_step**2 * s_x.abs() + f.abs() + f_step.abs()
-                rev += [Comparison(float((value - reference).abs()[i]), float(IDENTITY_BOUND * reference.abs()[i]
-                                                                                 + ROUNDING * size[i]),
-                                   f"{what} {part} at t = {float(t[i]):.4g}, x = {x_value:g}") for i in range(n)]
+                rev += _comparisons((flat(value, n, t) - reference).abs(),
+                                    IDENTITY_BOUND * reference.abs() + ROUNDING * size, t,
+                                    f"{what} {part} at t = {{t}}, x = {x_value:g}")
     return [worst_row("discretize vs kernel", step, "f and G^2 against m, c, v over the step, absolute"),
             worst_row("drift_divergence = d a(t)", div, "absolute, d = 3 entries"),
             worst_row("reverse: f - g^2 s", rev, "reverse() and its flow ODE for a test score, absolute")]
@@ -146,12 +154,8 @@ def general_methods(sde, settings: Settings) -> list[CheckResult]:
     f, g, df, dg2 = (v.detach() for v in (f, g, df, dg2))
 
     def compare(value, reference, size, where):
-        value = value.reshape(reference.shape)
-        error, tol = (value - reference).abs(), IDENTITY_BOUND * reference.abs() + ROUNDING * size
-        flat_error, flat_tol = error.reshape(n, -1), tol.reshape(n, -1)
-        worst = (flat_error / flat_tol.clamp(min=TINY)).argmax(1)
-        return [Comparison(float(flat_error[i, worst[i]]), float(flat_tol[i, worst[i]]),
-                           f"{where} at t = {float(t[i]):.4g}") for i in range(n)]
+        error = (value.reshape(reference.shape) - reference).abs()
+        return _comparisons(error, IDENTITY_BOUND * reference.abs() + ROUNDING * size, t, where + " at t = {t}")
 
     rows = []
     rows.append(worst_row("drift_divergence = autograd", compare(
@@ -159,14 +163,11 @@ def general_methods(sde, settings: Settings) -> list[CheckResult]:
     rows.append(worst_row("noise_gradient = autograd", compare(
         sde.noise_gradient(x, t), dg2, dg2.abs(), "d(g^2)/dx"), "absolute, entrywise"))
 
-    def score(x, t):
-        return -(x - SCORE_TEST[0]) / (SCORE_TEST[1] + t.reshape((-1,) + (1,) * (x.dim() - 1)))
-
-    s_x = score(x, t)
+    s_x = _test_score(x, t)
     reverse = []
     for flow in (False, True):
         scale, what = (0.5, "flow") if flow else (1.0, "reverse SDE")
-        drift, diffusion = sde.reverse(score, probability_flow=flow).sde(x, t)
+        drift, diffusion = sde.reverse(_test_score, probability_flow=flow).sde(x, t)
         reference = f - scale * (dg2 + g**2 * s_x)
         reverse += compare(drift, reference, f.abs() + dg2.abs() + (g**2 * s_x).abs(), f"{what} drift")
         reverse += compare(diffusion, torch.zeros_like(g) if flow else g, g.abs(), f"{what} diffusion")
