@@ -265,17 +265,17 @@ class CLDSDE(torch.nn.Module):
         the square root of the condition number of Sigma, so L keeps its digits where a Cholesky factor of Sigma
         loses them all. A zero pivot (Sigma singular) gives NaN, never a factor of another matrix.
 
-        With components without noise, the noisy block is then L_NN = U^-T with U from _score_factor: in a chain of
-        K = 4 the noisy row's remainder after its projections is ~1e-3 of the row at t = 1e-6, and Gram-Schmidt kept
-        two digits of it (L_NN 2e-2 off: a training pair's target was not the score at its u); U keeps them."""
-        A, L_NN = self._factor_of(*self.transition(self.time_change(t.to(torch.float64))))
+        With components without noise, near t = 0 (|F0| r < 1/2) the noisy block is L_NN = U^-T with U from the
+        precision (_near_score_factor, as _score_factor there): in a chain of K = 4 the noisy row's remainder after its projections is ~1e-3 of the row at t = 1e-6, and Gram-Schmidt kept
+        two digits of it (L_NN 2e-2 off: a training pair's target was not the score at its u); U keeps them. One
+        transition at r and -r serves both."""
+        r = self.time_change(t.to(torch.float64))
         if self._FIRST_NOISY == 0:  # every component noisy: Sigma is as well conditioned as P, Gram-Schmidt keeps all
-            return A, L_NN
-        U = self._score_factor(t)
-        n = U.shape[-1]
-        zero = torch.zeros_like(U[:, 0, 0])
-        L_NN = torch.stack([torch.stack(self._solve_lower(U.transpose(1, 2), [zero + (i == k) for i in range(n)]), -1)
-                            for k in range(n)], -1)
+            return self._factor_of(*self.transition(r))
+        Phi_both, Q_both = self.transition(torch.cat([r, -r]))
+        A, L_NN = self._factor_of(Phi_both[:r.shape[0]], Q_both[:r.shape[0]])
+        near = self._lower_inverse(self._near_score_factor(Phi_both[r.shape[0]:], Q_both[r.shape[0]:]).transpose(1, 2))
+        L_NN = torch.where((r * self._F0_norm < 0.5)[:, None, None], near, L_NN)
         noisy = torch.tensor([i for i in self._ORDER if self.noisy[i]], device=A.device)
         A = A.clone()
         A[:, noisy[:, None], noisy[None, :]] = L_NN
@@ -310,19 +310,26 @@ class CLDSDE(torch.nn.Module):
         Sigma is not (the no-noise components of u_t are nearly linearly dependent there, those of u_0 are not), so
         this keeps the digits that any factor of Sigma loses for chains of K = 4. Later from L_NN of _factor."""
         r = self.time_change(t.to(torch.float64))
+        Phi_both, Q_both = self.transition(torch.cat([r, -r]))
+        near = self._near_score_factor(Phi_both[r.shape[0]:], Q_both[r.shape[0]:])
+        far = self._lower_inverse(self._factor_of(Phi_both[:r.shape[0]], Q_both[:r.shape[0]])[1]).transpose(1, 2)
+        return torch.where((r * self._F0_norm < 0.5)[:, None, None], near, far)
+
+    def _near_score_factor(self, Phi_back, Q_back):
+        """_score_factor's U near t = 0 from Phi(-r) and Q(-r): U U^T = M^T P^-1 M, P = Sigma0 - Q(-r)."""
         noisy = [i for i in self._ORDER if self.noisy[i]]
         n = len(noisy)
-        Phi_both, Q_both = self.transition(torch.cat([r, -r]))
-        Phi_back, Q_back = Phi_both[r.shape[0]:], Q_both[r.shape[0]:]
         L_P = self._lower_cholesky(torch.diag_embed(self.Sigma0.diagonal()) - Q_back, scaled=True)
         Z = [self._solve_lower(L_P, [Phi_back[:, j, k] for j in range(2)]) for k in noisy]
         G = torch.stack([torch.stack([self._dot_list(Z[k], Z[l]) for l in range(n)], -1) for k in range(n)], -2)
-        near = self._lower_cholesky(G.flip(1, 2), scaled=True).flip(1, 2)
-        L = self._factor_of(Phi_both[:r.shape[0]], Q_both[:r.shape[0]])[1]
+        return self._lower_cholesky(G.flip(1, 2), scaled=True).flip(1, 2)
+
+    def _lower_inverse(self, L):
+        """L^-1 of lower-triangular L [B, n, n], by substitution column by column (the same rounding in any batch)."""
         zero = torch.zeros_like(L[:, 0, 0])
-        far = torch.stack([torch.stack(self._solve_lower(L, [zero + (i == k) for i in range(n)]), -1)
-                           for k in range(n)], -1).transpose(1, 2)
-        return torch.where((r * self._F0_norm < 0.5)[:, None, None], near, far)
+        n = L.shape[-1]
+        return torch.stack([torch.stack(self._solve_lower(L, [zero + (i == k) for i in range(n)]), -1)
+                            for k in range(n)], -1)
 
     @staticmethod
     def _dot_list(a, b):
