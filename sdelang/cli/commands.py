@@ -131,7 +131,8 @@ def _train(args, params) -> int:
     config = TrainConfig(
         sde_source=source.text, sde_name=Path(args.file).name, params=params(args.param), data=_data_spec(args.data),
         steps=args.steps, batch=args.batch, lr=args.lr, ema=args.ema, seed=args.seed, objective=args.objective,
-        reduction=args.reduction, simulation_steps=args.simulation_steps, dtype=args.dtype, device=args.device, checkpoint_every=args.checkpoint_every,
+        reduction=args.reduction, simulation_steps=args.simulation_steps, dtype=args.dtype, device=args.device,
+        checkpoint_every=args.checkpoint_every,
         sample_every=args.sample_every, eval_every=args.eval_every, plot_samples=args.plot_samples,
         plot_method=_methods(args.plot_method)[0], model=ModelConfig(kind=args.model, **sizes))
     if int(os.environ.get("RANK", "0")) == 0:
