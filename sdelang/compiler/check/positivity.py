@@ -6,6 +6,7 @@ import sympy as sp
 
 from .common import EVALUATE_SECONDS, GRID_POINTS, STATE_RANGE, TIME, call_with_time_limit
 from .sign import decide
+from ..derive.symbolic import numpy_function
 
 DECIDE_SECONDS = 5.0  # for the exact sign of one coefficient; beyond it the check samples (and says so)
 
@@ -109,7 +110,7 @@ class PositivityPass:
         x = 0.3 or sqrt(2) that the grid steps over; in t it stays sampled, and the program says so."""
         if positive:
             self._check_states_exactly(expr, x, span, eps, T, what)
-        fn = sp.lambdify((x, TIME), self.with_defaults(expr), modules="numpy")
+        fn = numpy_function((x, TIME), self.with_defaults(expr))
         xs, ts = np.meshgrid(np.linspace(-STATE_RANGE, STATE_RANGE, 41), self._grid(eps, T))
         with np.errstate(all="ignore"):
             values = np.asarray(fn(xs, ts), dtype=complex) * np.ones(xs.shape)
@@ -147,7 +148,7 @@ class PositivityPass:
 
     def _on_grid(self, expr: sp.Expr, eps: float, T: float) -> np.ndarray:
         expr = self.with_defaults(expr)
-        fn = sp.lambdify(TIME, expr, modules="numpy")
+        fn = numpy_function(TIME, expr)
         with np.errstate(all="ignore"):
             values = np.asarray(fn(self._grid(eps, T)), dtype=complex) * np.ones(GRID_POINTS)
         real = values.real.copy()

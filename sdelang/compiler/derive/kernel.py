@@ -13,6 +13,7 @@ module's numeric tables (derive/tables.py).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import sympy as sp
@@ -65,10 +66,12 @@ def kernel(a: sp.Expr, b: sp.Expr, g2: sp.Expr, v0: sp.Expr, t: sp.Symbol, accur
         # log(1 + u) in A as log1p(u) first: SymPy would fold exp(c log(1 + u)) out of expm1 again.
         vs = [v0 * m**2 - k * expm1(2 * use_expm1_log1p(A))] + rewrites(m**2 * (v0 + k * (sp.exp(-2 * A) - 1)))
         v = accuracy.best(vs, t)
-    if k is None or accuracy.float32_error(v, t) > CLOSED_FORM_TOLERANCE:
+    error = accuracy.float32_error(v, t) if k is not None else math.inf
+    if error > CLOSED_FORM_TOLERANCE:
         vs = rewrites(m**2 * (v0 + integrate_from(integrand, t, zero, t))) + vs
         v = accuracy.best(vs, t)
-    if accuracy.float32_error(v, t) > CLOSED_FORM_TOLERANCE:
+        error = accuracy.float32_error(v, t)
+    if error > CLOSED_FORM_TOLERANCE:
         # Every closed form found cancels near t = eps (e.g. e^x - 1 - x when g(0) = 0 and a != 0):
         # quadrature of the integral itself cannot, so it replaces them.
         vs = [m**2 * (v0 + integrate_from(integrand, t, zero, t, closed=False))]

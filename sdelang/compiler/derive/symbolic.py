@@ -6,6 +6,7 @@ then takes its numeric path.
 """
 from __future__ import annotations
 
+import keyword
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -14,6 +15,7 @@ import mpmath
 import numpy as np
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
+from sympy.printing.numpy import NumPyPrinter
 
 from ..timelimit import call_with_time_limit
 
@@ -714,9 +716,30 @@ def _constants_folded(at: sp.Expr) -> sp.Expr:
 
 @lru_cache(maxsize=256)
 def _numpy_function(variables: tuple[sp.Symbol, ...], at: sp.Expr):
-    """at as a numpy function, made once: each form is evaluated in float32 and in long double, and
-    lambdify's printing and exec is most of the cost of choosing among forms."""
-    return sp.lambdify(variables, at, modules=[{"softplus": lambda u: np.logaddexp(0, u)}, "numpy"])
+    """at as a numpy function, made once: each form is evaluated in float32 and in long double."""
+    return numpy_function(variables, at)
+
+
+class _NumPyText(NumPyPrinter):
+    """NumPy's printer with softplus known (as numpy's logaddexp(0, u))."""
+
+    def _print_softplus(self, e):
+        return f"numpy.logaddexp(0, {self._print(e.args[0])})"
+
+
+_NUMPY_TEXT = _NumPyText({"inline": True, "allow_unknown_functions": True})
+_NUMPY_NAMES = {"numpy": np, "math": math}
+
+
+def numpy_function(variables: tuple[sp.Symbol, ...] | sp.Symbol, expr: sp.Expr):
+    """expr as a numpy function of the variables: what sp.lambdify(variables, expr, "numpy") makes, printed
+    by the same printer, without lambdify's per-call setup (a namespace copied from numpy, argument
+    inspection, a linecache entry), which was a sixth of a VP compile's time."""
+    variables = (variables,) if isinstance(variables, sp.Symbol) else tuple(variables)
+    names = [_NUMPY_TEXT.doprint(v) for v in variables]  # a Dummy prints as name_index
+    if any(not n.isidentifier() or keyword.iskeyword(n) or n in _NUMPY_NAMES for n in names):
+        return sp.lambdify(variables, expr, modules=[{"softplus": lambda u: np.logaddexp(0, u)}, "numpy"])
+    return eval(f"lambda {', '.join(names)}: ({_NUMPY_TEXT.doprint(expr)})", dict(_NUMPY_NAMES))  # noqa: S307
 
 
 def _float32_error(at: sp.Expr, variables, columns, reference: np.ndarray, floor: float = 0.0) -> float | None:
