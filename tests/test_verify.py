@@ -172,6 +172,36 @@ def test_euler_grid_passes_through_the_times_with_even_spans(examples):
     assert np.mean(grid < sde.T / 100) > 0.3
 
 
+def stiff_vp(beta_max: float):
+    return sdelang.load(ROOT / "examples" / "vp.sde", beta_max=beta_max).double()
+
+
+def test_a_stiff_vp_passes_with_the_steps_it_needs():
+    """A VP with beta_max = 1e4 is right, but m(1/2) = e^-625 is subnormal in float64, log_snr reaches -5000 and
+    |a| = 5000: the moment ODE, log_snr and float32 rows failed on it, and Euler-Maruyama with 1000 steps
+    exploded (EM mean 2.5e74 passed as 'ok' under its own bias estimate). Now the quick rows pass, and the
+    simulation raises its steps until |df/dx| dt <= 0.25; at 400 steps that would take more than 16 times as
+    many, so it says what to run instead of comparing."""
+    sde = stiff_vp(1e4)
+    assert verify.quick_checks(sde) == []
+    rows = verify.forward_simulation(sde, verify.Settings(paths=1024, steps=1000))
+    assert [r.status for r in rows] == [verify.OK, verify.OK], verify.format_table(rows)
+    assert "raised from 1000" in rows[0].note
+    rows = verify.forward_simulation(sde, verify.Settings(paths=1024, steps=400))
+    assert [r.status for r in rows] == [verify.NA, verify.NA] and "rerun with --steps" in rows[0].note
+
+
+def test_float32_log_snr_is_held_to_its_spacing_only_where_it_is_large():
+    from sdelang.verify.precision import _absolute
+    high = torch.tensor([0.5, -300.0, -5000.0], dtype=torch.float64)
+    rounding = high.float().double() + torch.tensor([0.0, 0.0, 2.4e-4], dtype=torch.float64)  # half a unit at 5000
+    assert (_absolute(rounding, high) <= verify.common.FLOAT32_BOUND).all()
+    for i, error in ((0, 2e-4), (1, 3e-2), (2, 0.5)):   # 1e-4 of |log_snr| at -300 and -5000 is a real error
+        wrong = high.clone()
+        wrong[i] += error
+        assert _absolute(wrong, high)[i] > verify.common.FLOAT32_BOUND
+
+
 # -- 2. Moment ODEs and the other kernel methods ------------------------------------------------------
 
 def test_moment_odes_catch_a_one_percent_std(examples):

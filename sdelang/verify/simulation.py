@@ -16,11 +16,13 @@ import numpy as np
 import torch
 
 from .common import (START_POINTS, STANDARD_ERRORS, CheckResult, Comparison, Settings, column, comparison_times,
-                     components, coupled_coefficients, flat, kind_of, times, worst_row)
+                     components, coupled_coefficients, flat, kind_of, not_applicable, times, worst_row)
 
 # The kernel mean is linear in x0 and the covariance does not depend on it, so two starting points pin both
 # down; a third would cost half as much again of the slowest check.
 COUPLED_START_POINTS = (-2.0, 3.0)
+STIFF_STEP = 0.25       # largest |df/dx| dt of a fine Euler-Maruyama step (stable up to 2, first-order well below 1)
+MAX_STEP_FACTOR = 16    # steps raised at most this many times for a stiff drift (the check's time grows alike)
 
 
 def starts_at_zero(sde, like: torch.Tensor) -> bool:
@@ -84,6 +86,29 @@ def euler_grid(sde, start: float, initial_variance: float, stops: list[float], s
         inner = np.interp(np.linspace(c_lo, c_hi, 2 * pairs + 1)[1:-1], clock, dense)
         grid.append(np.concatenate([inner, [hi]]))
     return np.concatenate(grid)
+
+
+def stable_grid(sde, start: float, initial_variance: float, stops: list[float], steps: int,
+                like: torch.Tensor) -> tuple[np.ndarray | None, str]:
+    """euler_grid with about `steps` steps, or more where the drift is so stiff that Euler-Maruyama with them
+    is unstable or far from its first-order regime: (grid, what was done) or (None, why not).
+
+    A step's |df/dx| dt is held to STIFF_STEP (the coarse run's to twice that). The grid spaces steps by a
+    clock that counts int |df/dx|, so the largest |df/dx| dt falls in proportion to the steps: they are raised
+    to what that asks, at most MAX_STEP_FACTOR times `steps` (a VP with beta_max = 1e4 has int |a| = 2500
+    and needs about 5000). Beyond that the comparison would measure the integrator, not the module."""
+    asked = steps
+    for _ in range(3):
+        grid = euler_grid(sde, start, initial_variance, stops, steps, like)
+        slope, _ = _rates(sde, column(grid[:-1], like))
+        stiffness = float(np.nanmax(slope * np.diff(grid)))
+        if stiffness <= STIFF_STEP:
+            return grid, "" if steps == asked else f" (raised from {asked} so that |df/dx| dt <= {STIFF_STEP:g})"
+        steps = int(math.ceil(steps * stiffness / STIFF_STEP * 1.1 / 100) * 100)
+        if steps > MAX_STEP_FACTOR * asked:
+            break
+    return None, (f"Euler-Maruyama with {asked} steps takes |df/dx| dt up to {stiffness:.3g} (stable and accurate "
+                  f"at {STIFF_STEP:g}): too stiff to compare with the kernel; rerun with --steps {steps}")
 
 
 @dataclass(frozen=True)
@@ -195,7 +220,9 @@ def forward_simulation(sde, settings: Settings) -> list[CheckResult]:
         mean0, noise0 = mean0.reshape(-1), flat(std0, len(x0), like)
         initial_variance = float(noise0.max()) ** 2
     stops = comparison_times(sde, start)
-    grid = euler_grid(sde, start, initial_variance, stops, settings.steps, like)
+    grid, raised = stable_grid(sde, start, initial_variance, stops, settings.steps, like)
+    if grid is None:
+        return not_applicable(("forward EM: mean", "forward EM: variance"), raised)
     run = scalar_paths(sde, mean0, noise0, settings.paths, grid, stops, settings.generator(like.device, 1))
     means, variances = [], []
     for t, fine, coarse in zip(stops, run.fine, run.coarse):
@@ -206,7 +233,7 @@ def forward_simulation(sde, settings: Settings) -> list[CheckResult]:
             where = f"t = {t:.4g}, x0 = {start_point:g}"
             means.append(first.compare(i, float(mean[i]), where))
             variances.append(second.compare(i, float(variance[i]), where))
-    how = (f"{settings.paths} paths x {len(x0)} starting points, {run.steps} steps from t = {start:g}; "
+    how = (f"{settings.paths} paths x {len(x0)} starting points, {run.steps} steps{raised} from t = {start:g}; "
            f"tolerance 5 SE + EM bias (N vs N/2 steps)")
     return [worst_row("forward EM: mean", means, how), worst_row("forward EM: variance", variances, how)]
 
@@ -241,7 +268,9 @@ def coupled_forward_simulation(sde, settings: Settings) -> list[CheckResult]:
         u = sde.perturb(data, at_eps, z)
         initial_variance = float(sde.kernel(at_eps[:1])[1].diagonal(dim1=-2, dim2=-1).max())
     stops = comparison_times(sde, start)
-    grid = euler_grid(sde, start, initial_variance, stops, settings.steps, like)
+    grid, raised = stable_grid(sde, start, initial_variance, stops, settings.steps, like)
+    if grid is None:
+        return not_applicable(("forward EM: mean", "forward EM: covariance"), raised)
     run = simulate(sde, u, grid, stops, generator, lambda state: torch.stack(sde.split(state), -1))
     pairs = [(i, j) for i in range(K) for j in range(i, K)]
     means, covariances = [], []
@@ -254,6 +283,6 @@ def coupled_forward_simulation(sde, settings: Settings) -> list[CheckResult]:
             means += [first[k].compare(p, float(mean[p, k]), f"{where}, {names[k]}") for k in range(K)]
             covariances += [second[i, j].compare(p, float(Sigma[p, i, j]), f"{where}, Sigma[{names[i]},{names[j]}]")
                             for i, j in pairs]
-    how = (f"{n} paths x {P} data points, {run.steps} steps from t = {start:g}; "
+    how = (f"{n} paths x {P} data points, {run.steps} steps{raised} from t = {start:g}; "
            f"tolerance 5 SE + EM bias (N vs N/2 steps)")
     return [worst_row("forward EM: mean", means, how), worst_row("forward EM: covariance", covariances, how)]
