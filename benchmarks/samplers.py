@@ -15,10 +15,11 @@ logSNR-uniform grid. pc is one reverse-diffusion step and one Langevin step (snr
 takes 5 Langevin steps per level. The seconds column is
 the wall time of a row's runs, for orientation only (deterministic rows: 1000 samples; stochastic: n).
 
-    python benchmarks/samplers.py [--sdes vp ve] [--n 20000]
+    python benchmarks/samplers.py [--sdes vp ve] [--n 20000] [--methods unipc_3m ode]
 
 Prints one Markdown table per SDE (rows: methods, columns: NFE budgets) and the adaptive ODE solver's
-NFE and error per tolerance; the tables are the ones in docs/benchmarks.md.
+NFE and error per tolerance (method "ode"); the tables are the ones in docs/benchmarks.md. --methods
+keeps the rows of the methods named.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def variance_error(out):
     return (out.x.var(0).mean() / STD**2 - 1).item()
 
 
-def table(name: str, n_det: int, n_sto: int) -> None:
+def table(name: str, n_det: int, n_sto: int, methods: set[str]) -> None:
     sde = sdelang.load(f"examples/{name}.sde").double()
     data = GaussianData(sde, torch.tensor(MEAN), STD, (2,))
     generator = torch.Generator().manual_seed(0)
@@ -82,6 +83,8 @@ def table(name: str, n_det: int, n_sto: int) -> None:
     print("| method | " + " | ".join(f"NFE {b}" for b in BUDGETS) + " | seconds |")
     print("|---|" + "---:|" * (len(BUDGETS) + 1))
     for method, options in ROWS:
+        if method not in methods:
+            continue
         x_T = x_det if method in DETERMINISTIC else x_sto
         cells, seconds = [], 0.0
         for budget in BUDGETS:
@@ -98,6 +101,8 @@ def table(name: str, n_det: int, n_sto: int) -> None:
         label = method + "".join(f", {value}" for value in options.values())
         print(f"| {label} | " + " | ".join(cells) + f" | {seconds:.1f} |")
 
+    if "ode" not in methods:
+        return
     print("\nAdaptive ODE (dopri5, rtol = atol):\n")
     print("| tolerance | NFE | RMS distance / s |")
     print("|---:|---:|---:|")
@@ -110,12 +115,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sdes", nargs="*", default=["vp", "ve", "ou"], help="example names")
     parser.add_argument("--n", type=int, default=20000, help="samples for the stochastic samplers")
+    parser.add_argument("--methods", nargs="*", default=[method for method, _ in ROWS] + ["ode"],
+                        help="rows to run (default: all, and the adaptive ODE as 'ode')")
     args = parser.parse_args()
     # Small elementwise kernels: on a shared 2-core machine one thread is much faster than two.
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, float64, 1 thread")
     for name in args.sdes:
-        table(name, n_det=1000, n_sto=args.n)
+        table(name, n_det=1000, n_sto=args.n, methods=set(args.methods))
 
 
 if __name__ == "__main__":

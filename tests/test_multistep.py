@@ -58,13 +58,25 @@ ORDERS = [("dpmpp_2m", dict(variable="lambda", form="exact"), 2, False),
 @pytest.mark.parametrize("name", SDES)
 def test_unipc_3m_is_of_fourth_order(examples, name):
     """unipc_3m reaches its order late on this data: its error is A h^4 + B h^5 with B of the opposite
-    sign and comparable size at h ~ 0.5 (lambda spans 19-30 over the grid), so log2(e(N) / e(2N)) rises
-    towards 4 as the steps shrink (measured 1.6-3.5 from 40 to 80 steps, 3.3-3.8 from 80 to 160, 3.8-3.9
-    from 160 to 320, 3.90-3.97 from 320 to 640, errors 1e-9 to 2e-8, far above float64 rounding)."""
+    sign and comparable size at h ~ 0.5, so log2(e(N) / e(2N)) rises towards 4 as the steps shrink. At its
+    defaults (floored grid and variable) measured 3.0-3.5 from 40 to 80 steps and 3.93-3.97 from 320 to 640
+    (errors 7e-10 to 4e-8, far above float64 rounding); on the logSNR grid with the polynomial in lambda,
+    its defaults before, 1.6-3.5 and 3.90-3.97."""
     sde = build(examples, name)
-    coarse, fine = (flow_error(sde, "unipc_3m", k, spacing="logsnr") for k in (320, 640))
+    coarse, fine = (flow_error(sde, "unipc_3m", k) for k in (320, 640))
     observed = math.log2(coarse / fine)
     assert abs(observed - 4) < 0.15, f"{name} unipc_3m: observed order {observed:.3f}, expected 4"
+
+
+# unipc_3m at its defaults, 20 steps, error / s (measured on this draw; docs/runtime.md): ve 1.9e-4, vp 5.3e-4,
+# subvp 5.3e-4, ou 1.4e-4, cosine_vp 5.8e-4, edm_ve 2.0e-4. On the logSNR grid with the polynomial in lambda
+# (its defaults before the floored grid) vp, subvp and cosine_vp were at 1.8e-3, 2.3e-2 and 2.2e-3.
+@pytest.mark.parametrize("name", SDES)
+def test_unipc_3m_reaches_1e_3_in_20_steps(examples, name):
+    """Below SIGMA_FLOOR the floored grid steps uniformly in sigma, in which the data prediction is smooth:
+    no example spends its steps on decades of noise levels where x0_hat no longer changes."""
+    error = flow_error(build(examples, name), "unipc_3m", 20) / 0.5
+    assert error < 1e-3, f"{name} unipc_3m at 20 steps: error / s {error:.2e}"
 
 
 @pytest.mark.parametrize("method, options, order, at_least", ORDERS)
@@ -156,9 +168,12 @@ def test_weights_integrate_the_interpolant(variable, a):
     """The step weights against scipy's quad of a e^{a u} times the Lagrange basis (a = 1 + eta for the
     data prediction, eta = 0 or 1; a = -1 for the noise prediction), for nodes as in a fourth-order step,
     long (h = 4) and short (h = 1e-3) steps. For "time" the variable is a made-up monotone t(u) =
-    0.3 - 0.1 tanh(u / 3), standing for the inverse logSNR."""
-    time_at = lambda u: 0.3 - 0.1 * np.tanh(np.asarray(u) / 3)  # noqa: E731
-    warp = {"lambda": lambda u: u, "sigma": lambda u: math.exp(-u), "time": lambda u: float(time_at(u))}[variable]
+    0.3 - 0.1 tanh(u / 3), standing for the inverse logSNR; for "floored" it is log(sigma + 1e-3) at
+    lambda = 5 + u (sigma = e^{-lambda} from 6.7e-3 to 3e-4 over the nodes: both regimes)."""
+    warps = {"time": lambda u: 0.3 - 0.1 * np.tanh(np.asarray(u) / 3),
+             "floored": lambda u: np.log(np.exp(-(5 + np.asarray(u))) + 1e-3)}
+    warp_at = warps.get(variable)
+    warp = {"lambda": lambda u: u, "sigma": lambda u: math.exp(-u)}.get(variable) or (lambda u: float(warp_at(u)))
     for h in (4.0, 0.3, 1e-3):
         nodes = [-h, -1.7 * h, -2.9 * h, -3.6 * h]
         for j in range(4):
@@ -166,7 +181,7 @@ def test_weights_integrate_the_interpolant(variable, a):
                 return np.prod([(warp(u) - warp(nodes[i])) / (warp(nodes[j]) - warp(nodes[i]))
                                 for i in range(4) if i != j])
             expected = quad(lambda u: a * math.exp(a * u) * basis(u), -h, 0, epsabs=0, epsrel=1e-13)[0]
-            got = dpmpp._weights(nodes, h, a, variable, time_at)[j]
+            got = dpmpp._weights(nodes, h, a, variable, warp_at)[j]
             assert got == pytest.approx(expected, rel=1e-9, abs=1e-14), (h, j)
 
 
@@ -188,15 +203,18 @@ def test_published_3m_weights():
 @pytest.mark.parametrize("spacing", grids.SPACINGS)
 @pytest.mark.parametrize("name", SDES)
 def test_grids_run_from_T_to_eps(examples, name, spacing):
-    """Every grid starts at T, ends at eps, decreases strictly; logsnr is uniform in logSNR and edm uniform
-    in exp(-logSNR / (2 rho)) (to the bisection's float64 resolution, 1e-9 relative)."""
+    """Every grid starts at T, ends at eps, decreases strictly; logsnr is uniform in logSNR, edm uniform
+    in exp(-logSNR / (2 rho)) and floored in log(exp(-logSNR / 2) + 1e-3) (to the bisection's float64
+    resolution, 1e-9 relative)."""
     sde = build(examples, name)
     grid = grids.time_grid(sde, 12, spacing, "cpu")
     assert grid[0].item() == float(sde.T) and grid[-1].item() == float(sde.eps)
     assert bool((grid[1:] < grid[:-1]).all())
     if spacing == "time":
         return
-    values = sde.log_snr(grid) if spacing == "logsnr" else torch.exp(-sde.log_snr(grid) / (2 * grids.RHO))
+    log_snr = sde.log_snr(grid)
+    values = {"logsnr": log_snr, "edm": torch.exp(-log_snr / (2 * grids.RHO)),
+              "floored": torch.log(torch.exp(-log_snr / 2) + 1e-3)}[spacing]
     steps = values[1:] - values[:-1]
     torch.testing.assert_close(steps, steps.mean().expand_as(steps), rtol=1e-9, atol=0)
 
@@ -204,7 +222,8 @@ def test_grids_run_from_T_to_eps(examples, name, spacing):
 def test_default_grids(examples):
     """Each multistep sampler's default grid (chosen by measurement, docs/runtime.md) is what it walks when
     no spacing is given."""
-    assert {m: sampling.default_spacing(m) for m in NEW} == dict.fromkeys(NEW, "logsnr") | {"deis": "edm"}
+    assert {m: sampling.default_spacing(m) for m in NEW} == (dict.fromkeys(NEW, "logsnr")
+                                                            | {"deis": "edm", "unipc_3m": "floored"})
     sde = build(examples, "vp")
     data = gaussian(sde)
     x_T, _ = start(data, 8, seed=0)

@@ -13,7 +13,7 @@ each on the whole batch. Fixed-step samplers walk a grid of steps + 1 times from
     ddim, dpm2         exponential integrators in noise prediction (DPM-Solver-1 = DDIM; multistep DPM-Solver-2)
     dpmpp_2m, dpmpp_3m multistep exponential integrators in data prediction on y = x - c(t) (DPM-Solver++
                        2M and 3M), for every affine SDE; unipc adds a corrector (order 3 from 2M),
-                       unipc_3m the same to 3M (order 4)
+                       unipc_3m the same to 3M (order 4), on the floored grid (grids.py)
     dpmpp_2m_sde, dpmpp_3m_sde  the same for the reverse SDE (DPM-Solver++ SDE)
     deis               the multistep integrator of the noise prediction eps_hat = -sigma s (DEIS-style),
                        third order with the corrector (order 4)
@@ -26,9 +26,9 @@ the Tweedie step x0 = (x + v s(x, eps) - c) / m at t = eps: the posterior mean E
 removes the noise of std sqrt(v(eps)) that the kernel still adds at eps.
 
 Every sampler also takes generator (for the prior draw and all noise) and x_T (a start instead of a
-prior draw); fixed-step ones take progress (a tqdm bar), spacing (the time grid: "time", "logsnr" or
-"edm", see grids.py; each sampler's default was chosen by measurement, docs/runtime.md) and after_step, a
-function (x, t_next) -> x applied after every step (inpaint uses it).
+prior draw); fixed-step ones take progress (a tqdm bar), spacing (the time grid: "time", "logsnr",
+"edm" or "floored", see grids.py; each sampler's default was chosen by measurement, docs/runtime.md)
+and after_step, a function (x, t_next) -> x applied after every step (inpaint uses it).
 
 The three kinds of module (`sde.kind`; modules without the attribute are affine):
 - "affine": every method above but splitting.
@@ -39,8 +39,8 @@ The three kinds of module (`sde.kind`; modules without the attribute are affine)
   (x_T, if given, is such a u) and returns the data component; the lower-level functions take and
   return the state u.
 The exact-kernel samplers (reverse_diffusion, ancestral, ald, the exponential integrators), spacings
-"logsnr" and "edm" and the Tweedie step need the scalar kernel m, c, v of an affine SDE. On the other
-kinds the samplers raise a ValueError quoting the module's `unavailable` reason, and denoise does nothing (no score call): there
+"logsnr", "edm" and "floored" and the Tweedie step need the scalar kernel m, c, v of an affine SDE. On
+the other kinds the samplers raise a ValueError quoting the module's `unavailable` reason, and denoise does nothing (no score call): there
 is no scalar posterior mean to take, and at eps the noise left is tiny (CLD at eps = 1e-5: the
 position's kernel std is 1.6e-5).
 
@@ -86,7 +86,7 @@ _FIXED_STEP = {
     "dpmpp_2m": functools.partial(multistep, order=2, form="published"),
     "dpmpp_3m": functools.partial(multistep, order=3),
     "unipc": functools.partial(multistep, order=2, corrector=True, variable="sigma"),
-    "unipc_3m": functools.partial(multistep, order=3, corrector=True),
+    "unipc_3m": functools.partial(multistep, order=3, corrector=True, variable="floored", spacing="floored"),
     "deis": functools.partial(multistep, order=3, corrector=True, prediction="noise", spacing="edm"),
     "dpmpp_2m_sde": functools.partial(multistep, order=2, eta=1.0, form="published"),
     "dpmpp_3m_sde": functools.partial(multistep, order=3, eta=1.0),

@@ -24,8 +24,10 @@ The same flow in the noise prediction eps_hat = -sigma s = (y - m x0_hat) / sigm
 with eps_hat replaced by its polynomial through the last p predictions: DEIS's multistep exponential
 integrator (Zhang & Chen 2023), whose "tAB" takes the polynomial in t (variable "time") and whose
 "rhoAB" in sigma / m = e^{-lambda} (variable "sigma"; that is also k-diffusion's lms). Its weights are
-the data prediction's with a = -1. The polynomial's variable: lambda, sigma / sigma_t = e^{-u} or the
-time t(lambda), found by inverting logSNR at the quadrature nodes before the loop.
+the data prediction's with a = -1. The polynomial's variable: lambda, sigma / sigma_t = e^{-u}, the
+time t(lambda), found by inverting logSNR at the quadrature nodes before the loop, or the variable of the
+floored grid, log(sigma + SIGMA_FLOOR) (grids.py): lambda at high noise, sigma below the floor, where
+E[x0 | x] = x0 + O(sigma^2) is a polynomial in sigma and one in lambda would extrapolate e^{-2 lambda}.
 
 The first steps run at lower order (warm-up: step i uses min(order, i + 1) nodes), and with fewer than
 LOWER_ORDER_FINAL steps the last ones too (step i uses at most steps - i nodes), as DPM-Solver does:
@@ -41,8 +43,9 @@ import torch
 
 from ..logsnr import log_snr_inverse
 from .common import Samples, check_choice, check_count, check_positive, fixed_step, noise, run, schedule
+from .grids import floored_log_sigma
 
-VARIABLES = ("lambda", "sigma", "time")
+VARIABLES = ("lambda", "sigma", "time", "floored")
 PREDICTIONS = ("data", "noise")
 FORMS = ("exact", "published")
 MAX_ORDER = 4
@@ -56,12 +59,12 @@ _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(32)
 _NODES, _WEIGHTS = (_NODES - 1) / 2, _WEIGHTS / 2
 
 
-def _weights(nodes: list[float], h: float, a: float, variable: str, time_at=None) -> np.ndarray:
+def _weights(nodes: list[float], h: float, a: float, variable: str, warp_at=None) -> np.ndarray:
     """w_j = int_{-h}^0 a e^{a u} L_j du, L_j the Lagrange basis of the nodes (u-positions) as a polynomial
-    in u (variable "lambda"), in sigma / sigma_t = e^{-u} ("sigma") or in the time t(lambda_t + u) ("time";
-    time_at maps u-positions to times), by quadrature of the product form of L_j (no monomial expansion,
-    so no cancellation when the nodes are close). a = 1 + eta weights a data prediction, a = -1 a noise
-    prediction (the integral of -e^{-u} L_j)."""
+    in u (variable "lambda"), in sigma / sigma_t = e^{-u} ("sigma"), or in the time t(lambda_t + u) ("time")
+    or log(sigma + SIGMA_FLOOR) at lambda_t + u ("floored"), which warp_at maps u-positions to, by
+    quadrature of the product form of L_j (no monomial expansion, so no cancellation when the nodes are
+    close). a = 1 + eta weights a data prediction, a = -1 a noise prediction (the integral of -e^{-u} L_j)."""
     u = h * _NODES
     kernel = h * _WEIGHTS * a * np.exp(a * u)
     if variable == "lambda":
@@ -69,7 +72,7 @@ def _weights(nodes: list[float], h: float, a: float, variable: str, time_at=None
     elif variable == "sigma":
         warp = lambda v: np.expm1(-np.asarray(v, dtype=np.float64))  # noqa: E731
     else:
-        warp = time_at
+        warp = warp_at
     x, points = warp(u), [float(p) for p in warp(np.array(nodes))]
     weights = []
     for j, node in enumerate(points):
@@ -128,18 +131,21 @@ def plan(lam: np.ndarray, order: int, eta: float, corrector: bool, variable: str
             p = min(p, steps - i)
         h = lam[i + 1] - lam[i]
         past = [lam[i - j] - lam[i + 1] for j in range(p)]
-        time_at = None
+        warp_at = None
         if variable == "time":
-            time_at = lambda u, end=lam[i + 1]: time_of(end + np.asarray(u, dtype=np.float64))  # noqa: E731
+            warp_at = lambda u, end=lam[i + 1]: time_of(end + np.asarray(u, dtype=np.float64))  # noqa: E731
+        elif variable == "floored":
+            def warp_at(u, end=lam[i + 1]):
+                return floored_log_sigma(2 * (end + np.asarray(u, dtype=np.float64)))
         # The published 3M's two-node warm-up step integrates the line exactly (as k-diffusion's does).
         if form == "published" and p == order == 2:
             predictor[i, :p] = _published_2m(past, h, a)
         elif form == "published" and p == 3:
             predictor[i, :p] = _published_3m(past, h, a)
         else:
-            predictor[i, :p] = _weights(past, h, a, variable, time_at)
+            predictor[i, :p] = _weights(past, h, a, variable, warp_at)
         if corrector:
-            correct[i, : p + 1] = _weights([0.0] + past, h, a, variable, time_at)
+            correct[i, : p + 1] = _weights([0.0] + past, h, a, variable, warp_at)
     return predictor, correct
 
 
