@@ -13,7 +13,7 @@ each on the whole batch. Fixed-step samplers walk a grid of steps + 1 times from
     ddim, dpm2         exponential integrators in noise prediction (DPM-Solver-1 = DDIM; multistep DPM-Solver-2)
     dpmpp_2m, dpmpp_3m multistep exponential integrators in data prediction on y = x - c(t) (DPM-Solver++
                        2M and 3M), for every affine SDE; unipc adds a corrector (order 3 from 2M),
-                       unipc_3m the same to 3M (order 4), on the floored grid (grids.py)
+                       unipc_3m the same to 3M (order 4); both on the floored grid (grids.py)
     dpmpp_2m_sde, dpmpp_3m_sde  the same for the reverse SDE (DPM-Solver++ SDE)
     deis               the multistep integrator of the noise prediction eps_hat = -sigma s (DEIS-style),
                        third order with the corrector (order 4)
@@ -85,7 +85,7 @@ _FIXED_STEP = {
     "dpm2": functools.partial(exponential_integrator, order=2),
     "dpmpp_2m": functools.partial(multistep, order=2, form="published"),
     "dpmpp_3m": functools.partial(multistep, order=3),
-    "unipc": functools.partial(multistep, order=2, corrector=True, variable="sigma"),
+    "unipc": functools.partial(multistep, order=2, corrector=True, variable="sigma", spacing="floored"),
     "unipc_3m": functools.partial(multistep, order=3, corrector=True, variable="floored", spacing="floored"),
     "deis": functools.partial(multistep, order=3, corrector=True, prediction="noise", spacing="edm"),
     "dpmpp_2m_sde": functools.partial(multistep, order=2, eta=1.0, form="published"),
