@@ -68,6 +68,17 @@ def test_sample_runs_the_few_step_samplers(moons_run, capsys):
     assert [r["nfe"] for r in result["results"]] == [7] * len(methods)
 
 
+def test_sample_takes_every_spacing_of_the_runtime(moons_run, capsys):
+    """--spacing offers every grid of sampling.grids, the floored one too, and each changes the samples."""
+    from sdelang.runtime.sampling.grids import SPACINGS
+    samples = {}
+    for spacing in SPACINGS:
+        assert main(["sample", str(moons_run), "--method", "dpmpp_2m", "--steps", "6", "-n", "20", "--spacing",
+                     spacing, "--json"]) == 0
+        samples[spacing] = json.loads(capsys.readouterr().out)["mmd"]
+    assert len(set(samples.values())) == len(SPACINGS)
+
+
 def test_sample_several_methods_prints_a_table(moons_run, tmp_path, capsys):
     assert main(["sample", str(moons_run), "--method", "em,dpm", "--steps", "5", "-n", "50",
                  "--plot", str(tmp_path / "s.png")]) == 0

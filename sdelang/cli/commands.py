@@ -203,10 +203,10 @@ def add_sample(sub) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="time steps of the fixed-step methods (default: the SDE's N); not for ode, which is adaptive")
     p.add_argument("-n", type=int, default=1000, help="number of samples (default 1000)")
-    p.add_argument("--spacing", choices=("time", "logsnr", "edm"), default=None,
-                   help="time grid of the fixed-step methods: uniform in t, in logSNR, or EDM's rho = 7 "
-                        "schedule (default: each method's own; logsnr suits SDEs whose noise level spans "
-                        "decades, such as EDM-style VE)")
+    p.add_argument("--spacing", choices=("time", "logsnr", "edm", "floored"), default=None,
+                   help="time grid of the fixed-step methods: uniform in t, in logSNR, EDM's rho = 7 "
+                        "schedule, or floored (logSNR above the noise level 1e-3, sigma below it) (default: each "
+                        "method's own; logsnr suits SDEs whose noise level spans decades, such as EDM-style VE)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prior draw and the noise (default 0)")
     p.add_argument("--plot", metavar="PNG", help="write a scatter plot or image grid (one per method)")
     p.add_argument("--save", metavar="NPY", help="write the samples of the first method as a .npy file")
