@@ -120,7 +120,27 @@ def _measure(d, sde, reference, ref, ts, at, eps, T) -> Report:
             back = reference.solve(t_of_u)
             # Q(t_icdf(u)) - u, as a relative error of t: dt = dQ / q(t).
             errors["t_icdf"] = float(np.max(np.abs(back["Q"] - u) / (back["q"] * t_of_u)))
+        if _tabulated(d, "G"):
+            errors["G"] = _step_error(sde, reference, ts, eps, T)
     return Report({k: v for k, v in errors.items() if _tabulated(d, k)}, "")
+
+
+def _step_error(sde, reference, ts, eps, T) -> float:
+    """The largest relative error of discretize's noise G over steps [s, t] ending at every fourth check time:
+    the default step T/N, a thousandth of t and half of t (s >= eps), against the step's own variance
+    w(t), w' = 2 a w + g^2 from w(s) = 0. (G^2 read as a difference of table values cancels where the variance
+    barely changes in relative terms over the step: a state that grows, v ~ e^{2A}.)"""
+    import torch
+
+    t = ts[::4]
+    s = np.concatenate([np.maximum(t - T / sde.N, eps), np.maximum(t * 0.999, eps), np.maximum(t / 2, eps)])
+    t = np.tile(t, 3)
+    keep = s < t
+    t, s = t[keep], s[keep]
+    with torch.no_grad():
+        _, G = sde.discretize(torch.zeros(len(t), 1, dtype=torch.float64), torch.tensor(t), torch.tensor(s))
+    want = np.sqrt([reference.step_variance(lo, hi) for lo, hi in zip(s, t)])
+    return _relative(G.reshape(-1).numpy(), want)
 
 
 def _relative(got, want) -> float:
@@ -132,7 +152,8 @@ def _relative(got, want) -> float:
 def _tabulated(d: Derivation, name: str) -> bool:
     """Report only what reads a table (closed forms are checked elsewhere)."""
     k = d.kernel
-    expr = {"m": k.m, "c": k.c, "std": k.std, "logSNR": d.log_snr, "t_cdf": d.importance.cdf}.get(name)
+    expr = {"m": k.m, "c": k.c, "std": k.std, "logSNR": d.log_snr, "t_cdf": d.importance.cdf,
+            "G": d.step.variance}.get(name)
     return expr is None or expr.has(*NUMERIC)
 
 
@@ -173,6 +194,20 @@ class _Reference:
         if math.isfinite(a + b + g2 + lam) and not all(map(math.isfinite, out)):
             raise _FactorOverflow
         return out
+
+    def step_variance(self, s: float, t: float) -> float:
+        """G^2 of the step [s, t]: w(t) for w' = 2 a w + g^2, w(s) = 0."""
+        import scipy.integrate
+
+        def rhs(u, w):
+            with np.errstate(all="ignore"):
+                a, g2 = (float(np.broadcast_to(f(u), ())) for f in (self.a, self.g2))
+            return [2 * a * w[0] + g2]
+        with np.errstate(all="ignore"):   # w(s) = 0: the first step's error norm divides by atol
+            sol = scipy.integrate.solve_ivp(rhs, (s, t), [0.0], method="DOP853", rtol=RTOL, atol=1e-300)
+        if not sol.success:
+            raise ArithmeticError(sol.message)
+        return float(sol.y[0, -1])
 
     def solve(self, ts: np.ndarray) -> dict:
         """The reference quantities at the times ts (in [eps, T])."""
