@@ -191,6 +191,26 @@ def test_a_stiff_vp_passes_with_the_steps_it_needs():
     assert [r.status for r in rows] == [verify.NA, verify.NA] and "rerun with --steps" in rows[0].note
 
 
+def test_step_methods_hold_g_to_the_steps_own_variance():
+    """A state that grows, dx = 12 x dt + dw: v(t) ~ e^{24 t} / 24, so G^2 = v(t) - r^2 v(s) cancels over a step
+    and a module computing it that way loses 4 digits (what tables did: G = 0 for such a process). The kernel-based
+    comparison shares the cancellation and its tolerance grows with v; the comparison with the step's variance
+    from sde() (w' = 2 a w + g^2) catches it. The compiled module itself passes."""
+    from conftest import import_code
+    code = sdelang.compile_source(sdelang.Source("sde grows\ndx = 12 * x dt + dw\n", "grows.sde")).code
+    SDE = import_code(code, "sdelang_test_verify_grows").SDE
+    assert statuses(verify.step_methods(SDE().double(), FAST))["discretize vs kernel"] == verify.OK
+
+    class Cancelling(SDE):
+        def discretize(self, x, t, s=None):
+            f, _ = super().discretize(x, t, s)
+            s = torch.clamp(t - self.T / self.N, min=0.0) if s is None else s
+            r = self.mean_coeff(t) / self.mean_coeff(s)
+            return f, (self.std(t) ** 2 - r**2 * self.std(s) ** 2).clamp(min=0).sqrt()
+    row = verify.step_methods(Cancelling().double(), FAST)[0]
+    assert row.status == verify.FAIL and "w' = 2 a w + g^2" in row.note, row
+
+
 def test_float32_log_snr_is_held_to_its_spacing_only_where_it_is_large():
     from sdelang.verify.precision import _absolute
     high = torch.tensor([0.5, -300.0, -5000.0], dtype=torch.float64)

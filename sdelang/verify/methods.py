@@ -55,6 +55,8 @@ def kernel_methods(sde, settings: Settings) -> list[CheckResult]:
 UNIT = torch.finfo(torch.float64).eps
 LARGE_ENOUGH = 1e-250   # |m| above this: m(t) / m(s) is a plain quotient, far from underflow
 ROUNDING = 64 * UNIT    # a reference formed from a few float64 values: this many units of each value it sums
+STEP_BOUND = 1e-7       # discretize's G^2 against the step's variance from sde(): the bound on numeric quantities
+STEP_SUBSTEPS = 8       # Runge-Kutta steps over the module's own step T/N (and twice as many, for the error)
 SCORE_TEST = (0.3, 1.0)  # the test score s(x, t) = -(x - 0.3) / (1 + t), any smooth function will do
 STATES = (-2.0, 0.0, 3.0)
 
@@ -82,7 +84,9 @@ def step_methods(sde, settings: Settings) -> list[CheckResult]:
     difference forms cancel for short steps, so the tolerance is IDENTITY_BOUND of the result plus 3e-9 (the kernel
     methods' own bound, three times) and ROUNDING of each term. drift_divergence(x, t) = d a(t) for x of d = 3
     entries. reverse(s): sde() drift f - g^2 s (flow: f - g^2 s / 2), diffusion g (flow: 0), and discretize() drift
-    f - G^2 s (flow: f - G^2 s / 2), noise G (flow: 0), for a test score s."""
+    f - G^2 s (flow: f - G^2 s / 2), noise G (flow: 0), for a test score s. G^2 over the module's own step is also
+    held, within 1e-7 relative, to the step's variance from sde() alone (_step_variance): where v barely moves in
+    relative terms over a step (a state that grows) v(t) - r^2 v(s) cancels, and so did the tolerance above."""
     t = check_grid(sde)
     eps, T = float(sde.eps), float(sde.T)
     steps = [(t - T / sde.N, "step T/N"), (t / 2, "step [t/2, t]")]
@@ -112,6 +116,13 @@ def step_methods(sde, settings: Settings) -> list[CheckResult]:
         G2_ref = v_t - r**2 * v_s
         tol = IDENTITY_BOUND * G2_ref.abs() + (3e-9 + ROUNDING) * (v_t + r**2 * v_s)
         step += _comparisons((G**2 - G2_ref).abs(), tol, tk, f"G^2 at t = {{t}} ({label})")
+        if label == "step T/N":
+            # v(t) - r^2 v(s) cancels where v barely moves in relative terms over the step (a state that grows,
+            # v ~ e^{2A}), and so does its tolerance: the module's own step is also held to its variance from sde()
+            # alone, w' = 2 a w + g^2 from w(s) = 0 by Runge-Kutta, within STEP_BOUND relative.
+            (w, w_half) = (_step_variance(sde, sk, tk, k) for k in (2 * STEP_SUBSTEPS, STEP_SUBSTEPS))
+            tol = STEP_BOUND * w + 10 * (w - w_half).abs()
+            step += _comparisons((G**2 - w).abs(), tol, tk, "G^2 against w' = 2 a w + g^2 at t = {t} (step T/N)")
     n = t.shape[0]
     a, b, g = affine_coefficients(sde, t)
     x = states.expand(n, 3)
@@ -136,9 +147,29 @@ def step_methods(sde, settings: Settings) -> list[CheckResult]:
                 rev += _comparisons((flat(value, n, t) - reference).abs(),
                                     IDENTITY_BOUND * reference.abs() + ROUNDING * size, t,
                                     f"{what} {part} at t = {{t}}, x = {x_value:g}")
-    return [worst_row("discretize vs kernel", step, "f and G^2 against m, c, v over the step, absolute"),
+    return [worst_row("discretize vs kernel", step, "f and G^2 against m, c, v over the step, absolute, and G^2 "
+                      "against the step's variance from sde(), relative 1e-7"),
             worst_row("drift_divergence = d a(t)", div, "absolute, d = 3 entries"),
             worst_row("reverse: f - g^2 s", rev, "reverse() and its flow ODE for a test score, absolute")]
+
+
+def _step_variance(sde, s: torch.Tensor, t: torch.Tensor, substeps: int) -> torch.Tensor:
+    """w(t) for w' = 2 a(u) w + g(u)^2, w(s) = 0: the variance one step of the SDE adds, from sde() alone (classical
+    Runge-Kutta, `substeps` equal steps, every evaluation inside [s, t])."""
+    h = (t - s) / substeps
+    w = torch.zeros_like(t)
+
+    def rhs(u, w):
+        a, _, g = affine_coefficients(sde, u)
+        return 2 * a * w + g**2
+    for k in range(substeps):
+        u, end = s + k * h, (s + (k + 1) * h if k + 1 < substeps else t)
+        k1 = rhs(u, w)
+        k2 = rhs(u + h / 2, w + h / 2 * k1)
+        k3 = rhs(u + h / 2, w + h / 2 * k2)
+        k4 = rhs(end, w + h * k3)
+        w = w + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return w
 
 
 GENERAL_STATES = (-2.0, -0.5, 0.0, 0.7, 2.0)  # one sample of five entries, the same at every time
