@@ -301,6 +301,23 @@ def test_prior_gaussian_reads_a_scalar_prior_off_prior_logp(examples):
     assert misfit < 1e-12
 
 
+def test_prior_gaussian_reads_wide_and_distant_priors(examples):
+    """Read at unit offsets from 0, the precision 1/V drowns in the rounding of log N where V >> 1 or the mean is
+    far from 0: VE with sigma_max = 3000 gave V 1.3e-8 off, a misfit of 3.5e-8 that failed the row, sigma_max = 1e8
+    no reading at all, OU with mu = 1e6 a misfit of 5.9e3. Read again one standard deviation from the mean, V and
+    mu are exact to the rounding of prior_logp itself (of u - mu at |u| = 1e6 for OU: 1e-10 of V)."""
+    for sigma_max in (3000.0, 1e8):
+        mu, V, misfit = verify.prior_gaussian(examples["ve"].build(dict(sigma_max=sigma_max)))
+        assert V[0, 0] == pytest.approx(sigma_max**2, rel=1e-12) and abs(mu[0]) <= 1e-12 * sigma_max
+        assert misfit < 1e-12
+    mu, V, misfit = verify.prior_gaussian(examples["ou"].build(dict(theta=0.5, mu=1e6)))
+    assert mu[0] == pytest.approx(1e6 * -math.expm1(-0.5 * 5), rel=1e-12)
+    assert V[0, 0] == pytest.approx(2 / (2 * 0.5) * -math.expm1(-2 * 0.5 * 5), rel=1e-9)
+    assert misfit < 1e-9
+    rows = statuses(verify.prior_gap(examples["ve"].build(dict(sigma_max=3000.0)), FAST))
+    assert set(rows.values()) == {verify.OK}
+
+
 def test_kl_for_ve_matches_the_closed_form(examples):
     """VE: m = 1 and v(T) = sigma_max^2 = the prior's variance, so p_T = N(0, s^2 + sigma_max^2) and
     KL = 1/2 (r - 1 - log r), r = 1 + s^2 / sigma_max^2."""

@@ -16,35 +16,54 @@ from .common import (FAIL, IDENTITY_BOUND, KL_WARNING, OK, STANDARD_ERRORS, WARN
 from .simulation import euler_grid, scalar_paths, starts_at_zero
 
 NOT_GAUSSIAN = "prior_logp is not a normalised Gaussian log-density (see the row above)"
+ROUGH_SCALES = (1.0, 1e6, 1e12)  # first offsets from 0: one moves L past its rounding for V below ~1e36
 
 
 def prior_gaussian(sde) -> tuple[np.ndarray, np.ndarray, float]:
     """Mean mu [K] and covariance V [K, K] of a Gaussian prior over one data entry's K components (K = 1 for
-    scalar modules), read off L(u) = prior_logp(u) = const - 1/2 (u - mu)^T P (u - mu), P = V^-1, at
-    u = 0, +-e_i and e_i + e_j: P_ii = 2 L(0) - L(e_i) - L(-e_i), P_ij = L(e_i) + L(e_j) - L(0) - L(e_i + e_j),
-    P mu = (L(e_i) - L(-e_i)) / 2. Also returns the largest misfit of L against log N(u; mu, V) at u = mu and
-    u = mu + 2.5 C w (C C^T = V, w a unit vector): zero for a normalised Gaussian log-density; NaN and inf
-    when L is not a downward paraboloid."""
-    like, K = sde._anchor, components(sde)
+    scalar modules), read off L(u) = prior_logp(u) = const - 1/2 (u - mu)^T P (u - mu), P = V^-1, by
+    _quadratic_fit: first at unit offsets from 0 (or 1e6, 1e12 where L is flat there), then twice more at
+    offsets of one standard deviation from the mean read so far, where L changes by O(1). Unit offsets
+    alone lose the precision P ~ 1/V of a wide prior to the rounding of L: 1.3e-8 of it for V = 9e6.
+    Also returns the largest misfit of L against log N(u; mu, V) at u = mu and u = mu + 2.5 C w (C C^T = V,
+    w a unit vector): zero for a normalised Gaussian log-density; NaN and inf when L is not a downward
+    paraboloid."""
+    K = components(sde)
+    fit = next((f for f in (_quadratic_fit(sde, np.zeros(K), scale * np.eye(K)) for scale in ROUGH_SCALES)
+                if f is not None), None)
+    for _ in range(2):  # twice: a first reading through L's rounding may be off by orders of magnitude
+        if fit is not None:
+            fit = _quadratic_fit(sde, fit[0], np.linalg.cholesky(fit[1]))
+    if fit is None:
+        return np.full(K, math.nan), np.full((K, K), math.nan), math.inf
+    mu, V = fit
+    C = np.linalg.cholesky(V)
+    probes = np.stack([mu, mu + 2.5 * C @ (np.ones(K) / math.sqrt(K))])
+    y = probes - mu
+    gaussian = (-0.5 * K * math.log(2 * math.pi) - 0.5 * np.linalg.slogdet(V)[1]
+                - 0.5 * np.einsum("bi,ij,bj->b", y, np.linalg.inv(V), y))
+    misfit = np.abs(sde.prior_logp(column(probes, sde._anchor)).double().cpu().numpy() - gaussian).max()
+    return mu, V, float(misfit)
+
+
+def _quadratic_fit(sde, center: np.ndarray, C: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The mean and covariance of the paraboloid through L(w) = prior_logp(center + C w) at w = 0, +-e_i and
+    e_i + e_j: in w, P_ii = 2 L(0) - L(e_i) - L(-e_i), P_ij = L(e_i) + L(e_j) - L(0) - L(e_i + e_j),
+    P w_mu = (L(e_i) - L(-e_i)) / 2; then mu = center + C w_mu, V = C P^-1 C^T. None when that P is not
+    finite and positive definite."""
+    K = len(center)
     eye = np.eye(K)
     pairs = [(i, j) for i in range(K) for j in range(i + 1, K)]
-    states = np.concatenate([np.zeros((1, K)), eye, -eye] + [(eye[i] + eye[j])[None] for i, j in pairs])
-    L = sde.prior_logp(column(states, like)).double().cpu().numpy()
+    w = np.concatenate([np.zeros((1, K)), eye, -eye] + [(eye[i] + eye[j])[None] for i, j in pairs])
+    L = sde.prior_logp(column(center + w @ C.T, sde._anchor)).double().cpu().numpy()
     L0, plus, minus = L[0], L[1:K + 1], L[K + 1:2 * K + 1]
     P = np.diag(2 * L0 - plus - minus)
     for (i, j), both in zip(pairs, L[2 * K + 1:]):
         P[i, j] = P[j, i] = plus[i] + plus[j] - L0 - both
     if not (np.isfinite(P).all() and np.linalg.eigvalsh(P).min() > 0):
-        return np.full(K, math.nan), np.full((K, K), math.nan), math.inf
-    V = np.linalg.inv(P)
-    mu = V @ ((plus - minus) / 2)
-    C = np.linalg.cholesky(V)
-    probes = np.stack([mu, mu + 2.5 * C @ (np.ones(K) / math.sqrt(K))])
-    y = probes - mu
-    gaussian = (-0.5 * K * math.log(2 * math.pi) - 0.5 * np.linalg.slogdet(V)[1]
-                - 0.5 * np.einsum("bi,ij,bj->b", y, P, y))
-    misfit = np.abs(sde.prior_logp(column(probes, like)).double().cpu().numpy() - gaussian).max()
-    return mu, V, float(misfit)
+        return None
+    Vw = np.linalg.inv(P)
+    return center + C @ (Vw @ ((plus - minus) / 2)), C @ Vw @ C.T
 
 
 def gaussian_kl(mean, variance, prior_mean, prior_variance) -> float:
