@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 import sdelang
 from conftest import import_code
+from sdelang import verify
 from sdelang.compiler import accuracy, codegen
 
 emit_module = importlib.import_module("sdelang.compiler.codegen.emit")  # the module, not its emit()
@@ -113,8 +114,20 @@ param k = 12
 dx = k * (1 + sin(3 * t)^2) * x dt + dw
 """
 
-PROGRAMS = {"growing": GROWING, "pole": POLE, "pole_tables": POLE_TABLES, "oscillating": OSCILLATING, "nonelementary": NONELEMENTARY,
-            "custom": CUSTOM, "cosine_tables": COSINE_TABLES, "flat_start": FLAT_START}
+# q ~ exp(k t^3) (weighting t e^(k t^3) over v = t): for k = 60 the CDF stays within 1e-13 of 0 up to t = 0.78, for
+# k = -60 within 2e-12 of 1 past t = 0.74, below what the inverse table resolves; the table's t_icdf(0) was 0.78 and
+# its t_icdf(1) 0.74.
+FLAT_ENDS = """\
+sde flat_ends
+param k: real = 60
+dx = 1 dw
+t in [1e-5, 1]
+weighting t * exp(k * t^3)
+t ~ importance
+"""
+PROGRAMS = {"growing": GROWING, "pole": POLE, "pole_tables": POLE_TABLES, "oscillating": OSCILLATING,
+            "nonelementary": NONELEMENTARY, "custom": CUSTOM, "cosine_tables": COSINE_TABLES, "flat_start": FLAT_START,
+            "flat_ends": FLAT_ENDS}
 TABULATED = ["pole_tables", "oscillating", "nonelementary", "custom", "cosine_tables", "flat_start"]
 
 
@@ -318,6 +331,25 @@ def test_inverse_cdf_where_the_cdf_starts_flat(compiled):
             want = mpmath.findroot(lambda s: Q(s) - u, (eps, T), solver="anderson") if 0 < u < 1 else (eps if u == 0 else T)
             if u == 0 or u >= 1e-8:
                 assert abs(t / want - 1) <= BOUND, (u, t, want)
+
+
+@pytest.mark.parametrize("k", [60.0, -60.0])
+def test_inverse_cdf_ends_where_the_cdf_is_flat(compiled, k):
+    """FLAT_ENDS: t_icdf(0) = eps and t_icdf(1) = T exactly, in float64 and float32, though the CDF is flat to the
+    table's resolution over a quarter or more of [eps, T] at one end; nondecreasing and finite on 100001 u with Q(t_icdf(u))
+    within 1e-10 of u; and `sdelang check`'s rows on the time sampler pass."""
+    mod = module(compiled, "flat_ends")
+    assert mod.SDE.inverse_cdf_path == "numeric (piecewise Chebyshev table)"
+    sde = mod.SDE(k=k).double()
+    u = torch.linspace(0, 1, 100001, dtype=F64)
+    t = sde.t_icdf(u)
+    assert bool(torch.isfinite(t).all()) and bool((t[1:] >= t[:-1]).all())
+    assert float((sde.t_cdf(t) - u).abs().max()) <= 1e-10
+    rows = verify.time_sampler(sde, verify.Settings(paths=4096))
+    assert [r for r in rows if r.status != verify.OK] == [], verify.format_table(rows)
+    for dtype in (F64, F32):
+        ends = sde.to(dtype).t_icdf(torch.tensor([0.0, 1.0], dtype=dtype))
+        assert ends.tolist() == torch.tensor([sde.eps, sde.T], dtype=dtype).tolist()
 
 
 # --- What the compiler says ------------------------------------------------------------------------------
