@@ -85,10 +85,27 @@ def tabulate_kernel(k: Kernel, t: sp.Symbol, tables: Tables) -> Kernel:
     (logs: m and v are positive and span many orders of magnitude; a log keeps their relative error)."""
     m, c, v, std = k.m, k.c, k.v, k.std
     if not is_closed(m):
-        m = sp.exp(tables.tabulate(sp.expand_log(sp.log(m), force=True), "log m(t)", absolute=True))
+        m = sp.exp(tables.tabulate(log_of_positive(m), "log m(t)", absolute=True))
     if not is_closed(c):
         c = tables.tabulate(c, "c(t)", absolute=False)
     if not is_closed(v):
-        log_v = tables.tabulate(sp.expand_log(sp.log(v), force=True), "log v(t)", absolute=True)
+        log_v = tables.tabulate(log_of_positive(v), "log v(t)", absolute=True)
         v, std = sp.exp(log_v), sp.exp(log_v / 2)
     return Kernel(m, c, v, std)
+
+
+def log_of_positive(q: sp.Expr) -> sp.Expr:
+    """log q of a positive q, real: the exponent of each exponential factor, plus log of each factor SymPy knows
+    to be positive, expanded, plus one log of the remaining factors together (their product is positive).
+
+    Taken out of the log, exp(2 A) cannot underflow where A is merely large. Expanding every factor instead
+    (expand_log with force) splits v = -expm1(2 A) into log(-1) + log(expm1(2 A)) = I pi + ..., a complex column."""
+    terms, rest = [], []
+    for f in sp.Mul.make_args(q):
+        if isinstance(f, sp.exp):
+            terms.append(f.args[0])
+        elif f.is_positive and not (expanded := sp.expand_log(sp.log(f), force=True)).has(sp.I):
+            terms.append(expanded)
+        else:
+            rest.append(f)
+    return sp.Add(*terms) + sp.log(sp.Mul(*rest))
