@@ -136,3 +136,20 @@ def test_a_kink_in_the_drift_compiles_to_a_module_that_runs_on_tensors():
     x = torch.ones(2, 1, dtype=torch.float64)
     drift, _ = sde.sde(x, t)
     assert torch.allclose(drift[:, 0], torch.tensor([0.0, -2.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("T", ["1e20", "3e38"])
+def test_a_horizon_past_2_to_the_64_builds_a_module(T):
+    """T up to float32's largest number, which check refuses past (tests/errors/T_past_float32): an integer T
+    printed as a Python int past 2^64 stopped torch.clamp in t_icdf ('int too big to convert', an internal
+    error). The OU process's std is 1 at T and t_icdf(1) = T, in float32 and float64."""
+    import torch
+
+    code = compiler.compile_source(Source(f"{OU}t in [1e-5, {T}]\n", "long.sde")).code
+    namespace: dict = {"__name__": "long"}
+    exec(compile(code, "long.py", "exec"), namespace)
+    for dtype in (torch.float32, torch.float64):
+        sde = namespace["SDE"]().to(dtype)
+        end = torch.tensor([float(T)], dtype=dtype)
+        assert torch.allclose(sde.std(end), torch.ones(1, dtype=dtype))
+        assert sde.t_icdf(torch.ones(1, dtype=dtype)).item() == end.item()

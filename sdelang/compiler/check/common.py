@@ -21,6 +21,8 @@ DEFAULT_N = 1000
 # The most time steps a program or a sampler may ask for: per-step tensors must fit in memory, and more
 # steps than this is a typing mistake (`steps 1e12`) rather than a plan.
 MAX_STEPS = 1_000_000
+# The largest float32 number: the generated modules compute in float32, so T past it is inf there.
+FLOAT32_MAX = 3.4028234663852886e38
 
 TIME = sp.Symbol("t", positive=True)
 # The checker names the state after the SDE line (dx -> x); generated code always calls it x.

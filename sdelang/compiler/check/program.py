@@ -11,8 +11,8 @@ from .. import syntax as ast
 from ...errors import Span
 from ..ir import CoupledProgram, Parameter, Program
 from ..parse import RESERVED_WORDS
-from .common import (BUILTIN_CONSTANTS, DEFAULT_EPS, DEFAULT_N, DEFAULT_T, MAX_NAME_LENGTH, MAX_STEPS, SHADOWED_MODULES,
-                     TIME, Scope, evaluate, names_in)
+from .common import (BUILTIN_CONSTANTS, DEFAULT_EPS, DEFAULT_N, DEFAULT_T, FLOAT32_MAX, MAX_NAME_LENGTH, MAX_STEPS,
+                     SHADOWED_MODULES, TIME, Scope, evaluate, names_in)
 
 
 class ProgramPass:
@@ -75,6 +75,10 @@ class ProgramPass:
             if eps_value >= T_value:
                 raise self.error(f"eps must be smaller than T, got eps = {eps_value:g} >= T = {T_value:g}",
                                  time.span, "write 't in [eps, T]' with 0 < eps < T")
+            if T_value > FLOAT32_MAX:
+                raise self.error(f"T = {T_value:g} is past float32's range, in which the generated modules compute",
+                                 time.T.span, f"write T <= {FLOAT32_MAX:.2g}; a process over a longer time can be "
+                                 "written in a time rescaled by a constant factor")
         eps_value, T_value = evaluate(self.with_defaults(eps)), evaluate(self.with_defaults(T))
 
         N = DEFAULT_N

@@ -162,7 +162,11 @@ class _PowMixin:
         return f"{self.parenthesize(base, PRECEDENCE['Pow'])}**{self.parenthesize(exp, PRECEDENCE['Pow'])}"
 
     def _print_Rational(self, expr):
-        return f"{expr.p}/{expr.q}" if expr.q != 1 else str(expr.p)
+        return f"{expr.p}/{expr.q}" if expr.q != 1 else self._print_Integer(expr)
+
+    def _print_Integer(self, expr):
+        # Past 2^53, as a float: torch takes no Python int past 2^64 (T = 1e20), and float64 holds it to rounding.
+        return repr(float(expr.p)) if abs(expr.p) > 2**53 else str(expr.p)
 
     def _print_Float(self, expr):
         return repr(float(expr))
