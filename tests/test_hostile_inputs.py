@@ -153,3 +153,13 @@ def test_a_horizon_past_2_to_the_64_builds_a_module(T):
         end = torch.tensor([float(T)], dtype=dtype)
         assert torch.allclose(sde.std(end), torch.ones(1, dtype=dtype))
         assert sde.t_icdf(torch.ones(1, dtype=dtype)).item() == end.item()
+
+
+def test_a_parameter_at_zero_leaks_no_numpy_warning():
+    """dx = -k x dt + dw with k = 0: every candidate form of the kernel is 0/0 at the default, so the compile-time
+    reference has no value there (NaN), and numpy's 'All-NaN slice encountered' once reached the terminal."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiler.compile_source(Source("sde still\nparam k = 0\ndx = -k * x dt + dw\n", "still.sde"))

@@ -448,6 +448,16 @@ def test_parameter_names_that_collide_with_generated_code(name):
     assert getattr(sde, name) == 2.0
 
 
+def test_a_name_that_starts_with_dt_after_d_slash_is_a_division():
+    """d/dt2 and d/dtheta(t) divide d by the constant dt2 and the helper dtheta: the lexer once read 'd/dt' out of
+    them as the derivative operator and refused the line ("unexpected '2'; expected '('")."""
+    text = "sde ratio\nd = 3\ndt2 = 2\ndtheta(t) = 1 + t\ndx = -(d/dt2 + d/dtheta(t)) * x dt + dw\n"
+    source = sdelang.Source(text, "ratio.sde")
+    program = check(parse(source), source)
+    t, x = program.t, program.x
+    assert sp.simplify(program.drift + (sp.Rational(3, 2) + 3 / (1 + t)) * x) == 0
+
+
 def test_refused_names_cover_torch_module_attributes():
     """Every public attribute of torch.nn.Module (which the generated class inherits) is refused."""
     from sdelang.compiler.check import MODULE_ATTRIBUTES

@@ -178,6 +178,10 @@ def _explain(tok: Token, previous: Token | None, expected: set[str], span: Span,
         return f"unknown distribution for t: {found}", "write 't ~ uniform' or 't ~ importance'", span
     if prev == "DT" and "PLUS" in expected:
         return f"expected '+' after 'dt', got {found}", SDE_HINT, span
+    if prev == "D_DT":
+        return f"expected '(' after d/dt, got {found}", "d/dt is the derivative operator: write 'd/dt(expr)'", span
+    if tok.type == "DT" and (first := re.search(r"\bdt\b", line[:span.column - 1])) is not None:
+        return "a second 'dt' in the SDE line", _one_drift_hint(line, first, span.column), span
     if tok.type in ("NAME", "NUMBER", "LPAR", "D_DT") and _OPERATORS & expected:
         hint = "multiplication is explicit: write '2 * t', not '2 t'"
         column = _unclosed(line, "(", span.column)
@@ -219,6 +223,14 @@ def _explain(tok: Token, previous: Token | None, expected: set[str], span: Span,
         return f"unexpected {found} after the end of the statement", "one statement per line", span
     wanted = ", ".join(sorted(dict.fromkeys(_describe(e) for e in expected)))
     return f"unexpected {found}; expected {wanted}", None, span
+
+
+def _one_drift_hint(line: str, first: re.Match, second: int) -> str:
+    """'dx = -x dt + 1 dt + ...' -> a hint that writes the drift as one expression, '(-x + 1) dt'."""
+    start = line.find("=", 0, first.start()) + 1  # 0 on a continued line, which has no 'dx ='
+    terms = f"{line[start:first.start()].strip()} {line[first.end():second - 1].strip()}"
+    return f"the drift is one expression before a single 'dt': write {line[:start]} ({terms}) dt + ...".replace(
+        "write  (", "write (")
 
 
 def _unclosed(line: str, opening: str, before: int) -> int | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import keyword
 import math
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -778,7 +779,9 @@ def _reference(ats, variables, columns) -> np.ndarray | None:
     if np.finfo(np.longdouble).eps < 1e-18:
         values = [v for at in ats if (v := _evaluate(at, variables, columns, np.longdouble)) is not None]
         if values:
-            with np.errstate(all="ignore"):
+            # A point where every candidate is NaN has no reference: NaN there, which numpy also warns of.
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "All-NaN slice encountered", RuntimeWarning)
                 return np.nanmedian(np.array(values), axis=0).astype(np.float64)
     return _exact(ats, variables, columns)
 
