@@ -209,5 +209,5 @@ def load(path_or_source: str | os.PathLike, **params):
         if not str(exc).endswith(far):
             raise
         what = str(exc)[:-len(far)].rstrip(": ")
-        raise ValueError(f"{what}, also compiled with these values as the program's defaults: the SDE leaves "
-                         f"float64's range there; choose other values") from None
+        raise ValueError(f"{what}, also compiled with these values as the program's defaults: choose other "
+                         f"values") from None

@@ -896,6 +896,52 @@ def test_load_recompiles_where_the_forms_fail(tmp_path, monkeypatch):
         sdelang.load(PROGRAMS["exponential_vp"][0], k=1000.0)
 
 
+DECAYING_NOISE = """sde decaying_noise
+param theta = 1
+param lam: real = 0.5
+dx = -theta * x dt + sqrt(2) * exp(lam * t) dw
+t in [1e-3, 1]
+"""
+CHEN_SIGMOID = """sde chen_sigmoid
+param st: real = -3
+param en = 3
+param tau = 0.7
+gam(t) = (sigmoid(en / tau) - sigmoid((t * (en - st) + st) / tau)) / (sigmoid(en / tau) - sigmoid(st / tau))
+x(t) ~ normal(sqrt(gam(t)) * x(0), 1 - gam(t))
+t in [1e-5, 0.999]
+weighting likelihood
+t ~ importance
+"""
+
+
+def test_load_recompiles_where_the_constants_or_tables_fail(tmp_path, monkeypatch):
+    """Values whose module constants leave math's domain or divide by zero, or whose tables cannot be resolved, are
+    refused by the constructor as far from the defaults (a ValueError naming them), and load recompiles with them:
+    lam = -1.5 < -theta once gave a bare 'math domain error' (log(1 / (lam + theta)), a constant), tau = 0.2 in Chen's
+    sigmoid schedule 'the kernel tables cannot be resolved' though at that default it compiles to a closed form.
+    Both then match their references: v = e^(-2 theta t) expm1(2 (lam + theta) t) / (lam + theta), and sigma^2 =
+    1 - gamma(t) with mpmath."""
+    monkeypatch.setenv("SDELANG_CACHE", str(tmp_path))
+    module = sdelang.load_module(DECAYING_NOISE)
+    with pytest.raises(ValueError, match=r"^the parameters theta = 1\.0, lam = -1\.5 leave a function's domain .*"
+                                         r"make these the defaults"):
+        module.SDE(lam=-1.5)
+    t = torch.tensor([1e-3, 0.5, 1.0], dtype=torch.float64)
+    v = torch.exp(-2 * t) * torch.expm1(-t) / -0.5
+    torch.testing.assert_close(sdelang.load(DECAYING_NOISE, lam=-1.5).double().std(t), v.sqrt(), rtol=1e-10, atol=0)
+
+    with pytest.raises(ValueError, match=r"the kernel tables cannot be resolved .* with the parameters st = -3\.0, "
+                                         r"en = 3\.0, tau = 0\.2 .*make these the defaults"):
+        sdelang.load_module(CHEN_SIGMOID).SDE(tau=0.2)
+    sde = sdelang.load(CHEN_SIGMOID, tau=0.2).double()
+    sigmoid = lambda u: 1 / (1 + mpmath.exp(-u))  # noqa: E731
+    with mpmath.workdps(50):
+        gamma = [(sigmoid(15) - sigmoid((6 * mpmath.mpf(s) - 3) / mpmath.mpf("0.2"))) / (sigmoid(15) - sigmoid(-15))
+                 for s in (0.01, 0.3, 0.9)]
+        want = torch.tensor([float(mpmath.sqrt(1 - g)) for g in gamma], dtype=torch.float64)
+    torch.testing.assert_close(sde.std(torch.tensor([0.01, 0.3, 0.9], dtype=torch.float64)), want, rtol=1e-9, atol=0)
+
+
 def test_sub_vp_with_a_large_beta_keeps_its_closed_form():
     """Sub-VP by its SDE with beta_max = 200 written as numbers: the variance's integrand (1 + 1999 s) sinh(B) / 5 has
     terms near e^28 at s = 0.53, and the inspection's check that the derivative of c e^B matches it asked for an
