@@ -79,8 +79,11 @@ class EDMVESDE(torch.nn.Module):
             self._k1 = 1 / (2*math.log(80) + 2*math.log(500))
             self._k2 = 2*math.log(500)
             self._k3 = -2*math.log(80)
-        except OverflowError:
-            raise ValueError(f"{self._parameter_values()} overflow float64 in this module's constants: "
+        except (OverflowError, ValueError, ZeroDivisionError) as exc:
+            # ValueError: math's 'math domain error', the log or root of a number these values make negative.
+            problem = {OverflowError: "overflow float64", ZeroDivisionError: "divide by zero"}.get(
+                type(exc), "leave a function's domain")
+            raise ValueError(f"{self._parameter_values()} {problem} in this module's constants: "
                              f"{self._FAR_FROM_DEFAULTS}") from None
         self.eps = 1/500
         self.T = 80

@@ -71,8 +71,11 @@ class EDMVPSDE(torch.nn.Module):
         try:
             self._k0 = -1/2*self.beta_min
             self._k1 = 2*self.beta_min
-        except OverflowError:
-            raise ValueError(f"{self._parameter_values()} overflow float64 in this module's constants: "
+        except (OverflowError, ValueError, ZeroDivisionError) as exc:
+            # ValueError: math's 'math domain error', the log or root of a number these values make negative.
+            problem = {OverflowError: "overflow float64", ZeroDivisionError: "divide by zero"}.get(
+                type(exc), "leave a function's domain")
+            raise ValueError(f"{self._parameter_values()} {problem} in this module's constants: "
                              f"{self._FAR_FROM_DEFAULTS}") from None
         self.eps = 1/100000
         self.T = 1

@@ -75,8 +75,11 @@ class NumericSDE(torch.nn.Module):
         # Subexpressions in the parameters alone, computed once in float64.
         try:
             self._k3 = (1/3)*math.cos(3/100000)
-        except OverflowError:
-            raise ValueError(f"{self._parameter_values()} overflow float64 in this module's constants: "
+        except (OverflowError, ValueError, ZeroDivisionError) as exc:
+            # ValueError: math's 'math domain error', the log or root of a number these values make negative.
+            problem = {OverflowError: "overflow float64", ZeroDivisionError: "divide by zero"}.get(
+                type(exc), "leave a function's domain")
+            raise ValueError(f"{self._parameter_values()} {problem} in this module's constants: "
                              f"{self._FAR_FROM_DEFAULTS}") from None
         self.eps = 1/100000
         self.T = 3
@@ -389,11 +392,11 @@ class NumericSDE(torch.nn.Module):
         middle = torch.where((a > 0) & (b > 4 * a), torch.sqrt(a * b.clamp(min=0.0)), (a + b) / 2)
         return torch.cat([breaks, middle]).sort().values
 
-    @staticmethod
-    def _check_tables(bad, what):
+    def _check_tables(self, bad, what):
+        # The compiler checked these tables at the defaults; far from them, a recompile may find forms that resolve.
         if bad.any():
-            raise ValueError(f"{what} cannot be resolved to 1e-11 with 4000 pieces at these parameters "
-                             "(a singularity inside [eps, T]?): the SDE's numeric quantities would be inaccurate")
+            raise ValueError(f"{what} cannot be resolved to 1e-11 with 4000 pieces with "
+                             f"{self._parameter_values()} (a singularity inside [eps, T]?): {self._FAR_FROM_DEFAULTS}")
 
     @staticmethod
     def _lookup(t, breaks, coef, lo, hi):

@@ -83,8 +83,11 @@ class OUSDE(torch.nn.Module):
             self._k4 = -self.mu*math.expm1(-5*self.theta)
             self._k5 = -math.expm1(-10*self.theta)/self.theta
             self._k6 = 1 / self.theta
-        except OverflowError:
-            raise ValueError(f"{self._parameter_values()} overflow float64 in this module's constants: "
+        except (OverflowError, ValueError, ZeroDivisionError) as exc:
+            # ValueError: math's 'math domain error', the log or root of a number these values make negative.
+            problem = {OverflowError: "overflow float64", ZeroDivisionError: "divide by zero"}.get(
+                type(exc), "leave a function's domain")
+            raise ValueError(f"{self._parameter_values()} {problem} in this module's constants: "
                              f"{self._FAR_FROM_DEFAULTS}") from None
         self.eps = 1/100000
         self.T = 5

@@ -61,8 +61,11 @@ class RectifiedFlowSDE(torch.nn.Module):
             self._k1 = 1 / math.log(998001)
             self._k2 = math.log(998001)
             self._k3 = -math.log(998001)
-        except OverflowError:
-            raise ValueError(f"{self._parameter_values()} overflow float64 in this module's constants: "
+        except (OverflowError, ValueError, ZeroDivisionError) as exc:
+            # ValueError: math's 'math domain error', the log or root of a number these values make negative.
+            problem = {OverflowError: "overflow float64", ZeroDivisionError: "divide by zero"}.get(
+                type(exc), "leave a function's domain")
+            raise ValueError(f"{self._parameter_values()} {problem} in this module's constants: "
                              f"{self._FAR_FROM_DEFAULTS}") from None
         self.eps = 1/1000
         self.T = 999/1000

@@ -82,8 +82,11 @@ class VPSDE(torch.nn.Module):
             self._k2 = -self.beta_max + self.beta_min
             self._k3 = 2*self.beta_min
             self._k4 = -1/2*self.beta_min
-        except OverflowError:
-            raise ValueError(f"{self._parameter_values()} overflow float64 in this module's constants: "
+        except (OverflowError, ValueError, ZeroDivisionError) as exc:
+            # ValueError: math's 'math domain error', the log or root of a number these values make negative.
+            problem = {OverflowError: "overflow float64", ZeroDivisionError: "divide by zero"}.get(
+                type(exc), "leave a function's domain")
+            raise ValueError(f"{self._parameter_values()} {problem} in this module's constants: "
                              f"{self._FAR_FROM_DEFAULTS}") from None
         self.eps = 1/100000
         self.T = 1

@@ -97,8 +97,11 @@ class VPLikelihoodSDE(torch.nn.Module):
             self._k12 = self.beta_min**2
             self._k13 = 2*self.beta_max - 2*self.beta_min
             self._k14 = math.log(-math.exp((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)*math.expm1(-1/20000000000*self.beta_max - 199999/20000000000*self.beta_min))
-        except OverflowError:
-            raise ValueError(f"{self._parameter_values()} overflow float64 in this module's constants: "
+        except (OverflowError, ValueError, ZeroDivisionError) as exc:
+            # ValueError: math's 'math domain error', the log or root of a number these values make negative.
+            problem = {OverflowError: "overflow float64", ZeroDivisionError: "divide by zero"}.get(
+                type(exc), "leave a function's domain")
+            raise ValueError(f"{self._parameter_values()} {problem} in this module's constants: "
                              f"{self._FAR_FROM_DEFAULTS}") from None
         self.eps = 1/100000
         self.T = 1
