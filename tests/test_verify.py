@@ -25,6 +25,7 @@ from sdelang import verify
 from sdelang.cli import main
 from sdelang.verify.common import comparison_times
 from sdelang.verify.moments import derivatives
+from sdelang.verify.sampler import density_integral
 from sdelang.verify.simulation import euler_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -382,6 +383,37 @@ def test_time_sampler_catches_an_unnormalised_density(examples):
     rows = statuses(verify.time_sampler(broken(examples["edm_ve"], t_density=t_density), FAST))
     assert rows["t_density integrates to t_cdf"] == verify.FAIL
     assert rows["t_density form (importance)"] == verify.OK
+
+
+def test_density_integral_refines_across_a_kink(examples):
+    """A density with a kink, q ~ 1 + 10 |t - c| (the likelihood weighting of beta = 1 + 10 |t - c|): panels fixed
+    across the kink integrated it to ~1e-7 and failed a right module; they are halved where they disagree with their
+    halves. A 1e-6 error in t_cdf still fails."""
+    c = 0.4137
+
+    def F(t):   # int_0^t (1 + 10 |s - c|) ds
+        return t + 5 * ((t - c) * (t - c).abs() + c**2)
+
+    def t_cdf(self, t):
+        return (F(t) - F(torch.full_like(t, self.eps))) / (F(torch.full_like(t, self.T)) - F(torch.full_like(t, self.eps)))
+
+    def t_density(self, t):
+        return (1 + 10 * (t - c).abs()) / (F(torch.full_like(t, self.T)) - F(torch.full_like(t, self.eps)))
+
+    row = density_integral(broken(examples["vp"], t_cdf=t_cdf, t_density=t_density))
+    assert row.status == verify.OK and row.measured < 1e-12, row
+    shifted = broken(examples["vp"], t_cdf=lambda self, t: t_cdf(self, t) + 1e-6 * t, t_density=t_density)
+    assert density_integral(shifted).status == verify.FAIL
+
+
+def test_step_variance_leaves_out_steps_runge_kutta_cannot_resolve():
+    """T = 1e20: the module's own step is 1e17 and Runge-Kutta on it diverges (NaN): those times have no reference
+    and are left out instead of failing the row."""
+    from conftest import import_code
+    code = sdelang.compile_source(sdelang.Source("sde big\ndx = -x dt + sqrt(1 + t) dw\nt in [1e-5, 1e20]\n",
+                                                 "big.sde")).code
+    sde = import_code(code, "sdelang_test_verify_big").SDE().double()
+    assert statuses(verify.step_methods(sde, FAST))["discretize vs kernel"] == verify.OK
 
 
 def test_time_sampler_catches_a_density_of_the_wrong_form(examples):
