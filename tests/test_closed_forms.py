@@ -192,6 +192,23 @@ def test_exponential_integrands_by_inspection(monkeypatch):
             assert abs(result.xreplace(point).evalf(30) - reference) <= 1e-25 * max(1, abs(reference))
 
 
+def test_powers_with_exponents_in_a_parameter_power_of_s(monkeypatch):
+    """A VE reparametrised as sigma = smin^(1 - s^rho) smax^(s^rho) with rho a parameter: its noise d/ds sigma^2 has
+    powers of constants with exponents in s^rho and s^(rho - 1) beside them, which the exponential rewrite turned into
+    exp(rho log s) too; it went to the tables, and their step noise G was 185 times too large at rho = 7. Written as
+    one exponential per term (s^rho left alone) it is integrated by inspection: sigma(r)^2 - smin^2 exactly."""
+    monkeypatch.setattr(symbolic, "_definite", lambda *args: None)
+    s, r, rho, smin, smax = sp.symbols("s r rho smin smax", positive=True)
+    sigma2 = (smin ** (1 - s**rho) * smax ** (s**rho)) ** 2
+    result = integrate_from(sp.diff(sigma2, s), s, sp.Integer(0), r)
+    assert not result.has(sp.Integral)
+    for values in ((3.0, 0.002, 80.0, 0.7), (7.0, 0.01, 500.0, 1.4e-3), (0.5, 0.1, 2.0, 0.3)):
+        # 80 digits: sigma(r)^2 - smin^2 is 1e-19 of smin^2 at r^7 = 1e-20, and both forms cancel that much.
+        point = {symbol: sp.Float(value, 80) for symbol, value in zip((rho, smin, smax, r), values)}
+        exact = (sigma2.xreplace({s: r}) - smin**2).xreplace(point).evalf(60)
+        assert abs(result.xreplace(point).evalf(60) - exact) <= 1e-30 * abs(exact)
+
+
 def test_power_minus_one_and_factor_guard():
     t, c = sp.symbols("t c", positive=True)
     rewritten = powers_minus_one((1 + c * sp.exp(t)) ** sp.Rational(1, 3) - 1)

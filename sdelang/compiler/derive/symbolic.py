@@ -107,7 +107,10 @@ def integrate_from(integrand: sp.Expr, var: sp.Symbol, lower: sp.Expr, upper: sp
     # Sub-VP's beta (1 - e^-2B) e^B arrives as (1 + 199 s) sinh(B) / 5: in exponentials, with the terms of each
     # exponential gathered (s e^B and e^B are one term beta e^B), it is beta e^B - beta e^-B.
     gathered = bounded(_by_exponential, body, seconds=SIMPLIFY_LIMIT)
-    for form in (body, expanded, gathered):
+    # A VE written sigma = smin^(1 - s^rho) smax^(s^rho) has powers of constants with exponents in s^rho, which
+    # rewrite(exp) above turns into exp(rho log s) as well: as one exponential each, and s^rho left alone.
+    powers = bounded(_powers_as_exponentials, body, dummy, seconds=SIMPLIFY_LIMIT)
+    for form in (body, expanded, gathered, powers):
         inspected = bounded(_exponential_antiderivative, form, dummy, seconds=SIMPLIFY_LIMIT) if form is not None else None
         if inspected is not None:
             result = inspected.xreplace({dummy: upper}) - inspected.xreplace({dummy: lower})
@@ -283,6 +286,17 @@ def _by_exponential(body: sp.Expr) -> sp.Expr:
     return sp.Add(*(sp.factor(coefficient) * key for key, coefficient in groups.items()))
 
 
+def _powers_as_exponentials(body: sp.Expr, var: sp.Symbol) -> sp.Expr | None:
+    """body with each power b^E(s) of a base free of s written exp(E log b), the exponentials of each term combined
+    into one; None if body has no such power."""
+    def is_power(e):
+        return e.is_Pow and not e.base.has(var) and e.exp.has(var)
+    if not body.has(var) or not any(is_power(e) for e in sp.preorder_traversal(body)):
+        return None
+    rewritten = body.replace(is_power, lambda e: sp.exp(e.exp * sp.log(e.base)))
+    return sp.Add(*(sp.powsimp(term, combine="exp") for term in sp.Add.make_args(sp.expand(rewritten))))
+
+
 def _exponential_antiderivative(body, var):
     """sum_k c_k exp(E_k(s)) when every term of body is a constant c_k times E_k'(s) exp(E_k(s)), else None.
 
@@ -295,7 +309,10 @@ def _exponential_antiderivative(body, var):
                 continue
             ratio = term / (sp.diff(e.args[0], var) * e)
             if is_constant_in(ratio, var):
-                pieces.append(sp.powsimp(ratio.xreplace({var: sp.Integer(0)})) * e)
+                constant = sp.powsimp(ratio.xreplace({var: sp.Integer(0)}))
+                if constant.has(sp.nan, sp.zoo, sp.oo, -sp.oo):   # s^(rho - 1) / s^rho at 0: read it at s = 1
+                    constant = sp.powsimp(ratio.xreplace({var: sp.Integer(1)}))
+                pieces.append(constant * e)
                 break
         else:
             return None
