@@ -229,8 +229,8 @@ def _one_drift_hint(line: str, first: re.Match, second: int) -> str:
     """'dx = -x dt + 1 dt + ...' -> a hint that writes the drift as one expression, '(-x + 1) dt'."""
     start = line.find("=", 0, first.start()) + 1  # 0 on a continued line, which has no 'dx ='
     terms = f"{line[start:first.start()].strip()} {line[first.end():second - 1].strip()}"
-    return f"the drift is one expression before a single 'dt': write {line[:start]} ({terms}) dt + ...".replace(
-        "write  (", "write (")
+    written = " ".join(part for part in (line[:start].strip(), f"({terms}) dt + ...") if part)
+    return f"the drift is one expression before a single 'dt': write {written}"
 
 
 def _unclosed(line: str, opening: str, before: int) -> int | None:

@@ -20,6 +20,7 @@ KL_WARNING = 0.01       # nats per dimension (per data entry for coupled SDEs)
 KS_LEVEL = 1e-3         # the sampler check fails when the Kolmogorov-Smirnov p-value is below this
 FLOAT32_BOUND = 1e-4    # float32 relative error (logSNR: absolute) allowed: 3 of float32's 7 digits lost
 IDENTITY_BOUND = 1e-9   # two float64 formulas of one quantity, relative (logSNR: absolute)
+NORMAL = 1e-300         # above float64's smallest normal number (2.2e-308): a value below has lost digits
 START_POINTS = (-2.0, 0.0, 3.0)  # x0 of the forward simulation (3.0 off-centre: a sign error shows)
 
 

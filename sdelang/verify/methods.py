@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from .common import (IDENTITY_BOUND, CheckResult, Comparison, Settings, affine_coefficients, affine_kernel,
-                     check_grid, components, coupled_coefficients, data_column, flat, initial_mean,
+from .common import (IDENTITY_BOUND, NORMAL, CheckResult, Comparison, Settings, affine_coefficients,
+                     affine_kernel, check_grid, components, coupled_coefficients, data_column, flat, initial_mean,
                      inversion_rounding, worst_row)
 
 TINY = torch.finfo(torch.float64).tiny
-NORMAL = 1e-300   # above float64's smallest normal number (2.2e-308): every digit of a value is kept
 
 
 def kernel_methods(sde, settings: Settings) -> list[CheckResult]:

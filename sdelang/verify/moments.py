@@ -9,13 +9,12 @@ from typing import Callable
 
 import torch
 
-from .common import (IDENTITY_BOUND, NA, CheckResult, Comparison, Settings, affine_coefficients, affine_kernel,
-                     check_grid, components, coupled_coefficients, times, worst_row)
+from .common import (IDENTITY_BOUND, NA, NORMAL, CheckResult, Comparison, Settings, affine_coefficients,
+                     affine_kernel, check_grid, components, coupled_coefficients, times, worst_row)
 
 FD_STEP = 1e-4       # finite-difference step, relative to the time scale of the kernel at t
 FD_SAFETY = 10.0     # tolerance = FD_SAFETY x the estimated finite-difference error
 ROUNDING = 1e-13     # relative error of one float64 evaluation of m, c or v (a few hundred ulps)
-SUBNORMAL = 1e-300   # above float64's smallest normal number (2.2e-308): a value below has lost digits
 # Relative error of one float64 evaluation of a coupled kernel's entries: the bound two float64 formulas must
 # meet. Closed forms cancel near t = 0 (CLD's Q_xx = (expm1(2a) - 2a - 2a^2) exp(-2a) ~ 4a^3 / 3) and a
 # matrix exponential is accurate relative to its largest entry, so a small entry like Sigma_xx near t = 0
@@ -59,12 +58,12 @@ def _residuals(name: str, t: torch.Tensor, h: torch.Tensor, derivative, rhs: tor
     error, bound = (residual / relative).reshape(len(t), -1), (tolerance / relative).reshape(len(t), -1)
     # Values that float64 holds only as subnormal numbers (m = e^-700 of a VP with beta_max = 1e4) have lost
     # digits: their differences say nothing about the formula. Exactly 0 is kept (c = 0 for b = 0).
-    tiny = ((size > 0) & (size < SUBNORMAL)).reshape(len(t), -1)
+    tiny = ((size > 0) & (size < NORMAL)).reshape(len(t), -1)
     comparisons = [Comparison(float(error[i, e]), float(bound[i, e]), label(i, e))
                    for i in range(len(t)) for e in range(error.shape[1]) if not tiny[i, e]]
     note = f"relative residual at {len(t)} times in [eps, T]"
     if tiny.any():
-        note += f", {int(tiny.any(1).sum())} left out where the values are below {SUBNORMAL:g}"
+        note += f", {int(tiny.any(1).sum())} left out where the values are below {NORMAL:g}"
     if not comparisons:
         return CheckResult(name, NA, note=note)
     return worst_row(name, comparisons, note)

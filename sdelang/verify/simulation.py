@@ -95,8 +95,8 @@ def stable_grid(sde, start: float, initial_variance: float, stops: list[float], 
 
     A step's |df/dx| dt is held to STIFF_STEP (the coarse run's to twice that). The grid spaces steps by a
     clock that counts int |df/dx|, so the largest |df/dx| dt falls in proportion to the steps: they are raised
-    to what that asks, at most MAX_STEP_FACTOR times `steps` (a VP with beta_max = 1e4 has int |a| = 2500
-    and needs about 5000). Beyond that the comparison would measure the integrator, not the module."""
+    to what that asks, at most MAX_STEP_FACTOR times `steps` (a VP with beta_max = 1e4 reaches |a| dt = 2.5 at
+    1000 steps and gets about 11,000). Beyond that the comparison would measure the integrator, not the module."""
     asked = steps
     for _ in range(3):
         grid = euler_grid(sde, start, initial_variance, stops, steps, like)
