@@ -276,10 +276,11 @@ class NumericSDE(torch.nn.Module):
             return -1/3*t**3 - t + (1/3)*torch.cos(3*t) - c[1] - 1/3
         raise IndexError(j)
 
-    def _build_tables(self, lowers, floors, stored, inverse):
+    def _build_tables(self, lowers, floors, stored, inverse, tails=()):
         """Tabulate the columns on pieces of [0, T], halving a piece until the last two of its
         16 Chebyshev coefficients are within 1e-11 of (floor + size) of every integrand and
-        stored column there; integral columns are spectral integrals from their lower limit. The
+        stored column there; integral columns are spectral integrals from their lower limit, the columns
+        in `tails` integrals from t up to T (each piece integrated from its right end). The
         inverse CDF (column `inverse` against u) gets its own table of log t over u in [0, 1].
         Everything runs once, in float64 on the CPU (even under torch.device("meta"): the tables are
         computed, not loaded); lookups then move with the module's device."""
@@ -321,10 +322,17 @@ class NumericSDE(torch.nn.Module):
             for j, (lower, floor) in enumerate(zip(lowers, floors)):
                 f = self._column(j, t, columns)
                 bad |= inside & ~self._resolved(f @ to_coef.T, f, inside, breaks, floor)
+                pieces = half * (f @ whole)
+                if j in tails:
+                    # int_t^T: the pieces after t's, plus t's own from t to its right end, integrated from that end
+                    # (on the piece's nodes reversed: x -> -x), so that near T nothing is a difference of totals.
+                    later = torch.cumsum(pieces.flip(0), 0).flip(0)[1:]
+                    later = torch.cat([later, later.new_zeros(1)])
+                    columns.append(later[:, None] + half[:, None] * (f.flip(1) @ cumulative.T).flip(1))
+                    continue
                 if lower is None:
                     columns.append(f)
                     continue
-                pieces = half * (f @ whole)
                 after = torch.arange(len(a), device=cpu) >= int((breaks < float(lower)).sum())
                 forward = torch.where(after, pieces, 0.0)
                 backward = torch.where(after, 0.0, pieces)

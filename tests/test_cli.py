@@ -211,3 +211,14 @@ def test_a_refusal_names_the_parameter_values_given_with_param(program, capsys):
     # Every parameter given: no mention of defaults.
     assert main(["compile", str(source), "-o", str(source.parent / "out"), "--param", "c=0", "--param", "k=3"]) == 2
     assert capsys.readouterr().err.splitlines()[0].endswith("(with c = 0, k = 3)")
+
+
+def test_show_names_a_tail_integral_and_both_step_variances(program, capsys):
+    """A state that grows takes its step noise from a tail integral int_t^T where that cancels less: show names it
+    J(t), defined from t up to T, and prints both forms of G^2 with where each applies."""
+    source = "sde growing\nparam k = 12\ndx = k * (1 + sin(3 * t)^2) * x dt + dw\n"
+    assert main(["show", str(program(source, "growing.sde"))]) == 0
+    rows = {line.split("  ")[1].strip(): line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["J(t) (numeric)"].endswith("(s, t, 1))") and rows["I(t) (numeric)"].endswith("(s, 0, t))")
+    assert "J(s)" in rows["step variance G^2 where m(t)^2 J(s) < v(t)"]
+    assert "I(s)" in rows["step variance G^2 elsewhere"]

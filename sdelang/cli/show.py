@@ -17,6 +17,7 @@ from ..compiler.codegen.fold import fold
 from ..compiler.codegen.printer import stable
 from ..compiler.derive import CoupledDerivation, Derivation, GeneralDerivation
 from ..compiler.derive.reverse import SCORE
+from ..compiler.derive.symbolic import Smaller
 
 FORMATS = ("text", "latex", "markdown")
 _LARGE_DENOMINATOR = 1000   # 1/100000 reads better as 1e-05; 1/2 and 3/4 stay exact
@@ -76,12 +77,20 @@ def _rows(d: Derivation | GeneralDerivation | CoupledDerivation) -> list[tuple[s
         ("prior mean", d.prior_mean),
         ("prior variance", d.prior_variance),
         ("step ratio m(t)/m(s)", d.step.ratio),
-        ("step variance G^2", d.step.variance),
+        *_step_rows(d.step.variance),
         (f"drift divergence ({_dimension_name(d.divergence)}: entries of one sample)", d.divergence),
         ("[eps, T]", f"[{_number(p.eps)}, {_number(p.T)}]"),
         ("N (steps)", str(p.N)),
         ("v0", p.v0),
     ]
+
+
+def _step_rows(variance: sp.Expr) -> list[tuple[str, sp.Expr]]:
+    """G^2, or its two forms where the module picks the one of smaller size (derive/discretize.py: with_tail)."""
+    if not isinstance(variance, Smaller):
+        return [("step variance G^2", variance)]
+    _, _, tail, head = variance.args
+    return [("step variance G^2 where m(t)^2 J(s) < v(t)", tail), ("step variance G^2 elsewhere", head)]
 
 
 def _dimension_name(divergence: sp.Expr) -> str:
@@ -173,23 +182,27 @@ def _importance_rows(d: Derivation) -> list[tuple[str, sp.Expr | str]]:
     return rows + [("importance inverse CDF t(u)", imp.inverse)]
 
 
-def _named_integrals(rows):
+def _named_integrals(rows, constants: set):
     """Each distinct integral (integrand and lower limit) as I(upper), I2(upper), ...: the rows with the
-    integrals replaced, and one definition row per integral."""
+    integrals replaced, and one definition row per integral. An integral from a time up to a constant (T),
+    a tail (derive/discretize.py: with_tail), is J(lower), J2(lower), ... . ``constants``: the parameters."""
     names, definitions, done = {}, [], []
+    t, s = sp.Symbol("t"), sp.Symbol("s")
     for name, value in rows:
         if isinstance(value, sp.Basic):
             for integral in sorted(value.atoms(sp.Integral), key=sp.default_sort_key):
                 if len(integral.limits) != 1 or len(integral.limits[0]) != 3:
                     continue
                 var, lower, upper = integral.limits[0]
-                s = sp.Symbol("s")
-                key = (integral.function.xreplace({var: s}), lower)
+                tail = bool(lower.free_symbols - constants) and not (upper.free_symbols - constants)
+                key = (integral.function.xreplace({var: s}), upper if tail else lower, tail)
                 if key not in names:
-                    label = "I" if not names else f"I{len(names) + 1}"
+                    count = sum(1 for k in names if k[2] == tail)
+                    label = ("J" if tail else "I") + (f"{count + 1}" if count else "")
                     names[key] = sp.Function(label)
-                    definitions.append((f"{label}(t) (numeric)", sp.Integral(key[0], (s, lower, sp.Symbol("t")))))
-                value = value.xreplace({integral: names[key](upper)})
+                    limits = (s, t, upper) if tail else (s, lower, t)
+                    definitions.append((f"{label}(t) (numeric)", sp.Integral(key[0], limits)))
+                value = value.xreplace({integral: names[key](lower if tail else upper)})
         done.append((name, value))
     return done + definitions
 
@@ -233,7 +246,7 @@ def _readable_rows(d) -> list[tuple[str, sp.Expr | str]]:
     rows = [(name, value if isinstance(value, str) else fold(expand(value), p.helpers, p.t))
             for name, value in _rows(d)]
     named = _named_integrals([(name, value if isinstance(value, str) else _decimals(plain_names(value)))
-                              for name, value in helpers + rows])
+                              for name, value in helpers + rows], {prm.symbol for prm in p.params})
     return [(name, _rebuilt(value)) for name, value in named]
 
 

@@ -16,7 +16,7 @@ from ..derive.general import GeneralDerivation, reason
 from ..derive.discretize import START
 from ..derive.divergence import DIM
 from ..derive.importance import DROP, U
-from ..derive.symbolic import SIMPLIFY_LIMIT, Tabulated, bounded, size
+from ..derive.symbolic import SIMPLIFY_LIMIT, Smaller, Tabulated, bounded, size
 from ..derive.tables import BUILD_VARIABLE, Total
 from .fold import as_locals, fold
 from .printer import REWRITE_LIMIT, Code, ConstantPool, ScalarPrinter, generate, stable
@@ -52,6 +52,12 @@ def _formula(expr: sp.Expr) -> str:
     if size(expr) > MAX_FORMULA_SIZE:
         return SUMMARY
     return sp.sstr(stable(plain_names(expr))).replace("**", "^")
+
+
+def head(variance: sp.Expr) -> sp.Expr:
+    """The step variance from the head integral, int_0^t, where the module picks between it and the tail
+    (derive/discretize.py: with_tail)."""
+    return variance.args[3] if isinstance(variance, Smaller) else variance
 
 
 def plain_names(expr: sp.Expr) -> sp.Expr:
@@ -268,6 +274,9 @@ def _tables_context(d: Derivation, pool: ConstantPool, names: dict) -> dict | No
         if spec.kind == "value":
             describe = f"stored column {tables.stored.index(j)}: {spec.name}"
             lowers.append("None")
+        elif spec.kind == "tail":
+            describe = "integrand of an integral from t up to T"
+            lowers.append("None")
         else:
             bound = generate([spec.lower], pool, names)
             describe = f"integrand of an integral from {_formula(spec.lower)}"
@@ -281,6 +290,7 @@ def _tables_context(d: Derivation, pool: ConstantPool, names: dict) -> dict | No
     return dict(
         columns=columns,
         lowers="(" + ", ".join(lowers) + ",)",
+        tails="(" + ", ".join(map(str, tables.tails)) + ",)" if tables.tails else None,
         floors="(" + ", ".join(floors) + ",)",
         stored="(" + ", ".join(map(str, tables.stored)) + ",)",
         inverse=tables.inverse,
@@ -372,7 +382,8 @@ def emit_affine(d: Derivation) -> str:
             weight=formula(d.weight), density=formula(imp.density), cdf=formula(imp.cdf),
             inverse="eps + u * (T - eps)" if uniform else formula(imp.inverse) if imp.inverse is not None else None,
             prior_mean=formula(d.prior_mean), prior_variance=formula(d.prior_variance),
-            eps=formula(p.eps), T=formula(p.T), v0=formula(p.v0), step_variance=formula(d.step.variance),
+            eps=formula(p.eps), T=formula(p.T), v0=formula(p.v0),
+            step_variance=formula(head(d.step.variance)), step_tail=isinstance(d.step.variance, Smaller),
         ),
     )
     return _env.get_template("module.py.j2").render(**context)

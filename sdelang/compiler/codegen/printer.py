@@ -274,6 +274,10 @@ class TensorPrinter(_PowMixin, PythonCodePrinter):
     _where = "torch.where({cond}, {a}, {b})"
     _abs = "torch.abs"
 
+    def _print_Smaller(self, expr):
+        p, q, x, y = (self._print(a) for a in expr.args)
+        return self._where.format(cond=f"{p} < {q}", a=x, b=y)
+
     def _print_ExpTail(self, expr):
         """Horner's rule for u^(k+1) (1/(k+1)! + u (1/(k+2)! + ...)) where |u| < ExpTail.bound(k), else the direct form."""
         arg, k = expr.args[0], int(expr.args[1])
@@ -301,6 +305,7 @@ class ScalarPrinter(_PowMixin, PythonCodePrinter):
         raise InternalCompilerError(f"no name for symbol {expr} in a constant")
 
     _print_ExpTail = TensorPrinter._print_ExpTail
+    _print_Smaller = TensorPrinter._print_Smaller
     _where = "({a} if {cond} else {b})"
     _abs = "abs"
 

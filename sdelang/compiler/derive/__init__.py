@@ -9,7 +9,7 @@ from ..ir import CoupledProgram, Program
 from .coupled import CoupledDerivation, derive_coupled
 from .general import GeneralDerivation, derive_general
 from .classify import classify
-from .discretize import Step, discretize
+from .discretize import Step, discretize, tail_helps, with_tail
 from .divergence import drift_divergence
 from .from_kernel import coefficients, given_kernel
 from .importance import Importance, importance
@@ -17,7 +17,7 @@ from .kernel import Kernel, kernel, tabulate_kernel
 from .prior import prior
 from .reverse import flow_drift, reverse_drift
 from .snr import log_snr
-from .symbolic import Accuracy
+from .symbolic import Accuracy, is_closed
 from .tables import Tables
 from .weighting import weighting
 
@@ -81,6 +81,12 @@ def derive_affine(p: Program) -> Derivation:
     # From here on a quantity with no closed form is a table lookup, never an Integral: nothing
     # downstream integrates numerically at compile time.
     tables = Tables(t, p.T)
+    tail = None
+    if p.given is None and not is_closed(k.v) and tail_helps(a, t, defaults, accuracy.T):
+        # A state that grows: the step's noise from int_t^T g^2 / m^2 (see with_tail).
+        s = sp.Dummy("s", positive=True)
+        integral = sp.Integral((g2 / k.m**2).xreplace({t: s}), (s, t, p.T))
+        tail = tables.tabulate(k.m**2 * integral, "m(t)^2 J(t), J(t) = int_t^T g^2 / m^2", absolute=False)
     k = tabulate_kernel(k, t, tables)
     lsnr = log_snr(k, t, accuracy, p.given.log_snr if p.given is not None else None)
     lam = weighting(p.weighting, p.weighting_expr, g2, k.v)
@@ -89,5 +95,8 @@ def derive_affine(p: Program) -> Derivation:
     imp = importance(p.weighting, lam, k.v, lsnr, t, p.eps, p.T, defaults,
                      tables if p.t_sampling == "importance" else None, invert=p.t_sampling == "importance")
     mean, variance = prior(k, t, p.T, p.prior_mean, p.prior_variance)
+    step = discretize(k, lsnr, t, accuracy, p.N)
+    if tail is not None:
+        step = with_tail(step, tail, k.v, t)
     return Derivation(p, a, b, g2, k, lsnr, reverse_drift(p.drift, g2), flow_drift(p.drift, g2), lam, imp,
-                      mean, variance, discretize(k, lsnr, t, accuracy, p.N), drift_divergence(a), tables)
+                      mean, variance, step, drift_divergence(a), tables)

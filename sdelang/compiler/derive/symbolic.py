@@ -70,9 +70,22 @@ class Tabulated(sp.Function):
 NUMERIC = (sp.Integral, Tabulated)  # nodes that stand for a quantity with no closed form
 
 
+class Smaller(sp.Function):
+    """Smaller(p, q, x, y): x where p < q, else y (code generation prints a torch.where).
+
+    Picks between two forms of one quantity by which of two sizes is smaller: discretize's step noise from
+    the tables is a difference of values of size p in one form and of size q in the other, and the one of
+    smaller size cancels less."""
+
+    nargs = 4
+
+    def _eval_is_real(self):
+        return self.args[2].is_real and self.args[3].is_real
+
+
 def printable(expr: sp.Expr) -> bool:
     """True if every function in expr is one code generation can print (Integral aside)."""
-    return all(isinstance(f, PRINTABLE + (Tabulated,)) for f in expr.atoms(sp.Function)) and not expr.has(
+    return all(isinstance(f, PRINTABLE + (Tabulated, Smaller)) for f in expr.atoms(sp.Function)) and not expr.has(
         sp.zoo, sp.nan, sp.oo, -sp.oo, sp.Piecewise, sp.I)
 
 

@@ -5,6 +5,7 @@ becomes a column of one table that the generated module builds, in float64, when
 (so that parameters given at construction are honoured):
 
     integral column  F(t) = int_L^t f(s) ds, L = 0 or eps; f may use earlier columns at s
+    tail column      J(t) = int_t^T f(s) ds, integrated from T down (no cancellation as t -> T)
     value column     q(t) = an expression in t and earlier columns; stored for lookups
 
 All columns share one partition of [0, T] into pieces, with 16 Chebyshev points of the first kind on
@@ -55,7 +56,7 @@ class Total(sp.Function):
 
 @dataclass(frozen=True)
 class Spec:
-    kind: str              # "integral" or "value"
+    kind: str              # "integral", "tail" or "value"
     expr: sp.Expr          # integrand or value, in BUILD_VARIABLE and Column/Total of earlier columns
     lower: sp.Expr | None  # an integral's lower limit
     name: str = ""         # a value's meaning, for the module's docstring
@@ -115,8 +116,12 @@ class Tables:
         """Tabulate the inverse of a monotone stored column (the training time's inverse CDF)."""
         self.inverse = int(tabulated.args[0])
 
-    def _integral(self, integrand: sp.Expr, lower: sp.Expr) -> int:
-        spec = Spec("integral", integrand, lower)
+    @property
+    def tails(self) -> tuple[int, ...]:
+        return tuple(j for j, spec in enumerate(self.columns) if spec.kind == "tail")
+
+    def _integral(self, integrand: sp.Expr, lower: sp.Expr | None, kind: str = "integral") -> int:
+        spec = Spec(kind, integrand, lower)
         if spec in self.columns:
             return self.columns.index(spec)
         self.columns.append(spec)
@@ -130,6 +135,8 @@ class Tables:
         if isinstance(expr, sp.Integral):
             (x, lower, upper), = expr.limits
             integrand = self._convert(expr.function, x).xreplace({x: BUILD_VARIABLE})
+            if lower == var and upper == self.T:
+                return Column(self._integral(integrand, None, "tail"), var)
             j = self._integral(integrand, lower)
             if upper == self.T:
                 return Total(j)
