@@ -23,8 +23,8 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
 from .kernel import Kernel
-from .symbolic import (SIMPLIFY_LIMIT, Accuracy, Smaller, bounded, exponential_powers, is_constant_in, printable,
-                       rewrites, sum_to_product)
+from .symbolic import (SIMPLIFY_LIMIT, Accuracy, Smaller, bounded, exponential_powers, is_constant_in, log_growth,
+                       printable, rewrites, sum_to_product)
 
 START = sp.Dummy("s", positive=True)  # the start of the step (a Dummy: never a user's name)
 
@@ -124,14 +124,10 @@ def tail_helps(a: sp.Expr, t: sp.Symbol, defaults: dict, T: float) -> bool:
     """True if m = exp(int a) grows by more than e^(1/2) over some stretch of [0, T] at the default parameters
     (so that g^2 / m^2 decays there and the step's noise from the tail cancels less than from the head), and
     m^2 stays within float64's range (the tail column is m^2 times an integral of g^2 / m^2)."""
-    ts = np.linspace(0.0, T, 4001)
-    with np.errstate(all="ignore"):
-        values = np.broadcast_to(sp.lambdify(t, a.xreplace(defaults), modules="numpy")(ts), ts.shape)
-    if not np.isfinite(values).all():
+    A = log_growth(a, t, defaults, T)
+    if A is None:
         return False
-    A = np.concatenate([[0.0], np.cumsum((values[1:] + values[:-1]) / 2 * np.diff(ts))])
-    rise = np.max(A - np.minimum.accumulate(A))
-    return bool(rise > 0.5 and np.max(np.abs(2 * A)) < 600)
+    return bool(np.max(A - np.minimum.accumulate(A)) > 0.5 and np.max(np.abs(2 * A)) < 600)
 
 
 def exponential_step_factors(N: sp.Expr, t: sp.Symbol) -> sp.Expr | None:

@@ -16,11 +16,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
-from .symbolic import (SIMPLIFY_LIMIT, Accuracy, bounded, derivative_multiple, integrate_from, is_closed, rewrites,
-                       simplest, use_expm1_log1p)
+from .symbolic import (SIMPLIFY_LIMIT, Accuracy, bounded, derivative_multiple, integrate_from, is_closed, log_growth,
+                       rewrites, simplest, use_expm1_log1p)
 from .tables import Tables
 
 # The largest float32 relative error on [eps, T] accepted from a closed-form variance: the issue's
@@ -67,6 +68,13 @@ def kernel(a: sp.Expr, b: sp.Expr, g2: sp.Expr, v0: sp.Expr, t: sp.Symbol, accur
         vs = [v0 * m**2 - k * expm1(2 * use_expm1_log1p(A))] + rewrites(m**2 * (v0 + k * (sp.exp(-2 * A) - 1)))
         v = accuracy.best(vs, t)
     error = accuracy.float32_error(v, t) if k is not None else math.inf
+    if error > CLOSED_FORM_TOLERANCE and k is not None and _factor_overflows(a, t, accuracy):
+        # VP-like, but no closed form of A is accurate and e^{-2A} leaves float64's range on [0, T] (a sigmoid
+        # beta rising to 2000: e^{B} = e^{1000}), so that int_0^t g^2 / m^2 cannot be tabulated (nor would SymPy's
+        # antiderivative of it be finite): v = v0 e^{2A} - k expm1(2A) with A = int_0^t a from a table, bounded.
+        A_table = integrate_from(a, t, zero, t, closed=False)
+        v = v0 * sp.exp(2 * A_table) - k * expm1(2 * A_table)
+        return Kernel(m, c, v, sp.sqrt(v))
     if error > CLOSED_FORM_TOLERANCE:
         vs = rewrites(m**2 * (v0 + integrate_from(integrand, t, zero, t))) + vs
         v = accuracy.best(vs, t)
@@ -78,6 +86,12 @@ def kernel(a: sp.Expr, b: sp.Expr, g2: sp.Expr, v0: sp.Expr, t: sp.Symbol, accur
         v = vs[0]
     stds = [sp.sqrt(u) for u in vs] + [simplest(sp.sqrt(v))]
     return Kernel(m, c, v, accuracy.best(stds, t))
+
+
+def _factor_overflows(a: sp.Expr, t: sp.Symbol, accuracy: Accuracy) -> bool:
+    """True if e^{-2A}, A = int_0^t a, passes e^600 somewhere in [0, T] at the default parameters."""
+    A = log_growth(a, t, accuracy.defaults, accuracy.T)
+    return A is not None and bool(np.max(-2 * A) > 600)
 
 
 def tabulate_kernel(k: Kernel, t: sp.Symbol, tables: Tables) -> Kernel:

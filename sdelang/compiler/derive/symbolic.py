@@ -70,6 +70,21 @@ class Tabulated(sp.Function):
 NUMERIC = (sp.Integral, Tabulated)  # nodes that stand for a quantity with no closed form
 
 
+def log_growth(a: sp.Expr, t: sp.Symbol, defaults: dict, T: float, points: int = 4001) -> np.ndarray | None:
+    """A(t) = int_0^t a at the default parameters on a uniform grid of [0, T] (trapezoids: for decisions about
+    forms, not for values), or None where a is not finite there."""
+    ts = np.linspace(0.0, T, points)
+    with np.errstate(all="ignore"):
+        try:
+            values = np.broadcast_to(sp.lambdify(t, a.xreplace(defaults), modules="numpy")(ts), ts.shape)
+        except (TypeError, ValueError, ArithmeticError):
+            return None
+    values = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(values).all():
+        return None
+    return np.concatenate([[0.0], np.cumsum((values[1:] + values[:-1]) / 2 * np.diff(ts))])
+
+
 class Smaller(sp.Function):
     """Smaller(p, q, x, y): x where p < q, else y (code generation prints a torch.where).
 
