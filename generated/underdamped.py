@@ -101,10 +101,17 @@ class UnderdampedSDE(torch.nn.Module):
                              f"got {N!r}")
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
-        self._k0 = self.M_inv*self.beta
-        self._k1 = -1/2*math.sqrt(self.M_inv)*self.beta
-        self._k2 = self.beta/math.sqrt(self.M_inv)
-        self._k3 = self.gamma/self.M_inv
+        try:
+            self._k0 = self.M_inv*self.beta
+            self._k1 = -1/2*math.sqrt(self.M_inv)*self.beta
+            self._k2 = self.beta/math.sqrt(self.M_inv)
+            self._k3 = self.gamma/self.M_inv
+        except (OverflowError, ValueError, ZeroDivisionError) as exc:
+            # ValueError: math's 'math domain error', the log or root of a number these values make negative.
+            problem = {OverflowError: "overflow float64", ZeroDivisionError: "divide by zero"}.get(
+                type(exc), "leave a function's domain")
+            raise ValueError(f"{self._parameter_values()} {problem} in this module's constants: "
+                             f"{self._FAR_FROM_DEFAULTS}") from None
         self.eps = 1/100000
         self.T = 3
         self._F0 = ((0, self._k0,), (-self.beta, self._k1,),)
@@ -114,6 +121,14 @@ class UnderdampedSDE(torch.nn.Module):
         # Follows .to(device, dtype): new tensors are made on its device, in its dtype.
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
         self._build(self._anchor.device)
+
+    _FAR_FROM_DEFAULTS = ("the forms of this module were chosen at the program's default parameters, and far from "
+                          "them a closed form can leave float64's range; choose other values, or make these the "
+                          "defaults ('param name = value') and recompile, so that the compiler picks forms (or "
+                          "numeric tables) that hold here")
+
+    def _parameter_values(self):
+        return f"the parameters beta = {self.beta!r}, gamma = {self.gamma!r}, M_inv = {self.M_inv!r}"
 
     def _build(self, device):
         """The float64 matrices on the device, the prior's factor and the CDF table of t."""

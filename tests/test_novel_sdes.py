@@ -942,6 +942,31 @@ def test_load_recompiles_where_the_constants_or_tables_fail(tmp_path, monkeypatc
     torch.testing.assert_close(sde.std(torch.tensor([0.01, 0.3, 0.9], dtype=torch.float64)), want, rtol=1e-9, atol=0)
 
 
+COUPLED_LOG_NOISE = """sde coupled_log_noise
+param beta = 4
+param lam: real = 2
+dx = beta * v dt
+dv = (-beta * x - 2 * beta * v) dt + sqrt(2 * log(lam) * beta) dw
+v(0) ~ normal(0, 0.1)
+"""
+GENERAL_LOG_DRIFT = "sde general_log_drift\nparam lam: real = 2\ndx = -x^3 * log(lam) dt + sqrt(2) dw\nprior normal(0, 1)\n"
+
+
+@pytest.mark.parametrize("text", [COUPLED_LOG_NOISE, GENERAL_LOG_DRIFT], ids=["coupled", "general"])
+def test_coupled_and_general_constants_name_the_values_they_fail_at(tmp_path, monkeypatch, text):
+    """Coupled and general modules hoist constants too (log(lam) here): lam = -1 gave a bare 'math domain error'
+    from their constructors. They name the values now, as affine modules do, and load recompiles with them, which
+    gives the compiler's located error for the coupled program (its noise is not real there)."""
+    monkeypatch.setenv("SDELANG_CACHE", str(tmp_path))
+    module = sdelang.load_module(text)
+    with pytest.raises(ValueError, match=r"^the parameters .*lam = -1\.0 leave a function's domain .*make these the "
+                                         r"defaults"):
+        module.SDE(lam=-1.0)
+    if "coupled" in text:
+        with pytest.raises(sdelang.SdeError, match=r"the diffusion of dv is not a real number .*with lam = -1"):
+            sdelang.load(text, lam=-1.0)
+
+
 def test_sub_vp_with_a_large_beta_keeps_its_closed_form():
     """Sub-VP by its SDE with beta_max = 200 written as numbers: the variance's integrand (1 + 1999 s) sinh(B) / 5 has
     terms near e^28 at s = 0.53, and the inspection's check that the derivative of c e^B matches it asked for an
