@@ -19,6 +19,7 @@ from .common import EVALUATE_SECONDS, TIME, evaluate
 from .positivity import pole_hint
 
 DATA = sp.Symbol("x(0)", real=True)  # the data in a kernel's mean; no name the user writes can produce it
+_FLOAT64_WORDS = {"not a finite real number": "NaN or inf", "zero": "0", "negative": "a negative number"}
 
 
 class GivenPass:
@@ -82,11 +83,28 @@ class GivenPass:
                 i = np.flatnonzero(bad)[0]
                 word = ("not a finite real number" if not np.isfinite(values[i]) else
                         "zero" if values[i] == 0 else "negative")
+                exact = self._exactly_at(expr, grid[i])
+                if exact is not None and exact > 0:
+                    # Positive in exact arithmetic: the formula as written loses every digit in float64 there (Chen's
+                    # sigmoid schedule at tau = 0.1 has alpha^2 = (sigmoid(30) - sigmoid(29.94)) / ... = 5.8e-15 at
+                    # t = 0.999, a difference of two numbers within 1e-13 of 1). Not a pole, as the hint said.
+                    raise self.error(f"{what} is {exact:.3g} at t = {grid[i]:.6g}{self.at_defaults()}, but this "
+                                     f"formula gives {_FLOAT64_WORDS[word]} in float64 there: it cancels (a difference of nearly "
+                                     f"equal numbers)", span,
+                                     "write it in a form that keeps its digits (e.g. 1 - sigmoid(u) as sigmoid(-u)), "
+                                     "or choose parameters or an interval where it is not so small")
                 if what.startswith("the mean"):
                     hint = "the drift a = alpha'/alpha has a pole where alpha vanishes; " + pole_hint(eps, grid[i])
                 else:
                     hint = "sigma(t) must be positive on [eps, T]: the kernel adds noise at every t > 0"
                 raise self.error(f"{what} is {word} at t = {grid[i]:.6g}{self.at_defaults()}", span, hint)
+
+    def _exactly_at(self, expr: sp.Expr, t: float) -> float | None:
+        """expr at the defaults (as the exact decimals they are written as) and t, to 30 digits; None if that is not
+        a finite real number or takes too long."""
+        exact = {self.param_symbols[k]: sp.Rational(repr(float(v))) for k, v in self.param_defaults.items()
+                 if k in self.param_symbols}
+        return evaluate(expr.xreplace(exact).xreplace({TIME: sp.Rational(repr(float(t)))}))
 
     def _check_coefficients(self, given, a, b, g2, eps, T, mean_span, variance_span) -> None:
         """The derived drift finite and g^2 > 0 (logSNR decreasing) on [eps, T]."""
