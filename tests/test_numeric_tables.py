@@ -117,6 +117,20 @@ param k: real = 12
 dx = k * (1 + sin(3 * t)^2) * x dt + dw
 """
 
+# A family of growing states for Hypothesis: rate, frequency, noise slope, start variance and drift offset all vary
+# at construction (the tables, tail included, are built there).
+GROWING_FAMILY = """\
+sde growing_family
+param k = 8
+param w = 3
+param c = 1
+param b: real = 0.5
+param init = 0.25
+dx = (k * (1 + sin(w * t)^2) * x + b) dt + sqrt(1 + c * t) dw
+v0 = init
+t in [1e-4, 1]
+"""
+
 # A VP whose beta is a sigmoid rising to 2000 at t = 1/2: no closed form of A = -B/2 is accurate in float32 (a
 # difference of large logs near t = 0), and the head integral's factor e^{B} reaches e^{1000}, past float64. The
 # tables could not be built ("a singularity inside [eps, T]?"); now v = -expm1(2A) with A from a table.
@@ -142,7 +156,7 @@ t ~ importance
 """
 PROGRAMS = {"growing": GROWING, "pole": POLE, "pole_tables": POLE_TABLES, "oscillating": OSCILLATING,
             "nonelementary": NONELEMENTARY, "custom": CUSTOM, "cosine_tables": COSINE_TABLES, "flat_start": FLAT_START,
-            "flat_ends": FLAT_ENDS, "steep_sigmoid": STEEP_SIGMOID}
+            "flat_ends": FLAT_ENDS, "steep_sigmoid": STEEP_SIGMOID, "growing_family": GROWING_FAMILY}
 TABULATED = ["pole_tables", "oscillating", "nonelementary", "custom", "cosine_tables", "flat_start", "growing",
              "steep_sigmoid"]
 
@@ -428,6 +442,38 @@ def test_a_growing_state_gets_its_step_noise(compiled, k):
     _, G = sde.discretize(torch.zeros(len(steps), 1, dtype=F64), t, s)
     want = np.sqrt([w(*step) for step in steps])
     assert relative(G.reshape(-1).numpy(), want) <= BOUND
+
+
+@pytest.mark.slow
+@settings(max_examples=8, deadline=None)
+@given(k=st.floats(1.0, 15.0), w=st.floats(0.5, 20.0), c=st.floats(0.01, 5.0), b=st.floats(-2.0, 2.0),
+       init=st.floats(0.01, 4.0))
+def test_growing_states_keep_their_moments_and_step_noise(compiled, k, w, c, b, init):
+    """Growing states (a = k (1 + sin(w t)^2) > 0, g^2 = 1 + c t, an offset b, v0 > 0) at random parameters: m, c
+    (relative to the scale of its terms), std and discretize's G over steps of 1e-3, 1e-2 and 0.3 within the bound
+    1e-7 of references by hand (DOP853 at rtol 1e-12 on the moment and step-variance ODEs)."""
+    sde = module(compiled, "growing_family").SDE(k=k, w=w, c=c, b=b, init=init).double()
+    a = lambda u: k * (1 + math.sin(w * u) ** 2)  # noqa: E731
+    g2 = lambda u: 1 + c * u  # noqa: E731
+    ts = times(1e-4, 1.0, n=60)
+    m, mean, v, scale = moments(a, lambda u: b, g2, ts, v0=init)
+    t = torch.tensor(ts, dtype=F64)
+    assert relative(sde.mean_coeff(t), m) <= BOUND
+    # c passes 0 where b does: relative to the scale of its terms (0 = 0 exactly for b = 0).
+    assert np.max(np.abs(sde.mean_offset(t).numpy() - mean) / (np.maximum(np.abs(mean), scale) + 1e-300)) <= BOUND
+    assert relative(sde.std(t), np.sqrt(v)) <= BOUND
+
+    def step_variance(lo, hi):
+        with np.errstate(all="ignore"):   # w(s) = 0: the first step's error norm divides by atol
+            sol = scipy.integrate.solve_ivp(lambda u, y: [2 * a(u) * y[0] + g2(u)], (lo, hi), [0.0],
+                                            method="DOP853", rtol=1e-12, atol=1e-300)
+        return sol.y[0, -1]
+
+    ends = ts[::6]
+    steps = [(max(e - h, 0.0), e) for e in ends for h in (1e-3, 1e-2, 0.3) if e - h > 1e-4]
+    lo, hi = (torch.tensor(col, dtype=F64) for col in zip(*steps))
+    _, G = sde.discretize(torch.zeros(len(steps), 1, dtype=F64), hi, lo)
+    assert relative(G.reshape(-1).numpy(), np.sqrt([step_variance(*step) for step in steps])) <= BOUND
 
 
 def test_a_steep_vp_schedule_builds_and_is_right(compiled):
