@@ -60,7 +60,7 @@ def test_sample_json_for_several_methods_is_one_object(moons_run, capsys):
 
 def test_sample_runs_the_few_step_samplers(moons_run, capsys):
     """Every multistep sampler is a --method of `sdelang sample`, one score evaluation per step."""
-    methods = ["dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3m", "deis"]
+    methods = ["dpmpp_2m", "dpmpp_3m", "dpmpp_3m_published", "unipc", "unipc_3m", "deis", "lms"]
     assert main(["sample", str(moons_run), "--method", ",".join(methods), "--steps", "6", "-n", "20",
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -87,9 +87,11 @@ def assert_moments(x, mean, std, mean_allowance, var_allowance, what):
 #   dpm2               50              0.003               0.032 (subvp)
 #   dpmpp_2m           50              0.003               0.014 (subvp)
 #   dpmpp_3m           50              0.003               0.004 (ve)
+#   dpmpp_3m_published 50              0.003               0.004 (ve)
 #   unipc              50              0.003               0.005 (subvp)
 #   unipc_3m           50              0.003               0.004 (ve)
 #   deis               50              0.003               0.004 (ve)
+#   lms                50              0.003               0.011 (subvp)
 #   dpmpp_2m_sde       100             0.004               0.013 (subvp)
 #   dpmpp_3m_sde       100             0.004               0.006 (subvp)
 # Annealed Langevin's steps shrink with the noise (alpha = sigma^2), so at low noise the chain stops
@@ -108,9 +110,11 @@ FAST = {
     "dpm2": (dict(steps=50), 0.015, 0.045),
     "dpmpp_2m": (dict(steps=50), 0.015, 0.025),
     "dpmpp_3m": (dict(steps=50), 0.015, 0.015),
+    "dpmpp_3m_published": (dict(steps=50), 0.015, 0.015),
     "unipc": (dict(steps=50), 0.015, 0.015),
     "unipc_3m": (dict(steps=50), 0.015, 0.015),
     "deis": (dict(steps=50), 0.015, 0.015),
+    "lms": (dict(steps=50), 0.015, 0.025),
     "dpmpp_2m_sde": (dict(steps=100), 0.015, 0.025),
     "dpmpp_3m_sde": (dict(steps=100), 0.015, 0.02),
 }
@@ -138,9 +142,11 @@ SLOW = {
     # (1/sqrt(50,000)) and 4.7 of the variance (sqrt(2/50,000)), as for the methods above.
     "dpmpp_2m": (dict(steps=200), 0.02, 0.03),
     "dpmpp_3m": (dict(steps=200), 0.02, 0.03),
+    "dpmpp_3m_published": (dict(steps=200), 0.02, 0.03),
     "unipc": (dict(steps=200), 0.02, 0.03),
     "unipc_3m": (dict(steps=200), 0.02, 0.03),
     "deis": (dict(steps=200), 0.02, 0.03),
+    "lms": (dict(steps=200), 0.02, 0.03),
     "dpmpp_2m_sde": (dict(steps=200), 0.02, 0.03),
     "dpmpp_3m_sde": (dict(steps=200), 0.02, 0.03),
 }
@@ -201,7 +207,7 @@ K, M = 7, 3
 NFE = {  # score evaluations for K steps, M corrector steps, without the final Tweedie step
     "em": K, "reverse_diffusion": K, "ancestral": K, "pc": K * (M + 1), "ald": K * M,
     "heun": 2 * K - 1, "ddim": K, "dpm2": K, "dpmpp_2m": K, "dpmpp_3m": K, "unipc": K, "unipc_3m": K, "deis": K,
-    "dpmpp_2m_sde": K, "dpmpp_3m_sde": K,
+    "dpmpp_3m_published": K, "lms": K, "dpmpp_2m_sde": K, "dpmpp_3m_sde": K,
 }
 
 

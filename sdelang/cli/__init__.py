@@ -54,8 +54,8 @@ def notes(d) -> list[str]:
     if isinstance(d, CoupledDerivation):
         return [f"coupled SDE ({', '.join(c.name for c in d.program.components)}); kernel: {d.kernel_path}",
                 "unavailable: discretize, the scalar-kernel samplers (reverse_diffusion, ancestral, ald, ddim, "
-                "dpm2 and the multistep dpmpp, unipc and deis solvers) and the ScoreFlow bound; use em, pc, ode, heun, "
-                "splitting or exponential", *sampled]
+                "dpm2 and the multistep dpmpp, unipc, deis and lms solvers) and the ScoreFlow bound; use em, pc, ode, "
+                "heun, splitting or exponential", *sampled]
     return sampled
 
 

@@ -197,7 +197,8 @@ def add_sample(sub) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--method", default="pc", help="comma-separated sampler names: pc, em, reverse_diffusion, "
                                                   "ancestral, ald, ode, heun, ddim, dpm2 (dpm = dpm2), dpmpp_2m, "
-                                                  "dpmpp_3m, unipc, unipc_3m, deis, dpmpp_2m_sde, dpmpp_3m_sde, "
+                                                  "dpmpp_3m, dpmpp_3m_published, unipc, unipc_3m, deis, lms, "
+                                                  "dpmpp_2m_sde, dpmpp_3m_sde, "
                                                   "splitting and exponential (coupled SDEs); a coupled or general "
                                                   "SDE takes em, pc, ode, heun")
     p.add_argument("--steps", type=int, default=None,

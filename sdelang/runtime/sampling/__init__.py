@@ -15,8 +15,12 @@ each on the whole batch. Fixed-step samplers walk a grid of steps + 1 times from
                        2M and 3M), for every affine SDE; unipc adds a corrector (order 3 from 2M),
                        unipc_3m the same to 3M (order 4); both on the floored grid (grids.py)
     dpmpp_2m_sde, dpmpp_3m_sde  the same for the reverse SDE (DPM-Solver++ SDE)
+    dpmpp_3m_published DPM-Solver++(3M) as published (k-diffusion's dpmpp_3m_sde at eta = 0): its curvature
+                       term halved, second order
     deis               the multistep integrator of the noise prediction eps_hat = -sigma s (DEIS-style),
                        third order with the corrector (order 4)
+    lms                linear multistep in the noise level sigma / m on (x - c) / m (Adams-Bashforth in
+                       sigma of eps_hat, order 4; k-diffusion's lms)
     splitting          coupled SDEs only: Strang splitting, exact Gaussian half steps around a score step
     exponential        coupled SDEs only: multistep exponential integrator of the flow ODE (DEIS-style)
 and `ode` solves the flow ODE with an adaptive torchdiffeq solver.
@@ -85,9 +89,12 @@ _FIXED_STEP = {
     "dpm2": functools.partial(exponential_integrator, order=2),
     "dpmpp_2m": functools.partial(multistep, order=2, form="published"),
     "dpmpp_3m": functools.partial(multistep, order=3),
+    "dpmpp_3m_published": functools.partial(multistep, order=3, form="published", spacing="floored"),
     "unipc": functools.partial(multistep, order=2, corrector=True, variable="sigma", spacing="floored"),
     "unipc_3m": functools.partial(multistep, order=3, corrector=True, variable="floored", spacing="floored"),
     "deis": functools.partial(multistep, order=3, corrector=True, prediction="noise", spacing="edm"),
+    "lms": functools.partial(multistep, order=4, prediction="noise", variable="sigma", lower_order_final=False,
+                             spacing="floored"),
     "dpmpp_2m_sde": functools.partial(multistep, order=2, eta=1.0, form="published"),
     "dpmpp_3m_sde": functools.partial(multistep, order=3, eta=1.0),
     "splitting": splitting,

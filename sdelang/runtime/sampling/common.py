@@ -14,15 +14,17 @@ from .grids import SPACINGS, time_grid
 
 # The samplers of affine SDEs; `sample` accepts ALL_METHODS, and methods_for(sde) says which apply.
 METHODS = ("em", "reverse_diffusion", "ancestral", "pc", "ald", "ode", "heun", "ddim", "dpm2",
-           "dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3m", "deis", "dpmpp_2m_sde", "dpmpp_3m_sde")
+           "dpmpp_2m", "dpmpp_3m", "dpmpp_3m_published", "unipc", "unipc_3m", "deis", "lms", "dpmpp_2m_sde",
+           "dpmpp_3m_sde")
 ALL_METHODS = METHODS + ("splitting", "exponential")
 # Those that step with the scalar Gaussian kernel: affine SDEs only.
-KERNEL_SAMPLERS = ("reverse_diffusion", "ancestral", "ald", "ddim", "dpm2", "dpmpp_2m", "dpmpp_3m", "unipc",
-                   "unipc_3m", "deis", "dpmpp_2m_sde", "dpmpp_3m_sde")
+KERNEL_SAMPLERS = ("reverse_diffusion", "ancestral", "ald", "ddim", "dpm2", "dpmpp_2m", "dpmpp_3m",
+                   "dpmpp_3m_published", "unipc", "unipc_3m", "deis", "lms", "dpmpp_2m_sde", "dpmpp_3m_sde")
 # Samplers of coupled linear SDEs only.
 COUPLED_SAMPLERS = ("splitting", "exponential")
 # Those that integrate the probability-flow ODE: no noise after the prior draw.
-DETERMINISTIC = ("ode", "heun", "ddim", "dpm2", "dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3m", "deis", "exponential")
+DETERMINISTIC = ("ode", "heun", "ddim", "dpm2", "dpmpp_2m", "dpmpp_3m", "dpmpp_3m_published", "unipc", "unipc_3m",
+                 "deis", "lms", "exponential")
 # The kernel functions the exact-kernel samplers and the final Tweedie step evaluate.
 KERNEL_METHODS = ("mean_coeff", "mean_offset", "std", "log_snr")
 

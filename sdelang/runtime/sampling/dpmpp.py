@@ -23,15 +23,19 @@ The same flow in the noise prediction eps_hat = -sigma s = (y - m x0_hat) / sigm
 
 with eps_hat replaced by its polynomial through the last p predictions: DEIS's multistep exponential
 integrator (Zhang & Chen 2023), whose "tAB" takes the polynomial in t (variable "time") and whose
-"rhoAB" in sigma / m = e^{-lambda} (variable "sigma"; that is also k-diffusion's lms). Its weights are
-the data prediction's with a = -1. The polynomial's variable: lambda, sigma / sigma_t = e^{-u}, the
-time t(lambda), found by inverting logSNR at the quadrature nodes before the loop, or the variable of the
-floored grid, log(sigma + SIGMA_FLOOR) (grids.py): lambda at high noise, sigma below the floor, where
-E[x0 | x] = x0 + O(sigma^2) is a polynomial in sigma and one in lambda would extrapolate e^{-2 lambda}.
+"rhoAB" in sigma / m = e^{-lambda} (variable "sigma"; with order 4 and no corrector that is `lms`, the
+linear multistep method in k-diffusion's sigma, whose weights are Adams-Bashforth coefficients for
+uneven steps). Its weights are the data prediction's with a = -1. The polynomial's variable: lambda,
+sigma / sigma_t = e^{-u}, the time t(lambda), found by inverting logSNR at the quadrature nodes before the
+loop, or the variable of the floored grid, log(sigma + SIGMA_FLOOR) (grids.py): lambda at high noise,
+sigma below the floor, where E[x0 | x] = x0 + O(sigma^2) is a polynomial in sigma and one in lambda would
+extrapolate e^{-2 lambda}.
 
 The first steps run at lower order (warm-up: step i uses min(order, i + 1) nodes), and with fewer than
 LOWER_ORDER_FINAL steps the last ones too (step i uses at most steps - i nodes), as DPM-Solver does:
 extrapolating a polynomial over a long last step from far-away nodes is what few-step grids get wrong.
+`lms` keeps its order to the end (lower_order_final=False), as linear multistep methods and k-diffusion's
+lms do: in noise prediction in sigma the last steps gained nothing by lowering it (measured at 5 NFE).
 All weights are computed in float64 before the loop, so the loop makes no host-device synchronisation.
 """
 from __future__ import annotations
@@ -57,6 +61,10 @@ LOWER_ORDER_FINAL = 10
 # functions of u, and 32 nodes integrate them to rounding error for steps up to h = 10 in lambda.
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(32)
 _NODES, _WEIGHTS = (_NODES - 1) / 2, _WEIGHTS / 2
+# Gauss-Legendre on [0, 1] with MAX_ORDER nodes: exact for the Lagrange basis polynomials of degree
+# < MAX_ORDER that the Adams-Bashforth weights integrate (exact up to degree 2 MAX_ORDER - 1).
+_AB_NODES, _AB_WEIGHTS = np.polynomial.legendre.leggauss(MAX_ORDER)
+_AB_NODES, _AB_WEIGHTS = (_AB_NODES + 1) / 2, _AB_WEIGHTS / 2
 
 
 def _weights(nodes: list[float], h: float, a: float, variable: str, warp_at=None) -> np.ndarray:
@@ -64,7 +72,10 @@ def _weights(nodes: list[float], h: float, a: float, variable: str, warp_at=None
     in u (variable "lambda"), in sigma / sigma_t = e^{-u} ("sigma"), or in the time t(lambda_t + u) ("time")
     or log(sigma + SIGMA_FLOOR) at lambda_t + u ("floored"), which warp_at maps u-positions to, by
     quadrature of the product form of L_j (no monomial expansion, so no cancellation when the nodes are
-    close). a = 1 + eta weights a data prediction, a = -1 a noise prediction (the integral of -e^{-u} L_j)."""
+    close). a = 1 + eta weights a data prediction, a = -1 a noise prediction (the integral of -e^{-u} L_j),
+    which in sigma is the integral of a polynomial, taken exactly (_adams_bashforth)."""
+    if variable == "sigma" and a == -1:
+        return _adams_bashforth(nodes, h)
     u = h * _NODES
     kernel = h * _WEIGHTS * a * np.exp(a * u)
     if variable == "lambda":
@@ -84,6 +95,26 @@ def _weights(nodes: list[float], h: float, a: float, variable: str, warp_at=None
     return np.array(weights)
 
 
+def _adams_bashforth(nodes: list[float], h: float) -> np.ndarray:
+    """The noise prediction's weights with its polynomial in sigma: w_j = -int_{-h}^0 e^{-u} L_j du, L_j
+    the Lagrange basis in w = sigma / sigma_t - 1 = e^{-u} - 1 of the nodes' w_i = e^{-u_i} - 1. As
+    dw = -e^{-u} du, w_j = -int_0^{e^h - 1} L_j(w) dw: the integral of a polynomial, which Gauss-Legendre
+    with MAX_ORDER nodes gives exactly (no quadrature error, whatever h). sigma_t w_j / m_t are the
+    Adams-Bashforth coefficients int_{sigma_s}^{sigma_t} L_j d sigma of x_k' = eps_hat in the VE-form
+    variables x_k = y / m, sigma_k = sigma / m (linear multistep in sigma, k-diffusion's lms)."""
+    end = math.expm1(h)
+    w = end * _AB_NODES
+    points = [math.expm1(-p) for p in nodes]
+    weights = []
+    for j, node in enumerate(points):
+        basis = np.ones_like(w)
+        for i, other in enumerate(points):
+            if i != j:
+                basis = basis * (w - other) / (node - other)
+        weights.append(-end * float(_AB_WEIGHTS @ basis))
+    return np.array(weights)
+
+
 def _published_2m(nodes: list[float], h: float, a: float) -> np.ndarray:
     """DPM-Solver++(2M)'s own weights for the nodes -h and -h - h_prev: (1 - e^{-a h}) times
     (1 + 1 / (2 r), -1 / (2 r)), r = h_prev / h (a first-order integral of a midpoint extrapolation)."""
@@ -98,7 +129,8 @@ def _published_3m(nodes: list[float], h: float, a: float) -> np.ndarray:
     + phi_2 d1 - phi_3 d2, phi_1 = 1 - e^{-ah}, phi_2 = 1 - phi_1 / (ah), phi_3 = phi_2 / (ah) - 1/2, where
     the exact integral of tau^2 would be -2 phi_3: the published form halves the curvature term, which
     extrapolates less over long steps but leaves an h^3 local error, so it is of second order globally
-    (measured 2.1-2.4 on Gaussian data). k-diffusion's dpmpp_3m_sde at eta = 0 is this method."""
+    (measured 2.1-2.4 on Gaussian data). k-diffusion's dpmpp_3m_sde at eta = 0 is this method; registered
+    as `dpmpp_3m_published`."""
     r0, r1 = (nodes[0] - nodes[1]) / h, (nodes[1] - nodes[2]) / h
     ah = a * h
     phi1 = -math.expm1(-ah)
@@ -114,7 +146,7 @@ def _published_3m(nodes: list[float], h: float, a: float) -> np.ndarray:
 
 
 def plan(lam: np.ndarray, order: int, eta: float, corrector: bool, variable: str, form: str = "exact",
-         prediction: str = "data", time_of=None) -> tuple[np.ndarray, np.ndarray]:
+         prediction: str = "data", time_of=None, lower_order_final: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Predictor and corrector weights, [steps, order] and [steps, order + 1] (zero-padded).
 
     Step i goes from lam[i] to lam[i + 1]; predictor node j is lam[i - j]; corrector node 0 is
@@ -127,7 +159,7 @@ def plan(lam: np.ndarray, order: int, eta: float, corrector: bool, variable: str
     predictor, correct = np.zeros((steps, order)), np.zeros((steps, order + 1))
     for i in range(steps):
         p = min(order, i + 1)
-        if steps < LOWER_ORDER_FINAL:
+        if lower_order_final and steps < LOWER_ORDER_FINAL:
             p = min(p, steps - i)
         h = lam[i + 1] - lam[i]
         past = [lam[i - j] - lam[i + 1] for j in range(p)]
@@ -150,14 +182,16 @@ def plan(lam: np.ndarray, order: int, eta: float, corrector: bool, variable: str
 
 
 def multistep(sde, score_fn, shape, steps, *, order=2, corrector=False, eta=0.0, spacing="logsnr", variable="lambda",
-              form="exact", prediction="data",
+              form="exact", prediction="data", lower_order_final=True,
               generator=None, denoise=True, progress=False, x_T=None, after_step=None) -> Samples:
     """DPM-Solver++ pM (order p = 1 .. 4) on y = x - c(t), with the UniPC-style corrector if asked and
     the reverse SDE's noise if eta > 0 (see the module docstring). form="published" takes DPM-Solver++(2M)'s
     own weights for the two-node steps of order 2 instead of the exact integral of the line through the
     nodes (same order; it extrapolates less over long steps, which measured better at 10-50 NFE), and
     DPM-Solver++(3M)'s for three-node steps (_published_3m: second order). prediction="noise" interpolates
-    the noise prediction eps_hat = -sigma s instead of x0_hat (flow ODE only; `deis`). NFE: steps (+1)."""
+    the noise prediction eps_hat = -sigma s instead of x0_hat (flow ODE only; `deis`, `lms`).
+    lower_order_final=False keeps the full order in the last steps of grids below LOWER_ORDER_FINAL steps.
+    NFE: steps (+1)."""
     order = check_count("order", order, 1)
     if order > MAX_ORDER:
         raise ValueError(f"order must be 1, 2, 3 or 4, got {order}")
@@ -170,7 +204,8 @@ def multistep(sde, score_fn, shape, steps, *, order=2, corrector=False, eta=0.0,
         raise ValueError("the corrector is for the flow ODE (eta = 0): a stochastic step has no polynomial to refit")
     if prediction == "noise" and eta != 0:
         raise ValueError("the noise prediction is for the flow ODE (eta = 0); the SDE steps use the data prediction")
-    what = (f"dpmpp_{order}m" if prediction == "data" else f"deis (order {order})") + ("_sde" if eta else "") \
+    noise_name = "lms" if variable == "sigma" and not corrector else "deis"
+    what = (f"dpmpp_{order}m" if prediction == "data" else f"{noise_name} (order {order})") + ("_sde" if eta else "") \
         + (" with a corrector" if corrector else "")
     steps, score, x, grid, denoise = fixed_step(sde, score_fn, shape, steps, generator, x_T, what=what,
                                                 kernel=True, denoise=denoise, spacing=spacing)
@@ -181,7 +216,8 @@ def multistep(sde, score_fn, shape, steps, *, order=2, corrector=False, eta=0.0,
         target = torch.as_tensor(2 * lam, dtype=torch.float64, device=grid.device)
         return log_snr_inverse(sde, target).cpu().numpy()
 
-    pred, corr = plan(lam64.cpu().numpy(), order, float(eta), corrector, variable, form, prediction, time_of)
+    pred, corr = plan(lam64.cpu().numpy(), order, float(eta), corrector, variable, form, prediction, time_of,
+                      lower_order_final)
     h = lam64[1:] - lam64[:-1]
     sigma64 = k64.v.sqrt()
     if prediction == "data":
