@@ -346,7 +346,12 @@ class NumericSDE(torch.nn.Module):
         # The tables start above the last piece below eps where a column is unresolved (a form
         # that loses its digits as t -> 0, say); lookups below their start read it there.
         first = int(torch.nonzero(bad & low).max()) + 1 if (bad & low).any() else 1
-        self._table_range, self._table_breaks = (float(breaks[first]), T), breaks[first:]
+        # A float32 caller's T is up to 2^-24 T past T (0.999 -> 0.99900001), and a quantity's closed-form parts are
+        # evaluated there: its table parts are read there too, on the last piece's polynomial a little past its end
+        # (clamped at T, the two parts of a step's G ending at float32's T mixed two times: 2.3e-3 off for a step of
+        # 1e-5).
+        past = min(T * 2.0**-23, float(breaks[-1] - breaks[-2]) / 4)
+        self._table_range, self._table_breaks = (float(breaks[first]), T + past), breaks[first:]
         self._table_coef = torch.stack([columns[j][first:] @ to_coef.T @ to_powers for j in stored], -1)
         if inverse is None:
             return
@@ -418,8 +423,8 @@ class NumericSDE(torch.nn.Module):
         a, b = breaks[i], breaks[i + 1]
         x = (2 * t - a - b) / (b - a)
         # At a piece's end x may round past +-1: clamp the value but not the derivative, which
-        # autograd through t (the moment equations, say) needs there too.
-        x = x + (x.clamp(-1.0, 1.0) - x).detach()
+        # autograd through t (the moment equations, say) needs there too. Past T (above) x reaches 1.5 at most.
+        x = x + (x.clamp(-1.0, 1.5) - x).detach()
         powers = torch.cumprod(x.unsqueeze(-1).expand(*x.shape, coef.shape[1] - 1), -1)
         c = coef[i]
         return c[..., 0, :] + (powers.unsqueeze(-1) * c[..., 1:, :]).sum(-2)

@@ -91,6 +91,20 @@ def test_a_compilation_stops_at_its_deadline_with_an_error_at_the_sde_line(monke
     assert (info.value.span.line, info.value.span.column) == (3, 1)
 
 
+def test_a_kernel_form_compilation_past_its_deadline_is_located_at_the_kernel(monkeypatch):
+    """A process given by its kernel has no SDE line: the deadline's error was reported without a place. It is at
+    the kernel statement now (EDM's sigma with rho a parameter, VP-scaled, once took the whole 60 s)."""
+    monkeypatch.setattr(compiler, "COMPILE_SECONDS", 0.2)
+    text = ("sde karras3\nparam smin = 0.002\nparam smax = 80\nparam rho = 3\n"
+            "sigma(t) = (smin^(1/rho) + t * (smax^(1/rho) - smin^(1/rho)))^rho\n"
+            "x(t) ~ normal(x(0) / sqrt(1 + sigma(t)^2), sigma(t)^2 / (1 + sigma(t)^2))\n"
+            "weighting likelihood\nt ~ importance\n")
+    with pytest.raises(SdeError) as info:
+        compiler.compile_source(Source(text, "karras3.sde"))
+    assert "took more than 0.2 s of CPU time" in info.value.message
+    assert (info.value.span.line, info.value.span.column) == (6, 1)
+
+
 def test_positivity_is_proved_not_sampled_for_plain_coefficients():
     """A linear beta(t) under a square root, a custom weighting and a coupled noise are decided exactly: the
     program records no sampled check (an empty root set once sent every program to the grid)."""

@@ -23,7 +23,7 @@ from ..errors import SdeError, Source, Span
 from ..files import CannotWrite, write_atomic
 from . import accuracy, check, codegen, derive, parse  # the stages, one module (or package) each
 from .derive import Derivation
-from .syntax import SdeDef
+from .syntax import KernelDef, LogSnrDef, SdeDef
 from .timelimit import Budget, with_deadline
 
 SYMPY_BUDGET = 20.0  # seconds of bounded SymPy work per compilation
@@ -108,12 +108,13 @@ def _stages(source: Source, params: dict[str, float]) -> Compiled:
 
 
 def _sde_line(source: Source) -> Span | None:
-    """Where a compilation that ran out of time is reported: the first SDE line (the derivations start there)."""
+    """Where a compilation that ran out of time is reported: the first SDE line, or the kernel or logSNR that
+    defines the process (the derivations start there)."""
     try:
         module = parse.parse(source)
     except SdeError:
         return None
-    return next((st.span for st in module.statements if isinstance(st, SdeDef)), None)
+    return next((st.span for st in module.statements if isinstance(st, (SdeDef, KernelDef, LogSnrDef))), None)
 
 
 def compile_file(path: str | os.PathLike, out_dir: str | os.PathLike = "generated",

@@ -23,8 +23,8 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
 from .kernel import Kernel
-from .symbolic import (SIMPLIFY_LIMIT, Accuracy, Smaller, bounded, exponential_powers, is_constant_in, log_growth,
-                       printable, rewrites, sum_to_product)
+from .symbolic import (SIMPLIFY_LIMIT, Accuracy, Smaller, bounded, exponential_powers, is_closed, is_constant_in,
+                       log_growth, printable, rewrites, sum_to_product)
 
 START = sp.Dummy("s", positive=True)  # the start of the step (a Dummy: never a user's name)
 
@@ -102,6 +102,12 @@ def discretize(k: Kernel, lsnr: sp.Expr, t: sp.Symbol, accuracy: Accuracy, N: in
         C = bounded(sp.simplify, total.xreplace({t: sp.Integer(0)}), seconds=SIMPLIFY_LIMIT)
         if C is not None and not C.has(sp.zoo, sp.nan, sp.oo, -sp.oo) and printable(C):
             candidates.append(-C * growth * (2 + growth))
+    if k.vp_multiple is not None and not is_closed(k.v):
+        # VP-like noise with v from the tables: G^2 = -k (r - 1)(r + 1) from the accurate r - 1, not a difference of
+        # table values, which the forms above are, all (a sigmoid beta rising to 1e4 lost 2e-7 of G over steps of 1e-7
+        # that way, ~1e-13 of table rounding over a G^2 ~ step); forms with tables cannot be measured, and the
+        # shortest of them was kept.
+        return Step(ratio, growth, offset, -k.vp_multiple * growth * (2 + growth))
     variance = best(candidates)
     return Step(ratio, growth, offset, variance)
 
@@ -245,6 +251,14 @@ def step_difference(N: sp.Expr, t: sp.Symbol, depth: int = 0) -> sp.Expr:
         if f.is_polynomial(t) or f.is_rational_function(t):
             out.append(coeff * sp.factor(sp.together(f - f.xreplace({t: START}))))
             continue
+        if isinstance(f, sp.log) and depth == 0:
+            # log q(t) - log q(s) = log1p((q(t) - q(s)) / q(s)), the difference of q by the same rule: a softplus-like
+            # A = c log(e^(k/2) + e^(k t)) lost ~|A| / (A(t) - A(s)) roundings (2e-5 of a VP's G over steps of 1e-7).
+            q = f.args[0]
+            rise = step_difference(q, t, 1)
+            if rise.has(START) and not rise.has(sp.Integral):
+                out.append(coeff * log1p(rise / q.xreplace({t: START})))
+                continue
         if f == sp.sqrt(t):
             # sqrt(t) - sqrt(s) = (t - s) / (sqrt(t) + sqrt(s)), finite at s = 0 (a schedule in sqrt(t): the
             # difference lost ~2 t / (t - s) roundings, G 3.6e-5 off in float32 at the default step).

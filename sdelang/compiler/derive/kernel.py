@@ -35,6 +35,9 @@ class Kernel:
     c: sp.Expr      # mean offset
     v: sp.Expr      # variance
     std: sp.Expr    # sqrt(v)
+    # k where the noise is VP-like, g^2 / m^2 = k d/dt(1 / m^2): then v = v0 m^2 - k expm1(2 A) and a step's
+    # G^2 = -k (r^2 - 1), whatever v0 and however v is written (derive/discretize.py)
+    vp_multiple: sp.Expr | None = None
 
     @property
     def closed_form(self) -> bool:
@@ -74,7 +77,7 @@ def kernel(a: sp.Expr, b: sp.Expr, g2: sp.Expr, v0: sp.Expr, t: sp.Symbol, accur
         # antiderivative of it be finite): v = v0 e^{2A} - k expm1(2A) with A = int_0^t a from a table, bounded.
         A_table = integrate_from(a, t, zero, t, closed=False)
         v = v0 * sp.exp(2 * A_table) - k * expm1(2 * A_table)
-        return Kernel(m, c, v, sp.sqrt(v))
+        return Kernel(m, c, v, sp.sqrt(v), k)
     if error > CLOSED_FORM_TOLERANCE:
         vs = rewrites(m**2 * (v0 + integrate_from(integrand, t, zero, t))) + vs
         v = accuracy.best(vs, t)
@@ -85,7 +88,7 @@ def kernel(a: sp.Expr, b: sp.Expr, g2: sp.Expr, v0: sp.Expr, t: sp.Symbol, accur
         vs = [m**2 * (v0 + integrate_from(integrand, t, zero, t, closed=False))]
         v = vs[0]
     stds = [sp.sqrt(u) for u in vs] + [simplest(sp.sqrt(v))]
-    return Kernel(m, c, v, accuracy.best(stds, t))
+    return Kernel(m, c, v, accuracy.best(stds, t), k)
 
 
 def _factor_overflows(a: sp.Expr, t: sp.Symbol, accuracy: Accuracy) -> bool:
@@ -105,7 +108,7 @@ def tabulate_kernel(k: Kernel, t: sp.Symbol, tables: Tables) -> Kernel:
     if not is_closed(v):
         log_v = tables.tabulate(log_of_positive(v), "log v(t)", absolute=True)
         v, std = sp.exp(log_v), sp.exp(log_v / 2)
-    return Kernel(m, c, v, std)
+    return Kernel(m, c, v, std, k.vp_multiple)
 
 
 def log_of_positive(q: sp.Expr) -> sp.Expr:

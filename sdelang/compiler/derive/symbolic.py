@@ -646,10 +646,13 @@ class Accuracy:
 
     def best_over_steps(self, candidates: list[sp.Expr], t: sp.Symbol, s: sp.Symbol, step: float) -> sp.Expr:
         """The most accurate form of a function of a step [s, t]: steps of the given length (from s = 0
-        near eps), half of t, a thousandth and a ten-thousandth of t (10^4 steps), for t across [eps, T]."""
+        near eps), half of t, a thousandth and a ten-thousandth of t (10^4 steps), for t across [eps, T].
+        Forms tied there are told apart in float64, the precision a step runs in, over steps of 1e-6 of t
+        (float32's rounding of the inputs hides a difference of two logs of size 30 that cancels to 1e-8)."""
         ts = self.grid
         starts = (np.maximum(ts - step, 0.0), ts / 2, ts * 0.999, ts * 0.9999)
-        return most_accurate(candidates, (t, s), self.defaults, (np.tile(ts, 4), np.concatenate(starts)))
+        return most_accurate(candidates, (t, s), self.defaults, (np.tile(ts, 4), np.concatenate(starts)),
+                             fine=(ts, ts * (1 - 1e-6)))
 
 
 # Errors below this (about 8 units of float32 rounding) are the rounding of a few operations, which the numpy
@@ -658,7 +661,7 @@ ROUNDING_TIE = 5e-7
 
 
 def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...], defaults: dict,
-                  grid: np.ndarray | tuple[np.ndarray, ...], floor: float = 0.0) -> sp.Expr:
+                  grid: np.ndarray | tuple[np.ndarray, ...], floor: float = 0.0, fine=None) -> sp.Expr:
     """The candidate whose float32 evaluation on the grid is closest to a 30-digit reference.
 
     Errors are relative to max(|reference|, floor): a floor suits a quantity held to an absolute bound where it
@@ -677,7 +680,13 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...
     # hid the difference between (t - s) (b0 + ...) and B(t) - B(s) and let the shorter, cancelling form win.
     columns = tuple(np.asarray(c, dtype=np.float32).astype(np.float64)
                     for c in (grid if isinstance(grid, tuple) else (grid,)))
-    forms = [(e, _at_defaults(e, defaults)) for e in dict.fromkeys(candidates)]
+    # Bounded: with the values in, SymPy's automatic evaluation of a large form may not end (EDM's sigma with a
+    # parameter rho, (smin^(1/rho) + t (...))^rho at rho = 3, under square roots: the compile's whole 60 s). A form
+    # that cannot be put at the defaults in time is not measured.
+    forms = [(e, at) for e in dict.fromkeys(candidates)
+             if (at := bounded(_at_defaults, e, defaults, seconds=SIMPLIFY_LIMIT)) is not None]
+    if not forms:
+        return min(candidates, key=lambda e: (size(e), sp.default_sort_key(e)))
     if any(at.has(*NUMERIC) or at.free_symbols - set(variables) for _, at in forms):
         return min(candidates, key=lambda e: (size(e), sp.default_sort_key(e)))  # no reference: the shortest
     reference = _reference([at for _, at in forms], variables, columns)
@@ -688,13 +697,17 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...
     if not scored:
         return candidates[0]
     tied = _tied(scored)
+    if fine is not None and len(tied) > 1:
+        tied = _tied_in_float64(tied, forms, variables, fine)
     if len(tied) > 1 and defaults:
         # Tied at the defaults: by the worst error with one parameter at a time moved 100-fold, where forms part that
         # agree at the defaults (log(c (e^u - 1)) overflows float32 once u > 88; log(c) + u + log(-expm1(-u)) does
         # not). A parameter set where the reference is not finite, or a form cannot be evaluated, is left out.
         worst = {id(s[3]): s[0] for s in tied}
         for stressed in _stressed(defaults):
-            ats = [_at_defaults(s[3], stressed) for s in tied]
+            ats = [bounded(_at_defaults, s[3], stressed, seconds=SIMPLIFY_LIMIT) for s in tied]
+            if any(at is None for at in ats):
+                continue
             reference = _reference(ats, variables, columns)
             if reference is None or not np.isfinite(reference).all():
                 continue
@@ -705,6 +718,30 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...
                 worst[id(s[3])] = max(worst[id(s[3])], e)
         tied = _tied([(worst[id(s[3])], *s[1:]) for s in tied])
     return min(tied, key=lambda s: (s[1], s[0], s[2]))[3]
+
+
+def _tied_in_float64(tied, forms, variables, columns):
+    """Of the tied forms, those whose float64 error on the points (float64 inputs) is within a factor of ten of
+    the best or below 1e-13; all of them where no reference can be formed there."""
+    at_of = {id(expr): at for expr, at in forms}
+    ats = [at_of[id(s[3])] for s in tied]
+    reference = _reference(ats, variables, columns)
+    if reference is None:
+        return tied
+    finite = np.isfinite(reference)
+    errors = []
+    for at in ats:
+        values = _evaluate(at, variables, columns, np.float64)
+        if values is None:
+            errors.append(np.inf)
+            continue
+        with np.errstate(all="ignore"):
+            rel = np.abs(values - reference) / np.maximum(np.abs(reference), 1e-300)
+        errors.append(float(np.max(rel[finite])) if finite.any() and not np.isnan(values[finite]).any() else np.inf)
+    best_err = min(errors)
+    if not np.isfinite(best_err):
+        return tied
+    return [s for s, e in zip(tied, errors) if e <= max(10 * best_err, 1e-13)]
 
 
 def _tied(scored):
