@@ -17,10 +17,12 @@ an MLP score network with random weights, in d = 2 and d = 64, on the VP SDE.
     python benchmarks/likelihood.py [--batch 64] [--repeat 3] [--threads N]
 
 Prints a Markdown table; times are the fastest of the interleaved repeats, "speed-up" is baseline time / sdelang
-time from the same run, and "per NFE" the same ratio per drift evaluation. NFE may differ: torchdiffeq
-measures the step error of x and of the divergence integral separately, where solve_ivp takes one RMS
-over [x, divergence], in which the likelihood is 1 entry in d + 1; sdelang's control of logp is the
-stricter one.
+time from the same run, and "per NFE" the same ratio per drift evaluation. NFE may differ: torchdiffeq's
+dopri5 estimates a step's error as 2/3 of scipy's RK45, their step controllers differ in detail, and
+the norm that combines x's error with the divergence integral's is sdelang's default ("balanced", the
+RMS of the two mean squares) where solve_ivp takes one RMS over [x, divergence], in which the
+likelihood is 1 entry in d + 1. benchmarks/likelihood_norms.py compares the norms and the accuracy of
+log p.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import scipy.integrate
 import scipy.stats
 import torch
 
+from sdelang.runtime.config import ODE_NORMS
 from sdelang.runtime.gaussian import GaussianData
 from sdelang.runtime.logsnr import log_snr_inverse
 from sdelang.runtime.likelihood import (Bound, LogLikelihood, _log_snr_uniform_times, bits_per_dim,
@@ -410,3 +411,15 @@ def test_bound_rejects_bad_arguments(examples, kwargs, message):
     sde, data, x = bound_setup(examples, "vp")
     with pytest.raises(ValueError, match=message):
         bound(sde, data.score, x, **kwargs)
+
+
+@pytest.mark.parametrize("norm", ODE_NORMS)
+def test_each_step_error_norm_meets_the_closed_form_in_64_dimensions(examples, norm):
+    """Gaussian data through VP at d = 64, x holding 64 entries per datapoint to log p's one: whichever norm
+    combines their step errors, log p at the default rtol = atol = 1e-5 is within 2e-3 nats (3e-5 per
+    dimension) of log p_eps (Rademacher probes are exact here). Measured: 7e-4 at worst under "shared",
+    2e-4 under "balanced", 1.4e-4 under "max"."""
+    sde, data, x = gaussian_setup(examples, "vp", shape=(64,), n=16)
+    use_p_T_as_prior(sde, data)
+    result = log_likelihood(sde, data.score, x, norm=norm, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(result.logp, data.log_prob(x, full(sde.eps, x)), rtol=0, atol=2e-3)

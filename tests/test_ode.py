@@ -124,3 +124,74 @@ def test_a_non_finite_drift_is_a_solver_error():
     with pytest.raises(SolverError, match="met a non-finite value between t = 0 and t = 1") as info:
         solve(poisoned, state, torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=1e-6, atol=1e-6)
     assert "tensor(" not in str(info.value)
+
+
+def test_norms_compute_what_they_say():
+    """Two tensors of different sizes: a = (1, 2, 3, 4) (mean square 7.5, RMS sqrt 7.5) and b = (6)."""
+    from sdelang.runtime.config import ODE_NORMS
+    from sdelang.runtime.ode import NORMS
+
+    a, b = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64), torch.tensor([6.0], dtype=torch.float64)
+    expected = {"max": 6.0,                              # max(sqrt 7.5, 6)
+                "shared": ((30 + 36) / 5) ** 0.5,        # one RMS over the 5 entries
+                "balanced": ((7.5 + 36) / 2) ** 0.5}     # RMS of the two mean squares
+    assert set(NORMS) == set(expected) == set(ODE_NORMS)
+    for name, value in expected.items():
+        assert float(NORMS[name]((a, b))) == pytest.approx(value, rel=1e-14), name
+        assert float(NORMS[name]((a,))) == pytest.approx(7.5**0.5, rel=1e-14), name   # one tensor: its RMS
+
+
+def elementwise(t, y):
+    """A nonlinear, time-dependent drift acting entry by entry, so a split state solves as the whole."""
+    return -y * (1 + torch.cos(6 * t) * y) + torch.sin(3 * t)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3"])
+def test_shared_norm_solves_a_split_state_as_one_tensor(method):
+    """Under "shared" the pair (y[:40], y[40:]) takes the steps, first step included, of y itself (whose norm is
+    its RMS); under "max" the 2-entry tensor, whose error is not averaged with the 40 others, takes more."""
+    y0 = torch.linspace(-1.0, 2.0, 42, dtype=torch.float64) ** 3
+    times = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    calls = {}
+
+    def counted(key):
+        def func(t, y):
+            calls[key] = calls.get(key, 0) + 1
+            return tuple(elementwise(t, part) for part in y) if isinstance(y, tuple) else elementwise(t, y)
+        return func
+    whole = solve(counted("whole"), y0, times, rtol=1e-6, atol=1e-6, method=method)
+    split = solve(counted("shared"), (y0[:40], y0[40:]), times, rtol=1e-6, atol=1e-6, method=method, norm="shared")
+    torch.testing.assert_close(torch.cat(split, 1), whole, rtol=1e-13, atol=1e-13)
+    assert calls["shared"] == calls["whole"]
+    solve(counted("max"), (y0[:40], y0[40:]), times, rtol=1e-6, atol=1e-6, method=method, norm="max")
+    assert calls["max"] > calls["shared"]
+
+
+@pytest.mark.parametrize("method", ["dopri5", "dopri8", "bosh3"])
+def test_solve_is_torchdiffeq_where_its_first_step_probe_stays_inside(method):
+    """Where torchdiffeq's own first-step probe stays in the interval, solve takes its steps exactly: the same
+    first step (Hairer, Norsett & Wanner II.4, h1 = (0.01 / max(d1, d2))^(1/p), p the method's order), the
+    same evaluations and the same result."""
+    import torchdiffeq
+
+    y0 = torch.linspace(0.5, 3.0, 7, dtype=torch.float64)
+    times = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    seen = {"ours": [], "theirs": []}
+
+    def recorded(key):
+        def func(t, y):
+            seen[key].append(float(t))
+            return elementwise(t, y)
+        return func
+    ours = solve(recorded("ours"), y0, times, rtol=1e-6, atol=1e-6, method=method, norm="max")
+    theirs = torchdiffeq.odeint(recorded("theirs"), y0, times, rtol=1e-6, atol=1e-6, method=method,
+                                options={"step_t": times[1:]})
+    assert max(seen["theirs"]) <= 2.0
+    assert seen["ours"] == seen["theirs"]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_solve_rejects_an_unknown_norm():
+    with pytest.raises(ValueError, match="norm must be one of max, shared, balanced"):
+        solve(elementwise, torch.ones(2, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64),
+              rtol=1e-5, atol=1e-5, norm="l2")

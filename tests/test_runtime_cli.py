@@ -98,6 +98,22 @@ def test_nll_json_has_the_documented_keys(moons_run, capsys):
     assert result["bpd"] == pytest.approx(result["nll_nats"] / (2 * math.log(2)), rel=1e-9)
 
 
+
+@pytest.mark.parametrize("norm", ["max", "shared"])
+def test_nll_norm_reaches_the_solver(moons_run, capsys, norm):
+    """--norm is the step-error norm log_likelihood gets: the NFE and NLL of evaluate.nll with that norm."""
+    from sdelang.runtime.data import load_data
+    from sdelang.runtime.evaluate import nll
+    from sdelang.runtime.training import load_run
+
+    assert main(["nll", str(moons_run), "-n", "32", "--json", "--tol", "1e-3", "--norm", norm]) == 0
+    result = json.loads(capsys.readouterr().out)
+    run = load_run(moons_run)
+    test = load_data(run.config.data, split="test")
+    expected, default = (nll(run.model, test, n=32, rtol=1e-3, atol=1e-3, norm=name) for name in (norm, "balanced"))
+    assert (result["nfe"], result["nll_nats"]) == (expected.nfe, pytest.approx(expected.nll_nats, rel=1e-12))
+    assert (expected.nfe, expected.nll_nats) != (default.nfe, default.nll_nats)
+
 def test_digits_train_and_bits_per_dim(tmp_path, capsys):
     pytest.importorskip("sklearn")
     out = tmp_path / "digits"

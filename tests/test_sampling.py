@@ -430,8 +430,10 @@ def test_float32_images(examples, method):
 @pytest.mark.parametrize("name", ["vp", "ve", "ou"])
 def test_float32_deterministic_samplers_agree_with_float64(examples, name, method):
     """From the same x_T, float32 ends within 1e-4 of float64 (samples are of order 1): float32 rounding
-    (6e-8) carried through the steps; the largest difference seen is 7e-6 (ode, whose adaptive steps
-    differ between the dtypes), 2e-6 for the fixed-step ones."""
+    (6e-8) carried through the steps; the largest difference seen is 2e-6 for the fixed-step ones. ode's
+    adaptive steps differ between the dtypes, so there the two differ by the solver's error at rtol = atol
+    = 1e-5 instead: on vp float64 takes 57 evaluations and ends 2.6e-4 from the exact flow map, float32
+    69 and 6e-6 (before the first step followed torchdiffeq's rule, both took 69, 7e-6 apart)."""
     data64 = gaussian(build(examples, name))
     data32 = gaussian(build(examples, name, torch.float32))
     x_T, _ = start(data64, 256, seed=0)
@@ -439,7 +441,7 @@ def test_float32_deterministic_samplers_agree_with_float64(examples, name, metho
     runs = [sampling.sample(data.sde, data.score, x.shape, method, steps, x_T=x)
             for data, x in ((data64, x_T), (data32, x_T.float()))]
     assert runs[1].x.dtype == torch.float32
-    torch.testing.assert_close(runs[1].x.double(), runs[0].x, rtol=0, atol=1e-4)
+    torch.testing.assert_close(runs[1].x.double(), runs[0].x, rtol=0, atol=1e-3 if method == "ode" else 1e-4)
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "ode"])

@@ -9,6 +9,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 OBJECTIVES = ("auto", "denoising", "sliced")   # auto: denoising, or sliced for a general SDE (no kernel)
 REDUCTIONS = ("sum", "mean")
+# Step-error norms of the flow-ODE likelihood (ode.NORMS, defined there) and the default (docs/benchmarks.md,
+# "Step-error norm": the measurements behind it); named here so that `sdelang nll --help` needs no torch.
+ODE_NORMS = ("max", "shared", "balanced")
+DEFAULT_NORM = "balanced"
 SIMULATION_STEPS = 64   # Euler-Maruyama steps from 0 to each x_t of a general SDE (no kernel to draw it from)
 
 

@@ -21,8 +21,9 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from .config import DEFAULT_NORM
 from .logsnr import log_snr_times
-from .ode import ADAPTIVE_SOLVERS, solve
+from .ode import ADAPTIVE_SOLVERS, NORMS, solve
 from .kinds import kind_of, unavailable_reason
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -47,16 +48,24 @@ class Bound(NamedTuple):
 
 def log_likelihood(sde, score_fn: ScoreFn, x: Tensor, *, exact_trace: bool = False, probes: int = 1,
                    noise: str = "rademacher", rtol: float = 1e-5, atol: float = 1e-5,
-                   method: str = "dopri5", generator: torch.Generator | None = None) -> LogLikelihood:
+                   method: str = "dopri5", norm: str = DEFAULT_NORM,
+                   generator: torch.Generator | None = None) -> LogLikelihood:
     """log p_eps(x) = log prior(x(T)) + int_eps^T div f_flow(x(t), t) dt along the flow ODE.
 
     The flow drift f_flow is the module's, sde.reverse(score_fn, probability_flow=True).sde: f - g^2 s / 2
     (affine), f - d(g^2)/dx / 2 - g^2 s / 2 (general, g(x, t)), F u - D s / 2 (coupled). The state
     (x, accumulated divergence) goes from eps to T under it with torchdiffeq's adaptive `method` at
-    tolerances rtol, atol, on x's device and in x's dtype. The step error is measured on x and on the
-    divergence integral separately (the larger RMS decides), so each step of the log-likelihood is held to
-    rtol, atol; the error of the result accumulates over the steps (on VP about 1e-4 nats at the default
-    1e-5, on a coupled SDE up to 1e-3): lower both to tighten it.
+    tolerances rtol, atol, on x's device and in x's dtype. A step's error, divided by atol + rtol |y|, is
+    an RMS over the batch for x and for the divergence integral, and `norm` combines the two (ode.NORMS):
+      - "balanced" (default): the RMS of the two mean squares. The log-likelihood's RMS step error stays
+        within sqrt(2) of the tolerance however many entries x has, while x's entries average with it;
+      - "max": the larger of the two, each held to the tolerance (stricter, more steps);
+      - "shared": one RMS over all (d + 1) B entries, as scipy's solve_ivp: the log-likelihood's part can
+        grow to sqrt(d + 1) times the tolerance, and did (docs/benchmarks.md).
+    Each is held per batch, not per datapoint, and the result's error accumulates over the steps. At the
+    default 1e-5: about 2e-4 nats at d = 64 on VP with Gaussian data; on the trained 2-D models of
+    docs/benchmarks.md 1.4e-2 to 3e-2 nats at the worst of 256 points under "balanced" (scipy's RK45
+    4e-3 to 1.6e-2, "max" 8e-3 to 2e-2). Lower rtol, atol to tighten it.
     div f_flow = div f + div (f_flow - f): div f is the module's analytic `drift_divergence`, and the
     rest (the score term, and the d(g^2)/dx correction of a general SDE) is differentiated by autograd:
       - exact_trace=True: the trace of its Jacobian, one backward pass per entry of a sample (small d);
@@ -80,6 +89,8 @@ def log_likelihood(sde, score_fn: ScoreFn, x: Tensor, *, exact_trace: bool = Fal
                          f"solvers), got {method!r}")
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be positive, got rtol={rtol!r}, atol={atol!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
     if noise not in NOISES:
         raise ValueError(f"noise must be one of {', '.join(NOISES)}, got {noise!r}")
     if not (isinstance(probes, int) and probes >= 1):
@@ -116,7 +127,8 @@ def log_likelihood(sde, score_fn: ScoreFn, x: Tensor, *, exact_trace: bool = Fal
     times = torch.tensor([float(sde.eps), float(sde.T)], dtype=torch.float64, device=x.device)
     with torch.no_grad():
         # ode.solve lands the last step on T: the coefficients may not exist past it (cosine schedule).
-        xs, integrals = solve(flow, (x0, x0.new_zeros(x0.shape[0])), times, rtol=rtol, atol=atol, method=method)
+        xs, integrals = solve(flow, (x0, x0.new_zeros(x0.shape[0])), times, rtol=rtol, atol=atol,
+                              method=method, norm=norm)
         estimates = sde.prior_logp(xs[-1]) + integrals[-1]
         if coupled:
             estimates = estimates - initial

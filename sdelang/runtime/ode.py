@@ -11,6 +11,10 @@ times outside [eps, T]. So no evaluation may leave the interval:
   h0 = 0.01 |y0| / |f0| in the error norm, which for a flow ODE was seen 18 times past T. The drift at
   the start, evaluated for the rule, is handed back to torchdiffeq's first call, so the number of
   evaluations is unchanged.
+For a state of several tensors (the likelihood's x and log-density), NORMS says how their step errors
+combine into the one number the controller holds below 1; the first-step rule measures in the same
+norm. The likelihood's default, "balanced", was chosen by measurement (docs/benchmarks.md, "Step-error
+norm").
 A step size that underflows means the drift blew up, almost always an untrained or diverging score
 model; that is reported as a SolverError saying so, not as torchdiffeq's bare assertion.
 """
@@ -20,20 +24,39 @@ import torch
 import torchdiffeq
 
 from ..errors import SolverError
+from .config import DEFAULT_NORM
 
-# torchdiffeq's adaptive solvers and their orders (the first-step rule uses order - 1, as torchdiffeq does).
+# torchdiffeq's adaptive solvers and their orders p: the first-step rule's exponent is 1 / p, one over the
+# embedded error estimate's order plus one (Hairer, Norsett & Wanner; torchdiffeq and scipy alike).
 ORDERS = {"dopri5": 5, "dopri8": 8, "bosh3": 3, "fehlberg2": 2, "adaptive_heun": 2}
 ADAPTIVE_SOLVERS = tuple(ORDERS)
 
 
-def _norm(values, scales) -> torch.Tensor:
-    """The largest RMS over the state's tensors of value / scale (torchdiffeq's norm for tuple states)."""
-    return torch.stack([(v / s).pow(2).mean().sqrt() for v, s in zip(values, scales)]).max()
+def _max_norm(values) -> torch.Tensor:
+    """max_k RMS(v_k): the largest per-tensor RMS (torchdiffeq's default for tuple states)."""
+    return torch.stack([v.pow(2).mean().sqrt() for v in values]).max()
 
 
-def first_step(func, y0, times, *, rtol: float, atol: float, order: int):
+def _shared_norm(values) -> torch.Tensor:
+    """sqrt(sum_k sum(v_k^2) / sum_k numel(v_k)): one RMS over every entry (scipy's solve_ivp on the
+    concatenated state)."""
+    return (sum(v.pow(2).sum() for v in values) / sum(v.numel() for v in values)).sqrt()
+
+
+def _balanced_norm(values) -> torch.Tensor:
+    """sqrt(mean_k mean(v_k^2)): the RMS of the per-tensor mean squares, each tensor weighted alike
+    whatever its size, so no tensor's RMS exceeds sqrt(K) times the norm (K tensors)."""
+    return torch.stack([v.pow(2).mean() for v in values]).mean().sqrt()
+
+
+# The step-error norms, each a function of the state's tensors divided by their tolerances.
+NORMS = {"max": _max_norm, "shared": _shared_norm, "balanced": _balanced_norm}
+
+
+def first_step(func, y0, times, *, rtol: float, atol: float, order: int, norm=_max_norm):
     """(h, f0): torchdiffeq's initial step size for func from times[0] towards times[-1], with the probe
-    point kept inside the interval, and func(times[0], y0) (evaluated for the rule)."""
+    point kept inside the interval and the error measured in `norm` (one of NORMS' values), and
+    func(times[0], y0) (evaluated for the rule). `order` is the method's, p in ORDERS."""
     t0, t1 = times[0], times[-1]
     span = (t1 - t0).abs()
     direction = torch.sign(t1 - t0)
@@ -42,14 +65,15 @@ def first_step(func, y0, times, *, rtol: float, atol: float, order: int):
     f0 = func(t0, y0)
     fs = f0 if as_tuple else (f0,)
     scales = [atol + y.abs() * rtol for y in ys]
-    d0, d1 = _norm(ys, scales), _norm(fs, scales)
+    d0 = norm([y / s for y, s in zip(ys, scales)])
+    d1 = norm([f / s for f, s in zip(fs, scales)])
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
     h0 = torch.minimum(h0.to(span.dtype), span)
     y1 = tuple(y + (direction * h0).to(y.dtype) * f for y, f in zip(ys, fs))
     # At the cap, the probe is the end itself (t0 + (t1 - t0) may round past it).
     f1 = func(torch.where(h0 < span, t0 + direction * h0, t1), y1 if as_tuple else y1[0])
     f1s = f1 if as_tuple else (f1,)
-    d2 = _norm([a - b for a, b in zip(f1s, fs)], scales) / h0.to(d0.dtype)
+    d2 = norm([(a - b) / s for a, b, s in zip(f1s, fs, scales)]) / h0.to(d0.dtype)
     if d1 <= 1e-15 and d2 <= 1e-15:
         h1 = torch.clamp(h0 * 1e-3, min=1e-6)
     else:
@@ -57,22 +81,32 @@ def first_step(func, y0, times, *, rtol: float, atol: float, order: int):
     return torch.minimum(100 * h0, h1.to(h0.dtype)), f0
 
 
-def solve(func, y0, times, *, rtol: float, atol: float, method: str = "dopri5"):
+def solve(func, y0, times, *, rtol: float, atol: float, method: str = "dopri5", norm: str = DEFAULT_NORM):
     """torchdiffeq.odeint(func, y0, times) with every evaluation of func in [min(times), max(times)] and
-    the last time stepped onto exactly."""
-    h, f0 = first_step(func, y0, times, rtol=rtol, atol=atol, order=ORDERS[method] - 1)
-    pending = [f0]
+    the last time stepped onto exactly. For a tuple state y0, `norm` (a key of NORMS) combines the
+    tensors' step errors, each divided by atol + rtol |y|, into the one number held below 1; for a
+    single tensor all three are its RMS."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    norm_fn = NORMS[norm]
+    h, f0 = first_step(func, y0, times, rtol=rtol, atol=atol, order=ORDERS[method], norm=norm_fn)
+    pending, last = [f0], [f0]
 
     def once_cached(t, y):
         # torchdiffeq's first call is func(times[0], y0), which first_step has just evaluated.
-        if pending:
-            return pending.pop()
-        return func(t, y)
+        last[0] = pending.pop() if pending else func(t, y)
+        return last[0]
     try:
         return torchdiffeq.odeint(once_cached, y0, times, rtol=rtol, atol=atol, method=method,
-                                  options={"step_t": times[1:], "first_step": h})
+                                  options={"step_t": times[1:], "first_step": h,
+                                           # torchdiffeq hands a tuple state's norm the tuple, a tensor's the tensor.
+                                           "norm": norm_fn if isinstance(y0, tuple) else lambda v: norm_fn((v,))})
     except AssertionError as exc:
-        if "non-finite" in str(exc):
+        # A non-finite drift makes the step's error NaN, which every norm here propagates: the step is refused
+        # and torchdiffeq reports the step size underflowing instead (its own norm, a Python max over the
+        # tensors, could skip the NaN and accept a non-finite state).
+        drift = last[0] if isinstance(last[0], tuple) else (last[0],)
+        if "non-finite" in str(exc) or not all(bool(torch.isfinite(f).all()) for f in drift):
             # torchdiffeq's message carries the whole state tensor: the first line is what it says.
             raise SolverError(f"the {method} solver met a non-finite value between t = {float(times[0]):g} and "
                               f"t = {float(times[-1]):g}: the flow drift or its divergence is inf or NaN at a state "
