@@ -11,6 +11,8 @@
 - An OU process with that rate and a fixed target mu: c = mu (1 - e^-B) as -mu expm1(-B), m = e^-B, v = 1 - e^-2B.
 - The cosine schedule written by its SDE (a tan drift): alpha = cos(u) / cos(u0). Its module once failed to build
   (torch.sqrt(2) and torch.exp of a hoisted constant, numbers SymPy made while constants were hoisted).
+- VP with a kink, beta = 1 + 10 |t - c|: B in closed form split at the kink (derive/kinks.py), against scipy's
+  quadrature for c before, inside and after [0, 1].
 
 Each must compile to a closed-form kernel, equal to the hand formula in float64 (1e-12 relative: rounding
 of a few operations) and within 1e-5 relative in float32 on [eps, T] (the project's float32 bound), with
@@ -27,7 +29,7 @@ import torch
 from scipy.special import expit
 
 import sdelang
-from sdelang.compiler.derive import symbolic
+from sdelang.compiler.derive import kinks, symbolic
 from sdelang.compiler.derive.symbolic import (common_exponential, integrate_from, is_constant_in,
                                              powers_as_exponentials, powers_minus_one)
 
@@ -250,3 +252,137 @@ def test_numpy_function_agrees_with_lambdify():
     u = 300 * t - 2
     softplus = symbolic.numpy_function(t, symbolic.softplus(u))(grid)
     assert np.array_equal(softplus, np.logaddexp(np.float32(0), 300 * grid - 2)) and np.isfinite(softplus).all()
+
+
+KINK = "sde kink\nparam c = 0.4\nbeta(t) = 1 + 10 * abs(t - c)\ndx = -1/2 * beta(t) * x dt + sqrt(beta(t)) dw\n"
+
+
+def _quad(f, lower, upper, kinks):
+    from scipy.integrate import quad
+    points = [k for k in kinks if lower < k < upper]
+    value, error = quad(f, lower, upper, points=points or None, epsabs=0, epsrel=1e-13, limit=200)
+    return value
+
+
+@pytest.mark.parametrize("c", [0.4, 0.7, 1.5])
+def test_kink_integral_against_quadrature(c):
+    """int_0^t (1 + 10 |s - c|) ds in closed form (derive/kinks.py), equal to scipy's quadrature split at the kink to
+    1e-12 in float64, with the kink before, inside and after [0, 1]; and in float32 near t = 0 within a few roundings,
+    where the antiderivative's values F(t) - F(0) (each of size c^2) would leave ~1e-4."""
+    s, t = sp.Symbol("s", positive=True), sp.Symbol("t", positive=True)
+    C = sp.Symbol("c", positive=True)
+    closed = kinks.kink_integral(1 + 10 * sp.Abs(s - C), s, sp.Integer(0), t, {C: c})
+    assert closed is not None and not closed.has(sp.Integral)
+    f64 = sp.lambdify((t, C), closed, "numpy")
+    times = [1e-5, 1e-3, 0.1, c - 1e-6, c, c + 1e-6, 0.9, 1.0]
+    for time in [x for x in times if x > 0]:
+        reference = _quad(lambda x: 1 + 10 * abs(x - c), 0.0, time, [c])
+        assert abs(f64(time, c) - reference) <= 1e-12 * reference, (c, time)
+    # Near t = 0, with the kink after 0 and (a real parameter at -c) before it: |c - s| is c - s or s - c there.
+    small = np.geomspace(1e-5, 1e-2, 7).astype(np.float32)
+    for symbol, value in ((C, c), (sp.Symbol("c", real=True), -c)):
+        closed = kinks.kink_integral(1 + 10 * sp.Abs(s - symbol), s, sp.Integer(0), t, {symbol: value})
+        ours = symbolic.numpy_function((t, symbol), closed)(small, np.float32(value)).astype(np.float64)
+        reference = np.array([_quad(lambda x: 1 + 10 * abs(x - value), 0.0, float(x), [value]) for x in small])
+        assert np.max(np.abs(ours - reference) / reference) < 2e-6, value
+
+
+def test_kink_integral_of_a_richer_polynomial():
+    """Powers of |u| odd and even, |u| written both ways round (|2s - 1| and |1 - 2s|), products with s, a lower limit
+    that is not 0 and a negative parameter: against quadrature to 1e-12; an integrand that is not polynomial in |u|,
+    or with two kinks, gets no closed form here (None)."""
+    s, t = sp.Symbol("s", positive=True), sp.Symbol("t", positive=True)
+    d = sp.Symbol("d", real=True)
+    body = (1 + s) * sp.Abs(2 * s - 1 - d) ** 3 + s**2 * sp.Abs(1 + d - 2 * s) + 3 + d * s
+    for d_value in (0.0, -0.3, 0.5):
+        closed = kinks.kink_integral(body, s, sp.Rational(1, 1000), t, {d: d_value})
+        fn = sp.lambdify((t, d), closed, "mpmath")
+        kink = (1 + d_value) / 2
+        f = sp.lambdify((s, d), body, "math")
+        for time in (2e-3, 0.3, kink, 0.8, 2.0):
+            reference = _quad(lambda x: f(x, d_value), 1e-3, time, [kink])
+            assert abs(float(fn(time, d_value)) - reference) <= 1e-12 * abs(reference), (d_value, time)
+    assert kinks.kink_integral(1 / (1 + sp.Abs(s - d)), s, 0, t) is None
+    assert kinks.kink_integral(sp.Abs(s - 1) + sp.Abs(s - 2), s, 0, t) is None
+    assert kinks.kink_integral(sp.Abs(s**2 - 1), s, 0, t) is None
+
+
+def test_kink_vp_compiles_to_a_closed_form():
+    """VP with beta = 1 + 10 |t - c|: a closed-form kernel (numeric tables and 11-12 s of compile before), whose std
+    and mean_coeff agree with quadrature of B = int_0^t beta to 1e-12 at the default c and at c given to the module."""
+    sde = sdelang.load(KINK)
+    assert "closed form" in type(sde).kernel_path
+    for c in (0.4, 0.7, 1.5):
+        module = sdelang.load(KINK, c=c)
+        t = torch.tensor([1e-5, 1e-3, 0.2, 0.4, 0.5, 0.7, 0.9, 1.0], dtype=torch.float64)
+        B = np.array([_quad(lambda x: 1 + 10 * abs(x - c), 0.0, float(x), [c]) for x in t])
+        np.testing.assert_allclose(module.std(t).numpy(), np.sqrt(-np.expm1(-B)), rtol=1e-12)
+        np.testing.assert_allclose(module.mean_coeff(t).numpy(), np.exp(-B / 2), rtol=1e-12)
+
+
+def test_integrals_are_variables_of_the_constancy_test(monkeypatch):
+    """An unevaluated integral counts as one more variable of is_constant_in, split into constants times integrals of
+    single terms: int -5/2 e^sin(3s) ds and 5 int e^sin(3r) dr (as simplify writes it) are one variable, so a VP's
+    g^2 / m^2 = k d/dt(1/m^2) holds with beta having no antiderivative, and nothing is integrated numerically (that
+    took seconds of mpmath quadrature per test)."""
+    def no_quadrature(*args):
+        raise AssertionError("an integral was evaluated numerically")
+    monkeypatch.setitem(symbolic._evalf.evalf_table, sp.Integral, no_quadrature)
+    t, s, r = sp.Symbol("t", positive=True), sp.Dummy("s"), sp.Dummy("r")
+    A = sp.Integral(-sp.Rational(5, 2) * sp.exp(sp.sin(3 * s)), (s, 0, t))
+    simplified = 5 * sp.Integral(sp.exp(sp.sin(3 * r)), (r, 0, t))
+    integrand = 5 * sp.exp(sp.sin(3 * t) + simplified)
+    assert is_constant_in(integrand / sp.diff(sp.exp(-2 * A), t), t)
+    assert symbolic.derivative_multiple(integrand, sp.exp(-2 * A), t) == 1
+    assert not is_constant_in(A, t)
+    assert not is_constant_in(sp.exp(simplified + 3 * A), t)          # 5 I - 15/2 I: not constant
+    assert is_constant_in(sp.exp(simplified + 2 * A) * 7, t)          # 5 I - 5 I
+    assert is_constant_in(sp.Integral(sp.exp(s) + 1, (s, 0, t)) - sp.Integral(sp.exp(r), (r, 0, t)) - t, t, zero=True)
+    total = sp.Integral(sp.exp(sp.sin(3 * s)), (s, 0, 1))              # a number: constant, like a parameter
+    assert is_constant_in(total * sp.exp(A - A), t)
+    parts = symbolic._linear_parts(sp.Integral(-sp.Rational(5, 2) * sp.exp(sp.sin(3 * s)) - sp.Rational(1, 20),
+                                               (s, 0, t)))
+    assert parts == [(-sp.Rational(1, 20) * t, 1), (-sp.Rational(5, 2), sp.Integral(
+        sp.exp(sp.sin(3 * symbolic._VARIABLE)), (symbolic._VARIABLE, 0, t)))] or parts[::-1] == [
+        (-sp.Rational(1, 20) * t, 1), (-sp.Rational(5, 2), sp.Integral(
+            sp.exp(sp.sin(3 * symbolic._VARIABLE)), (symbolic._VARIABLE, 0, t)))]
+
+
+def test_non_elementary_integrands_skip_the_integrator():
+    """The Risch algorithm proves log(1 + e^(10 s - 5)) and a Gompertz curve non-elementary, so SymPy's integrator is
+    not run on them; an exponential of a quadratic (erf, which code generation prints) is never skipped, and what
+    Risch does not handle (trigonometric, Abs) or integrates (s e^s) is not proved."""
+    s = sp.Symbol("s", positive=True)
+    k = sp.Symbol("k", positive=True)
+    assert symbolic.non_elementary(sp.log(1 + sp.exp(10 * s - 5)) / 2 + sp.Rational(1, 20), s)
+    assert symbolic.non_elementary(sp.Rational(1, 10) + 20 * sp.exp(-sp.exp(k * (sp.Rational(1, 2) - s))), s)
+    assert not symbolic.non_elementary(sp.exp(-s**2), s)
+    assert not symbolic.non_elementary(s * sp.exp(s), s)
+    assert not symbolic.non_elementary(sp.exp(sp.sin(3 * s)), s)
+    assert not symbolic.non_elementary(1 + sp.Abs(s - k), s)
+    t = sp.Symbol("t", positive=True)
+    assert integrate_from(sp.exp(-s**2), s, 0, t).has(sp.erf)
+
+
+def test_numeric_evaluation_of_softplus_expm1_log1p(monkeypatch):
+    """softplus, expm1 and log1p are in SymPy's table of numeric evaluators (mpmath, with guard bits): the same values
+    as mpmath to 30 digits, inside quadrature too (without SymPy's substitution at each node, which took 1-2 s per
+    integral), and softplus does not overflow or lose a tiny value."""
+    import mpmath
+    x = sp.Symbol("x")
+    with mpmath.workdps(40):
+        cases = [(symbolic.softplus(sp.Rational(-900)), mpmath.log1p(mpmath.exp(-900))),
+                 (symbolic.softplus(sp.Integer(800)), 800 + mpmath.log1p(mpmath.exp(-800))),
+                 (symbolic.softplus(sp.Rational(1, 3)), mpmath.log1p(mpmath.exp(mpmath.mpf(1) / 3))),
+                 (symbolic.expm1(sp.Rational(1, 10**12)), mpmath.expm1(mpmath.mpf(10) ** -12)),
+                 (symbolic.log1p(-sp.Rational(1, 3)), mpmath.log1p(-mpmath.mpf(1) / 3)),
+                 (symbolic.expm1(x).evalf(30, subs={x: sp.Rational(1, 7)}), mpmath.expm1(mpmath.mpf(1) / 7))]
+        for expr, exact in cases:
+            assert abs(sp.Float(expr.evalf(30)) - sp.Float(exact, 40)) <= 1e-29 * abs(sp.Float(exact, 40)), expr
+        integral = sp.Integral(symbolic.softplus(10 * x - 5) / 2 + symbolic.log1p(sp.exp(x)), (x, 0, 1))
+        with monkeypatch.context() as patch:  # SymPy's slow fallback substitutes into the function at every node
+            patch.setattr(sp.Basic, "subs", lambda *args, **kwargs: pytest.fail("evaluated by substitution"))
+            integral = integral.evalf(25)
+        exact = mpmath.quad(lambda u: mpmath.log1p(mpmath.exp(10 * u - 5)) / 2 + mpmath.log1p(mpmath.exp(u)), [0, 1])
+        assert abs(integral - sp.Float(exact, 40)) <= 1e-23
+    assert abs(complex(symbolic.log1p(-3).evalf(20)) - complex(mpmath.log(-2))) < 1e-18

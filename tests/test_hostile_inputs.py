@@ -79,16 +79,22 @@ def test_an_output_folder_that_cannot_be_written_is_a_user_error(tmp_path, capsy
 
 
 def test_a_compilation_stops_at_its_deadline_with_an_error_at_the_sde_line(monkeypatch):
-    """d/dt(abs(t - 0.5)) in the drift sends SymPy into unbounded numeric integration (outside any bounded
-    call): with the bound lowered to 1 s the compilation ends in about that much CPU time, located."""
+    """2,000 helpers in a chain keep the checks (unbounded code, outside any SymPy call with its own limit) busy for
+    seconds: with the bound lowered to 1 s the compilation ends in about that much CPU time, located at the SDE line.
+    d/dt(abs(t - 0.5)) in the drift was this test's program while its integrals were evaluated numerically to decide
+    constancy; it compiles within 10 s now (numeric tables)."""
     monkeypatch.setattr(compiler, "COMPILE_SECONDS", 1.0)
-    text = "sde sign_drift\nsteps 100\ndx = -(1 + d/dt(abs(t - 0.5))) * x dt + 1 dw\n"
+    text = ("sde chain\nsteps 100\nf0(t) = 1 + t\n"
+            + "".join(f"f{k}(t) = f{k - 1}(t) + t / {k}\n" for k in range(1, 2000)) + "dx = -x dt + sqrt(f1999(t)) dw\n")
     start = time.process_time()
     with pytest.raises(SdeError) as info:
-        compiler.compile_source(Source(text, "sign_drift.sde"))
+        compiler.compile_source(Source(text, "chain.sde"))
     assert time.process_time() - start < 10.0
     assert "took more than 1 s of CPU time" in info.value.message
-    assert (info.value.span.line, info.value.span.column) == (3, 1)
+    assert (info.value.span.line, info.value.span.column) == (2003, 1)
+    monkeypatch.setattr(compiler, "COMPILE_SECONDS", 10.0)
+    sign_drift = "sde sign_drift\nsteps 100\ndx = -(1 + d/dt(abs(t - 0.5))) * x dt + 1 dw\n"
+    assert not compiler.compile_source(Source(sign_drift, "sign_drift.sde")).derivation.kernel.closed_form
 
 
 def test_a_kernel_form_compilation_past_its_deadline_is_located_at_the_kernel(monkeypatch):

@@ -47,8 +47,14 @@ class Kernel:
 def kernel(a: sp.Expr, b: sp.Expr, g2: sp.Expr, v0: sp.Expr, t: sp.Symbol, accuracy: Accuracy) -> Kernel:
     """Of the equivalent forms found for v and sigma, keep the one most accurate in float32."""
     zero = sp.Integer(0)
-    A = simplest(integrate_from(a, t, zero, t))
+    A = integrate_from(a, t, zero, t, defaults=accuracy.defaults)
+    # A kink's integral comes without cancellation near t = 0 (derive/kinks.py), which the shortest rewrite undoes
+    # (-5 c^2 / 2 + 5 (c - t) |c - t| / 2 - t / 2): among its rewrites the most accurate in float32 is kept.
+    A = accuracy.best(rewrites(A), t) if A.has(sp.Abs) else simplest(A)
     m = sp.exp(A)
+    # log(1 + u) in A as log1p(u) inside expm1(A) below: SymPy would fold exp(c log(1 + u)) out of expm1 again. Not
+    # inside an Integral, which would then be a table column of its own beside m's.
+    A_in_expm1 = use_expm1_log1p(A) if is_closed(A) else A
     if b == 0:
         c = zero
     else:
@@ -58,7 +64,7 @@ def kernel(a: sp.Expr, b: sp.Expr, g2: sp.Expr, v0: sp.Expr, t: sp.Symbol, accur
         k = None
         if offset.has(sp.Integral):
             k = bounded(derivative_multiple, b / m, sp.exp(-A), t, seconds=SIMPLIFY_LIMIT)
-        c = -k * expm1(use_expm1_log1p(A)) if k is not None else simplest(m * offset)
+        c = -k * expm1(A_in_expm1) if k is not None else simplest(m * offset)
     integrand = simplest(g2 / m**2)
     # Variance preserving in its noise, g^2 = k d/dt(1/m^2) (VP with any beta): the integral is k (1/m^2 - 1), and
     # v = v0 m^2 - k expm1(2 A), which keeps its digits near t = 0 however SymPy writes m (it turns exp(A) with
@@ -67,8 +73,7 @@ def kernel(a: sp.Expr, b: sp.Expr, g2: sp.Expr, v0: sp.Expr, t: sp.Symbol, accur
     vs = []
     k = bounded(derivative_multiple, integrand, sp.exp(-2 * A), t, seconds=SIMPLIFY_LIMIT)
     if k is not None:
-        # log(1 + u) in A as log1p(u) first: SymPy would fold exp(c log(1 + u)) out of expm1 again.
-        vs = [v0 * m**2 - k * expm1(2 * use_expm1_log1p(A))] + rewrites(m**2 * (v0 + k * (sp.exp(-2 * A) - 1)))
+        vs = [v0 * m**2 - k * expm1(2 * A_in_expm1)] + rewrites(m**2 * (v0 + k * (sp.exp(-2 * A) - 1)))
         v = accuracy.best(vs, t)
     error = accuracy.float32_error(v, t) if k is not None else math.inf
     if error > CLOSED_FORM_TOLERANCE and k is not None and _factor_overflows(a, t, accuracy):

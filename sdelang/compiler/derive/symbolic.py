@@ -15,10 +15,13 @@ from functools import lru_cache
 import mpmath
 import numpy as np
 import sympy as sp
+from sympy.core import evalf as _evalf
 from sympy.codegen.cfunctions import expm1, log1p
+from sympy.integrals.risch import NonElementaryIntegral, risch_integrate
 from sympy.printing.numpy import NumPyPrinter
 
 from ..timelimit import call_with_time_limit
+from .kinks import kink_integral
 
 TIME_LIMIT = 4.0      # seconds per SymPy call
 SIMPLIFY_LIMIT = 1.0  # seconds per rewrite tried by simplest()
@@ -45,6 +48,34 @@ class softplus(sp.Function):
             return None
         # log(1 + e^u) = max(u, 0) + log(1 + e^-|u|): no overflow for a large u.
         return (sp.Max(u, 0) + sp.log(1 + sp.exp(-sp.Abs(u))))._eval_evalf(prec)
+
+
+def _mpmath_evaluator(fn, real_only: bool = False):
+    """An entry of SymPy's table of numeric evaluators for a function of one argument computed by mpmath: the argument
+    evaluated as SymPy does (substitutions included), fn with 20 guard bits. Functions outside that table (softplus,
+    and SymPy's own expm1 and log1p) are evaluated by substituting into the expression and rebuilding it each time:
+    one quadrature of softplus or log1p (a docstring's integral up to T) took 1-2 s that way, 0.01 s for exp."""
+    def evaluate(expr, prec, options):
+        re, im, _, _ = _evalf.evalf(expr.args[0], prec + 20, options)
+        if im and real_only:
+            raise NotImplementedError
+        with mpmath.workprec(prec + 20):
+            value = fn(mpmath.mpc(re or mpmath.mpf(0)._mpf_, im or mpmath.mpf(0)._mpf_) if im else
+                       mpmath.mpf(re) if re else mpmath.mpf(0))
+        if isinstance(value, mpmath.mpc):
+            return (value.real._mpf_ if value.real else None, value.imag._mpf_ if value.imag else None,
+                    prec if value.real else None, prec if value.imag else None)
+        return (value._mpf_, None, prec, None) if value else (None, None, None, None)
+    return evaluate
+
+
+sp.Integer(0).evalf()  # SymPy fills its table of evaluators on first use (importing SymPy does, as of 1.14)
+_evalf.evalf_table.update({
+    # log(1 + e^u) = max(u, 0) + log(1 + e^-|u|): no overflow for a large u.
+    softplus: _mpmath_evaluator(lambda u: max(u, 0) + mpmath.log1p(mpmath.exp(-abs(u))), real_only=True),
+    expm1: _mpmath_evaluator(mpmath.expm1),
+    log1p: _mpmath_evaluator(mpmath.log1p),
+})
 
 
 PRINTABLE = (sp.exp, sp.log, sp.sin, sp.cos, sp.tan, sp.tanh, sp.sinh, sp.cosh, sp.atan, sp.asin, sp.acos,
@@ -116,12 +147,13 @@ def bounded(fn, *args, seconds: float = TIME_LIMIT, **kwargs):
 
 
 def integrate_from(integrand: sp.Expr, var: sp.Symbol, lower: sp.Expr, upper: sp.Expr,
-                   closed: bool = True) -> sp.Expr:
+                   closed: bool = True, defaults: dict | None = None) -> sp.Expr:
     """int_lower^upper integrand d(var): closed form if SymPy finds one in time, else an Integral.
 
     The unevaluated Integral is kept as a node; a scalar kernel turns it into a column of
     its numeric tables (derive/tables.py), a coupled one into Gauss-Legendre quadrature.
-    ``closed=False`` asks for that Integral directly.
+    ``closed=False`` asks for that Integral directly. ``defaults``, the parameters' values, choose where a
+    schedule with a kink is written without cancellation (derive/kinks.py).
     """
     dummy = sp.Dummy("s", positive=True)
     body = integrand.xreplace({var: dummy})
@@ -129,6 +161,10 @@ def integrate_from(integrand: sp.Expr, var: sp.Symbol, lower: sp.Expr, upper: sp
         return body * (upper - lower)
     if not closed:
         return sp.Integral(body, (dummy, lower, upper))
+    # A kink, |s - c|: SymPy's integrator answers with Piecewise or not in time; the polynomial pieces need neither.
+    kinked = bounded(kink_integral, body, dummy, lower, upper, defaults, seconds=SIMPLIFY_LIMIT)
+    if kinked is not None and printable(kinked):
+        return kinked
     # First by inspection (cheap): terms that are constants times d/ds exp(E(s)), the integrands of a VP-like
     # variance whatever beta is (beta e^B with B' = beta), which SymPy's integrator may not find in time.
     expanded = bounded(lambda e: sp.powsimp(sp.expand(e)), body, seconds=SIMPLIFY_LIMIT)
@@ -144,6 +180,8 @@ def integrate_from(integrand: sp.Expr, var: sp.Symbol, lower: sp.Expr, upper: sp
             result = inspected.xreplace({dummy: upper}) - inspected.xreplace({dummy: lower})
             if printable(result):
                 return result
+    if bounded(non_elementary, body, dummy, seconds=SIMPLIFY_LIMIT):
+        return sp.Integral(body, (dummy, lower, upper))
     # An antiderivative evaluated at the limits is much faster than SymPy's
     # definite integration. The expanded, power-simplified form goes first: it
     # is the fast one for sums of exponentials and for tan-like integrands.
@@ -152,6 +190,22 @@ def integrate_from(integrand: sp.Expr, var: sp.Symbol, lower: sp.Expr, upper: sp
         if result is not None and not result.has(sp.Integral) and printable(result):
             return result
     return sp.Integral(body, (dummy, lower, upper))
+
+
+def non_elementary(body: sp.Expr, var: sp.Symbol) -> bool:
+    """True if the Risch algorithm proves that body has no elementary antiderivative in var and no term of body is
+    an exponential of a quadratic (whose antiderivative SymPy writes with erf, which code generation prints).
+
+    SymPy's integrator would then spend its whole time limit, twice, before the numeric path takes over (a VP with
+    beta = log(1 + e^(10 t - 5)): 3.8 s), or answer with functions code generation cannot print (Ei, polylog).
+    Integrands outside what SymPy's Risch implementation handles (trigonometric, algebraic, Abs) are not proved."""
+    if any(sp.degree(e.args[0], var) == 2 for e in body.atoms(sp.exp) if e.args[0].is_polynomial(var)):
+        return False
+    try:
+        result = risch_integrate(body, var)
+    except NotImplementedError:
+        return False
+    return result.has(NonElementaryIntegral)
 
 
 def _definite(body, var, lower, upper):
@@ -368,10 +422,12 @@ def derivative_multiple(body: sp.Expr, F: sp.Expr, var: sp.Symbol) -> sp.Expr | 
 
 def _small_rational(expr: sp.Expr, var: sp.Symbol) -> sp.Rational | None:
     """p/q (|p|, q <= 1000) if expr, at var = 0.37 and each set of parameter values, is that number to 25 digits."""
-    others = sorted(expr.free_symbols - {var}, key=sp.default_sort_key)
+    expr, varying = _integrals_as_symbols(expr, var)
+    others = sorted(expr.free_symbols - {var} - set(varying), key=sp.default_sort_key)
     found = set()
     for p_value in _PARAMETER_SETS:
         point = {o: sp.Float(p_value * (1 + i / 7), 30) for i, o in enumerate(others)}
+        point.update(_integral_values(varying, 0.37))
         value = expr.xreplace({**point, var: sp.Float(0.37, 30)}).evalf(30)
         if not (value.is_number and value.is_real and value.is_finite):
             return None
@@ -391,14 +447,22 @@ def is_constant_in(expr, var, zero=False, size_of=None) -> bool:
     parameter values in turn. The value may differ between the sets: a constant c_k such as -2 k / ((c - k)(c + k))
     is constant in s, not in the parameters. With ``zero``, 0 means below 1e-20 of max(1, |size_of|) at the same
     point: expr is a difference of terms of that size, evaluated to 30 digits (a sub-VP integrand with beta_max =
-    200 has terms near e^28, whose difference at 30 digits is 1e-15, not 0)."""
-    others = sorted((expr.free_symbols | (size_of.free_symbols if size_of is not None else set())) - {var},
-                    key=sp.default_sort_key)
+    200 has terms near e^28, whose difference at 30 digits is 1e-15, not 0).
+    An unevaluated integral over [L, var] counts as one more variable, given values of its own at the points
+    (_integrals_as_symbols): expr must be constant in it too, which an identity that holds whatever the integral's
+    value is (exp(-2 B) / exp(-2 B) with B = int beta) is, without integrating to 30 digits at each point (a VP
+    whose beta has no elementary antiderivative spent seconds in mpmath's quadrature here)."""
+    if size_of is not None:
+        (expr, size_of), varying = _integrals_as_symbols(sp.Tuple(expr, size_of), var)
+    else:
+        expr, varying = _integrals_as_symbols(expr, var)
+    others = sorted((expr.free_symbols | (size_of.free_symbols if size_of is not None else set())) - {var}
+                    - set(varying), key=sp.default_sort_key)
     for p_value in _PARAMETER_SETS:
         parameters = {o: sp.Float(p_value * (1 + i / 7), 30) for i, o in enumerate(others)}
         values, sizes = [], []
         for s_value in _PROBES:
-            point = {**parameters, var: sp.Float(s_value, 30)}
+            point = {**parameters, **_integral_values(varying, s_value), var: sp.Float(s_value, 30)}
             try:
                 value = complex(expr.xreplace(point).evalf(30))
                 sizes.append(abs(complex(size_of.xreplace(point).evalf(30))) if size_of is not None else 0.0)
@@ -414,6 +478,64 @@ def is_constant_in(expr, var, zero=False, size_of=None) -> bool:
         elif not all(abs(v - values[0]) <= 1e-20 * max(abs(values[0]), 1e-300) for v in values):
             return False
     return True
+
+
+def _integrals_as_symbols(expr: sp.Basic, var: sp.Symbol) -> tuple[sp.Basic, list[sp.Dummy]]:
+    """expr with each outermost Integral written as a sum of constants times Integrals of single terms
+    (_linear_parts), and each of those Integrals as a Dummy: those that depend on var (returned, in a fixed order)
+    take values that change with var (_integral_values); the others are constants, as the parameters are.
+
+    Written so, int -5/2 e^sin(3s) ds and 5 int e^sin(3s) ds (simplify takes the constant out) are one variable,
+    whatever their integration variables are called."""
+    outer = {}
+
+    def visit(e):
+        if isinstance(e, sp.Integral):
+            outer[e] = None
+        else:
+            for a in e.args:
+                visit(a)
+    visit(expr)
+    if not outer:
+        return expr, []
+    symbols: dict[sp.Integral, sp.Dummy] = {}
+    for e in outer:
+        parts = []
+        for coefficient, integral in _linear_parts(e):
+            if integral == 1:
+                parts.append(coefficient)
+                continue
+            if integral not in symbols:
+                symbols[integral] = sp.Dummy("I", real=True)
+            parts.append(coefficient * symbols[integral])
+        outer[e] = sp.Add(*parts)
+    ordered = sorted(symbols, key=sp.default_sort_key)
+    return expr.xreplace(outer), [symbols[e] for e in ordered if var in e.free_symbols]
+
+
+_VARIABLE = sp.Dummy("s")  # one integration variable for the Integrals of _linear_parts, so equal ones compare equal
+
+
+def _linear_parts(integral: sp.Integral) -> list[tuple[sp.Expr, sp.Expr]]:
+    """int_L^U sum_k c_k f_k(s) ds as [(c_k, int_L^U f_k(s) ds)], c_k free of s (a term free of s is (c (U - L), 1)),
+    the integrals over _VARIABLE. Nothing is integrated or expanded: the terms are those of the integrand's sum."""
+    if len(integral.limits) != 1 or len(integral.limits[0]) != 3:
+        return [(sp.Integer(1), integral)]
+    (x, lower, upper), = integral.limits
+    parts = []
+    for term in sp.Add.make_args(integral.function.xreplace({x: _VARIABLE})):
+        coefficient, rest = term.as_independent(_VARIABLE, as_Add=False)
+        if rest == 1:
+            parts.append((coefficient * (upper - lower), sp.Integer(1)))
+        else:
+            parts.append((coefficient, sp.Integral(rest, (_VARIABLE, lower, upper))))
+    return parts
+
+
+def _integral_values(symbols: list[sp.Dummy], s_value: float) -> dict:
+    """Values for the integrals of _integrals_as_symbols at var = s_value: they change with s_value, each its own way,
+    in no relation that an identity could rely on."""
+    return {z: sp.Float(0.29 + 1.7 * s_value ** (1 + i / 3) + 0.07 * i, 30) for i, z in enumerate(symbols)}
 
 
 def simplest(expr: sp.Expr) -> sp.Expr:
