@@ -24,7 +24,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 
 from .kernel import Kernel
 from .symbolic import (SIMPLIFY_LIMIT, Accuracy, Smaller, bounded, exponential_powers, is_closed, is_constant_in,
-                       log_growth, printable, rewrites, sum_to_product)
+                       log_growth, printable, rewrites, sum_to_product, use_expm1_log1p)
 
 START = sp.Dummy("s", positive=True)  # the start of the step (a Dummy: never a user's name)
 
@@ -257,7 +257,10 @@ def step_difference(N: sp.Expr, t: sp.Symbol, depth: int = 0) -> sp.Expr:
             q = f.args[0]
             rise = step_difference(q, t, 1)
             if rise.has(START) and not rise.has(sp.Integral):
-                out.append(coeff * log1p(rise / q.xreplace({t: START})))
+                # q(s) as expm1 where it is e^u - 1, its exponentials combined first (the expansion above splits them):
+                # q(eps) = e^(-B(eps)) - 1 as 1 - e^a e^b e^c kept only 1e-10 of itself, a bias of 1.2e-12 in a CDF.
+                at_start = use_expm1_log1p(sp.powsimp(q.xreplace({t: START}), combine="exp"))
+                out.append(coeff * log1p(rise / at_start))
                 continue
         if f == sp.sqrt(t):
             # sqrt(t) - sqrt(s) = (t - s) / (sqrt(t) + sqrt(s)), finite at s = 0 (a schedule in sqrt(t): the
