@@ -725,7 +725,11 @@ def test_t_density_integrates_to_one(programs, variant, data):
 @given(data=st.data(), u=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=6))
 def test_t_cdf_inverse_and_derivative(programs, variant, data, u):
     """Q(Q^-1(u)) = u, Q^-1(Q(t)) = t, Q(eps) = 0, Q(T) = 1, and q = dQ/dt (autograd, inside the table's cells).
-    Q^-1(Q(t)) within 1e-12 t plus 8 u / q(t): Q(t) is known to a few u, which moves its inverse by that over q."""
+    Q^-1(Q(t)) within 1e-12 t plus 8 u / q(t): Q(t) is known to a few u, which moves its inverse by that over q.
+    Q is the cubic Hermite interpolant in log t of exact values and slopes at the grid's points and q = w / Z exactly,
+    so Q' differs from q by the interpolant's derivative error, O(h^3) with h = log(T / eps) / 4096 ~ 3e-3 (up to
+    1.1e-9 relative where w is a closed form), and by w's own error where a kernel is integrated numerically (a chain
+    by Gauss-Legendre: 1.9e-8, as Q' follows w at the grid's points and q at t): held to the modules' bound 1e-7."""
     sde, _, t = draw(data, programs[variant])
     u = torch.tensor(u + [0.0, 1.0], dtype=F64)
     assert_close(sde.t_cdf(sde.t_icdf(u)), u, 1.0, 1e-10, "Q(Q^-1(u)) = u")
@@ -734,26 +738,26 @@ def test_t_cdf_inverse_and_derivative(programs, variant, data, u):
     assert_close(ends, torch.tensor([0.0, 1.0], dtype=F64), 1.0, 1e-14, "Q(eps) = 0, Q(T) = 1")
     _, dQ = d_dt(sde.t_cdf, t)
     q = sde.t_density(t)
-    assert_close(dQ, q, q, 1e-9, "q = Q'", t)
+    assert_close(dQ, q, q, 1e-7, "q = Q'", t)
 
 
 @pytest.mark.parametrize("variant", IMPORTANCE)
 @settings(max_examples=EXAMPLES)
 @given(data=st.data())
 def test_t_density_proportional_to_weight(programs, variant, data):
-    """q(t) / w(t) is one constant, up to the table's discretisation: on the cell [t_i, t_i+1] of the table's grid
-    (`_log_t`, uniform in log t) that holds t, q = (m_i + m_i+1) / 2 / (t Z) with m = w(t) t, which differs from
-    w(t) / Z by at most max |m_i,i+1 - m(t)| / m(t) relative (+ 1e-12 for rounding); compared with q / w at T."""
+    """q(t) = w(t) / Z with Z = int_eps^T w by QUADPACK in log t (rtol 1e-12), and the CDF Q(t) = int_eps^t w / Z by
+    QUADPACK too: q within 1e-9 relative, Q within 1e-9 absolute (Simpson's rule on 4096 cells in log t and the
+    cubic Hermite between its points, ~1e-12 here; the trapezoid rule with linear interpolation before left q 1e-3
+    off and Q 2e-6)."""
     sde, _, t = draw(data, programs[variant])
-    t = torch.cat([t, torch.tensor([float(sde.eps), float(sde.T)], dtype=F64)])
-    grid = sde._log_t
-    i = torch.clamp(torch.searchsorted(grid, t.log()) - 1, 0, len(grid) - 2)
-    ends = torch.stack([grid[i].exp(), grid[i + 1].exp()], 1)
-    m_ends = (sde.weight(ends.flatten()) * ends.flatten()).reshape(ends.shape)
-    m = sde.weight(t) * t
-    variation = (m_ends - m[:, None]).abs().amax(1) / m + 1e-12
-    ratio = sde.t_density(t) / sde.weight(t)
-    assert_close(ratio, ratio[-1].expand_as(ratio), ratio[-1] * (variation + variation[-1]), 1.0, "q / w constant", t)
+    eps, T = float(sde.eps), float(sde.T)
+    t = torch.cat([t, torch.tensor([eps, T], dtype=F64)])
+    Z, err = integrate_log_t(sde.weight, eps, T)
+    assert err <= 1e-10 * Z
+    assert_close(sde.t_density(t), sde.weight(t) / Z, sde.weight(t) / Z, 1e-9, "q = w / Z", t)
+    for time in t[:3].tolist():
+        partial, _ = integrate_log_t(sde.weight, eps, time) if time > eps else (0.0, 0.0)
+        assert abs(float(sde.t_cdf(torch.tensor([time], dtype=F64))) - partial / Z) <= 1e-9, time
 
 
 @pytest.mark.parametrize("variant", MAIN)
