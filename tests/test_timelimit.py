@@ -6,6 +6,7 @@ import signal
 import threading
 import time
 
+import pytest
 import sympy as sp
 
 from sdelang.compiler.timelimit import Budget, call_with_time_limit, with_deadline
@@ -250,3 +251,23 @@ def test_waiting_for_collections_is_bounded():
         assert time.process_time() - start < 0.1 + (timelimit.MAX_DEFERRED + 5) * timelimit.REPEAT + 1.0
     finally:
         timelimit._collecting[0] = False
+
+
+def test_the_deadline_is_raised_once_per_deadline(monkeypatch):
+    """The timer repeats until stopped: a second tick in with_deadline's clean-up after the first escaped it (a
+    DeadlineExceeded traceback where the compile should have given its located error). The handler raises once for
+    a given deadline and lets later ticks pass; a new deadline raises again."""
+    import time as _time
+
+    from sdelang.compiler import timelimit
+
+    monkeypatch.setattr(timelimit, "_deadline", [_time.process_time() - 1.0])
+    monkeypatch.setattr(timelimit, "_fired", [None])
+    monkeypatch.setattr(timelimit, "_running", [False])
+    monkeypatch.setattr(timelimit, "_collecting", [False])
+    with pytest.raises(timelimit.DeadlineExceeded):
+        timelimit._on_timer(None, None)
+    assert timelimit._on_timer(None, None) is None   # the same deadline: once
+    timelimit._deadline[0] -= 1.0
+    with pytest.raises(timelimit.DeadlineExceeded):
+        timelimit._on_timer(None, None)

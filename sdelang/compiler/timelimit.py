@@ -40,6 +40,7 @@ class DeadlineExceeded(BaseException):
 REPEAT = 0.05
 _running = [False]  # a call is under the limit: the handler raises only then
 _deadline: list[float | None] = [None]  # process_time() at which the enclosing with_deadline block ends
+_fired: list[float | None] = [None]  # the deadline the handler last raised DeadlineExceeded for: once per deadline
 SLACK = 0.01  # the timer and process_time() read the same clock, rounded differently
 
 
@@ -80,7 +81,14 @@ def _on_timer(signum, frame):
     if _collecting[0] and _deferred[0] < MAX_DEFERRED:
         _deferred[0] += 1
         return
-    raise TimeLimitExceeded() if _running[0] else DeadlineExceeded()
+    if _running[0]:
+        raise TimeLimitExceeded()
+    # Once per deadline: the timer repeats until stopped, and a second tick in the clean-up after the first (in
+    # with_deadline's finally) escaped it, a DeadlineExceeded traceback instead of the located error.
+    if _fired[0] == _deadline[0]:
+        return
+    _fired[0] = _deadline[0]
+    raise DeadlineExceeded()
 
 
 def _deadline_passed() -> bool:
@@ -116,15 +124,22 @@ def with_deadline(seconds: float, fn: Callable[..., Any], *args, **kwargs) -> tu
     _bracket_collections()
     try:
         try:
-            _deadline[0] = mine if outer is None else min(mine, outer)
-            _rearm()
-            return True, fn(*args, **kwargs)
+            try:
+                _deadline[0] = mine if outer is None else min(mine, outer)
+                _rearm()
+                return True, fn(*args, **kwargs)
+            except DeadlineExceeded:
+                if outer is not None and time.process_time() >= outer - SLACK:
+                    raise  # the outer block's deadline: its with_deadline answers
+                return False, None
+            finally:
+                _close(outer)
         except DeadlineExceeded:
+            # The tick came in the clean-up above (fn had returned at its deadline): over time all the same.
             if outer is not None and time.process_time() >= outer - SLACK:
-                raise  # the outer block's deadline: its with_deadline answers
-            return False, None
-        finally:
+                raise
             _close(outer)
+            return False, None
     finally:
         signal.signal(signal.SIGPROF, previous)
 
