@@ -3,8 +3,9 @@
 Data N(mu, s^2 I) in d = 2 (mu = (1, -0.5), s = 0.5) through an example SDE: every p_t is Gaussian and
 its score exact, so the only errors left are the samplers' own.
 
-- Deterministic samplers (ddim, dpm2, dpmpp_2m, dpmpp_3m, unipc, unipc_3m, deis, heun, ode) start from exact draws x_T ~ p_T and are compared with
-  the exact flow-ODE map x_eps = mean_eps + sqrt(var_eps / var_T) (x_T - mean_T): RMS distance / s.
+- Deterministic samplers (ddim, dpm2, dpmpp_2m, dpmpp_3m, dpmpp_3m_published, unipc, unipc_3m, deis, lms, heun,
+  ode) start from exact draws x_T ~ p_T and are compared with the exact flow-ODE map
+  x_eps = mean_eps + sqrt(var_eps / var_T) (x_T - mean_T): RMS distance / s.
 - Stochastic samplers (em, reverse_diffusion, ancestral, pc, ald, dpmpp_2m_sde) start from exact draws of p_T; the
   figure is the relative error of the pooled sample variance, var / s^2 - 1, whose Monte Carlo standard
   error sqrt(2 / (N - 1)) is printed with each table.
@@ -35,11 +36,12 @@ from sdelang.runtime.gaussian import GaussianData
 
 MEAN, STD = (1.0, -0.5), 0.5
 BUDGETS = (10, 20, 50, 100, 200, 500)
-DETERMINISTIC = ("ddim", "dpm2", "dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3m", "deis", "heun")
+DETERMINISTIC = ("ddim", "dpm2", "dpmpp_2m", "dpmpp_3m", "dpmpp_3m_published", "unipc", "unipc_3m", "deis", "lms",
+                 "heun")
 # (method, options) per row: each sampler at its defaults, and the ones whose default grid is uniform
 # in t once more on a logSNR-uniform grid.
-ROWS = [("ddim", {}), ("dpm2", {}), ("dpmpp_2m", {}), ("dpmpp_3m", {}), ("unipc", {}), ("unipc_3m", {}), ("deis", {}),
-        ("heun", {}),
+ROWS = [("ddim", {}), ("dpm2", {}), ("dpmpp_2m", {}), ("dpmpp_3m", {}), ("dpmpp_3m_published", {}), ("unipc", {}),
+        ("unipc_3m", {}), ("deis", {}), ("lms", {}), ("heun", {}),
         ("heun", {"spacing": "logsnr"}), ("dpmpp_2m_sde", {}),
         ("em", {}), ("em", {"spacing": "logsnr"}), ("reverse_diffusion", {}), ("ancestral", {}),
         ("ancestral", {"spacing": "logsnr"}), ("pc", {}), ("ald", {})]
