@@ -84,10 +84,15 @@ def _weights(nodes: list[float], h: float, a: float, variable: str, warp_at=None
         warp = lambda v: np.expm1(-np.asarray(v, dtype=np.float64))  # noqa: E731
     else:
         warp = warp_at
-    x, points = warp(u), [float(p) for p in warp(np.array(nodes))]
+    return _basis_integrals(warp(u), [float(p) for p in warp(np.array(nodes))], kernel)
+
+
+def _basis_integrals(x: np.ndarray, points: list[float], kernel: np.ndarray) -> np.ndarray:
+    """[kernel @ L_j(x)] over j: a quadrature (weights `kernel` at the abscissae x) of each Lagrange basis
+    polynomial of the points, in its product form."""
     weights = []
     for j, node in enumerate(points):
-        basis = np.ones_like(u)
+        basis = np.ones_like(x)
         for i, other in enumerate(points):
             if i != j:
                 basis = basis * (x - other) / (node - other)
@@ -103,16 +108,7 @@ def _adams_bashforth(nodes: list[float], h: float) -> np.ndarray:
     Adams-Bashforth coefficients int_{sigma_s}^{sigma_t} L_j d sigma of x_k' = eps_hat in the VE-form
     variables x_k = y / m, sigma_k = sigma / m (linear multistep in sigma, k-diffusion's lms)."""
     end = math.expm1(h)
-    w = end * _AB_NODES
-    points = [math.expm1(-p) for p in nodes]
-    weights = []
-    for j, node in enumerate(points):
-        basis = np.ones_like(w)
-        for i, other in enumerate(points):
-            if i != j:
-                basis = basis * (w - other) / (node - other)
-        weights.append(-end * float(_AB_WEIGHTS @ basis))
-    return np.array(weights)
+    return _basis_integrals(end * _AB_NODES, [math.expm1(-p) for p in nodes], -end * _AB_WEIGHTS)
 
 
 def _published_2m(nodes: list[float], h: float, a: float) -> np.ndarray:
