@@ -322,6 +322,9 @@ class NumericSDE(torch.nn.Module):
             for j, (lower, floor) in enumerate(zip(lowers, floors)):
                 f = self._column(j, t, columns)
                 bad |= inside & ~self._resolved(f @ to_coef.T, f, inside, breaks, floor)
+                if lower is None and j not in tails:
+                    columns.append(f)
+                    continue
                 pieces = half * (f @ whole)
                 if j in tails:
                     # int_t^T: the pieces after t's, plus t's own from t to its right end, integrated from that end
@@ -329,9 +332,6 @@ class NumericSDE(torch.nn.Module):
                     later = torch.cumsum(pieces.flip(0), 0).flip(0)[1:]
                     later = torch.cat([later, later.new_zeros(1)])
                     columns.append(later[:, None] + half[:, None] * (f.flip(1) @ cumulative.T).flip(1))
-                    continue
-                if lower is None:
-                    columns.append(f)
                     continue
                 after = torch.arange(len(a), device=cpu) >= int((breaks < float(lower)).sum())
                 forward = torch.where(after, pieces, 0.0)

@@ -495,23 +495,17 @@ class UnderdampedSDE(torch.nn.Module):
         """CDF of the training time t: cubic Hermite in log t between the table's points (values and slopes)."""
         log_t = t.to(torch.float64).log()
         i = torch.clamp(torch.searchsorted(self._log_t, log_t) - 1, 0, self._TABLE_POINTS - 2)
-        return torch.clamp(self._hermite(i, log_t), 0.0, 1.0).to(t.dtype)
+        return torch.clamp(self._hermite(i, log_t)[0], 0.0, 1.0).to(t.dtype)
 
     def _hermite(self, i, log_t):
-        """The CDF's cubic Hermite interpolant on [log_t[i], log_t[i + 1]] at log_t."""
+        """The CDF's cubic Hermite interpolant on [log_t[i], log_t[i + 1]] at log_t, and its derivative in log t
+        (for the inverse's Newton steps): c0 + x (d0 + x (p + x q)) in x = (log_t - log_t[i]) / h."""
         a, h = self._log_t[i], self._log_t[i + 1] - self._log_t[i]
         x = (log_t - a) / h
         c0, c1 = self._cdf[i], self._cdf[i + 1]
         d0, d1 = self._cdf_slope[i] * h, self._cdf_slope[i + 1] * h
-        return c0 + x * (d0 + x * (3 * (c1 - c0) - 2 * d0 - d1 + x * (2 * (c0 - c1) + d0 + d1)))
-
-    def _hermite_slope(self, i, log_t):
-        """The interpolant's derivative in log t (for the inverse's Newton steps)."""
-        a, h = self._log_t[i], self._log_t[i + 1] - self._log_t[i]
-        x = (log_t - a) / h
-        c0, c1 = self._cdf[i], self._cdf[i + 1]
-        d0, d1 = self._cdf_slope[i] * h, self._cdf_slope[i + 1] * h
-        return (d0 + x * (2 * (3 * (c1 - c0) - 2 * d0 - d1) + 3 * x * (2 * (c0 - c1) + d0 + d1))) / h
+        p, q = 3 * (c1 - c0) - 2 * d0 - d1, 2 * (c0 - c1) + d0 + d1
+        return c0 + x * (d0 + x * (p + x * q)), (d0 + x * (2 * p + 3 * x * q)) / h
 
     def t_icdf(self, u):
         """Inverse CDF of the training time t: the table's interval by search, then the cubic Hermite CDF inverted
@@ -522,7 +516,8 @@ class UnderdampedSDE(torch.nn.Module):
         frac = ((v - self._cdf[i]) / (self._cdf[i + 1] - self._cdf[i])).nan_to_num(0.0).clamp(0.0, 1.0)
         log_t = lo + frac * (hi - lo)
         for _ in range(3):
-            step = (self._hermite(i, log_t) - v) / self._hermite_slope(i, log_t)
+            value, slope = self._hermite(i, log_t)
+            step = (value - v) / slope
             log_t = torch.minimum(torch.maximum(log_t - step.nan_to_num(0.0), lo), hi)
         t = torch.clamp(log_t.exp(), self.eps, self.T)
         return torch.where(v <= 0, self.eps, torch.where(v >= 1, self.T, t)).to(u.dtype)

@@ -89,8 +89,8 @@ class GivenPass:
                     # sigmoid schedule at tau = 0.1 has alpha^2 = (sigmoid(30) - sigmoid(29.94)) / ... = 5.8e-15 at
                     # t = 0.999, a difference of two numbers within 1e-13 of 1). Not a pole, as the hint said.
                     raise self.error(f"{what} is {exact:.3g} at t = {grid[i]:.6g}{self.at_defaults()}, but this "
-                                     f"formula gives {_FLOAT64_WORDS[word]} in float64 there: it cancels (a difference of nearly "
-                                     f"equal numbers)", span,
+                                     f"formula gives {_FLOAT64_WORDS[word]} in float64 there: it cancels (a "
+                                     f"difference of nearly equal numbers)", span,
                                      "write it in a form that keeps its digits (e.g. 1 - sigmoid(u) as sigmoid(-u)), "
                                      "or choose parameters or an interval where it is not so small")
                 if what.startswith("the mean"):

@@ -95,6 +95,15 @@ def head(variance: sp.Expr) -> sp.Expr:
     return variance.args[3] if isinstance(variance, Smaller) else variance
 
 
+def _tail_lookup(variance: sp.Expr) -> str | None:
+    """'Tabulated(k, t)' for the tail W that the step variance reads (derive/discretize.py: with_tail); None without."""
+    if not isinstance(variance, Smaller):
+        return None
+    tail, _, difference, _ = variance.args
+    W = tail - difference   # r^2 W(s) - (r^2 W(s) - W(t)): the lookup W(t) itself
+    return f"Tabulated({W.args[0]}, t)"
+
+
 def plain_names(expr: sp.Expr) -> sp.Expr:
     """expr with its dummies (the step start, the dimension, u, drop) as plain symbols: _u -> u, and
     s -> s' beside a parameter called s."""
@@ -423,7 +432,7 @@ def emit_affine(d: Derivation) -> str:
             inverse="eps + u * (T - eps)" if uniform else formula(imp.inverse) if imp.inverse is not None else None,
             prior_mean=formula(d.prior_mean), prior_variance=formula(d.prior_variance),
             eps=formula(p.eps), T=formula(p.T), v0=formula(p.v0),
-            step_variance=formula(head(d.step.variance)), step_tail=isinstance(d.step.variance, Smaller),
+            step_variance=formula(head(d.step.variance)), step_tail=_tail_lookup(d.step.variance),
         ),
     )
     return _env.get_template("module.py.j2").render(**context)

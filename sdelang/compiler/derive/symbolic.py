@@ -807,9 +807,7 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...
     # that cannot be put at the defaults in time is not measured.
     forms = [(e, at) for e in dict.fromkeys(candidates)
              if (at := bounded(_at_defaults, e, defaults, seconds=SIMPLIFY_LIMIT)) is not None]
-    if not forms:
-        return min(candidates, key=lambda e: (size(e), sp.default_sort_key(e)))
-    if any(at.has(*NUMERIC) or at.free_symbols - set(variables) for _, at in forms):
+    if not forms or any(at.has(*NUMERIC) or at.free_symbols - set(variables) for _, at in forms):
         return min(candidates, key=lambda e: (size(e), sp.default_sort_key(e)))  # no reference: the shortest
     reference = _reference([at for _, at in forms], variables, columns)
     if reference is None:
