@@ -216,12 +216,10 @@ class NumericSDE(torch.nn.Module):
         dtype, t, s = t.dtype, t.to(torch.float64), s.to(torch.float64)
         tab0 = self._tables(t)
         tab1 = self._tables(s)
-        w0 = s**3
-        w1 = t**3
-        w2 = tab0[0]
-        growth = self._expand((torch.expm1(-1/2*(t - s) + (1/6)*w0 - 1/6*w1 - 1/3*torch.sin((3/2)*(t - s))*torch.sin((3/2)*s + (3/2)*t))).to(dtype), x)  # r - 1
+        w0 = tab0[0]
+        growth = self._expand((torch.expm1(-1/6*(t - s)*(s**2 + s*t + t**2) - 1/2*(t - s) - 1/3*torch.sin((3/2)*(t - s))*torch.sin((3/2)*s + (3/2)*t))).to(dtype), x)  # r - 1
         f = growth * x
-        G2 = (-torch.exp(w2)*torch.expm1(-(t - s) + (1/3)*w0 - 1/3*w1 - w2 - 1/3*torch.cos(3*s) + (1/3)*torch.cos(3*t) + tab1[0])).to(dtype)
+        G2 = (-torch.exp(w0)*torch.expm1((1/3)*s**3 - (t - s) - w0 - 1/3*t**3 - 1/3*torch.cos(3*s) + (1/3)*torch.cos(3*t) + tab1[0])).to(dtype)
         return f, torch.sqrt(torch.clamp(G2, min=0.0))
 
     def reverse(self, score_fn, probability_flow=False):

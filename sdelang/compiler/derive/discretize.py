@@ -233,7 +233,11 @@ def step_difference(N: sp.Expr, t: sp.Symbol, depth: int = 0) -> sp.Expr:
     schedule's); a polynomial or rational term keeps its factor (t - s); a constant gives nothing; any other term
     stays a difference."""
     out = []
-    for term in sp.Add.make_args(sp.expand(N.rewrite(sp.exp), power_base=False, power_exp=True, log=False)):
+    expanded = sp.expand(N.rewrite(sp.exp), power_base=False, power_exp=True, log=False)
+    if expanded.has(sp.I) and not N.has(sp.I):
+        # Trigonometric functions in exponentials are complex, which no module prints: their terms as they are.
+        expanded = sp.expand(N, power_base=False, power_exp=True, log=False)
+    for term in sp.Add.make_args(expanded):
         coeff, f = term.as_independent(t, as_Add=False)
         f = sp.powsimp(f, combine="exp")
         if f == 1:
@@ -262,6 +266,10 @@ def step_difference(N: sp.Expr, t: sp.Symbol, depth: int = 0) -> sp.Expr:
                 at_start = use_expm1_log1p(sp.powsimp(q.xreplace({t: START}), combine="exp"))
                 out.append(coeff * log1p(rise / at_start))
                 continue
+        trig = trigonometric_difference(f, t)
+        if trig is not None:
+            out.append(coeff * trig)
+            continue
         if f == sp.sqrt(t):
             # sqrt(t) - sqrt(s) = (t - s) / (sqrt(t) + sqrt(s)), finite at s = 0 (a schedule in sqrt(t): the
             # difference lost ~2 t / (t - s) roundings, G 3.6e-5 off in float32 at the default step).
@@ -269,3 +277,33 @@ def step_difference(N: sp.Expr, t: sp.Symbol, depth: int = 0) -> sp.Expr:
             continue
         out.append(term - term.xreplace({t: START}))
     return sp.Add(*out)
+
+
+def trigonometric_difference(f: sp.Expr, t: sp.Symbol) -> sp.Expr | None:
+    """f(t) - f(s) for f = sin(u)^n, cos(u)^n or tan(u)^n (n = 1, 2; u a polynomial in t) as a product with
+    sin((u(t) - u(s)) / 2) or sin(u(t) - u(s)) as a factor, by the sum-to-product identities; None for any other f.
+
+    A shifted-cosine logSNR has m = r / sqrt(r^2 + tan(pi t / 2)^2): a step's r - 1 through tan^2 - tan^2 as a
+    difference lost 2.4e-6 of itself in float64 at r = 4, t = 1.5e-5 over a step of 1e-5; sin(a + b) sin(a - b) /
+    (cos(a)^2 cos(b)^2) keeps every digit."""
+    base, n = f.as_base_exp()
+    if n not in (1, 2) or not isinstance(base, (sp.sin, sp.cos, sp.tan)):
+        return None
+    u = base.args[0]
+    if not u.is_polynomial(t):
+        return None
+    a, b = u, u.xreplace({t: START})
+    rise = sp.factor(a - b)
+    half_sum, half_rise = (a + b) / 2, rise / 2
+    if n == 1:
+        if isinstance(base, sp.sin):
+            return 2 * sp.cos(half_sum) * sp.sin(half_rise)
+        if isinstance(base, sp.cos):
+            return -2 * sp.sin(half_sum) * sp.sin(half_rise)
+        return sp.sin(rise) / (sp.cos(a) * sp.cos(b))
+    product = sp.sin(a + b) * sp.sin(rise)
+    if isinstance(base, sp.sin):
+        return product
+    if isinstance(base, sp.cos):
+        return -product
+    return product / (sp.cos(a) ** 2 * sp.cos(b) ** 2)
