@@ -1,4 +1,4 @@
-"""Flow-ODE likelihood: evaluations (NFE) and error of log p for dopri5 under each step-error norm, against RK45.
+"""Flow-ODE likelihood: evaluations (NFE) and error of log p for each solver under each step-error norm, against RK45.
 
 The state (x, accumulated divergence) is a pair of tensors, and the step-error norm decides how
 their errors, each divided by atol + rtol |y|, combine into the number held below 1
@@ -7,7 +7,9 @@ their errors, each divided by atol + rtol |y|, combine into the number held belo
 - shared: one RMS over every entry, as scipy's solve_ivp on the concatenated state;
 - balanced: the RMS of the two mean squares, so log p's RMS error stays within sqrt(2) of the tolerance
   however many entries x has.
-The baseline is score_sde's path, scipy RK45 (benchmarks/likelihood.py). Every solve of a case uses the
+The solvers (--methods): torchdiffeq's dopri5, and sdelang's rk45 (the same Dormand-Prince pair with scipy
+RK45's step control; sdelang.runtime.ode.rk45). The baseline is score_sde's path, scipy RK45
+(benchmarks/likelihood.py). Every solve of a case uses the
 same Rademacher probe, so all estimate the same quantity; the reference is dopri8 at rtol = atol =
 1e-10 (max norm) with that probe, and each row gives |log p - reference| over the batch (mean and max,
 nats). For the Gaussian cases the reference is checked against the closed form of the model density,
@@ -21,7 +23,7 @@ moons (`sdelang train examples/vp_likelihood.sde --data moons --steps 2000 --out
 subvp.sde), 256 held-out points.
 
     python benchmarks/likelihood_norms.py [--runs RUN_DIR ...] [--sdes vp ve subvp] [--models gaussian mlp untrained]
-                                          [--tol 1e-5 1e-4 1e-3] [--seeds K] [--threads N]
+                                          [--tol 1e-5 1e-4 1e-3] [--methods dopri5 rk45] [--seeds K] [--threads N]
 
 Prints a Markdown table; each solver cell is "NFE: mean / max |error|". With --seeds K, each cell is the NFE
 summed over K further probes (seeds 1..K), without a reference: how much of an NFE difference is the
@@ -94,27 +96,29 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=0,
                         help="instead: NFE alone (no reference), summed over probe seeds 1..SEEDS")
     parser.add_argument("--tol", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3], help="rtol = atol")
+    parser.add_argument("--methods", nargs="+", default=["dopri5", "rk45"], help="sdelang's solvers to compare")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    columns = [(method, norm) for method in args.methods for norm in NORMS]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    print(f"dopri5 per norm against scipy RK45; float64, CPU; reference {REFERENCE['method']} at "
+    print(f"{', '.join(args.methods)} per norm against scipy RK45; float64, CPU; reference {REFERENCE['method']} at "
           f"{REFERENCE['rtol']:g}; cells: NFE: mean / max |log p - reference| (nats)\n")
     print("| SDE | model | d | points | tol | reference NFE | RK45 | "
-          + " | ".join(f"dopri5, {n}" for n in NORMS) + " |")
-    print("|---|---|---:|---:|---:|---:|---|" + "---|" * len(NORMS))
+          + " | ".join(f"{m}, {n}" for m, n in columns) + " |")
+    print("|---|---|---:|---:|---:|---:|---|" + "---|" * len(columns))
     for name, model, d, sde, score, x, exact in cases(args.runs, args.sdes, args.models):
         def ours(seed=SEED, **options):
             return log_likelihood(sde, score, x, generator=torch.Generator().manual_seed(seed), **options)
         if args.seeds:
             for tol in args.tol:
-                totals = [0] * (1 + len(NORMS))
+                totals = [0] * (1 + len(columns))
                 for seed in range(1, args.seeds + 1):
                     probe = torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(seed)).to(x) * 2 - 1
                     totals[0] += baseline_log_likelihood(sde, score, x, probe, tol, tol)[1]
-                    for k, norm in enumerate(NORMS):
-                        totals[1 + k] += ours(seed, rtol=tol, atol=tol, norm=norm).nfe
+                    for k, (method, norm) in enumerate(columns):
+                        totals[1 + k] += ours(seed, rtol=tol, atol=tol, method=method, norm=norm).nfe
                 print(f"| {name} | {model} | {d} | {x.shape[0]} | {tol:g} | seeds 1-{args.seeds} | "
                       + " | ".join(map(str, totals)) + " |", flush=True)
             continue
@@ -130,7 +134,7 @@ def main() -> None:
             return f"{nfe}: {float(error.mean()):.1e} / {float(error.max()):.1e}"
         for tol in args.tol:
             rk45 = cell(*baseline_log_likelihood(sde, score, x, probe, tol, tol))
-            solves = [ours(rtol=tol, atol=tol, norm=norm) for norm in NORMS]
+            solves = [ours(rtol=tol, atol=tol, method=method, norm=norm) for method, norm in columns]
             norms = [cell(solve.logp, solve.nfe) for solve in solves]
             print(f"| {name} | {model} | {d} | {x.shape[0]} | {tol:g} | {reference.nfe}{ref_note} | {rk45} | "
                   + " | ".join(norms) + " |", flush=True)

@@ -113,7 +113,8 @@ def test_ode_solves_never_leave_eps_T(examples, name, mean, std):
     assert float(times.min()) >= eps and float(times.max()) <= T, (float(times.min()), float(times.max()))
 
 
-def test_a_non_finite_drift_is_a_solver_error():
+@pytest.mark.parametrize("method", ["dopri5", "rk45"])
+def test_a_non_finite_drift_is_a_solver_error(method):
     """A drift that turns NaN mid-solve (a state where coefficients overflow) is a SolverError naming the interval,
     not torchdiffeq's assertion with the whole state tensor in it (an internal error, exit 3, from `sdelang nll`)."""
     def poisoned(t, state):   # (x, divergence integral), as the likelihood solves: the divergence turns inf
@@ -122,7 +123,7 @@ def test_a_non_finite_drift_is_a_solver_error():
 
     state = (torch.ones(3, 2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
     with pytest.raises(SolverError, match="met a non-finite value between t = 0 and t = 1") as info:
-        solve(poisoned, state, torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=1e-6, atol=1e-6)
+        solve(poisoned, state, torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=1e-6, atol=1e-6, method=method)
     assert "tensor(" not in str(info.value)
 
 
@@ -146,7 +147,7 @@ def elementwise(t, y):
     return -y * (1 + torch.cos(6 * t) * y) + torch.sin(3 * t)
 
 
-@pytest.mark.parametrize("method", ["dopri5", "bosh3"])
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "rk45"])
 def test_shared_norm_solves_a_split_state_as_one_tensor(method):
     """Under "shared" the pair (y[:40], y[40:]) takes the steps, first step included, of y itself (whose norm is
     its RMS); under "max" the 2-entry tensor, whose error is not averaged with the 40 others, takes more."""
@@ -195,3 +196,39 @@ def test_solve_rejects_an_unknown_norm():
     with pytest.raises(ValueError, match="norm must be one of max, shared, balanced"):
         solve(elementwise, torch.ones(2, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64),
               rtol=1e-5, atol=1e-5, norm="l2")
+
+
+def coupled(t, y):
+    """A nonlinear drift that mixes entries (a small tanh network), so the step control sees every entry at once."""
+    weights = torch.linspace(-1.0, 1.0, y.numel() ** 2, dtype=y.dtype).reshape(y.numel(), y.numel()).sin() * 1.5
+    return torch.tanh(weights @ y) * torch.cos(3 * t) - 0.5 * y * t
+
+
+@pytest.mark.parametrize("drift", [elementwise, coupled])
+@pytest.mark.parametrize("tol", [1e-3, 1e-6, 1e-9])
+@pytest.mark.parametrize("backward", [False, True])
+def test_rk45_takes_scipys_steps(drift, tol, backward):
+    """sdelang's rk45 is scipy's RK45 (Dormand-Prince 5(4), scipy's step control and first step) on torch tensors:
+    the same number of evaluations as solve_ivp(method="RK45") and the same solution to rounding (1e-11), forwards
+    and backwards in time, each evaluation inside the interval. score_sde's likelihood solves with scipy's RK45."""
+    from scipy.integrate import solve_ivp
+
+    y0 = torch.linspace(-1.0, 1.5, 6, dtype=torch.float64)
+    span = (2.0, 1e-3) if backward else (1e-3, 2.0)
+    theirs = solve_ivp(lambda t, y: drift(torch.tensor(t, dtype=torch.float64), torch.tensor(y)).numpy(), span,
+                       y0.numpy(), method="RK45", rtol=tol, atol=tol)
+    seen = []
+
+    def recorded(t, y):
+        seen.append(float(t))
+        return drift(t, y)
+    ours = solve(recorded, y0, torch.tensor(span, dtype=torch.float64), rtol=tol, atol=tol, method="rk45")
+    assert len(seen) == theirs.nfev
+    torch.testing.assert_close(ours[-1], torch.tensor(theirs.y[:, -1]), rtol=1e-11, atol=1e-11)
+    assert min(span) <= min(seen) and max(seen) <= max(span)
+
+
+def test_the_cli_names_every_solver():
+    from sdelang.runtime.config import ODE_SOLVERS
+    from sdelang.runtime.ode import ADAPTIVE_SOLVERS
+    assert ODE_SOLVERS == ADAPTIVE_SOLVERS

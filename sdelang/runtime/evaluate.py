@@ -67,11 +67,11 @@ def _variational(dataset, n: int, generator: torch.Generator, dequantizer) -> tu
 
 def nll(model, dataset, *, n: int = 512, batch: int = 256, seed: int = 0, probes: int = 1,
         exact_trace: bool = False, rtol: float = 1e-5, atol: float = 1e-5, norm: str = DEFAULT_NORM,
-        with_bound: bool = False, progress: bool = False, dequantizer=None) -> NLL:
+        method: str = "dopri5", with_bound: bool = False, progress: bool = False, dequantizer=None) -> NLL:
     """NLL of the first n datapoints of `dataset` (a test split) under the score model's flow ODE; D, the
     dimensions in bits/dim, is the number of entries of one datapoint of the data (for any kind of SDE).
-    `progress` shows a bar over the batches (each an adaptive ODE solve, plus the bound's samples); rtol, atol
-    and the step-error `norm` go to log_likelihood.
+    `progress` shows a bar over the batches (each an adaptive ODE solve, plus the bound's samples); rtol, atol,
+    the step-error `norm` and the solver `method` go to log_likelihood.
 
     dequantizer: a variational dequantiser q(u | k) (dequantize.py) instead of uniform noise; every
     datapoint's log-likelihood (and bound) then counts -log q(u | k) too: bpd = -E[log p(y) - log q] /
@@ -100,7 +100,7 @@ def nll(model, dataset, *, n: int = 512, batch: int = 256, seed: int = 0, probes
     for chunk in chunks:
         chunk = chunk.to(anchor.device, anchor.dtype)
         result = log_likelihood(sde, model, chunk, exact_trace=exact_trace, probes=1 if exact_trace else probes,
-                                rtol=rtol, atol=atol, norm=norm, generator=device_generator)
+                                rtol=rtol, atol=atol, norm=norm, method=method, generator=device_generator)
         logps.append(result.logp.double().cpu())
         nfes.append(result.nfe)
         if progress:

@@ -28,7 +28,6 @@ from .kinds import kind_of, unavailable_reason
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
-# torchdiffeq's adaptive solvers: the others need a step size, which rtol/atol do not give.
 NOISES = ("rademacher", "gaussian")
 # Halvings of [log eps, log T] (width < 40) that leave it narrower than float64 resolution.
 
@@ -54,8 +53,10 @@ def log_likelihood(sde, score_fn: ScoreFn, x: Tensor, *, exact_trace: bool = Fal
 
     The flow drift f_flow is the module's, sde.reverse(score_fn, probability_flow=True).sde: f - g^2 s / 2
     (affine), f - d(g^2)/dx / 2 - g^2 s / 2 (general, g(x, t)), F u - D s / 2 (coupled). The state
-    (x, accumulated divergence) goes from eps to T under it with torchdiffeq's adaptive `method` at
-    tolerances rtol, atol, on x's device and in x's dtype. A step's error, divided by atol + rtol |y|, is
+    (x, accumulated divergence) goes from eps to T under it with the adaptive `method` at tolerances rtol,
+    atol, on x's device and in x's dtype: torchdiffeq's dopri5 (default), dopri8, ..., or "rk45", the same
+    Dormand-Prince pair with scipy RK45's step control (ode.rk45), which score_sde's likelihood uses; with
+    norm="shared" it takes RK45's steps. A step's error, divided by atol + rtol |y|, is
     an RMS over the batch for x and for the divergence integral, and `norm` combines the two (ode.NORMS):
       - "balanced" (default): the RMS of the two mean squares. The log-likelihood's RMS step error stays
         within sqrt(2) of the tolerance however many entries x has, while x's entries average with it;
@@ -85,8 +86,8 @@ def log_likelihood(sde, score_fn: ScoreFn, x: Tensor, *, exact_trace: bool = Fal
     """
     _check_batch(x)
     if method not in ADAPTIVE_SOLVERS:
-        raise ValueError(f"method must be one of {', '.join(ADAPTIVE_SOLVERS)} (adaptive torchdiffeq "
-                         f"solvers), got {method!r}")
+        raise ValueError(f"method must be one of {', '.join(ADAPTIVE_SOLVERS)} (adaptive ODE solvers), "
+                         f"got {method!r}")
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be positive, got rtol={rtol!r}, atol={atol!r}")
     if norm not in NORMS:

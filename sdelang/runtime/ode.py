@@ -20,16 +20,19 @@ model; that is reported as a SolverError saying so, not as torchdiffeq's bare as
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torchdiffeq
 
 from ..errors import SolverError
 from .config import DEFAULT_NORM
 
-# torchdiffeq's adaptive solvers and their orders p: the first-step rule's exponent is 1 / p, one over the
-# embedded error estimate's order plus one (Hairer, Norsett & Wanner; torchdiffeq and scipy alike).
-ORDERS = {"dopri5": 5, "dopri8": 8, "bosh3": 3, "fehlberg2": 2, "adaptive_heun": 2}
-ADAPTIVE_SOLVERS = tuple(ORDERS)
+# The adaptive solvers and their orders p: the first-step rule's exponent is 1 / p, one over the embedded error
+# estimate's order plus one (Hairer, Norsett & Wanner; torchdiffeq and scipy alike). "rk45" is sdelang's own
+# (rk45 below), the others torchdiffeq's.
+ORDERS = {"dopri5": 5, "rk45": 5, "dopri8": 8, "bosh3": 3, "fehlberg2": 2, "adaptive_heun": 2}
+ADAPTIVE_SOLVERS = tuple(ORDERS)   # config.ODE_SOLVERS names them too, for the CLI (a test holds them equal)
 
 
 def _max_norm(values) -> torch.Tensor:
@@ -97,6 +100,8 @@ def solve(func, y0, times, *, rtol: float, atol: float, method: str = "dopri5", 
         last[0] = pending.pop() if pending else func(t, y)
         return last[0]
     try:
+        if method == "rk45":
+            return rk45(once_cached, y0, times, pending.pop(), h, rtol=rtol, atol=atol, norm=norm_fn)
         return torchdiffeq.odeint(once_cached, y0, times, rtol=rtol, atol=atol, method=method,
                                   options={"step_t": times[1:], "first_step": h,
                                            # torchdiffeq hands a tuple state's norm the tuple, a tensor's the tensor.
@@ -118,3 +123,83 @@ def solve(func, y0, times, *, rtol: float, atol: float, method: str = "dopri5", 
                           f"t = {float(times[-1]):g} ({exc}): the flow drift is too stiff, usually a score "
                           f"model that is not trained enough or diverges; try a fixed-step method (heun, "
                           f"dpm2) or a looser tolerance") from exc
+
+
+# Dormand and Prince's 5(4) pair: the stages' times and coefficients, the fifth-order weights, and the weights of
+# the error estimate (fifth- minus fourth-order solution, the seventh stage being f at the new point).
+_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0)
+_A = ((),
+      (1 / 5,),
+      (3 / 40, 9 / 40),
+      (44 / 45, -56 / 15, 32 / 9),
+      (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+      (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656))
+_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
+_E = (-71 / 57600, 0.0, 71 / 16695, -71 / 1920, 17253 / 339200, -22 / 525, 1 / 40)
+# The step-size controller: a step's next size is h SAFETY / err^(1/5), by at most MAX_FACTOR up and MIN_FACTOR
+# down, and never up on the step after a rejected one.
+SAFETY, MIN_FACTOR, MAX_FACTOR = 0.9, 0.2, 10.0
+
+
+def rk45(func, y0, times, f0, h, *, rtol: float, atol: float, norm=_max_norm):
+    """The solution at each of `times` (stacked like torchdiffeq's odeint) by the Dormand-Prince 5(4) pair with
+    the step control of scipy's RK45, which score_sde's likelihood uses: an accepted step with error err
+    (the norm of the estimate divided by atol + rtol max(|y|, |y_new|)) below 1 sets the next h to
+    h min(10, 0.9 err^(-1/5)), so a step near the tolerance shrinks the next one; a rejected step shrinks h by
+    max(0.2, 0.9 err^(-1/5)); after a rejection the next accepted step does not grow h. torchdiffeq's dopri5
+    never shrinks h after an accepted step, and then spends rejected steps of 6 evaluations each. Every stage
+    lies inside the current step, and each time in `times` is landed on exactly. f0 = func(times[0], y0) and h
+    the first step (first_step gives both); 6 evaluations per step, the last reused by the next step. Times
+    are kept as Python floats (float64, as torchdiffeq keeps them); the one synchronisation per step is the
+    step's error, which decides the next."""
+    as_tuple = isinstance(y0, tuple)
+    ys = y0 if as_tuple else (y0,)
+    fs = f0 if as_tuple else (f0,)
+    device = times.device
+
+    def call(t, state):
+        out = func(torch.tensor(t, dtype=torch.float64, device=device), state if as_tuple else state[0])
+        return out if as_tuple else (out,)
+
+    def combine(base, weights, k, h):
+        return tuple(y + h * sum(w * kk[j] for w, kk in zip(weights, k) if w) for j, y in enumerate(base))
+
+    points = [float(u) for u in times]
+    t, h = points[0], abs(float(h))
+    direction = 1.0 if points[-1] >= points[0] else -1.0
+    out = [ys]
+    for end in points[1:]:
+        rejected = False
+        while (end - t) * direction > 0:
+            remaining = abs(end - t)
+            last = h >= remaining
+            step = remaining if last else h
+            # Ten units of float64 at t: below that a step no longer moves t (scipy's bound too).
+            if step < 10 * abs(math.nextafter(t, direction * math.inf) - t):
+                raise AssertionError("underflow in dt")
+            signed = direction * step
+            k = [fs]
+            for i in range(1, 6):
+                k.append(call(t + _C[i] * signed, combine(ys, _A[i], k, signed)))
+            new = combine(ys, _B, k, signed)
+            t_new = end if last else t + signed
+            f_new = call(t_new, new)
+            k.append(f_new)
+            errors = tuple(signed * sum(e * kk[j] for e, kk in zip(_E, k) if e) /
+                           (atol + rtol * torch.maximum(y.abs(), y_new.abs()))
+                           for j, (y, y_new) in enumerate(zip(ys, new)))
+            err = float(norm(errors))
+            if not math.isfinite(err):
+                raise AssertionError("non-finite step error")
+            if err < 1:
+                factor = MAX_FACTOR if err == 0 else min(MAX_FACTOR, SAFETY * err ** -0.2)
+                if rejected:
+                    factor = min(1.0, factor)
+                h = step * factor
+                t, ys, fs, rejected = t_new, new, f_new, False
+            else:
+                h = step * max(MIN_FACTOR, SAFETY * err ** -0.2)
+                rejected = True
+        out.append(ys)
+    stacked = tuple(torch.stack([o[j] for o in out]) for j in range(len(ys)))
+    return stacked if as_tuple else stacked[0]
