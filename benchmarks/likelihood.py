@@ -4,8 +4,8 @@ The baseline follows the path of score_sde's likelihood.py (written here from it
 scipy.integrate.solve_ivp(method="RK45") on the flattened state [x, accumulated divergence], with a
 numpy round trip at every evaluation, and the flow drift f - g^2 s / 2 evaluated twice per
 evaluation: once for the drift, once more inside the Hutchinson estimate (autograd through the whole
-drift). sdelang integrates with torchdiffeq's dopri5 on the tensors' device, takes div f from the
-module and differentiates only the score: one score call per evaluation.
+drift). sdelang integrates with its default solver (rk45_pi: the same pair, PI step control) on the tensors'
+device, takes div f from the module and differentiates only the score: one score call per evaluation.
 
 Both run the same Dormand-Prince 5(4) pair at the same rtol = atol = 1e-5, on the same data, with the
 same model, and with the same Rademacher probe (drawn as log_likelihood draws it from the same seed),
@@ -17,12 +17,11 @@ an MLP score network with random weights, in d = 2 and d = 64, on the VP SDE.
     python benchmarks/likelihood.py [--batch 64] [--repeat 3] [--threads N]
 
 Prints a Markdown table; times are the fastest of the interleaved repeats, "speed-up" is baseline time / sdelang
-time from the same run, and "per NFE" the same ratio per drift evaluation. NFE may differ: torchdiffeq's
-dopri5 estimates a step's error as 2/3 of scipy's RK45, their step controllers differ in detail, and
-the norm that combines x's error with the divergence integral's is sdelang's default ("balanced", the
-RMS of the two mean squares) where solve_ivp takes one RMS over [x, divergence], in which the
-likelihood is 1 entry in d + 1. benchmarks/likelihood_norms.py compares the norms and the accuracy of
-log p.
+time from the same run, and "per NFE" the same ratio per drift evaluation. NFE may differ: the step
+controllers differ (PI against scipy's), and the norm that combines x's error with the divergence
+integral's is sdelang's default ("balanced", the RMS of the two mean squares) where solve_ivp takes one
+RMS over [x, divergence], in which the likelihood is 1 entry in d + 1. benchmarks/likelihood_norms.py
+compares the norms and solvers at equal tolerance, benchmarks/likelihood_work.py at equal accuracy.
 """
 from __future__ import annotations
 

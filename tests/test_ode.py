@@ -232,3 +232,43 @@ def test_the_cli_names_every_solver():
     from sdelang.runtime.config import ODE_SOLVERS
     from sdelang.runtime.ode import ADAPTIVE_SOLVERS
     assert ODE_SOLVERS == ADAPTIVE_SOLVERS
+
+
+@pytest.mark.parametrize("drift", [elementwise, coupled])
+@pytest.mark.parametrize("tol", [1e-4, 1e-6, 1e-8])
+def test_rk45_pi_holds_its_tolerance(drift, tol):
+    """rk45_pi (the same pair, Hairer's PI step control) against scipy's DOP853 at 1e-13: the global error stays
+    within a few times the tolerance (bound 20 tol, relative to 1 + |y|; a controller that let the error grow
+    with the number of steps, or a wrong exponent, fails it), and every evaluation lies inside the interval."""
+    from scipy.integrate import solve_ivp
+
+    y0 = torch.linspace(-1.0, 1.5, 6, dtype=torch.float64)
+    span = (1e-3, 2.0)
+    reference = solve_ivp(lambda t, y: drift(torch.tensor(t, dtype=torch.float64), torch.tensor(y)).numpy(), span,
+                          y0.numpy(), method="DOP853", rtol=1e-13, atol=1e-13).y[:, -1]
+    seen = []
+
+    def recorded(t, y):
+        seen.append(float(t))
+        return drift(t, y)
+    ours = solve(recorded, y0, torch.tensor(span, dtype=torch.float64), rtol=tol, atol=tol, method="rk45_pi")
+    error = ((ours[-1].numpy() - reference) / (1 + abs(reference))).max()
+    assert abs(error) <= 20 * tol
+    assert min(span) <= min(seen) and max(seen) <= max(span)
+
+
+def test_rk45_pi_without_its_integral_term_is_scipys(monkeypatch):
+    """With PI_BETA = 0 the PI control reduces to scipy's (exponent 1/5, no memory of the previous error): the
+    same evaluations as solve_ivp's RK45, which ties rk45_pi's controller to the published one term by term."""
+    from scipy.integrate import solve_ivp
+
+    import sdelang.runtime.ode as ode
+    monkeypatch.setattr(ode, "PI_BETA", 0.0)
+    y0 = torch.linspace(-1.0, 1.5, 6, dtype=torch.float64)
+    for tol in (1e-3, 1e-6):
+        theirs = solve_ivp(lambda t, y: coupled(torch.tensor(t, dtype=torch.float64), torch.tensor(y)).numpy(),
+                           (1e-3, 2.0), y0.numpy(), method="RK45", rtol=tol, atol=tol)
+        calls = []
+        solve(lambda t, y: calls.append(1) or coupled(t, y), y0, torch.tensor([1e-3, 2.0], dtype=torch.float64),
+              rtol=tol, atol=tol, method="rk45_pi")
+        assert len(calls) == theirs.nfev

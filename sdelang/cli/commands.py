@@ -16,7 +16,8 @@ from ..compiler import read_source
 from ..files import CannotWrite, atomic_open
 from ..compiler.check.common import MAX_STEPS
 from ..text import table
-from ..runtime.config import DEFAULT_NORM, ODE_NORMS, ODE_SOLVERS, OBJECTIVES, REDUCTIONS, ModelConfig, TrainConfig
+from ..runtime.config import (DEFAULT_LIKELIHOOD_SOLVER, DEFAULT_NORM, ODE_NORMS, ODE_SOLVERS, OBJECTIVES, REDUCTIONS,
+                              ModelConfig, TrainConfig)
 
 # Sampler names the CLI accepts besides sampling.METHODS ("euler": k-diffusion's name for the stochastic
 # Euler step, which is Euler-Maruyama on the reverse SDE).
@@ -420,10 +421,10 @@ def add_nll(sub) -> None:
                    help="how the step errors of x and of the log-density combine: balanced (the RMS of the two "
                         "mean squares), max (the larger RMS; stricter on log p, more steps) or shared (one RMS "
                         "over all entries, scipy's) (default %(default)s)")
-    p.add_argument("--solver", choices=ODE_SOLVERS, default="dopri5",
-                   help="adaptive ODE solver: dopri5 (torchdiffeq's), rk45 (the same pair with scipy RK45's step "
-                        "control, as score_sde; with --norm shared it takes RK45's steps), dopri8, ... "
-                        "(default %(default)s)")
+    p.add_argument("--solver", choices=ODE_SOLVERS, default=DEFAULT_LIKELIHOOD_SOLVER,
+                   help="adaptive ODE solver: rk45_pi (Dormand-Prince 5(4), scipy RK45's error estimate, PI step "
+                        "control), rk45 (scipy's RK45 as score_sde uses it; with --norm shared its very steps), "
+                        "torchdiffeq's dopri5, dopri8, ... (default %(default)s)")
     p.add_argument("--bound", action="store_true",
                    help="also ScoreFlow's upper bound on the NLL of the SDE model (Theorem 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out choice and the probes (default 0)")

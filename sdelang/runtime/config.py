@@ -13,8 +13,10 @@ REDUCTIONS = ("sum", "mean")
 # "Step-error norm": the measurements behind it); named here so that `sdelang nll --help` needs no torch.
 ODE_NORMS = ("max", "shared", "balanced")
 DEFAULT_NORM = "balanced"
-# The adaptive ODE solvers (runtime/ode.py's ORDERS, where each one's order is), named here for the CLI.
-ODE_SOLVERS = ("dopri5", "rk45", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+# The adaptive ODE solvers (runtime/ode.py's ORDERS, where each one's order is), named here for the CLI, and the
+# likelihood's default (docs/benchmarks.md, "Likelihood at equal accuracy": the measurements behind it).
+ODE_SOLVERS = ("dopri5", "rk45", "rk45_pi", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+DEFAULT_LIKELIHOOD_SOLVER = "rk45_pi"
 SIMULATION_STEPS = 64   # Euler-Maruyama steps from 0 to each x_t of a general SDE (no kernel to draw it from)
 
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from .config import DEFAULT_NORM
+from .config import DEFAULT_LIKELIHOOD_SOLVER, DEFAULT_NORM
 from .likelihood import bits_per_dim, bound, log_likelihood, require_bound
 
 
@@ -67,7 +67,8 @@ def _variational(dataset, n: int, generator: torch.Generator, dequantizer) -> tu
 
 def nll(model, dataset, *, n: int = 512, batch: int = 256, seed: int = 0, probes: int = 1,
         exact_trace: bool = False, rtol: float = 1e-5, atol: float = 1e-5, norm: str = DEFAULT_NORM,
-        method: str = "dopri5", with_bound: bool = False, progress: bool = False, dequantizer=None) -> NLL:
+        method: str = DEFAULT_LIKELIHOOD_SOLVER, with_bound: bool = False, progress: bool = False,
+        dequantizer=None) -> NLL:
     """NLL of the first n datapoints of `dataset` (a test split) under the score model's flow ODE; D, the
     dimensions in bits/dim, is the number of entries of one datapoint of the data (for any kind of SDE).
     `progress` shows a bar over the batches (each an adaptive ODE solve, plus the bound's samples); rtol, atol,

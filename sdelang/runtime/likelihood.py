@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .config import DEFAULT_NORM
+from .config import DEFAULT_LIKELIHOOD_SOLVER, DEFAULT_NORM
 from .logsnr import log_snr_times
 from .ode import ADAPTIVE_SOLVERS, NORMS, solve
 from .kinds import kind_of, unavailable_reason
@@ -47,16 +47,17 @@ class Bound(NamedTuple):
 
 def log_likelihood(sde, score_fn: ScoreFn, x: Tensor, *, exact_trace: bool = False, probes: int = 1,
                    noise: str = "rademacher", rtol: float = 1e-5, atol: float = 1e-5,
-                   method: str = "dopri5", norm: str = DEFAULT_NORM,
+                   method: str = DEFAULT_LIKELIHOOD_SOLVER, norm: str = DEFAULT_NORM,
                    generator: torch.Generator | None = None) -> LogLikelihood:
     """log p_eps(x) = log prior(x(T)) + int_eps^T div f_flow(x(t), t) dt along the flow ODE.
 
     The flow drift f_flow is the module's, sde.reverse(score_fn, probability_flow=True).sde: f - g^2 s / 2
     (affine), f - d(g^2)/dx / 2 - g^2 s / 2 (general, g(x, t)), F u - D s / 2 (coupled). The state
     (x, accumulated divergence) goes from eps to T under it with the adaptive `method` at tolerances rtol,
-    atol, on x's device and in x's dtype: torchdiffeq's dopri5 (default), dopri8, ..., or "rk45", the same
-    Dormand-Prince pair with scipy RK45's step control (ode.rk45), which score_sde's likelihood uses; with
-    norm="shared" it takes RK45's steps. A step's error, divided by atol + rtol |y|, is
+    atol, on x's device and in x's dtype: "rk45_pi" (default), the Dormand-Prince 5(4) pair with scipy RK45's
+    error estimate and a PI step control (ode.rk45), which reaches the error of log p of score_sde's RK45 with
+    fewer evaluations (docs/benchmarks.md); "rk45", scipy's RK45 itself (with norm="shared" it takes RK45's
+    steps); torchdiffeq's dopri5, dopri8, ... A step's error, divided by atol + rtol |y|, is
     an RMS over the batch for x and for the divergence integral, and `norm` combines the two (ode.NORMS):
       - "balanced" (default): the RMS of the two mean squares. The log-likelihood's RMS step error stays
         within sqrt(2) of the tolerance however many entries x has, while x's entries average with it;
@@ -64,9 +65,9 @@ def log_likelihood(sde, score_fn: ScoreFn, x: Tensor, *, exact_trace: bool = Fal
       - "shared": one RMS over all (d + 1) B entries, as scipy's solve_ivp: the log-likelihood's part can
         grow to sqrt(d + 1) times the tolerance, and did (docs/benchmarks.md).
     Each is held per batch, not per datapoint, and the result's error accumulates over the steps. At the
-    default 1e-5: about 2e-4 nats at d = 64 on VP with Gaussian data; on the trained 2-D models of
-    docs/benchmarks.md 1.4e-2 to 3e-2 nats at the worst of 256 points under "balanced" (scipy's RK45
-    4e-3 to 1.6e-2, "max" 8e-3 to 2e-2). Lower rtol, atol to tighten it.
+    default 1e-5 (rk45_pi, "balanced"): about 4e-5 nats at d = 64 on VP with Gaussian data; on the trained
+    2-D models of docs/benchmarks.md 9e-4 to 1.6e-3 nats on the mean of 256 points, 3e-3 to 1.2e-2 at the
+    worst (scipy's RK45 6.5e-4 to 3.8e-3 and 4e-3 to 1.6e-2). Lower rtol, atol to tighten it.
     div f_flow = div f + div (f_flow - f): div f is the module's analytic `drift_divergence`, and the
     rest (the score term, and the d(g^2)/dx correction of a general SDE) is differentiated by autograd:
       - exact_trace=True: the trace of its Jacobian, one backward pass per entry of a sample (small d);

@@ -29,9 +29,9 @@ from ..errors import SolverError
 from .config import DEFAULT_NORM
 
 # The adaptive solvers and their orders p: the first-step rule's exponent is 1 / p, one over the embedded error
-# estimate's order plus one (Hairer, Norsett & Wanner; torchdiffeq and scipy alike). "rk45" is sdelang's own
-# (rk45 below), the others torchdiffeq's.
-ORDERS = {"dopri5": 5, "rk45": 5, "dopri8": 8, "bosh3": 3, "fehlberg2": 2, "adaptive_heun": 2}
+# estimate's order plus one (Hairer, Norsett & Wanner; torchdiffeq and scipy alike). "rk45" and "rk45_pi" are
+# sdelang's own (rk45 below), the others torchdiffeq's.
+ORDERS = {"dopri5": 5, "rk45": 5, "rk45_pi": 5, "dopri8": 8, "bosh3": 3, "fehlberg2": 2, "adaptive_heun": 2}
 ADAPTIVE_SOLVERS = tuple(ORDERS)   # config.ODE_SOLVERS names them too, for the CLI (a test holds them equal)
 
 
@@ -100,8 +100,9 @@ def solve(func, y0, times, *, rtol: float, atol: float, method: str = "dopri5", 
         last[0] = pending.pop() if pending else func(t, y)
         return last[0]
     try:
-        if method == "rk45":
-            return rk45(once_cached, y0, times, pending.pop(), h, rtol=rtol, atol=atol, norm=norm_fn)
+        if method in ("rk45", "rk45_pi"):
+            return rk45(once_cached, y0, times, pending.pop(), h, rtol=rtol, atol=atol, norm=norm_fn,
+                        control="scipy" if method == "rk45" else "pi")
         return torchdiffeq.odeint(once_cached, y0, times, rtol=rtol, atol=atol, method=method,
                                   options={"step_t": times[1:], "first_step": h,
                                            # torchdiffeq hands a tuple state's norm the tuple, a tensor's the tensor.
@@ -139,19 +140,28 @@ _E = (-71 / 57600, 0.0, 71 / 16695, -71 / 1920, 17253 / 339200, -22 / 525, 1 / 4
 # The step-size controller: a step's next size is h SAFETY / err^(1/5), by at most MAX_FACTOR up and MIN_FACTOR
 # down, and never up on the step after a rejected one.
 SAFETY, MIN_FACTOR, MAX_FACTOR = 0.9, 0.2, 10.0
+# rk45_pi's proportional-integral control (Hairer & Wanner, Solving ODEs II, IV.2; Hairer's DOPRI5 code): the
+# next h is h SAFETY err^(-(1/5 - 3 PI_BETA / 4)) err_previous^PI_BETA, with DOPRI5's default PI_BETA.
+PI_BETA = 0.04
 
 
-def rk45(func, y0, times, f0, h, *, rtol: float, atol: float, norm=_max_norm):
+def rk45(func, y0, times, f0, h, *, rtol: float, atol: float, norm=_max_norm, control: str = "scipy"):
     """The solution at each of `times` (stacked like torchdiffeq's odeint) by the Dormand-Prince 5(4) pair with
-    the step control of scipy's RK45, which score_sde's likelihood uses: an accepted step with error err
-    (the norm of the estimate divided by atol + rtol max(|y|, |y_new|)) below 1 sets the next h to
-    h min(10, 0.9 err^(-1/5)), so a step near the tolerance shrinks the next one; a rejected step shrinks h by
-    max(0.2, 0.9 err^(-1/5)); after a rejection the next accepted step does not grow h. torchdiffeq's dopri5
-    never shrinks h after an accepted step, and then spends rejected steps of 6 evaluations each. Every stage
-    lies inside the current step, and each time in `times` is landed on exactly. f0 = func(times[0], y0) and h
-    the first step (first_step gives both); 6 evaluations per step, the last reused by the next step. Times
-    are kept as Python floats (float64, as torchdiffeq keeps them); the one synchronisation per step is the
-    step's error, which decides the next."""
+    scipy RK45's error estimate (the norm of the fifth- minus fourth-order solution divided by atol + rtol
+    max(|y|, |y_new|): err) and one of two step controls:
+    - control="scipy" (method "rk45"), scipy's RK45, which score_sde's likelihood uses: an accepted step sets
+      the next h to h min(10, 0.9 err^(-1/5)), so a step near the tolerance shrinks the next one; a rejected
+      step shrinks h by max(0.2, 0.9 err^(-1/5));
+    - control="pi" (method "rk45_pi"): the exponent of err is 1/5 - 3 PI_BETA / 4 and the previous accepted
+      step's err enters as err_previous^PI_BETA, which damps the step size's oscillation between
+      nearly-rejected and over-cautious steps (the same bounds 0.2 and 10).
+    With both, after a rejection the next accepted step does not grow h. (torchdiffeq's dopri5 never shrinks h
+    after an accepted step, and has another error estimate.) Every stage lies inside the current step, and
+    each time in `times` is landed on exactly. f0 = func(times[0], y0) and h the first step (first_step gives
+    both); 6 evaluations per step, the last reused by the next step. Times are kept as Python floats (float64,
+    as torchdiffeq keeps them); the one synchronisation per step is the step's error, which decides the next."""
+    exponent = 0.2 if control == "scipy" else 0.2 - 0.75 * PI_BETA
+    beta = 0.0 if control == "scipy" else PI_BETA
     as_tuple = isinstance(y0, tuple)
     ys = y0 if as_tuple else (y0,)
     fs = f0 if as_tuple else (f0,)
@@ -168,6 +178,7 @@ def rk45(func, y0, times, f0, h, *, rtol: float, atol: float, norm=_max_norm):
     t, h = points[0], abs(float(h))
     direction = 1.0 if points[-1] >= points[0] else -1.0
     out = [ys]
+    previous = 1e-4   # err of the last accepted step, for the PI control (DOPRI5's start)
     for end in points[1:]:
         rejected = False
         while (end - t) * direction > 0:
@@ -192,13 +203,15 @@ def rk45(func, y0, times, f0, h, *, rtol: float, atol: float, norm=_max_norm):
             if not math.isfinite(err):
                 raise AssertionError("non-finite step error")
             if err < 1:
-                factor = MAX_FACTOR if err == 0 else min(MAX_FACTOR, SAFETY * err ** -0.2)
+                factor = MAX_FACTOR if err == 0 else min(MAX_FACTOR, max(MIN_FACTOR, SAFETY * err ** -exponent
+                                                                        * previous ** beta))
                 if rejected:
                     factor = min(1.0, factor)
                 h = step * factor
+                previous = max(err, 1e-4)
                 t, ys, fs, rejected = t_new, new, f_new, False
             else:
-                h = step * max(MIN_FACTOR, SAFETY * err ** -0.2)
+                h = step * max(MIN_FACTOR, SAFETY * err ** -exponent)
                 rejected = True
         out.append(ys)
     stacked = tuple(torch.stack([o[j] for o in out]) for j in range(len(ys)))
