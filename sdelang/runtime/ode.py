@@ -86,7 +86,8 @@ def first_step(func, y0, times, *, rtol: float, atol: float, order: int, norm=_m
 
 def solve(func, y0, times, *, rtol: float, atol: float, method: str = "dopri5", norm: str = DEFAULT_NORM):
     """torchdiffeq.odeint(func, y0, times) with every evaluation of func in [min(times), max(times)] and
-    the last time stepped onto exactly. For a tuple state y0, `norm` (a key of NORMS) combines the
+    the last time stepped onto exactly; methods "rk45" and "rk45_pi" run rk45 below instead of torchdiffeq,
+    with the same first step. For a tuple state y0, `norm` (a key of NORMS) combines the
     tensors' step errors, each divided by atol + rtol |y|, into the one number held below 1; for a
     single tensor all three are its RMS."""
     if norm not in NORMS:
@@ -165,14 +166,13 @@ def rk45(func, y0, times, f0, h, *, rtol: float, atol: float, norm=_max_norm, co
     as_tuple = isinstance(y0, tuple)
     ys = y0 if as_tuple else (y0,)
     fs = f0 if as_tuple else (f0,)
-    device = times.device
 
     def call(t, state):
-        out = func(torch.tensor(t, dtype=torch.float64, device=device), state if as_tuple else state[0])
+        out = func(t, state if as_tuple else state[0])
         return out if as_tuple else (out,)
 
-    def combine(base, weights, k, h):
-        return tuple(y + h * sum(w * kk[j] for w, kk in zip(weights, k) if w) for j, y in enumerate(base))
+    def combine(base, weights, k, dt):
+        return tuple(y + dt * sum(w * kk[j] for w, kk in zip(weights, k) if w) for j, y in enumerate(base))
 
     points = [float(u) for u in times]
     t, h = points[0], abs(float(h))
@@ -189,12 +189,16 @@ def rk45(func, y0, times, f0, h, *, rtol: float, atol: float, norm=_max_norm, co
             if step < 10 * abs(math.nextafter(t, direction * math.inf) - t):
                 raise AssertionError("underflow in dt")
             signed = direction * step
+            t_new = end if last else t + signed
+            # The stages' times in one copy to the device per step, made where the stream has just drained (the
+            # step's error was read): a copy per evaluation would wait for the previous stage's kernels each time.
+            stage_times = torch.tensor([t + c * signed for c in _C[1:]] + [t_new], dtype=torch.float64,
+                                       device=times.device)
             k = [fs]
             for i in range(1, 6):
-                k.append(call(t + _C[i] * signed, combine(ys, _A[i], k, signed)))
+                k.append(call(stage_times[i - 1], combine(ys, _A[i], k, signed)))
             new = combine(ys, _B, k, signed)
-            t_new = end if last else t + signed
-            f_new = call(t_new, new)
+            f_new = call(stage_times[5], new)
             k.append(f_new)
             errors = tuple(signed * sum(e * kk[j] for e, kk in zip(_E, k) if e) /
                            (atol + rtol * torch.maximum(y.abs(), y_new.abs()))
