@@ -20,15 +20,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import mpmath
 import numpy as np
 import sympy as sp
 
 from .derive import Derivation
+from .derive.signs import kinks
 from .derive.symbolic import NUMERIC
 
 BOUND = 1e-7        # float64 relative error promised for numeric quantities on [eps, T]
 POINTS = 120        # check times: half log-spaced, half uniform at random (fixed seed)
 RTOL = 1e-12        # the reference solver's relative tolerance
+# Right-side evaluations a reference solve may take: a few thousand is usual (examples/numeric.sde 2,630), more is a
+# solver whose steps collapse on coefficients that are float64 noise; it is then solved again, with 30-digit
+# coefficients where float64 is noise, under the larger bound.
+MAX_EVALUATIONS = {"numpy": 50_000, "mixed": 200_000}
+STALL_EVALUATIONS = 5_000
+NOISE = 1e-13  # the relative disagreement of float64 and 30-digit coefficients that counts as float64 noise
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,8 @@ def check_tables(d: Derivation, code: str) -> Report:
     torch.set_num_threads(1)  # small tensors: a thread pool only costs, and much on a loaded machine
     try:
         return _measure(d, sde, reference, ref, ts, at, eps, T)
+    except ArithmeticError as exc:
+        return Report({}, f"the reference solution failed ({exc})")
     finally:
         torch.set_num_threads(threads)
 
@@ -157,6 +167,21 @@ def _tabulated(d: Derivation, name: str) -> bool:
     return expr is None or expr.has(*NUMERIC)
 
 
+class _Stalled(ArithmeticError):
+    """The reference solver took MAX_EVALUATIONS evaluations without reaching its end."""
+
+
+def _mp_softplus(u):
+    return mpmath.log1p(mpmath.exp(u))
+
+
+def _in_mpmath(f):
+    def at(t):
+        with mpmath.workdps(30):
+            return float(f(mpmath.mpf(float(t))))
+    return at
+
+
 class _FactorOverflow(ArithmeticError):
     """e^{-A} left float64's range: the integrating-factor form cannot go on."""
 
@@ -168,16 +193,68 @@ class _Reference:
         t = d.program.t
         self.eps, self.T, self.v0 = eps, T, v0
 
-        def fn(expr):
-            return sp.lambdify(t, expr.xreplace(defaults), modules="numpy")
+        weight = sp.Integer(0) if d.weight.has(*NUMERIC) else d.weight
+        self._t, self._exprs = t, [e.xreplace(defaults) for e in (d.a, d.b, d.g2, weight)]
+        self.weighted, self.kind, self.evaluations = weight != 0, d.program.weighting, 0
+        self._at_eps: dict = {}
+        self.kinks = kinks([d.a, d.b, d.g2, weight], t, eps, T, defaults)
+        self._functions("numpy")
 
-        self.a, self.b, self.g2 = fn(d.a), fn(d.b), fn(d.g2)
-        p = d.program
-        self.kind = p.weighting
-        self.lam = None if d.weight.has(*NUMERIC) else fn(d.weight)
+    def _functions(self, modules) -> None:
+        """a, b, g^2 and lambda as functions of t. "numpy": float64. "mixed": float64 where it agrees with a
+        30-digit evaluation to NOISE at the neighbouring sample times, mpmath with 30 digits (rounded to float64)
+        elsewhere: a formula that cancels in float64 (1 - 2 |t - 1/2| near t = 0) is noise there, and on noise the
+        solver's steps shrink to nothing."""
+        self.modules = modules
+        fast = [sp.lambdify(self._t, e, modules="numpy") for e in self._exprs]
+        if modules == "mixed":
+            fast = self._mixed(fast)
+        self.a, self.b, self.g2, lam = fast
+        self.lam = lam if self.weighted else None
+
+    def _mixed(self, fast: list) -> list:
+        slow = [_in_mpmath(sp.lambdify(self._t, e, modules=[{"softplus": _mp_softplus}, "mpmath"]))
+                for e in self._exprs]
+        grid = np.unique(np.concatenate([np.geomspace(1e-12 * self.eps, self.T, 400),
+                                         np.linspace(self.eps, self.T, 200)]))
+        def noisy(f, g) -> np.ndarray:
+            """Where f, in float64, or its neighbouring sample times, is off g's 30 digits by more than NOISE."""
+            flags = np.zeros(len(grid), dtype=bool)
+            with np.errstate(all="ignore"):
+                for i, t in enumerate(grid):
+                    try:
+                        want = g(t)
+                    except (ArithmeticError, ValueError, TypeError):
+                        continue
+                    flags[i] = not abs(float(np.broadcast_to(f(t), ())) - want) <= NOISE * abs(want)
+            return flags | np.roll(flags, 1) | np.roll(flags, -1)
+
+        def either(f, g):
+            spread = noisy(f, g)
+            if not spread.any():
+                return f
+
+            def at(t):
+                i = min(np.searchsorted(grid, t), len(grid) - 1)
+                return g(t) if spread[i] else f(t)
+            return at
+        return [either(f, g) for f, g in zip(fast, slow)]
+
+    def _count(self, t: float) -> None:
+        """Count an evaluation at t; raise _Stalled past the bound, or where STALL_EVALUATIONS evaluations (some 400
+        steps) moved t by less than 1 % of itself: steps that have collapsed (on coefficients that are float64
+        noise); a working solve takes steps of a few % of t at least, even where a coefficient oscillates fast."""
+        self.evaluations += 1
+        if self.evaluations > MAX_EVALUATIONS[self.modules]:
+            raise _Stalled
+        if self.evaluations % STALL_EVALUATIONS == 0:
+            if self.evaluations > STALL_EVALUATIONS and abs(t - self._checkpoint) <= 1e-2 * abs(t):
+                raise _Stalled
+            self._checkpoint = t
 
     def _rhs(self, t, y, from_eps, factor):
         """factor: y = (A, I, J, W, K), the integrating-factor form; otherwise y = (A, v, c, e^A W, K)."""
+        self._count(t)
         with np.errstate(all="ignore"):   # a pole is a non-finite value here, handled by the caller
             a, b, g2 = (float(np.broadcast_to(f(t), ())) for f in (self.a, self.b, self.g2))
             lam = float(np.broadcast_to(self.lam(t), ())) if from_eps and self.lam is not None else 0.0
@@ -195,50 +272,102 @@ class _Reference:
             raise _FactorOverflow
         return out
 
+    def _one_sided(self, rhs, lo: float, hi: float):
+        """rhs on the stretch [lo, hi] with its value at an end that is a kink taken from inside the stretch: at the
+        kink itself sign(0) = 0 is neither side's value, and one wrong value at a step's start keeps the error
+        estimate from ever falling below the tolerance."""
+        inner_lo = np.nextafter(lo, hi) if lo in self.kinks else lo
+        inner_hi = np.nextafter(hi, lo) if hi in self.kinks else hi
+        if inner_lo == lo and inner_hi == hi:
+            return rhs
+        return lambda t, y, *args: rhs(min(max(t, inner_lo), inner_hi), y, *args)
+
     def step_variance(self, s: float, t: float) -> float:
         """G^2 of the step [s, t]: w(t) for w' = 2 a w + g^2, w(s) = 0."""
         import scipy.integrate
 
+        self.evaluations = 0
+
         def rhs(u, w):
+            self._count(u)
             with np.errstate(all="ignore"):
                 a, g2 = (float(np.broadcast_to(f(u), ())) for f in (self.a, self.g2))
             return [2 * a * w[0] + g2]
-        with np.errstate(all="ignore"):   # w(s) = 0: the first step's error norm divides by atol
-            sol = scipy.integrate.solve_ivp(rhs, (s, t), [0.0], method="DOP853", rtol=RTOL, atol=1e-300)
-        if not sol.success:
-            raise ArithmeticError(sol.message)
-        return float(sol.y[0, -1])
+        w = [0.0]
+        ends = [s, *(k for k in self.kinks if s < k < t), t]   # stretches between kinks, as in _solve
+        for lo, hi in zip(ends[:-1], ends[1:]):
+            with np.errstate(all="ignore"):   # w(s) = 0: the first step's error norm divides by atol
+                sol = scipy.integrate.solve_ivp(self._one_sided(rhs, lo, hi), (lo, hi), w, method="DOP853",
+                                                rtol=RTOL, atol=1e-300)
+            if not sol.success:
+                raise ArithmeticError(sol.message)
+            w = [float(sol.y[0, -1])]
+        return w[0]
 
     def solve(self, ts: np.ndarray) -> dict:
         """The reference quantities at the times ts (in [eps, T])."""
         # A stage past float64's range warns inside SciPy before _rhs sees it: nothing for the user's terminal.
         with np.errstate(all="ignore"):
-            try:
-                return self._solve(ts, factor=True)
-            except _FactorOverflow:
-                return self._solve(ts, factor=False)
+            # Coefficients singular at t = 0 are evaluated near 0, where their formula may cancel: checked from the
+            # start there, and elsewhere once the solver has stalled.
+            if self.modules == "numpy" and self.eps > 0 and not np.isfinite(self._rhs(0.0, [0.0] * 5, False, True)).all():
+                self._functions("mixed")
+            for attempt in ("numpy", "mixed")[("numpy", "mixed").index(self.modules):]:
+                self.evaluations = 0
+                try:
+                    try:
+                        return self._solve(ts, factor=True)
+                    except _FactorOverflow:
+                        return self._solve(ts, factor=False)
+                except _Stalled:
+                    self._functions("mixed")
+        raise ArithmeticError(f"its steps shrank to nothing: {MAX_EVALUATIONS['mixed']:,} evaluations of the moment "
+                              f"equations, with their coefficients in float64 and then with 30 digits, did not "
+                              f"reach T")
+
+    def _from_zero(self, origin: float, start: list, factor: bool) -> list:
+        """start + int_0^origin of each right side, taken as c t^k (k > -1) with c and k from its values at origin
+        and 2 origin; a right side that is not such a power there contributes nothing."""
+        near, far = (np.asarray(self._rhs(s, start, False, factor), dtype=float) for s in (origin, 2 * origin))
+        with np.errstate(all="ignore"):
+            k = np.log2(far / near)
+            part = np.where(np.isfinite(k) & (k > -1) & np.isfinite(near), origin * near / (k + 1), 0.0)
+        return [y + p for y, p in zip(start, part)]
 
     def _solve(self, ts: np.ndarray, factor: bool) -> dict:
         import scipy.integrate
 
         tol = dict(method="DOP853", rtol=RTOL, atol=1e-40)
         start = [0.0] * 5 if factor else [0.0, self.v0, 0.0, 0.0, 0.0]
-        if self.eps > 0:
+        if self.eps > 0 and (factor, self.modules) in self._at_eps:
+            start = self._at_eps[factor, self.modules]
+        elif self.eps > 0:
             # Coefficients singular at t = 0 (a logSNR given as -2 log tan(pi t / 2): inf * 0 there) start the
-            # solution at 1e-12 eps from the zero state; an integrand ~ t^k leaves out (1e-12)^(k + 1) of its
-            # integral at eps: 1e-12 for a bounded one (g^2 ~ t for the cosine schedules).
+            # solution at o = 1e-12 eps, with each integral's part over [0, o] from a power law fitted at o and 2 o
+            # (an integrand ~ t^-1/2, the Laplace logSNR's, leaves out 1e-6 of its integral at eps otherwise).
             origin = 0.0 if np.isfinite(self._rhs(0.0, start, False, factor)).all() else 1e-12 * self.eps
+            if origin:
+                start = self._from_zero(origin, start, factor)
             first = scipy.integrate.solve_ivp(self._rhs, (origin, self.eps), start, args=(False, factor), **tol)
             if not first.success:
                 raise ArithmeticError(first.message)
             start = list(first.y[:, -1])
             start[4] = 0.0
+            self._at_eps[factor, self.modules] = start   # the same for every solve
         points = np.unique(np.concatenate([ts, [self.eps, self.T]]))
-        sol = scipy.integrate.solve_ivp(self._rhs, (points[0], points[-1]), start, t_eval=points, args=(True, factor),
-                                        **tol)
-        if not sol.success:
-            raise ArithmeticError(sol.message)
-        A, second, c, w, K = sol.y
+        # One solve per stretch between kinks (|u|, sign(u) at u = 0): a step across one is interpolated there.
+        ends = [points[0], *self.kinks, points[-1]]
+        parts = []
+        for lo, hi in zip(ends[:-1], ends[1:]):
+            inside = points[(points >= lo) & (points <= hi)]
+            sol = scipy.integrate.solve_ivp(self._one_sided(self._rhs, lo, hi), (lo, hi), start,
+                                            t_eval=np.unique([lo, *inside, hi]), args=(True, factor), **tol)
+            if not sol.success:
+                raise ArithmeticError(sol.message)
+            start = list(sol.y[:, -1])
+            keep = np.isin(sol.t, inside) & (sol.t < hi if hi != points[-1] else True)
+            parts.append(sol.y[:, keep])
+        A, second, c, w, K = np.concatenate(parts, axis=1)
         m = np.exp(A)
         if factor:
             v, c, w = np.exp(2 * A) * (self.v0 + second), m * c, m * w

@@ -34,7 +34,7 @@ def _sigmoid(u):
 
 BUILTINS = {
     "exp": sp.exp, "log": sp.log, "sqrt": sp.sqrt, "sin": sp.sin, "cos": sp.cos, "tan": sp.tan,
-    "tanh": sp.tanh, "sinh": sp.sinh, "cosh": sp.cosh, "atan": sp.atan, "abs": sp.Abs,
+    "tanh": sp.tanh, "sinh": sp.sinh, "cosh": sp.cosh, "atan": sp.atan, "abs": sp.Abs, "sign": sp.sign,
     "log1p": lambda u: sp.log(1 + u), "expm1": lambda u: sp.exp(u) - 1,
     "sigmoid": _sigmoid, "softplus": lambda u: sp.log(1 + sp.exp(u)),
 }

@@ -11,6 +11,7 @@ import sympy as sp
 from .. import syntax as ast
 from ...errors import SdeError, Span
 from ..parse import RESERVED_WORDS
+from ..derive.signs import canonical, derivative, jumps
 from .common import (BUILTIN_CONSTANTS, BUILTINS, MAX_DIGITS, PARAM_DEFAULT_HINT, TIME, Scope, evaluate)
 
 
@@ -46,8 +47,9 @@ class ExpressionsPass:
                 raise self.error("division by zero", expr.right.span, "the divisor is zero everywhere")
             if expr.op == "^":
                 self._check_power(left, right, expr)
-            return {"+": sp.Add, "-": lambda a, b: a - b, "*": sp.Mul, "/": lambda a, b: a / b,
-                    "^": sp.Pow}[expr.op](left, right)
+            # u / |u| as sign(u) (derive/signs.py): 0 where u is, rather than 0/0
+            return canonical({"+": sp.Add, "-": lambda a, b: a - b, "*": sp.Mul, "/": lambda a, b: a / b,
+                              "^": sp.Pow}[expr.op](left, right))
         if isinstance(expr, ast.Call):
             return self._call(expr, scope)
         if isinstance(expr, ast.Derivative):
@@ -62,8 +64,21 @@ class ExpressionsPass:
                 raise self.error(f"d/dt of an expression in the state '{states[0]}'", expr.span,
                                  "d/dt takes derivatives of functions of time only; write the derivative of "
                                  "the time-dependent part, e.g. x^2 * d/dt(beta(t))")
-            return sp.diff(inner, scope.derivative_var)
+            return self._derivative(inner, scope.derivative_var, expr)
         raise AssertionError(f"unknown expression node {expr!r}")
+
+    def _derivative(self, inner: sp.Expr, t: sp.Symbol, expr: ast.Derivative) -> sp.Expr:
+        """d/dt inner, a continuous function: where it jumps (a sign(u) whose root is not cancelled) there is no
+        derivative, and the SDE would need a delta."""
+        interval = getattr(self, "interval", None)
+        if interval is not None and inner.has(sp.sign):
+            where = jumps(inner, t, *interval, self._defaults())
+            if where:
+                raise self.error(f"d/dt of a function that jumps at t = {where[0]:.6g}{self.at_defaults()}",
+                                 expr.span, "d/dt needs a continuous function; a jump of sign(u) at u = 0 has no "
+                                 "derivative there (multiply it by a factor that vanishes there, as in "
+                                 "sign(u) * log(1 + |u|))")
+        return derivative(inner, t)
 
     def _number(self, expr: ast.Number) -> sp.Rational:
         value = decimal.Decimal(expr.text)  # SymPy would spend forever writing out 1e99999999

@@ -13,6 +13,7 @@ import sympy as sp
 
 from .. import syntax as ast
 from ..derive.from_kernel import coefficients, from_log_snr
+from ..derive.signs import jumps
 from ..ir import GivenKernel, Program
 from ..timelimit import call_with_time_limit
 from .common import EVALUATE_SECONDS, TIME, evaluate
@@ -36,6 +37,7 @@ class GivenPass:
         else:
             given, mean_span, variance_span = self._stated_kernel(st), st.mean.span, st.variance.span
         self._check_kernel(given, eps_value, T_value, mean_span, variance_span)
+        self._check_continuous(given, eps_value, T_value, mean_span, variance_span)
         a, b, g2 = coefficients(given.m, given.c, given.v, TIME, given.log_snr)
         self._check_coefficients(given, a, b, g2, eps_value, T_value, mean_span, variance_span)
         v0 = self._initial_variance(given, st.span)
@@ -98,6 +100,23 @@ class GivenPass:
                 else:
                     hint = "sigma(t) must be positive on [eps, T]: the kernel adds noise at every t > 0"
                 raise self.error(f"{what} is {word} at t = {grid[i]:.6g}{self.at_defaults()}", span, hint)
+
+    def _check_continuous(self, given: GivenKernel, eps: float, T: float, mean_span, variance_span) -> None:
+        """No jump of a sign(u) in alpha, sigma^2 or logSNR: a diffusion's kernel is continuous in t."""
+        parts = ((given.log_snr, mean_span, "logsnr(t)"),) if given.form == "logsnr" else (
+            (given.m, mean_span, "the mean coefficient alpha(t)"), (given.c, mean_span, "the kernel's mean"),
+            (given.v, variance_span, "the variance sigma(t)^2"))
+        for expr, span, what in parts:
+            if not expr.has(sp.sign):
+                continue
+            where = jumps(expr, TIME, eps, T, self._defaults())
+            if where is None:
+                self.sampled.append(f"{what} was not checked for jumps: SymPy could not list the zeros of the "
+                                    f"arguments of sign in [eps, T]")
+            elif where:
+                raise self.error(f"{what} jumps at t = {where[0]:.6g}{self.at_defaults()}: no diffusion has this "
+                                 f"kernel", span, "a kernel changes continuously with t; where the formula changes "
+                                 "at sign(u) = 0, make both sides agree there (e.g. sign(u) * log(1 + |u|))")
 
     def _exactly_at(self, expr: sp.Expr, t: float) -> float | None:
         """expr at the defaults (as the exact decimals they are written as) and t, to 30 digits; None if that is not

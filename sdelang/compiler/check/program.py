@@ -80,6 +80,7 @@ class ProgramPass:
                                  time.T.span, f"write T <= {FLOAT32_MAX:.2g}; a process over a longer time can be "
                                  "written in a time rescaled by a constant factor")
         eps_value, T_value = evaluate(self.with_defaults(eps)), evaluate(self.with_defaults(T))
+        self.interval = (eps_value, T_value)  # for d/dt's check of jumps (check/expressions.py)
 
         N = DEFAULT_N
         steps = singles.get(ast.StepsDef)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sympy as sp
 
 from .kernel import Kernel
+from .signs import derivative
 from .symbolic import Accuracy, exponential_differences, rewrites, simplest
 
 
@@ -35,19 +36,19 @@ def coefficients(m: sp.Expr, c: sp.Expr, v: sp.Expr, t: sp.Symbol,
     if lam is not None:
         # Variance preserving: a = lam' sigmoid(-lam) / 2, g^2 = -lam' sigmoid(-lam), written with
         # 1 + exp(lam) so that a large logSNR gives 0 rather than inf / inf.
-        rate = simplest(sp.diff(lam, t))
+        rate = simplest(derivative(lam, t))
         return rate / (2 * (1 + sp.exp(lam))), sp.Integer(0), -rate / (1 + sp.exp(lam))
-    a = simplest(sp.diff(sp.expand_log(sp.log(m), force=True), t))
-    b = sp.Integer(0) if c == 0 else simplest(sp.diff(c, t) - a * c)
-    forms = [sp.diff(v, t) - 2 * a * v, -v * sp.diff(sp.expand_log(sp.log(m**2 / v), force=True), t)]
+    a = simplest(derivative(sp.expand_log(sp.log(m), force=True), t))
+    b = sp.Integer(0) if c == 0 else simplest(derivative(c, t) - a * c)
+    forms = [derivative(v, t) - 2 * a * v, -v * derivative(sp.expand_log(sp.log(m**2 / v), force=True), t)]
     g2 = min((simplest(f) for f in forms), key=lambda e: (sp.count_ops(e), sp.default_sort_key(e)))
     if accuracy is None or kernel is None or kernel.m == m and kernel.v == v:
         return a, b, g2
-    a_kept = sp.diff(sp.expand_log(sp.log(kernel.m), force=True), t)
+    a_kept = derivative(sp.expand_log(sp.log(kernel.m), force=True), t)
     a = accuracy.best([a, a_kept, simplest(a_kept)], t)
-    g2_kept = sp.diff(kernel.v, t) - 2 * a * kernel.v
+    g2_kept = derivative(kernel.v, t) - 2 * a * kernel.v
     g2 = accuracy.best([g2, g2_kept, simplest(g2_kept)], t)
-    b = sp.Integer(0) if c == 0 else simplest(sp.diff(c, t) - a * c)
+    b = sp.Integer(0) if c == 0 else simplest(derivative(c, t) - a * c)
     return a, b, g2
 
 

@@ -1,0 +1,118 @@
+"""Schedules written with abs and sign: their derivatives, and the points where they could jump.
+
+A schedule that changes its formula at a time c is written with |u| and sign(u), u(t) zero at c: the Laplace
+logSNR of Hang et al. (2024) is mu - b sign(1/2 - t) log(1 - 2 |t - 1/2|). SymPy differentiates them as
+distributions: d/dt |u| = sign(u) u', d/dt sign(u) = 2 delta(u) u'. What an SDE needs is the derivative of a
+continuous function, defined everywhere on [eps, T], so three things are done here:
+
+- sign(u) is written with the argument SymPy orders first, sign(-u) = -sign(u), u / |u| = sign(u) and
+  sign(u) u = |u|, so that sign(u)^2 = 1 can be seen (as written, sign(1/2 - t) sign(t - 1/2) / (1 - 2 |t - 1/2|) is 0 at t = 1/2
+  instead of its limit, -1);
+- an even power of sign(u) is 1 and an odd one sign(u): equal away from u = 0, and at u = 0 equal to the
+  limit from both sides, which is the value a continuous function takes there;
+- a delta term c(t) delta(u) is dropped where c vanishes at every root of u (the Laplace logSNR's
+  log(1 - 2 |t - 1/2|) is 0 at t = 1/2), and otherwise the function jumps there: `jumps` lists the times, for
+  the checker's located error.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from ..timelimit import call_with_time_limit
+
+ROOT_SECONDS = 5.0  # solveset on one argument of sign; past it, the points are not known (and said so)
+
+
+def canonical(expr: sp.Expr) -> sp.Expr:
+    """expr with u / |u| and |u| / u as sign(u), each sign(u) with SymPy's first-ordered argument of u and -u,
+    and powers of signs reduced: sign(u)^(2k) = 1, sign(u)^(2k + 1) = sign(u). Equal to expr wherever no
+    argument of abs or sign is 0, and at those points equal to the two-sided limit where it exists."""
+    if not expr.has(sp.Abs, sp.sign):
+        return expr
+    expr = expr.replace(lambda e: isinstance(e, sp.Mul) and e.has(sp.Abs), _unit_ratios)
+    expr = expr.replace(lambda e: isinstance(e, sp.sign) and e.args[0].could_extract_minus_sign(),
+                        lambda e: -sp.sign(-e.args[0]))
+    expr = expr.replace(lambda e: e.is_Pow and isinstance(e.base, sp.sign) and e.exp.is_Integer,
+                        lambda e: sp.Integer(1) if e.exp % 2 == 0 else e.base)
+    return expr.replace(lambda e: isinstance(e, sp.Mul) and e.has(sp.sign), _signed_magnitudes)
+
+
+def _signed_magnitudes(product: sp.Mul) -> sp.Expr:
+    """sign(u) * k u within one product as k |u| (what d/dt of |u| u gives: sign(u) u + |u| = 2 |u|), exact at u = 0
+    too, and in the form derive/kinks.py integrates."""
+    factors = list(product.args)
+    for i, f in enumerate(factors):
+        if not isinstance(f, sp.sign):
+            continue
+        u = f.args[0]
+        for j, h in enumerate(factors):
+            if j == i or isinstance(h, sp.sign) or not h.has(*u.free_symbols):
+                continue
+            ratio = sp.cancel(h / u)
+            if ratio.is_number and ratio != 0:
+                rest = [e for k, e in enumerate(factors) if k not in (i, j)]
+                return _signed_magnitudes(sp.Mul(*rest)) * ratio * sp.Abs(u) if rest else ratio * sp.Abs(u)
+    return product
+
+
+def _unit_ratios(product: sp.Mul) -> sp.Expr:
+    """u^k |u|^-k and |u|^k u^-k within one product, as sign(u)^k."""
+    factors = list(product.args)
+    for i, f in enumerate(factors):
+        base, power = f.as_base_exp()
+        if not isinstance(base, sp.Abs) or not power.is_Integer:
+            continue
+        u = base.args[0]
+        for j, h in enumerate(factors):
+            other, q = h.as_base_exp()
+            if j == i or q != -power or isinstance(other, sp.Abs) or not other.has(*u.free_symbols):
+                continue
+            ratio = sp.cancel(other / u)
+            if ratio.is_number and ratio != 0:
+                rest = [e for k, e in enumerate(factors) if k not in (i, j)]
+                sign = sp.sign(u) ** (power if power < 0 else -power)
+                return _unit_ratios(sp.Mul(*rest)) * ratio ** q * sign if rest else ratio ** q * sign
+    return product
+
+
+def derivative(expr: sp.Expr, t: sp.Symbol) -> sp.Expr:
+    """d/dt expr with delta terms dropped and signs canonical (see the module's docstring); where expr jumps the
+    dropped terms were not zero, which `jumps` finds."""
+    d = sp.diff(canonical(expr), t)
+    if d.has(sp.DiracDelta):
+        d = d.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.Integer(0))
+    return canonical(d)
+
+
+def jumps(expr: sp.Expr, t: sp.Symbol, lo: float, hi: float, values: dict) -> list[float] | None:
+    """The times in [lo, hi] where expr (at the parameter ``values``) jumps: roots of an argument of sign at which
+    expr with that sign set to +1 and to -1 differ. None if the roots are not found within ROOT_SECONDS."""
+    expr = canonical(expr).xreplace(values)
+    found = []
+    for s in sorted(expr.atoms(sp.sign), key=sp.default_sort_key):
+        u = s.args[0]
+        if not u.has(t):
+            continue
+        done, roots = call_with_time_limit(ROOT_SECONDS, sp.solveset, u, t, sp.Interval(lo, hi))
+        if not done or not isinstance(roots, (sp.FiniteSet, type(sp.S.EmptySet))):
+            return None
+        for r in roots:
+            left, right = (sp.N(expr.xreplace({s: side}).xreplace({t: r}), 30) for side in (-1, 1))
+            if not (left.is_finite and right.is_finite) or abs(left - right) > 1e-12 * (1 + abs(left)):
+                found.append(float(r))
+    return sorted(found)
+
+
+def kinks(exprs: list[sp.Expr], t: sp.Symbol, lo: float, hi: float, values: dict) -> list[float]:
+    """The times strictly inside (lo, hi) where an argument of abs or sign in ``exprs`` (at ``values``) is 0: where a
+    solver should stop and start again. Arguments whose roots are not found within ROOT_SECONDS are left out."""
+    found = set()
+    for e in exprs:
+        for f in e.xreplace(values).atoms(sp.Abs, sp.sign):
+            u = f.args[0]
+            if not u.has(t):
+                continue
+            done, roots = call_with_time_limit(ROOT_SECONDS, sp.solveset, u, t, sp.Interval.open(lo, hi))
+            if done and isinstance(roots, (sp.FiniteSet, type(sp.S.EmptySet))):
+                found |= {float(r) for r in roots if r.is_real}
+    return sorted(found)
