@@ -176,9 +176,14 @@ def _mp_softplus(u):
 
 
 def _in_mpmath(f):
+    """f evaluated with 30 digits, rounded to float64; NaN where it is not defined (0/0 at t = 0, as numpy's is)."""
     def at(t):
         with mpmath.workdps(30):
-            return float(f(mpmath.mpf(float(t))))
+            try:
+                value = f(mpmath.mpf(float(t)))
+                return float(value) if mpmath.im(value) == 0 else math.nan
+            except (ArithmeticError, ValueError, TypeError):
+                return math.nan
     return at
 
 

@@ -80,6 +80,12 @@ class GivenPass:
         for expr, span, what in ((given.m, mean_span, "the mean coefficient alpha(t)"),
                                  (given.v, variance_span, "the variance sigma(t)^2")):
             values = self._on_grid(expr, eps, T)
+            # At the ends, exactly as well: cos(pi t / 2) is 6e-17 at T = 1 in float64, 0 in fact (a pole of the
+            # drift at T, and a module whose logSNR is -inf there).
+            for i in (0, len(grid) - 1):
+                exact = self._exactly_at(expr, grid[i])
+                if exact is not None and exact <= 0:
+                    values[i] = exact
             bad = ~(np.isfinite(values) & (values > 0))
             if bad.any():
                 i = np.flatnonzero(bad)[0]
@@ -138,8 +144,12 @@ class GivenPass:
         if not np.all(values > 0):  # NaN included
             i = np.flatnonzero(~(values > 0))[0]
             if given.form == "logsnr":
-                message = f"logsnr(t) increases at t = {grid[i]:.6g}: no diffusion has this kernel"
-                hint = "the noise grows relative to the signal, so logsnr must decrease on [eps, T]"
+                change = ("increases" if values[i] < 0 else "stops decreasing (its derivative is 0)" if values[i] == 0
+                          else "has no finite derivative")
+                message = f"logsnr(t) {change} at t = {grid[i]:.6g}: no diffusion has this kernel"
+                hint = ("the noise grows relative to the signal, so logsnr must decrease on [eps, T]" if values[i] != 0
+                        else f"g(t)^2 = -sigma^2 logsnr' is 0 there; logsnr must decrease strictly on [eps, T]: "
+                             f"{pole_hint(eps, grid[i]).replace('the pole', 'that time')}")
             else:
                 message = (f"the kernel's logSNR = log(alpha^2 / sigma^2) does not decrease at t = {grid[i]:.6g} "
                            f"(g(t)^2 = (sigma^2)' - 2 a sigma^2 = {values[i]:.3g}): no diffusion has this kernel")

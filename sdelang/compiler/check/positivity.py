@@ -191,6 +191,12 @@ class PositivityPass:
                 near_T = grid[i] >= T - 0.01 * (T - eps)
                 raise self.error(f"{what} is infinite at t = {grid[i]:.6g} in float64 (a pole, or a value beyond "
                                  f"1.8e308)", span, pole_hint(eps, grid[i]) if near_T else hint)
+            if expr.is_Pow and expr.exp == sp.Rational(1, 2):
+                under = self._on_grid(expr.base, eps, T)[i]
+                if np.isfinite(under) and under < 0:
+                    raise self.error(f"{what} is the square root of a negative number at t = {grid[i]:.6g} (its square "
+                                     f"is {under:.3g}){self.at_defaults()}", span,
+                                     "the expression under sqrt must be positive on [eps, T]")
             raise self.error(f"{what} is not a finite real number at t = {grid[i]:.6g}", span, hint)
         if np.any(values <= 0):
             first = np.flatnonzero(values <= 0)[0]
