@@ -50,4 +50,6 @@ def test_jumps_and_kinks_are_located():
     assert jumps(5 - 10 * t - sp.sign(u), t, 1e-3, 1.0, {}) == [0.5]
     assert jumps(sp.sign(half - t) * sp.log(1 - 2 * sp.Abs(u)), t, 1e-3, 0.999, {}) == []
     assert jumps(sp.sign(t - 2), t, 1e-3, 1.0, {}) == []             # its root is outside [eps, T]
-    assert kinks([1 + sp.Abs(t - sp.Rational(3, 10)), sp.sign(u)], t, 1e-3, 1.0, {}) == [0.3, 0.5]
+    assert kinks([1 + sp.Abs(t - sp.Rational(3, 10)), sp.sign(u)], t, 1e-3, 1.0, {}) == pytest.approx([0.3, 0.5], abs=1e-15)
+    assert kinks([sp.Abs(sp.cos(3 * t))], t, 1e-3, 2.0, {}) == pytest.approx([float(sp.pi) / 6, float(sp.pi) / 2], abs=1e-15)
+    assert kinks([sp.Abs((t - sp.Rational(1, 3))**2)], t, 1e-3, 1.0, {}) == []   # touched, not crossed: |u| = u

@@ -16,6 +16,7 @@ continuous function, defined everywhere on [eps, T], so three things are done he
 """
 from __future__ import annotations
 
+import numpy as np
 import sympy as sp
 
 from ..timelimit import call_with_time_limit
@@ -104,15 +105,25 @@ def jumps(expr: sp.Expr, t: sp.Symbol, lo: float, hi: float, values: dict) -> li
 
 
 def kinks(exprs: list[sp.Expr], t: sp.Symbol, lo: float, hi: float, values: dict) -> list[float]:
-    """The times strictly inside (lo, hi) where an argument of abs or sign in ``exprs`` (at ``values``) is 0: where a
-    solver should stop and start again. Arguments whose roots are not found within ROOT_SECONDS are left out."""
+    """The times strictly inside (lo, hi) where an argument of abs or sign in ``exprs`` (at ``values``) changes sign:
+    where a solver should stop and start again. Found numerically (a sign change on 4,000 times, half of them
+    log-spaced, then Brent's method to rounding): solveset on cos((t + s) pi / (2 + 2 s)) took a second, and a zero
+    the argument only touches is no kink of |u|."""
+    from scipy.optimize import brentq
+
+    grid = np.unique(np.concatenate([np.linspace(lo, hi, 2001), np.geomspace(lo, hi, 2001)]))[1:-1]
     found = set()
     for e in exprs:
         for f in e.xreplace(values).atoms(sp.Abs, sp.sign):
             u = f.args[0]
-            if not u.has(t):
+            if u.free_symbols != {t}:
                 continue
-            done, roots = call_with_time_limit(ROOT_SECONDS, sp.solveset, u, t, sp.Interval.open(lo, hi))
-            if done and isinstance(roots, (sp.FiniteSet, type(sp.S.EmptySet))):
-                found |= {float(r) for r in roots if r.is_real}
+            fn = sp.lambdify(t, u, "numpy")
+            with np.errstate(all="ignore"):
+                at = np.real_if_close(np.asarray(fn(grid), dtype=complex) * np.ones(len(grid)))
+            if np.iscomplexobj(at):
+                continue
+            for i in np.flatnonzero(np.isfinite(at[:-1]) & np.isfinite(at[1:]) & (np.sign(at[:-1]) * np.sign(at[1:]) < 0)):
+                found.add(float(brentq(lambda x: float(fn(x)), grid[i], grid[i + 1], xtol=1e-15, rtol=1e-15)))
+            found |= {float(x) for x in grid[at == 0]}
     return sorted(found)
