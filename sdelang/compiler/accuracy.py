@@ -317,7 +317,7 @@ class _Reference:
             # start there, and elsewhere once the solver has stalled.
             if self.modules == "numpy" and self.eps > 0 and not np.isfinite(self._rhs(0.0, [0.0] * 5, False, True)).all():
                 self._functions("mixed")
-            for attempt in ("numpy", "mixed")[("numpy", "mixed").index(self.modules):]:
+            for _ in ("numpy", "mixed")[("numpy", "mixed").index(self.modules):]:   # numpy, then mixed; or mixed
                 self.evaluations = 0
                 try:
                     try:

@@ -6,8 +6,8 @@ distributions: d/dt |u| = sign(u) u', d/dt sign(u) = 2 delta(u) u'. What an SDE 
 continuous function, defined everywhere on [eps, T], so three things are done here:
 
 - sign(u) is written with the argument SymPy orders first, sign(-u) = -sign(u), u / |u| = sign(u) and
-  sign(u) u = |u|, so that sign(u)^2 = 1 can be seen (as written, sign(1/2 - t) sign(t - 1/2) / (1 - 2 |t - 1/2|) is 0 at t = 1/2
-  instead of its limit, -1);
+  sign(u) u = |u|, so that sign(u)^2 = 1 can be seen (as written, sign(1/2 - t) sign(t - 1/2) / (1 - 2 |t - 1/2|)
+  is 0 at t = 1/2 instead of its limit, -1);
 - an even power of sign(u) is 1 and an odd one sign(u): equal away from u = 0, and at u = 0 equal to the
   limit from both sides, which is the value a continuous function takes there;
 - a delta term c(t) delta(u) is dropped where c vanishes at every root of u (the Laplace logSNR's
@@ -21,7 +21,7 @@ import sympy as sp
 
 from ..timelimit import call_with_time_limit
 
-ROOT_SECONDS = 5.0  # solveset on one argument of sign; past it, the points are not known (and said so)
+ROOT_SECONDS = 5.0  # solveset on one argument of sign (jumps); past it, the points are not known (and said so)
 
 
 def canonical(expr: sp.Expr) -> sp.Expr:
