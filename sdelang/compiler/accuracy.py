@@ -204,6 +204,10 @@ class _Reference:
         self._at_eps: dict = {}
         self.kinks = kinks([d.a, d.b, d.g2, weight], t, eps, T, defaults)
         self._functions("numpy")
+        # Coefficients singular at t = 0 (a logSNR given as -2 log tan(pi t / 2): inf * 0 there) start the solution at
+        # 1e-12 eps (_solve); evaluated that near 0 their formula may cancel, so they are compared with 30 digits
+        # from the start (solve).
+        self.origin = 0.0 if eps <= 0 or np.isfinite(self._rhs(0.0, [0.0] * 5, False, True)).all() else 1e-12 * eps
 
     def _functions(self, modules) -> None:
         """a, b, g^2 and lambda as functions of t. "numpy": float64. "mixed": float64 where it agrees with a
@@ -313,11 +317,10 @@ class _Reference:
         """The reference quantities at the times ts (in [eps, T])."""
         # A stage past float64's range warns inside SciPy before _rhs sees it: nothing for the user's terminal.
         with np.errstate(all="ignore"):
-            # Coefficients singular at t = 0 are evaluated near 0, where their formula may cancel: checked from the
-            # start there, and elsewhere once the solver has stalled.
-            if self.modules == "numpy" and self.eps > 0 and not np.isfinite(self._rhs(0.0, [0.0] * 5, False, True)).all():
+            # Mixed from the start where the coefficients are singular at 0, elsewhere once the solver has stalled.
+            if self.origin and self.modules == "numpy":
                 self._functions("mixed")
-            for _ in ("numpy", "mixed")[("numpy", "mixed").index(self.modules):]:   # numpy, then mixed; or mixed
+            while True:
                 self.evaluations = 0
                 try:
                     try:
@@ -325,6 +328,8 @@ class _Reference:
                     except _FactorOverflow:
                         return self._solve(ts, factor=False)
                 except _Stalled:
+                    if self.modules == "mixed":
+                        break
                     self._functions("mixed")
         raise ArithmeticError(f"its steps shrank to nothing: {MAX_EVALUATIONS['mixed']:,} evaluations of the moment "
                               f"equations, with their coefficients in float64 and then with 30 digits, did not "
@@ -347,13 +352,12 @@ class _Reference:
         if self.eps > 0 and (factor, self.modules) in self._at_eps:
             start = self._at_eps[factor, self.modules]
         elif self.eps > 0:
-            # Coefficients singular at t = 0 (a logSNR given as -2 log tan(pi t / 2): inf * 0 there) start the
-            # solution at o = 1e-12 eps, with each integral's part over [0, o] from a power law fitted at o and 2 o
-            # (an integrand ~ t^-1/2, the Laplace logSNR's, leaves out 1e-6 of its integral at eps otherwise).
-            origin = 0.0 if np.isfinite(self._rhs(0.0, start, False, factor)).all() else 1e-12 * self.eps
-            if origin:
-                start = self._from_zero(origin, start, factor)
-            first = scipy.integrate.solve_ivp(self._rhs, (origin, self.eps), start, args=(False, factor), **tol)
+            # From origin = 1e-12 eps where the coefficients are singular at 0, with each integral's part over
+            # [0, origin] from a power law fitted at origin and 2 origin (an integrand ~ t^-1/2, the Laplace logSNR's,
+            # leaves out 1e-6 of its integral at eps otherwise).
+            if self.origin:
+                start = self._from_zero(self.origin, start, factor)
+            first = scipy.integrate.solve_ivp(self._rhs, (self.origin, self.eps), start, args=(False, factor), **tol)
             if not first.success:
                 raise ArithmeticError(first.message)
             start = list(first.y[:, -1])

@@ -44,6 +44,10 @@ def discretize(k: Kernel, lsnr: sp.Expr, t: sp.Symbol, accuracy: Accuracy, N: in
     def best(candidates):
         return accuracy.best_over_steps(candidates, t, START, step)
 
+    N = sp.powsimp(k.v / k.m**2)
+    differences = _differences(N, t)   # of N = v / m^2 over the step: for G^2, and r - 1 of a VP kernel
+    total = k.v + k.m**2
+    preserving = bool(bounded(is_constant_in, total, t, seconds=SIMPLIFY_LIMIT))   # v + m^2 = C
     # m = exp(A): the ratio is exp(A(t) - A(s)), and powsimp finds it; simplify on two variables
     # is slow and adds nothing here.
     ratio = sp.powsimp(k.m / k.m.xreplace(at_start))
@@ -67,7 +71,7 @@ def discretize(k: Kernel, lsnr: sp.Expr, t: sp.Symbol, accuracy: Accuracy, N: in
             _, e, q_start, d = powers
             growth = expm1(e * log1p(d / q_start))
             growths += [growth] if printable(growth) else []
-        growths += bounded(_variance_preserving_growths, k, t, seconds=SIMPLIFY_LIMIT) or []
+        growths += _variance_preserving_growths(N, differences, t) if preserving else []
     growth = best(growths)
     offset = best(rewrites(k.c - ratio * k.c.xreplace(at_start))) if k.c != 0 else sp.Integer(0)
     drop = lsnr - lsnr.xreplace(at_start)
@@ -77,27 +81,16 @@ def discretize(k: Kernel, lsnr: sp.Expr, t: sp.Symbol, accuracy: Accuracy, N: in
     candidates = [-k.v * (sp.exp(d) - 1) for d in drops]
     # G^2 = m(t)^2 (N(t) - N(s)), N = v / m^2: with v0 > 0 the logSNR drop is a difference of nearly equal logs
     # (VE: G^2 = (v(s) / v(t) - 1) v(t) lost 1e-2 in float32 at t = 1e-5); termwise in t - s it keeps its digits.
-    noise = bounded(lambda: step_difference(sp.powsimp(k.v / k.m**2), t), seconds=SIMPLIFY_LIMIT)
-    if noise is not None and printable(noise):
+    noise = differences["termwise"]
+    if noise is not None:
         # m(t)^2 into each term, its exponentials combined: exp(2 theta (s - t)), not exp(2 theta s) exp(-2 theta t),
         # which overflows first.
         candidates.append(sp.Add(*[sp.powsimp(k.m**2 * term, combine="exp") for term in sp.Add.make_args(noise)]))
-    factored = bounded(lambda: exponential_step_factors(sp.powsimp(k.v / k.m**2), t), seconds=SIMPLIFY_LIMIT)
+    factored = bounded(lambda: exponential_step_factors(N, t), seconds=SIMPLIFY_LIMIT)
     if factored is not None and printable(factored):
         candidates.append(sp.powsimp(k.m**2 * factored, combine="exp"))
-    # A rational N: its difference as one factored fraction, (t - s) times the rest (an OU process with rate
-    # 1 / (1 + t) has N = 2 ((1 + t)^3 - 1) / 3; termwise, the linear term's 2 t - 2 s and the others round apart:
-    # G 8e-5 off in float32 at the default step).
-    N = sp.powsimp(k.v / k.m**2)
-    if N.is_rational_function(t):
-        whole = bounded(lambda: sp.factor(sp.together(N - N.xreplace(at_start))), seconds=SIMPLIFY_LIMIT)
-        if whole is not None and printable(whole):
-            candidates.append(k.m**2 * whole)
-    power = bounded(power_step_difference, N, t, seconds=SIMPLIFY_LIMIT)
-    if power is not None and printable(power):
-        candidates.append(k.m**2 * power)
-    total = k.v + k.m**2
-    if bounded(is_constant_in, total, t, seconds=SIMPLIFY_LIMIT):
+    candidates += [k.m**2 * differences[name] for name in ("rational", "power") if differences[name] is not None]
+    if preserving:
         # Variance preserving, v + m^2 = C: G^2 = C (1 - r^2) = -C (r - 1)(r + 1), from the accurate r - 1 (a cosine
         # schedule's r - 1 is a product of sines, its v a difference of cosines over the step).
         C = bounded(sp.simplify, total.xreplace({t: sp.Integer(0)}), seconds=SIMPLIFY_LIMIT)
@@ -181,24 +174,30 @@ def exponential_step_factors(N: sp.Expr, t: sp.Symbol) -> sp.Expr | None:
     return (sp.Mul(*factors) / denominator).xreplace(back)
 
 
-def _variance_preserving_growths(k: Kernel, t: sp.Symbol) -> list[sp.Expr]:
+def _differences(N: sp.Expr, t: sp.Symbol) -> dict[str, sp.Expr | None]:
+    """N(t) - N(s) in the forms that keep t - s as a factor, each bounded, None where not found or not printable:
+    "termwise" (step_difference), "rational" (for a rational N, one factored fraction: an OU process with rate
+    1 / (1 + t) has N = 2 ((1 + t)^3 - 1) / 3, and termwise the linear term's 2 t - 2 s and the others round apart,
+    G 8e-5 off in float32 at the default step) and "power" (power_step_difference)."""
+    found = {"termwise": bounded(step_difference, N, t, seconds=SIMPLIFY_LIMIT),
+             "rational": bounded(lambda: sp.factor(sp.together(N - N.xreplace({t: START}))), seconds=SIMPLIFY_LIMIT)
+             if N.is_rational_function(t) else None,
+             "power": bounded(power_step_difference, N, t, seconds=SIMPLIFY_LIMIT)}
+    return {name: d if d is not None and printable(d) else None for name, d in found.items()}
+
+
+def _variance_preserving_growths(N: sp.Expr, differences: dict, t: sp.Symbol) -> list[sp.Expr]:
     """r - 1 of a variance-preserving kernel, v + m^2 = C, from N = v / m^2 = e^-logSNR: m^2 = C / (1 + N), so
-    r - 1 = expm1(-log1p((N(t) - N(s)) / (1 + N(s))) / 2), with N(t) - N(s) in forms that keep t - s as a factor.
+    r - 1 = expm1(-log1p((N(t) - N(s)) / (1 + N(s))) / 2), with N(t) - N(s) in the forms of `_differences`.
     A ratio of m's minus 1 keeps only the digits in which r differs from 1: a logit logSNR, 2 log(1/t - 1), had r - 1
     5e-3 off in float64 over a step of 1e-5 of t at t = 3e-5, a cosine kernel 3e-5 (both near 1e-14 in size)."""
-    if not is_constant_in(k.v + k.m**2, t):
-        return []
-    N = sp.powsimp(k.v / k.m**2)
     if any(p.is_Pow and not p.exp.is_Number for p in sp.preorder_traversal(N)):
         # A power with a parameter for exponent (Karras' sigma^(2 rho)): measuring these forms at moved parameters could
         # take the compile's whole 60 s (an intermittent test failure); its other forms are left to do.
         return []
-    at_start = {t: START}
-    differences = [step_difference(N, t), power_step_difference(N, t)]
-    if N.is_rational_function(t):
-        differences.append(sp.factor(sp.together(N - N.xreplace(at_start))))
-    return [g for d in differences if d is not None
-            for g in [expm1(-log1p(d / (1 + N.xreplace(at_start))) / 2)] if printable(g)]
+    start = N.xreplace({t: START})
+    return [g for d in differences.values() if d is not None
+            for g in [expm1(-log1p(d / (1 + start)) / 2)] if printable(g)]
 
 
 def power_step_difference(N: sp.Expr, t: sp.Symbol) -> sp.Expr | None:

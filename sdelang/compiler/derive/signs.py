@@ -41,39 +41,46 @@ def canonical(expr: sp.Expr) -> sp.Expr:
 def _signed_magnitudes(product: sp.Mul) -> sp.Expr:
     """sign(u) * k u within one product as k |u| (what d/dt of |u| u gives: sign(u) u + |u| = 2 |u|), exact at u = 0
     too, and in the form derive/kinks.py integrates."""
-    factors = list(product.args)
-    for i, f in enumerate(factors):
-        if not isinstance(f, sp.sign):
-            continue
-        u = f.args[0]
-        for j, h in enumerate(factors):
-            if j == i or isinstance(h, sp.sign) or not h.has(*u.free_symbols):
-                continue
-            ratio = sp.cancel(h / u)
-            if ratio.is_number and ratio != 0:
-                rest = [e for k, e in enumerate(factors) if k not in (i, j)]
-                return _signed_magnitudes(sp.Mul(*rest)) * ratio * sp.Abs(u) if rest else ratio * sp.Abs(u)
+    if not isinstance(product, sp.Mul):   # what is left of a product may be one factor, a sum say: no factors
+        return product
+    for f in product.args:
+        if isinstance(f, sp.sign):
+            u = f.args[0]
+            found = _multiple_of(product, f, u, lambda h: not isinstance(h, sp.sign), 1)
+            if found is not None:
+                ratio, rest = found
+                return _signed_magnitudes(rest) * ratio * sp.Abs(u)
     return product
 
 
 def _unit_ratios(product: sp.Mul) -> sp.Expr:
     """u^k |u|^-k and |u|^k u^-k within one product, as sign(u)^k."""
-    factors = list(product.args)
-    for i, f in enumerate(factors):
+    if not isinstance(product, sp.Mul):
+        return product
+    for f in product.args:
         base, power = f.as_base_exp()
-        if not isinstance(base, sp.Abs) or not power.is_Integer:
-            continue
-        u = base.args[0]
-        for j, h in enumerate(factors):
-            other, q = h.as_base_exp()
-            if j == i or q != -power or isinstance(other, sp.Abs) or not other.has(*u.free_symbols):
-                continue
-            ratio = sp.cancel(other / u)
-            if ratio.is_number and ratio != 0:
-                rest = [e for k, e in enumerate(factors) if k not in (i, j)]
-                sign = sp.sign(u) ** (power if power < 0 else -power)
-                return _unit_ratios(sp.Mul(*rest)) * ratio ** q * sign if rest else ratio ** q * sign
+        if isinstance(base, sp.Abs) and power.is_Integer:
+            u = base.args[0]
+            found = _multiple_of(product, f, u, lambda h: not isinstance(h.as_base_exp()[0], sp.Abs), -power)
+            if found is not None:
+                ratio, rest = found
+                return _unit_ratios(rest) * ratio ** -power * sp.sign(u) ** (power if power < 0 else -power)
     return product
+
+
+def _multiple_of(product: sp.Mul, f: sp.Expr, u: sp.Expr, allowed, power) -> tuple[sp.Expr, sp.Expr] | None:
+    """(c, the product without f and h) for the first other factor h = (c u)^power of the product, c a nonzero
+    number and h one that ``allowed`` accepts; None if there is none."""
+    factors = list(product.args)
+    i = factors.index(f)
+    for j, h in enumerate(factors):
+        other, q = h.as_base_exp()
+        if j == i or q != power or not allowed(h) or not other.has(*u.free_symbols):
+            continue
+        ratio = sp.cancel(other / u)
+        if ratio.is_number and ratio != 0:
+            return ratio, sp.Mul(*[e for k, e in enumerate(factors) if k not in (i, j)])
+    return None
 
 
 def derivative(expr: sp.Expr, t: sp.Symbol) -> sp.Expr:
