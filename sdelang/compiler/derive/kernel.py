@@ -24,9 +24,10 @@ from .symbolic import (SIMPLIFY_LIMIT, Accuracy, bounded, derivative_multiple, i
                        rewrites, simplest, use_expm1_log1p)
 from .tables import Tables
 
-# For the VP-like test of the noise integrand (and of the offset's): 0.4 s on iDDPM's cosine schedule written as an
-# SDE on a slow machine, and past SIMPLIFY_LIMIT's 1 s under load, when the kernel went to the numeric path (a CI
-# failure of test_closed_form_kernel[cosine_sde]). Its answer decides closed form or tables: not a rewrite to skip.
+# For the calls whose answers decide closed form or tables, not rewrites to skip: the VP-like test of the noise
+# integrand (and of the offset's), 0.4 s on iDDPM's cosine schedule written as an SDE on a slow machine, and past
+# SIMPLIFY_LIMIT's 1 s under load, when the kernel went to the numeric path (a CI failure of
+# test_closed_form_kernel[cosine_sde]); the rewrites of A and of the VP-like v, likewise.
 MULTIPLE_LIMIT = 4.0
 
 # The largest float32 relative error on [eps, T] accepted from a closed-form variance: the issue's
@@ -55,7 +56,10 @@ def kernel(a: sp.Expr, b: sp.Expr, g2: sp.Expr, v0: sp.Expr, t: sp.Symbol, accur
     A = integrate_from(a, t, zero, t, defaults=accuracy.defaults)
     # A kink's integral comes without cancellation near t = 0 (derive/kinks.py), which the shortest rewrite undoes
     # (-5 c^2 / 2 + 5 (c - t) |c - t| / 2 - t / 2): among its rewrites the most accurate in float32 is kept.
-    A = accuracy.best(rewrites(A), t) if A.has(sp.Abs) else simplest(A)
+    # Under MULTIPLE_LIMIT, not SIMPLIFY_LIMIT, as the rewrites of v below: the forms found here decide closed form
+    # against tables, and that must not change with the machine's load (SymPy's simplify of iDDPM's cosine schedule
+    # written as an SDE takes 0.5-0.6 s of CPU; under a parallel test run it passed 1 s and the kernel went numeric).
+    A = accuracy.best(rewrites(A, MULTIPLE_LIMIT), t) if A.has(sp.Abs) else simplest(A, MULTIPLE_LIMIT)
     m = sp.exp(A)
     # log(1 + u) in A as log1p(u) inside expm1(A) below: SymPy would fold exp(c log(1 + u)) out of expm1 again. Not
     # inside an Integral, which would then be a table column of its own beside m's.
@@ -79,7 +83,8 @@ def kernel(a: sp.Expr, b: sp.Expr, g2: sp.Expr, v0: sp.Expr, t: sp.Symbol, accur
     vs = []
     k = bounded(derivative_multiple, raw_integrand, sp.exp(-2 * A), t, seconds=MULTIPLE_LIMIT)
     if k is not None:
-        vs = [v0 * m**2 - k * expm1(2 * A_in_expm1)] + rewrites(m**2 * (v0 + k * (sp.exp(-2 * A) - 1)))
+        vs = [v0 * m**2 - k * expm1(2 * A_in_expm1)] + rewrites(m**2 * (v0 + k * (sp.exp(-2 * A) - 1)),
+                                                                 seconds=MULTIPLE_LIMIT)
         v = accuracy.best(vs, t)
     error = accuracy.float32_error(v, t) if k is not None else math.inf
     if error > CLOSED_FORM_TOLERANCE and k is not None and _factor_overflows(a, t, accuracy):

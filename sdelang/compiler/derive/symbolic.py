@@ -538,9 +538,9 @@ def _integral_values(symbols: list[sp.Dummy], s_value: float) -> dict:
     return {z: sp.Float(0.29 + 1.7 * s_value ** (1 + i / 3) + 0.07 * i, 30) for i, z in enumerate(symbols)}
 
 
-def simplest(expr: sp.Expr) -> sp.Expr:
-    """The form with the fewest operations among a few bounded rewrites."""
-    return min(rewrites(expr), key=lambda e: (size(e), sp.default_sort_key(e)))
+def simplest(expr: sp.Expr, seconds: float = SIMPLIFY_LIMIT) -> sp.Expr:
+    """The form with the fewest operations among a few bounded rewrites, each under ``seconds``."""
+    return min(rewrites(expr, seconds), key=lambda e: (size(e), sp.default_sort_key(e)))
 
 
 def size(expr: sp.Expr) -> int:
@@ -548,8 +548,8 @@ def size(expr: sp.Expr) -> int:
     return sum(1 for _ in sp.preorder_traversal(expr))
 
 
-def rewrites(expr: sp.Expr) -> list[sp.Expr]:
-    """expr and the forms a few bounded SymPy rewrites give it."""
+def rewrites(expr: sp.Expr, seconds: float = SIMPLIFY_LIMIT) -> list[sp.Expr]:
+    """expr and the forms a few bounded SymPy rewrites give it, each rewrite under ``seconds``."""
     if expr.has(*NUMERIC):
         # powsimp alone is cheap and cancels exp(-A) exp(A) around numeric integrals.
         return [expr, sp.powsimp(expr)]
@@ -557,7 +557,7 @@ def rewrites(expr: sp.Expr) -> list[sp.Expr]:
     if size(expr) > MAX_REWRITE_SIZE:
         # Too large for simplify; one fraction, factored, is cheap and often collapses what
         # integration expanded (VE's variance: 60 nodes of logs and powers -> sigma_min^2 (sigma_max/sigma_min)^2t).
-        short = bounded(lambda e: sp.factor(sp.together(e)), expr, seconds=SIMPLIFY_LIMIT)
+        short = bounded(lambda e: sp.factor(sp.together(e)), expr, seconds=seconds)
         if short is None or not printable(short) or size(short) > MAX_REWRITE_SIZE:
             return _with_exponentials([expr, sp.powsimp(expr)])
         candidates.append(short)
@@ -565,7 +565,7 @@ def rewrites(expr: sp.Expr) -> list[sp.Expr]:
     for rewrite in (sp.simplify, sp.factor, sp.powsimp, sp.expand_log, factor_exponentials, common_exponential):
         if rewrite is sp.factor and _high_exponential_powers(expr):
             continue
-        value = bounded(rewrite, expr, seconds=SIMPLIFY_LIMIT)
+        value = bounded(rewrite, expr, seconds=seconds)
         if value is not None and printable(value):
             candidates.append(value)
     # A common factor taken out turns mu - mu exp(u) into mu (1 - exp(u)), which prints as -mu expm1(u).
