@@ -30,7 +30,7 @@ MAX_REWRITE_SIZE = 80  # larger expressions are kept as they are: simplify is sl
 
 
 # Functions code generation prints for tensors (torch) and for constants (math). A closed form with
-# any other (LambertW, erfi, Ei, sign, ...) is not used: the numeric path takes its place.
+# any other (LambertW, erfi, Ei, ...) is not used: the numeric path takes its place.
 class softplus(sp.Function):
     """log(1 + exp(u)), which does not overflow: code generation prints torch.nn.functional.softplus (exp(u)
     overflows from u = 89 in float32, 710 in float64); forms are measured with numpy's logaddexp(0, u)."""
@@ -79,7 +79,7 @@ _evalf.evalf_table.update({
 
 
 PRINTABLE = (sp.exp, sp.log, sp.sin, sp.cos, sp.tan, sp.tanh, sp.sinh, sp.cosh, sp.atan, sp.asin, sp.acos,
-             sp.asinh, sp.acosh, sp.atanh, sp.Abs, sp.erf, expm1, log1p, softplus)
+             sp.asinh, sp.acosh, sp.atanh, sp.Abs, sp.sign, sp.erf, expm1, log1p, softplus)
 
 
 class Tabulated(sp.Function):
