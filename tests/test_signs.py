@@ -2,6 +2,8 @@
 one-sided numeric limits and the pieces written out by hand."""
 from __future__ import annotations
 
+import math
+
 import mpmath
 import pytest
 import sympy as sp
@@ -132,3 +134,66 @@ def test_a_vp_with_a_kinked_beta_keeps_its_steps_digits_after_the_kink():
 
     points = (0.5, 0.899, 0.9, 0.900001, 0.90001, 0.9001, 0.95, 1.0)
     assert _worst_step_error(sde, lambda t: -B(t) / 2, lambda t: -mpmath.expm1(-B(t)), points, (1e-3, 1e-5, 1e-6)) < 1e-10
+
+
+SIGN_OU = """sde sign_ou
+param k = 2
+param c = 0.1
+param mu: real = 1
+dx = -k * sign(t - c) * (x - mu) dt + dw
+t in [1e-5, 2]
+"""
+
+
+@pytest.mark.parametrize("values", [{}, {"c": 0.7, "mu": -50.0}])
+def test_a_drift_that_changes_sign_at_a_parameter(values):
+    """dx = -k sign(t - c) (x - mu) dt + dw: the state is pushed away from mu before c and pulled back after. The
+    VP-like test of the noise integrand probed (0, 1) at c = 0.71 only before c, took 1 / (2 k sign(t - c)) for a
+    constant and gave v = -(1/2k) expm1(-2A) m^2, right before c and wrong after (log 0 at t = 2c); it now probes
+    either side of each kink. m, c(t) and std against the pieces by hand (mpmath, v by quadrature split at c), at and
+    around c: float64 within 1e-9 (absolute where c(t) passes 0); steps ending at c (a piece boundary of the tables): r - 1 within 1e-7."""
+    k, c, mu = 2.0, values.get("c", 0.1), values.get("mu", 1.0)
+    sde = sdelang.load(SIGN_OU, **values).double()
+    with mpmath.workdps(30):
+        C = mpmath.mpf(c)
+
+        def A(t):
+            return k * t if t <= C else k * (2 * C - t)
+
+        def reference(t):
+            t = mpmath.mpf(t)
+            v = mpmath.exp(2 * A(t)) * mpmath.quad(lambda s: mpmath.exp(-2 * A(s)), [0, t] if t <= C else [0, C, t])
+            return mpmath.exp(A(t)), mu * (1 - mpmath.exp(A(t))), mpmath.sqrt(v)
+
+        for t in (0.05, math.nextafter(c, 0), c, math.nextafter(c, 1), 1.5 * c, 2 * c, 1.0, 2.0):
+            x = torch.tensor([t], dtype=torch.float64)
+            got = (sde.mean_coeff(x), sde.mean_offset(x), sde.std(x))
+            for value, exact in zip(got, reference(t)):
+                # relative, or absolute where c(t) = mu (1 - m) passes 0 (t = 2c)
+                assert abs(float(value) - float(exact)) <= 1e-9 * max(abs(float(exact)), 1), (t, float(value))
+        for fraction in (1e-3, 1e-5):
+            end = torch.tensor([c], dtype=torch.float64)
+            growth = float(mpmath.expm1(A(C) - A(C * (1 - mpmath.mpf(float(fraction))))))
+            f, _ = sde.discretize(torch.zeros(1, 1, dtype=torch.float64) + mu + 1, end, end * (1 - fraction))
+            assert float(f) == pytest.approx(growth, rel=1e-7)
+
+
+@pytest.mark.parametrize("values", [{}, {"k": 1000.0, "c": 0.9}])
+def test_a_diffusion_that_jumps_gets_a_table_piece_boundary_there(values):
+    """dx = sqrt(1 + k (1 + sign(t - c)) / 2) dw, v = t + k max(t - c, 0), tabulated: the tables had no piece
+    boundary at c (only 0, powers of two, eps and T), the piece across the jump was halved to the shortest width and
+    v came 2.8e-11 high from c on; G of a step ending at c was 3.5e-6 off over 1e-5 of t (4.4e-3 at k = 1000, 1e-6 of
+    t). The module finds c when built (a scan and bisection of the arguments of abs and sign) and breaks its pieces
+    there: G within 1e-9 of the exact one on steps ending at c, starting at c and across it."""
+    program = "sde sign_ve\nparam k = 8\nparam c = 0.4\ndx = sqrt(1 + k * (1 + sign(t - c)) / 2) dw\nt in [1e-5, 1]\n"
+    k, c = values.get("k", 8.0), values.get("c", 0.4)
+    sde = sdelang.load(program, **values).double()
+    with mpmath.workdps(30):
+        def v(t):
+            return t + k * max(t - mpmath.mpf(c), 0)
+
+        for start, end in ((c * (1 - 1e-5), c), (c * (1 - 1e-6), c), (c, c * (1 + 1e-5)), (c * 0.99, c * 1.01)):
+            s, t = (torch.tensor([x], dtype=torch.float64) for x in (start, end))
+            G = float(mpmath.sqrt(v(mpmath.mpf(end)) - v(mpmath.mpf(start))))
+            _, g = sde.discretize(torch.ones(1, 1, dtype=torch.float64), t, s)
+            assert float(g) == pytest.approx(G, rel=1e-9), (start, end)

@@ -81,6 +81,13 @@ def check_tables(d: Derivation, code: str) -> Report:
     """Run the emitted module and measure its tables (see the module docstring)."""
     import torch  # only here: SDEs without tables never pay for it
 
+    with torch.device("cpu"):   # whatever default device the caller compiles under (meta: no values to measure)
+        return _check_tables(d, code)
+
+
+def _check_tables(d: Derivation, code: str) -> Report:
+    import torch
+
     p = d.program
     defaults = {k: sp.sympify(v) for k, v in p.defaults.items()}
     eps, T, v0 = (float(e.xreplace(defaults)) for e in (p.eps, p.T, p.v0))
@@ -95,6 +102,9 @@ def check_tables(d: Derivation, code: str) -> Report:
     ts = np.unique(np.concatenate([np.geomspace(low, T, POINTS // 2), rng.uniform(low, T, POINTS - POINTS // 2)]))
     try:
         reference = _Reference(d, defaults, eps, T, v0)
+        # Each kink and its neighbours in float64 too, where a table piece ends (the module breaks its pieces there).
+        ts = np.unique(np.concatenate([ts, [x for k in reference.kinks for x in (np.nextafter(k, 0.0), k,
+                                                                                np.nextafter(k, np.inf)) if low <= x <= T]]))
         ref = reference.solve(ts)
     except (ArithmeticError, ValueError, TypeError) as exc:
         return Report({}, f"the reference solution failed ({exc})")
@@ -137,7 +147,8 @@ def _measure(d, sde, reference, ref, ts, at, eps, T) -> Report:
 
 def _step_error(sde, reference, ts, eps, T) -> float:
     """The largest relative error of discretize's noise G over steps [s, t] ending at every sixth check time:
-    the default step T/N, a thousandth of t and half of t (s >= eps), against the step's own variance
+    the default step T/N, a thousandth of t and half of t (s >= eps), and of 1e-5 of t ending and starting at each
+    kink, against the step's own variance
     w(t), w' = 2 a w + g^2 from w(s) = 0. (G^2 read as a difference of table values cancels where the variance
     barely changes in relative terms over the step: a state that grows, v ~ e^{2A}.)"""
     import torch
@@ -145,6 +156,10 @@ def _step_error(sde, reference, ts, eps, T) -> float:
     t = ts[::6]
     s = np.concatenate([np.maximum(t - T / sde.N, eps), np.maximum(t * 0.999, eps), np.maximum(t / 2, eps)])
     t = np.tile(t, 3)
+    # Short steps ending at each kink and starting there (a jump of g^2 there left G 3.5e-6 off over 1e-5 of t).
+    near = [k for k in reference.kinks if eps < k * (1 - 1e-5) and k * (1 + 1e-5) < T]
+    s = np.concatenate([s, [k * (1 - 1e-5) for k in near], near])
+    t = np.concatenate([t, near, [k * (1 + 1e-5) for k in near]])
     keep = s < t
     t, s = t[keep], s[keep]
     with torch.no_grad():

@@ -19,7 +19,7 @@ from ..derive.discretize import START
 from ..derive.divergence import DIM
 from ..derive.importance import DROP, U
 from ..derive.symbolic import SIMPLIFY_LIMIT, Smaller, Tabulated, bounded, size
-from ..derive.tables import BUILD_VARIABLE, Total
+from ..derive.tables import BUILD_VARIABLE, Column, Total
 from .fold import as_locals, fold
 from .printer import REWRITE_LIMIT, Code, ConstantPool, ScalarPrinter, generate, stable
 
@@ -326,6 +326,10 @@ def _tables_context(d: Derivation, pool: ConstantPool, names: dict) -> dict | No
             describe = f"integrand of an integral from {_formula(spec.lower)}"
             lowers.append(bound.results[0])
         columns.append(dict(code=code, describe=describe))
+    # Where an argument of abs or sign in a column crosses 0 the column has a kink or a jump: the builder places a
+    # piece boundary there (found at construction, as the parameters move it).
+    kinks = sorted({f.args[0] for spec in tables.columns for f in spec.expr.atoms(sp.Abs, sp.sign)
+                    if f.args[0].has(BUILD_VARIABLE) and not f.args[0].has(Column, Total)}, key=sp.default_sort_key)
     definitions = [f"Tabulated({k}, t) = {spec.name} = {_formula(plain_names(spec.definition))}"
                    for k, spec in enumerate(tables.columns[j] for j in tables.stored)]
     if tables.inverse is not None:
@@ -338,6 +342,7 @@ def _tables_context(d: Derivation, pool: ConstantPool, names: dict) -> dict | No
         floors="(" + ", ".join(floors) + ",)",
         stored="(" + ", ".join(map(str, tables.stored)) + ",)",
         inverse=tables.inverse,
+        kinks=generate(kinks, pool, build_names) if kinks else None,
         definitions=definitions,
         summary=(f"piecewise Chebyshev series ({TABLE_DEGREE} points a piece) built when the module is "
                  f"constructed, pieces halved until resolved to {TABLE_TOLERANCE:g}:"),

@@ -22,6 +22,7 @@ from sympy.printing.numpy import NumPyPrinter
 
 from ..timelimit import call_with_time_limit
 from .kinks import kink_integral
+from .signs import kinks
 
 TIME_LIMIT = 4.0      # seconds per SymPy call
 SIMPLIFY_LIMIT = 1.0  # seconds per rewrite tried by simplest()
@@ -458,10 +459,14 @@ def is_constant_in(expr, var, zero=False, size_of=None) -> bool:
         expr, varying = _integrals_as_symbols(expr, var)
     others = sorted((expr.free_symbols | (size_of.free_symbols if size_of is not None else set())) - {var}
                     - set(varying), key=sp.default_sort_key)
+    kinked = [sp.Abs(f.args[0]) for f in expr.atoms(sp.Abs, sp.sign) if f.args[0].has(var)]
     for p_value in _PARAMETER_SETS:
         parameters = {o: sp.Float(p_value * (1 + i / 7), 30) for i, o in enumerate(others)}
         values, sizes = [], []
-        for s_value in _PROBES:
+        # Either side of each kink too: with sign(t - c) at c = 0.71 every probe of (0, 1) saw one side, and
+        # 1 / (2 k sign(t - c)) passed for a constant (an OU process whose drift changes sign, its v then wrong past c).
+        across = [r * (1 + d) for r in kinks(kinked, var, 1e-3, 10.0, parameters) for d in (-1e-3, 1e-3)]
+        for s_value in _PROBES + tuple(across):
             point = {**parameters, **_integral_values(varying, s_value), var: sp.Float(s_value, 30)}
             try:
                 value = complex(expr.xreplace(point).evalf(30))
