@@ -75,10 +75,6 @@ class VPLikelihoodSDE(torch.nn.Module):
         if not (N == int(N) and 1 <= N <= 1_000_000):
             raise ValueError(f"N, the number of discretisation steps, must be a whole number from 1 to 1,000,000, "
                              f"got {N!r}")
-        if self.beta_max - self.beta_min == 0:
-            raise ValueError(f"beta_max - beta_min = 0 at beta_max = {beta_max!r}, beta_min = {beta_min!r}: the forms derived for this SDE divide by it; choose "
-                             f"other values, or declare beta_max and beta_min in the program as constants (name = value, "
-                             f"without 'param') to have this case derived")
         self.N = int(N)
         # Subexpressions in the parameters alone, computed once in float64.
         try:
@@ -93,10 +89,12 @@ class VPLikelihoodSDE(torch.nn.Module):
             self._k8 = -1/20000000000*self.beta_max
             self._k9 = -1/20000000000*self.beta_max - 199999/20000000000*self.beta_min - math.log(-math.expm1(-1/20000000000*self.beta_max - 199999/20000000000*self.beta_min))
             self._k10 = -1/2*self.beta_max - 1/2*self.beta_min - math.log(-math.expm1(-1/2*self.beta_max - 1/2*self.beta_min))
-            self._k11 = 1 / (self.beta_max - self.beta_min)
-            self._k12 = self.beta_min**2
-            self._k13 = 2*self.beta_max - 2*self.beta_min
-            self._k14 = math.log(-math.exp((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)*math.expm1(-1/20000000000*self.beta_max - 199999/20000000000*self.beta_min))
+            self._k11 = self.beta_min**2
+            self._k12 = 2*self.beta_max - 2*self.beta_min
+            self._k13 = math.log(-math.exp((1/20000000000)*self.beta_max + (199999/20000000000)*self.beta_min)*math.expm1(-1/20000000000*self.beta_max - 199999/20000000000*self.beta_min))
+            self._k14 = (1/20000000000)*self.beta_max
+            self._k15 = (199999/20000000000)*self.beta_min
+            self._k16 = math.log(-math.expm1(-1/20000000000*self.beta_max - 199999/20000000000*self.beta_min))
         except (OverflowError, ValueError, ZeroDivisionError) as exc:
             # ValueError: math's 'math domain error', the log or root of a number these values make negative.
             problem = {OverflowError: "overflow float64", ZeroDivisionError: "divide by zero"}.get(
@@ -254,10 +252,8 @@ class VPLikelihoodSDE(torch.nn.Module):
         dtype, u = u.dtype, u.to(torch.float64)
         lo, hi = self._k9, self._k10
         drop = u * (lo - hi)
-        # t = logSNR^-1(lo - drop) = (2*beta_max*softplus(drop + log(-exp(beta_max/20000000000 + 199999*beta_min/20000000000)*expm1(-beta_max/20000000000 - 199999*beta_min/20000000000))) - 2*beta_min*softplus(drop + log(-exp(beta_max/20000000000 + 199999*beta_min/20000000000)*expm1(-beta_max/20000000000 - 199999*beta_min/20000000000))))/((beta_max - beta_min)*(beta_min + sqrt(beta_min^2 + (2*beta_max - 2*beta_min)*softplus(drop + log(-exp(beta_max/20000000000 + 199999*beta_min/20000000000)*expm1(-beta_max/20000000000 - 199999*beta_min/20000000000))))))
-        w0 = torch.nn.functional.softplus(drop + self._k14, threshold=40)
-        w1 = 2*w0
-        return torch.clamp(self._k11*(w1*self.beta_max - w1*self.beta_min)/(self.beta_min + torch.sqrt(self._k12 + self._k13*w0)), self.eps, self.T).to(dtype)
+        # t = logSNR^-1(lo - drop) = 2*softplus(beta_max/20000000000 + 199999*beta_min/20000000000 + drop + log(-expm1(-beta_max/20000000000 - 199999*beta_min/20000000000)))/(beta_min + sqrt(beta_min^2 + (2*beta_max - 2*beta_min)*softplus(drop + log(-exp(beta_max/20000000000 + 199999*beta_min/20000000000)*expm1(-beta_max/20000000000 - 199999*beta_min/20000000000)))))
+        return torch.clamp(2*torch.nn.functional.softplus(drop + self._k14 + self._k15 + self._k16, threshold=40)/(self.beta_min + torch.sqrt(self._k11 + self._k12*torch.nn.functional.softplus(drop + self._k13, threshold=40))), self.eps, self.T).to(dtype)
 
     def sample_t(self, batch_size, generator=None):
         """batch_size training times drawn from q(t) by inverting its CDF."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import mpmath
 import numpy as np
 import pytest
 import torch
@@ -310,3 +311,28 @@ def test_a_shifted_cosine_steps_keep_their_digits(r):
             return r / mpmath.sqrt(r**2 + mpmath.tan(mpmath.pi * mpmath.mpf(u) / 2) ** 2)
         want = np.array([float(m(a) / m(b) - 1) for a, b in zip(t, s)])
     _assert_close(f.reshape(-1).numpy(), want, rtol=1e-12, what="r - 1 of a step")
+
+
+def test_inverse_cdf_of_a_quadratic_root_at_log_snr_zero():
+    """Rectified flow with sigma^2 = smin^2 + t^2: logSNR(t) = L gives (1 - E) t^2 + 2 E t + smin^2 - E = 0, E = e^-L,
+    and the root (W - sqrt(D)) / (W - 1) was a 0/0 at logSNR = 0 (W = 1): t_icdf 1e-4 off for u within 1e-13 of that
+    u0, 6e-6 at 1e-12. Its rationalized form with W - 1 cancelled, (W - smin^2) / (W + sqrt(D)), has no such point,
+    and forms that divide by 0 inside the range are left out. Against mpmath's root of Q(t) = u (40 digits): 1e-13."""
+    sde = sdelang.load("sde fm_noisy\nparam smin = 0.01\nx(t) ~ normal((1 - t) * x(0), smin^2 + t^2)\n"
+                       "t in [1e-5, 0.999]\nweighting likelihood\nt ~ importance\n").double()
+    with mpmath.workdps(40):
+        smin, eps, T = mpmath.mpf("0.01"), mpmath.mpf(1e-5), mpmath.mpf(0.999)
+
+        def lam(t):
+            return 2 * mpmath.log1p(-t) - mpmath.log(smin**2 + t**2)
+
+        def Q(t):
+            return (lam(eps) - lam(t)) / (lam(eps) - lam(T))
+
+        t0 = (1 - smin**2) / 2   # logSNR(t0) = 0
+        u0 = float(Q(t0))
+        for du in (0.0, 1e-15, 1e-13, -1e-13, 1e-12, 1e-10, -1e-10, 1e-6):
+            u = u0 + du
+            exact = mpmath.findroot(lambda x: Q(x) - mpmath.mpf(u), t0)
+            got = float(sde.t_icdf(torch.tensor([u], dtype=torch.float64))[0])
+            assert abs(got - float(exact)) <= 1e-13 * float(exact), (du, got, float(exact))

@@ -154,8 +154,44 @@ def _accurate_inverse(inverse, lsnr, t, defaults, eps, T) -> sp.Expr | None:
     with mpmath.workdps(30):
         top = lsnr_at(lo)
         grid = np.array([float(top - lsnr_at(s)) for s in np.geomspace(lo, hi, 25)])
-    chosen = most_accurate(soft or forms, DROP, defaults, grid)
+    candidates = list(soft or forms)
+    # A quadratic's root (A - sqrt(D)) / B whose B divides A^2 - D is 0/0 where B = 0 (rectified flow with
+    # sigma^2 = smin^2 + t^2 at logSNR = 0: t_icdf 1e-4 off there, a window of 1e-13 in u that no grid meets): the
+    # root rationalized and B cancelled has no such point, and forms that divide by 0 in the range are left out.
+    candidates += [c for c in (bounded(_roots_cancelled, f, seconds=SIMPLIFY_LIMIT) for f in list(candidates))
+                   if c is not None and printable(c) and c not in candidates]
+    fine = np.linspace(grid.min(), grid.max(), 4001)
+    candidates = [f for f in candidates
+                  if not bounded(_divides_by_zero, f, DROP, defaults, fine, seconds=SIMPLIFY_LIMIT)] or candidates
+    chosen = most_accurate(candidates, DROP, defaults, grid)
     return chosen if finite_in_float64(chosen, DROP, defaults, grid) else None
+
+
+def _roots_cancelled(form: sp.Expr) -> sp.Expr | None:
+    """form with its square roots rationalized (rationalize_roots) and the common factors of the result cancelled,
+    each square root kept as one symbol meanwhile; None if nothing cancels."""
+    rationalized = rationalize_roots(form)
+    roots = sorted((p for p in rationalized.atoms(sp.Pow) if p.exp == sp.Rational(1, 2)), key=sp.default_sort_key)
+    if not roots:
+        return None
+    symbols = {root: sp.Dummy("root") for root in roots}
+    cancelled = sp.factor(sp.cancel(rationalized.xreplace(symbols))).xreplace({v: k for k, v in symbols.items()})
+    return cancelled if sp.count_ops(cancelled) < sp.count_ops(rationalized) else None
+
+
+def _divides_by_zero(form: sp.Expr, var: sp.Symbol, defaults: dict, points: np.ndarray) -> bool:
+    """True if a denominator of form (at the defaults) is 0 or changes sign between two of the points."""
+    denominator = sp.fraction(sp.together(form))[1]
+    if not denominator.has(var):
+        return False
+    try:
+        with np.errstate(all="ignore"):
+            values = np.asarray(sp.lambdify(var, denominator.xreplace(defaults), "numpy")(points), dtype=float)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return False
+    values = values * np.ones(len(points))
+    finite = values[np.isfinite(values)]
+    return bool((finite == 0).any() or (np.sign(finite[:-1]) * np.sign(finite[1:]) < 0).any())
 
 
 def _grown_from_eps(inverse: sp.Expr, eps: sp.Expr) -> sp.Expr | None:
