@@ -197,3 +197,29 @@ def test_a_diffusion_that_jumps_gets_a_table_piece_boundary_there(values):
             G = float(mpmath.sqrt(v(mpmath.mpf(end)) - v(mpmath.mpf(start))))
             _, g = sde.discretize(torch.ones(1, 1, dtype=torch.float64), t, s)
             assert float(g) == pytest.approx(G, rel=1e-9), (start, end)
+
+
+def test_steps_of_a_signed_square_and_of_abs_of_a_sine_keep_their_digits():
+    """Two more kinked forms of the step rule, each against the kernel by hand (mpmath, 40 digits), near eps and past
+    the kinks: a kernel with E = log alpha = -2 t - k sign(t - c) (t - c)^2 - k c^2 (c = 0.9, k = 20; r - 1 was
+    2.2e-7 off over steps of 1e-5 of t near eps: sign(u) p(t) was a plain difference) and a logSNR
+    8 - 16 t - 4 |sin(3 t) - 1/2| (r - 1 2.6e-7 off: |u| of a u that is no polynomial was a plain difference; now
+    u(t) - u(s) by the sum-to-product rule). Within 1e-12."""
+    kernel = sdelang.load("sde sq_sign\nparam c = 0.5\nparam k = 3\nE(t) = -2 * t - k * sign(t - c) * (t - c)^2 - k * c^2\n"
+                          "x(t) ~ normal(exp(E(t)) * x(0), -expm1(2 * E(t)))\n", c=0.9, k=20.0).double()
+    c, k = mpmath.mpf("0.9"), mpmath.mpf(20)
+
+    def E(t):
+        return -2 * t - k * mpmath.sign(t - c) * (t - c) ** 2 - k * c**2
+
+    points = (1.5e-5, 1e-4, 1e-3, 0.5, 0.9, 0.9001, 1.0)
+    assert _worst_step_error(kernel, E, lambda t: -mpmath.expm1(2 * E(t)), points, (1e-3, 1e-5)) < 1e-12
+
+    sine = sdelang.load("sde sin_abs\nlogsnr(t) = 8 - 16 * t - 4 * abs(sin(3 * t) - 1/2)\n").double()
+
+    def lam(t):
+        return 8 - 16 * t - 4 * abs(mpmath.sin(3 * t) - mpmath.mpf(1) / 2)
+
+    points = (1.5e-5, 3.3e-5, 1e-4, 1e-3, 0.1, 0.2, 0.5, 1.0)
+    assert _worst_step_error(sine, lambda t: -mpmath.log1p(mpmath.exp(-lam(t))) / 2,
+                             lambda t: 1 / (1 + mpmath.exp(lam(t))), points, (1e-3, 1e-5)) < 1e-12

@@ -147,15 +147,16 @@ def _measure(d, sde, reference, ref, ts, at, eps, T) -> Report:
 
 def _step_error(sde, reference, ts, eps, T) -> float:
     """The largest relative error of discretize's noise G over steps [s, t] ending at every sixth check time:
-    the default step T/N, a thousandth of t and half of t (s >= eps), and of 1e-5 of t ending and starting at each
-    kink, against the step's own variance
+    the default step T/N, a thousandth, a hundred-thousandth and half of t (s >= eps), and of 1e-5 of t ending and
+    starting at each kink, against the step's own variance
     w(t), w' = 2 a w + g^2 from w(s) = 0. (G^2 read as a difference of table values cancels where the variance
     barely changes in relative terms over the step: a state that grows, v ~ e^{2A}.)"""
     import torch
 
     t = ts[::6]
-    s = np.concatenate([np.maximum(t - T / sde.N, eps), np.maximum(t * 0.999, eps), np.maximum(t / 2, eps)])
-    t = np.tile(t, 3)
+    s = np.concatenate([np.maximum(t - T / sde.N, eps), np.maximum(t * 0.999, eps), np.maximum(t / 2, eps),
+                        np.maximum(t * (1 - 1e-5), eps)])
+    t = np.tile(t, 4)
     # Short steps ending at each kink and starting there (a jump of g^2 there left G 3.5e-6 off over 1e-5 of t).
     near = [k for k in reference.kinks if eps < k * (1 - 1e-5) and k * (1 + 1e-5) < T]
     s = np.concatenate([s, [k * (1 - 1e-5) for k in near], near])

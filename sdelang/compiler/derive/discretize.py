@@ -257,9 +257,9 @@ def step_difference(N: sp.Expr, t: sp.Symbol, depth: int = 0) -> sp.Expr:
     if expanded.has(sp.I) and not N.has(sp.I):
         # Trigonometric functions in exponentials are complex, which no module prints: their terms as they are.
         expanded = sp.expand(N, power_base=False, power_exp=True, log=False)
-    # The terms of each |u(t)| gathered, p(t) |u(t)| (expanded, (t - c) |t - c| is t |t - c| - c |t - c|, whose
-    # difference would cancel where t - c is small).
-    kinked = sorted((a for a in expanded.atoms(sp.Abs) if a.has(t)), key=sp.default_sort_key)
+    # The terms of each |u(t)| and sign(u(t)) gathered, p(t) |u(t)| (expanded, (t - c) |t - c| is t |t - c| - c |t - c|,
+    # whose difference would cancel where t - c is small).
+    kinked = sorted((a for a in expanded.atoms(sp.Abs, sp.sign) if a.has(t)), key=sp.default_sort_key)
     if kinked:
         expanded = sp.collect(expanded, kinked)
     for term in sp.Add.make_args(expanded):
@@ -267,7 +267,7 @@ def step_difference(N: sp.Expr, t: sp.Symbol, depth: int = 0) -> sp.Expr:
         f = sp.powsimp(f, combine="exp")
         if f == 1:
             continue
-        kink = absolute_difference(f, t)
+        kink = absolute_difference(f, t, depth)
         if kink is not None:
             out.append(coeff * kink)
             continue
@@ -308,30 +308,53 @@ def step_difference(N: sp.Expr, t: sp.Symbol, depth: int = 0) -> sp.Expr:
     return sp.Add(*out)
 
 
-def absolute_difference(f: sp.Expr, t: sp.Symbol) -> sp.Expr | None:
-    """f(t) - f(s) for f = p(t) |u(t)|, p and u polynomials, as p(t) (|u(t)| - |u(s)|) + |u(s)| (p(t) - p(s)) with
+def absolute_difference(f: sp.Expr, t: sp.Symbol, depth: int = 0) -> sp.Expr | None:
+    """f(t) - f(s) for f = p(t) |u(t)| or p(t) sign(u(t)) as p(t) (k(t) - k(s)) + k(s) (p(t) - p(s)), k the kinked
+    factor, with
 
         |u(t)| - |u(s)| = sign(u(t)) (u(t) - u(s)) + (sign(u(t)) - sign(u(s))) u(s),
+        sign(u(t)) - sign(u(s)), exactly 0 on a step that does not cross the kink,
 
-    exact on either side of the kink and across it, and with u(t) - u(s) factored: on a step that does not cross
-    it the second term is exactly 0 and t - s a factor of the whole. None for any other f.
+    exact on either side of the kink and across it, and u(t) - u(s) and p(t) - p(s) with t - s as a factor (factored
+    polynomials, else step differences: |sin(3 t) - h| by the sum-to-product rule). None for any other f, or where
+    a difference keeps no factor.
 
     A logSNR with a kink, lmax - s1 t - s2 (t - c + |t - c|), had its step's |t - c| - |s - c| as a difference:
     G 1.3e-3 off in float64 at t = 1.5e-5 over a step of 1e-5 of t, where the same schedule written without abs
-    keeps every digit; a VP with beta = b0 + b1 |t - c| lost 1e-5 of r - 1 just after the kink."""
-    absolute = [g for g in sp.Mul.make_args(f) if isinstance(g, sp.Abs)]
-    if len(absolute) != 1:
+    keeps every digit; a VP with beta = b0 + b1 |t - c| lost 1e-5 of r - 1 just after the kink; a kernel with
+    sign(t - c) (t - c)^2 in its exponent 2.2e-7, |sin(3 t) - h| in a logSNR 2.6e-7."""
+    kinked = [g for g in sp.Mul.make_args(f) if isinstance(g, (sp.Abs, sp.sign))]
+    if len(kinked) != 1 or depth > 1:
         return None
-    u = absolute[0].args[0]
-    p = sp.Mul(*(g for g in sp.Mul.make_args(f) if g is not absolute[0]))
-    if not (u.is_polynomial(t) and p.is_polynomial(t)):
+    k, u = kinked[0], kinked[0].args[0]
+    # p factored: gathered from expanded terms, (t - c)^2 came as t^2 - 2 c t + c^2, whose rounding at the kink
+    # (where the exact value is 0) was 4e-10 of a step's r - 1 there.
+    p = sp.factor(sp.Mul(*(g for g in sp.Mul.make_args(f) if g is not k)))
+    if any(isinstance(g, (sp.Abs, sp.sign)) for g in sp.preorder_traversal(p)):
         return None
+
+    def rise(q):
+        if q.is_polynomial(t):
+            return sp.factor(q - q.xreplace(start))
+        d = step_difference(q, t, depth + 1)
+        return d if d.has(START) and not d.has(sp.Integral) else None
+
     start = {t: START}
     u_start = u.xreplace(start)
-    rise = sp.sign(u) * sp.factor(u - u_start) + (sp.sign(u) - sp.sign(u_start)) * u_start
-    if p.has(t):
-        return p * rise + sp.Abs(u_start) * sp.factor(p - p.xreplace(start))
-    return p * rise
+    jump = sp.sign(u) - sp.sign(u_start)
+    if isinstance(k, sp.sign):
+        k_rise = jump
+    else:
+        u_rise = rise(u)
+        if u_rise is None:
+            return None
+        k_rise = sp.sign(u) * u_rise + jump * u_start
+    if not p.has(t):
+        return p * k_rise
+    p_rise = rise(p)
+    if p_rise is None:
+        return None
+    return p * k_rise + k.xreplace(start) * p_rise
 
 
 def trigonometric_difference(f: sp.Expr, t: sp.Symbol) -> sp.Expr | None:
