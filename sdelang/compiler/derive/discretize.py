@@ -333,13 +333,14 @@ def absolute_difference(f: sp.Expr, t: sp.Symbol, depth: int = 0) -> sp.Expr | N
     if any(isinstance(g, (sp.Abs, sp.sign)) for g in sp.preorder_traversal(p)):
         return None
 
+    start = {t: START}
+
     def rise(q):
         if q.is_polynomial(t):
             return sp.factor(q - q.xreplace(start))
         d = step_difference(q, t, depth + 1)
         return d if d.has(START) and not d.has(sp.Integral) else None
 
-    start = {t: START}
     u_start = u.xreplace(start)
     jump = sp.sign(u) - sp.sign(u_start)
     if isinstance(k, sp.sign):

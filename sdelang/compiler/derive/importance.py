@@ -31,7 +31,8 @@ from sympy.codegen.cfunctions import expm1, log1p
 from .discretize import START, step_difference
 from .symbolic import (NUMERIC, SIMPLIFY_LIMIT, SOLVE_LIMIT, TIME_LIMIT, bounded, factor_exponentials,
                        finite_in_float64, integrate_from, log_exp_differences, log_ratios, most_accurate,
-                       powers_minus_one, printable, rationalize_roots, real_logs, simplest, softplus, softplus_forms)
+                       powers_minus_one, printable, rationalize_roots, real_logs, simplest, softplus, softplus_forms,
+                       values_in_float64)
 from .tables import Tables
 
 # Dummies, so that a user's parameter named u, drop or w never collides with them.
@@ -182,14 +183,9 @@ def _roots_cancelled(form: sp.Expr) -> sp.Expr | None:
 def _divides_by_zero(form: sp.Expr, var: sp.Symbol, defaults: dict, points: np.ndarray) -> bool:
     """True if a denominator of form (at the defaults) is 0 or changes sign between two of the points."""
     denominator = sp.fraction(sp.together(form))[1]
-    if not denominator.has(var):
+    values = values_in_float64(denominator, var, defaults, points) if denominator.has(var) else None
+    if values is None:
         return False
-    try:
-        with np.errstate(all="ignore"):
-            values = np.asarray(sp.lambdify(var, denominator.xreplace(defaults), "numpy")(points), dtype=float)
-    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
-        return False
-    values = values * np.ones(len(points))
     finite = values[np.isfinite(values)]
     return bool((finite == 0).any() or (np.sign(finite[:-1]) * np.sign(finite[1:]) < 0).any())
 

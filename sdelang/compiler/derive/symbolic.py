@@ -465,7 +465,8 @@ def is_constant_in(expr, var, zero=False, size_of=None) -> bool:
         values, sizes = [], []
         # Either side of each kink too: with sign(t - c) at c = 0.71 every probe of (0, 1) saw one side, and
         # 1 / (2 k sign(t - c)) passed for a constant (an OU process whose drift changes sign, its v then wrong past c).
-        across = [r * (1 + d) for r in kinks(kinked, var, 1e-3, 10.0, parameters) for d in (-1e-3, 1e-3)]
+        across = [r * (1 + d) for r in (kinks(kinked, var, 1e-3, 10.0, parameters) if kinked else ())
+                  for d in (-1e-3, 1e-3)]
         for s_value in _PROBES + tuple(across):
             point = {**parameters, **_integral_values(varying, s_value), var: sp.Float(s_value, 30)}
             try:
@@ -1082,9 +1083,14 @@ def softplus_forms(expr: sp.Expr, x: sp.Symbol) -> sp.Expr:
                                                              and 1 in e.args[0].args), rewrite)
 
 
+def values_in_float64(expr: sp.Expr, t: sp.Symbol, defaults: dict, grid: np.ndarray) -> np.ndarray | None:
+    """expr at the defaults on the grid, in float64 as the module computes it; None if it cannot be evaluated."""
+    return _evaluate(_at_defaults(expr, defaults), (t,), (np.asarray(grid, dtype=np.float64),), np.float64)
+
+
 def finite_in_float64(expr: sp.Expr, t: sp.Symbol, defaults: dict, grid: np.ndarray) -> bool:
     """True if expr, at the defaults, is finite in float64 at every point of the grid (as the module computes it)."""
-    values = _evaluate(_at_defaults(expr, defaults), (t,), (np.asarray(grid, dtype=np.float64),), np.float64)
+    values = values_in_float64(expr, t, defaults, grid)
     return values is not None and bool(np.isfinite(values).all())
 
 
