@@ -11,7 +11,8 @@ inverse CDFs without NaN or inf for every u in [0, 1] in float32 and float64.
   an exponential-integral m, so everything there is a table.
 - OSCILLATING: beta = 1 + b1 sin(w t)^2 on [1e-5, 3], w = 30 by default (Hypothesis varies w and b1),
   g^2 = beta (1 + t), so that v = m^2 int beta (1 + s) e^B ds has no closed form.
-- NONELEMENTARY: a = -sqrt(1 + t^3) (an elliptic integral), b = k: m, c and v are all tables.
+- NONELEMENTARY: a = -sqrt(1 + t^3) (an elliptic integral), b = k: m, c and v are all tables; v0 = init,
+  0 by default.
 - CUSTOM: VP with lambda / v = exp(sin(5 t)): the importance CDF and its inverse are tables.
 """
 from __future__ import annotations
@@ -72,7 +73,9 @@ t ~ importance
 NONELEMENTARY = """\
 sde nonelementary
 param k = 1
+param init = 0
 dx = (-sqrt(1 + t^3) * x + k) dt + 1 dw
+v0 = init
 t in [1e-4, 2]
 prior kernel
 weighting likelihood
@@ -563,6 +566,28 @@ def test_a_first_step_from_zero_is_the_kernel(compiled, name):
     f, G = sde.discretize(x, t, torch.zeros_like(t))
     assert abs(G.item() / sde.std(t).item() - 1) < 1e-10
     assert abs(f.item() / ((sde.mean_coeff(t).item() - 1) * 1.5) - 1) < 1e-10
+
+
+@pytest.mark.parametrize("init", [0.25, 25.0])
+def test_a_start_variance_keeps_the_step_noise(compiled, init):
+    """With v0 > 0 a tabulated v = m^2 (v0 + I(t)) is v0 m^2 and a little near t = 0, and a step's noise read from
+    two values of log v cancels: G over a step of 1e-5 of t near eps was 2.2e-8 (v0 = 0.25) and 8.5e-7 (v0 = 25)
+    off in float64 (3.3e-11 now). From log I's own column, I = int_0^t g^2 / m^2, it keeps its digits whatever v0. G against the
+    step's own variance (w' = 2 a w + g^2 from w(s) = 0, SciPy's DOP853 at rtol 1e-12, by hand here) within the
+    modules' bound 1e-7, at steps of 1e-5, 1e-3 and 0.3 of t near eps, at 1/2 and at T."""
+    sde = module(compiled, "nonelementary").SDE(init=init).double()
+
+    def w(s, t):
+        with np.errstate(all="ignore"):   # w(s) = 0: the first step's error norm divides by atol
+            sol = scipy.integrate.solve_ivp(lambda u, y: [-2 * math.sqrt(1 + u**3) * y[0] + 1], (s, t), [0.0],
+                                            method="DOP853", rtol=1e-12, atol=1e-300)
+        return sol.y[0, -1]
+
+    steps = [(t * (1 - h), t) for t in (1.2e-4, 3e-4, 1e-3, 0.5, 2.0) for h in (1e-5, 1e-3, 0.3)]
+    s, t = (torch.tensor(column, dtype=F64) for column in zip(*steps))
+    _, G = sde.discretize(torch.zeros(len(steps), 1, dtype=F64), t, s)
+    want = np.sqrt([w(a, b) for a, b in zip(s.tolist(), t.tolist())])
+    assert relative(G.reshape(-1).numpy(), want) <= BOUND
 
 
 @pytest.mark.parametrize("rate", [2.0, 500.0])

@@ -9,11 +9,11 @@ from ..ir import CoupledProgram, Program
 from .coupled import CoupledDerivation, derive_coupled
 from .general import GeneralDerivation, derive_general
 from .classify import classify
-from .discretize import Step, discretize, tail_helps, with_tail
+from .discretize import Step, discretize, from_head, head_integral, tail_helps, with_tail
 from .divergence import drift_divergence
 from .from_kernel import coefficients, given_kernel
 from .importance import Importance, importance
-from .kernel import Kernel, kernel, tabulate_kernel
+from .kernel import Kernel, kernel, log_of_positive, tabulate_kernel
 from .prior import prior
 from .reverse import flow_drift, reverse_drift
 from .snr import log_snr
@@ -87,6 +87,10 @@ def derive_affine(p: Program) -> Derivation:
         s = sp.Dummy("s", positive=True)
         integral = sp.Integral((g2 / k.m**2).xreplace({t: s}), (s, t, p.T))
         tail = tables.tabulate(k.m**2 * integral, "m(t)^2 J(t), J(t) = int_t^T g^2 / m^2", absolute=False)
+    # An initial variance v0 > 0 with v from the tables: the step's noise from log int_0^t g^2 / m^2 (see from_head).
+    head = head_integral(k, t) if p.given is None and not is_closed(k.v) and k.vp_multiple is None else None
+    head = tables.tabulate(log_of_positive(head), "log I(t), I(t) = int_0^t g^2 / m^2", absolute=True) \
+        if head is not None and p.v0 != 0 else None
     k = tabulate_kernel(k, t, tables)
     lsnr = log_snr(k, t, accuracy, p.given.log_snr if p.given is not None else None)
     lam = weighting(p.weighting, p.weighting_expr, g2, k.v)
@@ -96,6 +100,8 @@ def derive_affine(p: Program) -> Derivation:
                      tables if p.t_sampling == "importance" else None, invert=p.t_sampling == "importance")
     mean, variance = prior(k, t, p.T, p.prior_mean, p.prior_variance)
     step = discretize(k, lsnr, t, accuracy, p.N)
+    if head is not None:
+        step = from_head(step, head, k.m, t)
     if tail is not None:
         step = with_tail(step, tail, k.v, t)
     return Derivation(p, a, b, g2, k, lsnr, reverse_drift(p.drift, g2), flow_drift(p.drift, g2), lam, imp,
