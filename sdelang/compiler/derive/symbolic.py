@@ -261,7 +261,7 @@ def real_logs(expr: sp.Expr, t: sp.Symbol, defaults: dict, lo: float, hi: float)
 def _same_real_values(old: sp.Expr, new: sp.Expr, t: sp.Symbol, defaults: dict, lo: float, hi: float) -> bool:
     """new is real and equals old (to 1e-12 of max(1, |old|)) at 5 points of [lo, hi], parameters at their defaults,
     evaluated at 30 digits (old may be complex term by term: its iπ's must cancel)."""
-    at = {k: _exact_value(v) for k, v in defaults.items()}
+    at = {k: exact_value(v) for k, v in defaults.items()}
     for point in np.geomspace(lo, hi, 5):
         x = {t: sp.Float(point, 30)}
         try:
@@ -347,7 +347,7 @@ def log_ratios(expr: sp.Expr) -> sp.Expr | None:
 
 
 def _negative_on(u: sp.Expr, t: sp.Symbol, defaults: dict, lo: float, hi: float) -> bool:
-    at = u.xreplace({k: _exact_value(v) for k, v in defaults.items()})
+    at = u.xreplace({k: exact_value(v) for k, v in defaults.items()})
     try:
         values = [complex(at.xreplace({t: sp.Float(point, 30)}).evalf(30)) for point in np.geomspace(lo, hi, 9)]
     except (TypeError, ValueError, ZeroDivisionError, OverflowError):
@@ -884,7 +884,7 @@ def _stressed(defaults: dict) -> list[dict]:
     """The defaults with one nonzero parameter at a time multiplied by 1/100 and by 100."""
     out = []
     for key, value in defaults.items():
-        exact = _exact_value(value)
+        exact = exact_value(value)
         if exact.is_number and exact.is_finite and exact != 0:
             out += [{**defaults, key: exact * factor} for factor in (sp.Rational(1, 100), sp.Integer(100))]
     return out
@@ -896,10 +896,10 @@ def _at_defaults(expr: sp.Expr, defaults: dict) -> sp.Expr:
     # Exact values, not Floats: with Float parameters SymPy evaluates and regroups the expression (exp(3 - 6 t) became
     # 20.09 exp(-6 t)), so the form measured was not the form the module computes. Constant subtrees become numbers
     # only when evaluated (_constants_folded), as the module's constants do.
-    return use_expm1_log1p(expr).xreplace({k: _exact_value(v) for k, v in defaults.items()})  # xreplace: subs is slow
+    return use_expm1_log1p(expr).xreplace({k: exact_value(v) for k, v in defaults.items()})  # xreplace: subs is slow
 
 
-def _exact_value(value) -> sp.Expr:
+def exact_value(value) -> sp.Expr:
     """A parameter's value as the exact rational of its shortest decimal form (0.1 -> 1/10)."""
     value = float(value)
     return sp.Rational(repr(value)) if math.isfinite(value) else sp.Float(value)
