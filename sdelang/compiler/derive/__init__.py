@@ -98,7 +98,7 @@ def derive_affine(p: Program) -> Derivation:
     # its inverse CDF only when the source samples t by importance.
     imp = importance(p.weighting, lam, k.v, lsnr, t, p.eps, p.T, defaults,
                      tables if p.t_sampling == "importance" else None, invert=p.t_sampling == "importance")
-    mean, variance = prior(k, t, p.T, p.prior_mean, p.prior_variance)
+    mean, variance = prior(k, t, p.T, p.prior_mean, p.prior_variance, defaults)
     step = discretize(k, lsnr, t, accuracy, p.N)
     if head is not None:
         step = from_head(step, head, k.m, t)

@@ -29,7 +29,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
 from .discretize import START, step_difference
-from .symbolic import (NUMERIC, SIMPLIFY_LIMIT, SOLVE_LIMIT, TIME_LIMIT, bounded, exact_value, factor_exponentials,
+from .symbolic import (NUMERIC, SIMPLIFY_LIMIT, SOLVE_LIMIT, TIME_LIMIT, bounded, constant_error, factor_exponentials,
                        finite_in_float64, integrate_from, log_exp_differences, log_ratios, most_accurate,
                        powers_minus_one, printable, rationalize_roots, real_logs, simplest, softplus, softplus_forms,
                        use_expm1_log1p, values_in_float64)
@@ -115,21 +115,11 @@ def _at_eps(nsr: sp.Expr, t: sp.Symbol, eps: sp.Expr, defaults: dict) -> sp.Expr
     eps = 1e-5, numbers in every exponent, took 3.6 s of a 14 s compile and gave the same form)."""
     at_eps = nsr.xreplace({t: eps})
     forms = list(dict.fromkeys([at_eps, use_expm1_log1p(at_eps)]))
-    errors = [_constant_error(f, t, defaults) for f in forms]
+    errors = [constant_error(f, defaults) for f in forms]
     if min(errors) > 1e-12:
         forms.append(simplest(at_eps))
-        errors.append(_constant_error(forms[-1], t, defaults))
+        errors.append(constant_error(forms[-1], defaults))
     return forms[errors.index(min(errors))]
-
-
-def _constant_error(form: sp.Expr, t: sp.Symbol, defaults: dict) -> float:
-    """The relative error of a constant form evaluated in float64 at the defaults, against 30 digits (inf where it
-    cannot be evaluated)."""
-    got = values_in_float64(form, t, defaults, np.array([1.0]))
-    exact = sp.N(form.xreplace({k: exact_value(v) for k, v in defaults.items()}), 30)
-    if got is None or not exact.is_real or exact == 0 or not np.isfinite(got).all():
-        return math.inf
-    return abs(float(got[0]) / float(exact) - 1)
 
 
 def _accurate_cdf(partial, Z, t, defaults, eps, T) -> sp.Expr:

@@ -1088,6 +1088,23 @@ def values_in_float64(expr: sp.Expr, t: sp.Symbol, defaults: dict, grid: np.ndar
     return _evaluate(_at_defaults(expr, defaults), (t,), (np.asarray(grid, dtype=np.float64),), np.float64)
 
 
+def constant_error(form: sp.Expr, defaults: dict) -> float:
+    """The relative error of a constant (a form free of t) evaluated in float64 from the parameters' default values,
+    as the module computes its constants when constructed, against its 30-digit value; inf where it cannot be
+    evaluated or is 0."""
+    form = use_expm1_log1p(form)
+    variables = tuple(sorted(form.free_symbols, key=sp.default_sort_key))
+    if set(variables) - set(defaults):
+        return math.inf
+    if not variables:
+        return 0.0   # folded to a number, as the module's printer writes it
+    got = _evaluate(form, variables, tuple(np.array([float(defaults[v])]) for v in variables), np.float64)
+    exact = sp.N(form.xreplace({k: exact_value(v) for k, v in defaults.items()}), 30)
+    if got is None or not exact.is_real or exact == 0 or not np.isfinite(got).all():
+        return math.inf
+    return abs(float(got[0]) / float(exact) - 1)
+
+
 def finite_in_float64(expr: sp.Expr, t: sp.Symbol, defaults: dict, grid: np.ndarray) -> bool:
     """True if expr, at the defaults, is finite in float64 at every point of the grid (as the module computes it)."""
     values = values_in_float64(expr, t, defaults, grid)
