@@ -11,6 +11,8 @@ m^2 = sigmoid(lambda), v = sigmoid(-lambda), c = 0.
 """
 from __future__ import annotations
 
+import functools
+
 import sympy as sp
 
 from .kernel import Kernel
@@ -33,6 +35,21 @@ def coefficients(m: sp.Expr, c: sp.Expr, v: sp.Expr, t: sp.Symbol,
     most accurate in float32 is kept: a = d/dt log m from m = sqrt(P expm1(k (t - 1))) keeps the digits that
     d/dt log(sigmoid(end) - sigmoid(z(t))) loses near T (a sigmoid schedule's drift, 1e-4 off at t = 0.999).
     """
+    a, b, g2 = _derived(m, c, v, t, lam)
+    if lam is not None or accuracy is None or kernel is None or kernel.m == m and kernel.v == v:
+        return a, b, g2
+    a_kept = derivative(sp.expand_log(sp.log(kernel.m), force=True), t)
+    a = accuracy.best([a, a_kept, simplest(a_kept)], t)
+    g2_kept = derivative(kernel.v, t) - 2 * a * kernel.v
+    g2 = accuracy.best([g2, g2_kept, simplest(g2_kept)], t)
+    b = sp.Integer(0) if c == 0 else simplest(derivative(c, t) - a * c)
+    return a, b, g2
+
+
+@functools.lru_cache(maxsize=16)
+def _derived(m: sp.Expr, c: sp.Expr, v: sp.Expr, t: sp.Symbol, lam: sp.Expr | None) -> tuple[sp.Expr, sp.Expr, sp.Expr]:
+    """(a, b, g^2) from the kernel as stated, each in its shortest form. Cached: the checks derive them first (to
+    check g^2 > 0) and the derivation again from the same kernel (1-2 s of simplify for a sigmoid schedule)."""
     if lam is not None:
         # Variance preserving: a = lam' sigmoid(-lam) / 2, g^2 = -lam' sigmoid(-lam), written with
         # 1 + exp(lam) so that a large logSNR gives 0 rather than inf / inf.
@@ -42,13 +59,6 @@ def coefficients(m: sp.Expr, c: sp.Expr, v: sp.Expr, t: sp.Symbol,
     b = sp.Integer(0) if c == 0 else simplest(derivative(c, t) - a * c)
     forms = [derivative(v, t) - 2 * a * v, -v * derivative(sp.expand_log(sp.log(m**2 / v), force=True), t)]
     g2 = min((simplest(f) for f in forms), key=lambda e: (sp.count_ops(e), sp.default_sort_key(e)))
-    if accuracy is None or kernel is None or kernel.m == m and kernel.v == v:
-        return a, b, g2
-    a_kept = derivative(sp.expand_log(sp.log(kernel.m), force=True), t)
-    a = accuracy.best([a, a_kept, simplest(a_kept)], t)
-    g2_kept = derivative(kernel.v, t) - 2 * a * kernel.v
-    g2 = accuracy.best([g2, g2_kept, simplest(g2_kept)], t)
-    b = sp.Integer(0) if c == 0 else simplest(derivative(c, t) - a * c)
     return a, b, g2
 
 
