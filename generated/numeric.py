@@ -184,7 +184,7 @@ class NumericSDE(torch.nn.Module):
         return (-1/3*t**3 - t + (1/3)*torch.cos(3*t) - tab0[0] - 1/3).to(dtype)
 
     def _prior(self):
-        """Mean 0 and variance exp(-37/3 + cos(3*3)/3)*Integral((s + 1)*(s^2 + sin(3*s) + 1)*exp(s^3/3 + s - cos(3*s)/3 + 1/3), (s, 0, 3)) of the prior."""
+        """Mean 0 and variance Integral((s + 1)*(s^2 + sin(3*s) + 1)*exp(s^3/3 + s - cos(3*s)/3 + 1/3), (s, 0, 3))*exp(-37/3 + cos(3*3)/3) of the prior."""
         return 0, self._k0
 
     def prior_sampling(self, shape, generator=None):

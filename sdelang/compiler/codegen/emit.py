@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
-from contextlib import contextmanager
 from pathlib import Path
 
 import jinja2
 import numpy as np
 import sympy as sp
-from sympy.core import evalf as _evalf
 
 from ... import __version__
 from ..derive import Derivation
@@ -53,35 +51,12 @@ def _formula(expr: sp.Expr) -> str:
     """A one-line formula for a docstring; long numeric-path expressions are summarised."""
     if size(expr) > MAX_FORMULA_SIZE:
         return SUMMARY
-    with _integrals_evaluated_once():
-        return sp.sstr(stable(plain_names(expr))).replace("**", "^")
-
-
-@contextmanager
-def _integrals_evaluated_once():
-    """Within the block, each request for an Integral's value at a precision no finer than one already computed is
-    answered from that value; a finer one computes it with 32 bits to spare. An integral up to T is a number to
-    SymPy, which evaluates it by quadrature wherever it reads the sign of a factor while rebuilding or printing a
-    formula, at a dozen precisions (a VP with beta = 0.1 + 19.9 exp(-exp(-5 (t - 0.5))): 0.8 s to print its
-    formulas, 0.3 s with this). The printed text is unchanged."""
-    table = _evalf.evalf_table
-    original = table[sp.Integral]
-    values: dict[sp.Integral, tuple[int, tuple]] = {}
-
-    def once(integral, prec, options):
-        if "subs" in options:  # inside another quadrature: a different integrand at each node
-            return original(integral, prec, options)
-        if integral not in values or values[integral][0] < prec:
-            finer = max(prec + 32, 53)
-            values[integral] = (finer, original(integral, finer, {**options, "maxprec": max(options.get(
-                "maxprec", 0), 4 * finer)}))
-        return values[integral][1]
-
-    table[sp.Integral] = once
-    try:
-        yield
-    finally:
-        table[sp.Integral] = original
+    # An Integral up to T is a number to SymPy, which evaluates it by quadrature wherever a formula is rebuilt and a
+    # factor's sign read: a beta with a removable 0/0 inside [eps, T] (a sinc bump) spent 10 s of its compile printing
+    # its docstrings that way. Replaced first by a symbol that prints as the Integral, it is never evaluated.
+    plain = _plain_symbols(expr)
+    opaque = {e: sp.Symbol(sp.sstr(e.xreplace(plain))) for e in expr.atoms(sp.Integral) if not e.free_symbols}
+    return sp.sstr(stable(expr.xreplace(opaque).xreplace(plain))).replace("**", "^")
 
 
 def _number_integrals(expr: sp.Expr) -> int:
@@ -107,6 +82,11 @@ def _tail_lookup(variance: sp.Expr) -> str | None:
 def plain_names(expr: sp.Expr) -> sp.Expr:
     """expr with its dummies (the step start, the dimension, u, drop) as plain symbols: _u -> u, and
     s -> s' beside a parameter called s."""
+    return expr.xreplace(_plain_symbols(expr))
+
+
+def _plain_symbols(expr: sp.Expr) -> dict[sp.Dummy, sp.Symbol]:
+    """The plain symbol of each dummy in expr (plain_names)."""
     taken = {s.name for s in expr.free_symbols if not isinstance(s, sp.Dummy)}
     plain = {}
     # Two dummies may share a name (the step start s and an integration variable s): the module's own
@@ -119,7 +99,7 @@ def plain_names(expr: sp.Expr) -> sp.Expr:
             name += "'"
         taken.add(name)
         plain[d] = sp.Symbol(name)
-    return expr.xreplace(plain)
+    return plain
 
 
 # The numeric tables (templates/_tables.j2, derive/tables.py).
