@@ -303,6 +303,20 @@ def test_numpy_function_agrees_with_lambdify():
     assert np.array_equal(softplus, np.logaddexp(np.float32(0), 300 * grid - 2)) and np.isfinite(softplus).all()
 
 
+def test_constant_error_is_float64_from_the_parameters():
+    """constant_error evaluates a constant as a module's constructor does, in float64 from the parameters' values:
+    sqrt(1 + b / 1e9) - 1 keeps ~1e-16 / 1e-9 of itself (1.4e-7 at b = 2, by hand: the float64 sum rounds 2e-9 to
+    the nearest 2^-52), its rationalized form every digit; a form with no parameter is a number, exact."""
+    b = sp.Symbol("b", positive=True)
+    x = b / 10**9
+    cancelling = symbolic.constant_error(sp.sqrt(1 + x) - 1, {b: 2.0})
+    assert 1e-8 < cancelling < 1e-6
+    assert symbolic.constant_error(x / (sp.sqrt(1 + x) + 1), {b: 2.0}) < 1e-15
+    # exp(u) - 1 is computed as expm1(u), as code generation writes it
+    assert symbolic.constant_error((sp.exp(x) - 1) / x, {b: 2.0}) < 1e-15
+    assert symbolic.constant_error(sp.sqrt(2) - 1, {}) == 0.0
+
+
 KINK = "sde kink\nparam c = 0.4\nbeta(t) = 1 + 10 * abs(t - c)\ndx = -1/2 * beta(t) * x dt + sqrt(beta(t)) dw\n"
 
 
