@@ -572,9 +572,9 @@ def test_a_first_step_from_zero_is_the_kernel(compiled, name):
 def test_a_start_variance_keeps_the_step_noise(compiled, init):
     """With v0 > 0 a tabulated v = m^2 (v0 + I(t)) is v0 m^2 and a little near t = 0, and a step's noise read from
     two values of log v cancels: G over a step of 1e-5 of t near eps was 2.2e-8 (v0 = 0.25) and 8.5e-7 (v0 = 25)
-    off in float64 (3.3e-11 now). From log I's own column, I = int_0^t g^2 / m^2, it keeps its digits whatever v0. G against the
-    step's own variance (w' = 2 a w + g^2 from w(s) = 0, SciPy's DOP853 at rtol 1e-12, by hand here) within the
-    modules' bound 1e-7, at steps of 1e-5, 1e-3 and 0.3 of t near eps, at 1/2 and at T."""
+    off in float64. From log I's own column, I = int_0^t g^2 / m^2, it keeps its digits whatever v0 (3.3e-11). G
+    against the step's own variance (w' = 2 a w + g^2 from w(s) = 0, SciPy's DOP853 at rtol 1e-12, by hand here)
+    within the modules' bound 1e-7, at steps of 1e-5, 1e-3 and 0.3 of t near eps, at 1/2 and at T."""
     sde = module(compiled, "nonelementary").SDE(init=init).double()
 
     def w(s, t):
