@@ -1137,17 +1137,24 @@ def test_step_of_a_sigmoid_schedule_keeps_its_digits():
 
             for dtype, bound in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
                 module = type(sde)(**params).to(dtype)
-                for t0 in (1.5e-5, 3.3e-5, 1e-3, 0.3, 0.99):
-                    for rel in (1e-3, 1e-5):
-                        t = torch.tensor([t0], dtype=dtype)
-                        s = (t.double() * (1 - rel)).to(dtype)
-                        with torch.no_grad():
-                            f, G = module.discretize(torch.ones(1, 1, dtype=dtype), t, s)
-                        T, S = mpmath.mpf(t.double().item()), mpmath.mpf(s.double().item())
-                        r = mpmath.sqrt(gamma(T) / gamma(S))
-                        want_G = mpmath.sqrt((1 - gamma(T)) - r**2 * (1 - gamma(S)))
-                        assert abs(f.double().item() / (r - 1) - 1) <= bound, (params, dtype, t0, rel)
-                        assert abs(G.double().item() / want_G - 1) <= bound, (params, dtype, t0, rel)
+                for t0, rel, f, G, T, S in _short_steps(module, dtype, (1.5e-5, 3.3e-5, 1e-3, 0.3, 0.99)):
+                    r = mpmath.sqrt(gamma(T) / gamma(S))
+                    want_G = mpmath.sqrt((1 - gamma(T)) - r**2 * (1 - gamma(S)))
+                    assert abs(f / (r - 1) - 1) <= bound, (params, dtype, t0, rel)
+                    assert abs(G / want_G - 1) <= bound, (params, dtype, t0, rel)
+
+
+def _short_steps(module, dtype, times):
+    """(t0, rel, f, G, t, s) of module.discretize at x = 1 over steps of 1e-3 and 1e-5 of t ending at each time, t and
+    s as mpmath numbers at the values the module is given (float32's rounding of them included)."""
+    for t0 in times:
+        for rel in (1e-3, 1e-5):
+            t = torch.tensor([t0], dtype=dtype)
+            s = (t.double() * (1 - rel)).to(dtype)
+            with torch.no_grad():
+                f, G = module.discretize(torch.ones(1, 1, dtype=dtype), t, s)
+            yield (t0, rel, f.double().item(), G.double().item(), mpmath.mpf(t.double().item()),
+                   mpmath.mpf(s.double().item()))
 
 
 def test_step_growth_of_a_logit_log_snr_keeps_its_digits():
@@ -1162,12 +1169,5 @@ def test_step_growth_of_a_logit_log_snr_keeps_its_digits():
 
         for dtype, bound in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
             module = sde.to(dtype)
-            for t0 in (1.5e-5, 3.3e-5, 1e-3, 0.3, 0.9):
-                for rel in (1e-3, 1e-5):
-                    t = torch.tensor([t0], dtype=dtype)
-                    s = (t.double() * (1 - rel)).to(dtype)
-                    with torch.no_grad():
-                        f, _ = module.discretize(torch.ones(1, 1, dtype=dtype), t, s)
-                    T, S = mpmath.mpf(t.double().item()), mpmath.mpf(s.double().item())
-                    want = m(T) / m(S) - 1
-                    assert abs(f.double().item() / want - 1) <= bound, (dtype, t0, rel)
+            for t0, rel, f, _, T, S in _short_steps(module, dtype, (1.5e-5, 3.3e-5, 1e-3, 0.3, 0.9)):
+                assert abs(f / (m(T) / m(S) - 1) - 1) <= bound, (dtype, t0, rel)
