@@ -88,9 +88,11 @@ def derive_affine(p: Program) -> Derivation:
         integral = sp.Integral((g2 / k.m**2).xreplace({t: s}), (s, t, p.T))
         tail = tables.tabulate(k.m**2 * integral, "m(t)^2 J(t), J(t) = int_t^T g^2 / m^2", absolute=False)
     # An initial variance v0 > 0 with v from the tables: the step's noise from log int_0^t g^2 / m^2 (see from_head).
-    head = head_integral(k, t) if p.given is None and not is_closed(k.v) and k.vp_multiple is None else None
-    head = tables.tabulate(log_of_positive(head), "log I(t), I(t) = int_0^t g^2 / m^2", absolute=True) \
-        if head is not None and p.v0 != 0 else None
+    head = None
+    if p.given is None and p.v0 != 0 and not is_closed(k.v) and k.vp_multiple is None:
+        integral = head_integral(k, t)
+        if integral is not None:
+            head = tables.tabulate(log_of_positive(integral), "log I(t), I(t) = int_0^t g^2 / m^2", absolute=True)
     k = tabulate_kernel(k, t, tables)
     lsnr = log_snr(k, t, accuracy, p.given.log_snr if p.given is not None else None)
     lam = weighting(p.weighting, p.weighting_expr, g2, k.v)

@@ -241,8 +241,8 @@ def power_step_difference(N: sp.Expr, t: sp.Symbol) -> sp.Expr | None:
 def product_difference(N: sp.Expr, t: sp.Symbol) -> sp.Expr | None:
     """N(t) - N(s) for N = C f_1(t) ... f_n(t), n >= 2, by the product rule over the step,
     sum_i f_1(s) ... f_(i-1)(s) (f_i(t) - f_i(s)) f_(i+1)(t) ... f_n(t), with each factor's difference a
-    step_difference (f = q), -d / (q(t) q(s)) (f = 1 / q) or q(s)^e expm1(e log1p(d / q(s))) (f = q^e, q(0) != 0),
-    d = q(t) - q(s) a step_difference, and each q written with expm1 where it is e^u - c. Chen's sigmoid kernel
+    step_difference (f = q), -d / (q(t) q(s)) (f = 1 / q, d = q(t) - q(s) a step_difference) or
+    power_step_difference (f = q^e), and each q written with expm1 where it is e^u - c. Chen's sigmoid kernel
     (given by gamma(t) = (sigmoid(end / tau) - sigmoid(u(t))) / (...)) has N = C (e^(k t) - 1) / (e^(k (t - 1)) - 1):
     termwise its terms are sigmoids of t and of s, whose difference lost 3e-7 of r - 1 in float64 over a step of
     1e-5 of t near eps; none of the other forms applies (two exponentials with parameter rates). None where N is no
@@ -264,9 +264,7 @@ def product_difference(N: sp.Expr, t: sp.Symbol) -> sp.Expr | None:
             difference = d
         elif e == -1:
             difference = -d / (use_expm1_log1p(q) * q_start)
-        elif q.xreplace({t: 0}).is_zero is False:
-            difference = q_start**e * expm1(e * log1p(d / q_start))
-        else:
+        elif (difference := power_step_difference(f, t)) is None:
             return None
         at_t.append(use_expm1_log1p(q)**e)
         at_s.append(q_start**e)

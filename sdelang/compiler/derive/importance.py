@@ -29,10 +29,10 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
 from .discretize import START, step_difference
-from .symbolic import (NUMERIC, SIMPLIFY_LIMIT, SOLVE_LIMIT, TIME_LIMIT, bounded, constant_error, factor_exponentials,
+from .symbolic import (NUMERIC, SIMPLIFY_LIMIT, SOLVE_LIMIT, TIME_LIMIT, accurate_constant, bounded, factor_exponentials,
                        finite_in_float64, integrate_from, log_exp_differences, log_ratios, most_accurate,
                        powers_minus_one, printable, rationalize_roots, real_logs, simplest, softplus, softplus_forms,
-                       use_expm1_log1p, values_in_float64)
+                       values_in_float64)
 from .tables import Tables
 
 # Dummies, so that a user's parameter named u, drop or w never collides with them.
@@ -66,7 +66,7 @@ def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol,
             inverse = _solve(sp.Eq(nsr, W), t, W, nsr, defaults, eps, T)
         if inverse is not None:
             # W = exp(-y) = exp(-logSNR(eps)) exp(drop): the noise-to-signal ratio at eps, grown by exp(drop).
-            nsr_eps = _at_eps(nsr, t, eps, defaults)
+            nsr_eps = accurate_constant(nsr.xreplace({t: eps}), defaults)
             inverse = _accurate_inverse(inverse.xreplace({W: nsr_eps * sp.exp(DROP)}), lsnr, t, defaults, eps, T)
         if invert and inverse is None:
             tables.invert(tables.tabulate(lsnr, "logSNR(t)", absolute=True))
@@ -106,20 +106,6 @@ def importance(kind: str, lam: sp.Expr, v: sp.Expr, lsnr: sp.Expr, t: sp.Symbol,
     if invert and inverse is None:
         tables.invert(tables.tabulate(cdf, "CDF Q(t)", absolute=True))
     return Importance(q_ratio / Z, cdf, inverse, False)
-
-
-def _at_eps(nsr: sp.Expr, t: sp.Symbol, eps: sp.Expr, defaults: dict) -> sp.Expr:
-    """The noise-to-signal ratio at eps, a constant the module computes in float64: its form in t at eps, or that
-    with expm1 (e^u - 1 near t = 0 keeps 1e-16 / u of itself), the more accurate at the defaults; simplified anew
-    only where neither is within 1e-12 of its 30-digit value (SymPy's simplify of Chen's sigmoid schedule at
-    eps = 1e-5, numbers in every exponent, took 3.6 s of a 14 s compile and gave the same form)."""
-    at_eps = nsr.xreplace({t: eps})
-    forms = list(dict.fromkeys([at_eps, use_expm1_log1p(at_eps)]))
-    errors = [constant_error(f, defaults) for f in forms]
-    if min(errors) > 1e-12:
-        forms.append(simplest(at_eps))
-        errors.append(constant_error(forms[-1], defaults))
-    return forms[errors.index(min(errors))]
 
 
 def _accurate_cdf(partial, Z, t, defaults, eps, T) -> sp.Expr:
