@@ -213,8 +213,9 @@ class CosineVPSDE(torch.nn.Module):
         w2 = 2*torch.sin((t - s)*w1)*torch.sin(w1*(s + self._k5 + t))/torch.cos((1/2)*w0*(s + self.s))
         growth = self._expand((-w2).to(dtype), x)  # r - 1
         f = growth * x
-        G2 = (w2*(2 - w2)).to(dtype)
-        return f, torch.sqrt(torch.clamp(G2, min=0.0))
+        # G's square root too, before rounding: a G^2 under float32's least normal number (G < 1e-19) has few digits.
+        G2 = w2*(2 - w2)
+        return f, torch.sqrt(torch.clamp(G2, min=0.0)).to(dtype)
 
     def reverse(self, score_fn, probability_flow=False):
         """The reverse-time SDE dx = [f - g^2 s] dt + g dw (or the flow ODE dx/dt = f - g^2 s / 2)."""

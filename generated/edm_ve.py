@@ -195,8 +195,9 @@ class EDMVESDE(torch.nn.Module):
         dtype, t, s = t.dtype, t.to(torch.float64), s.to(torch.float64)
         growth = self._expand((torch.full_like(t, 0)).to(dtype), x)  # r - 1
         f = growth * x
-        G2 = ((t - s)*(s + t)).to(dtype)
-        return f, torch.sqrt(torch.clamp(G2, min=0.0))
+        # G's square root too, before rounding: a G^2 under float32's least normal number (G < 1e-19) has few digits.
+        G2 = (t - s)*(s + t)
+        return f, torch.sqrt(torch.clamp(G2, min=0.0)).to(dtype)
 
     def reverse(self, score_fn, probability_flow=False):
         """The reverse-time SDE dx = [f - g^2 s] dt + g dw (or the flow ODE dx/dt = f - g^2 s / 2)."""

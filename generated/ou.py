@@ -207,8 +207,9 @@ class OUSDE(torch.nn.Module):
         w2 = 2*self.theta
         growth = self._expand((w1).to(dtype), x)  # r - 1
         f = growth * x + self._expand((-w1*self.mu).to(dtype), x)
-        G2 = (self._k6*torch.exp(s*w2 - w2*t)*torch.expm1(2*w0)).to(dtype)
-        return f, torch.sqrt(torch.clamp(G2, min=0.0))
+        # G's square root too, before rounding: a G^2 under float32's least normal number (G < 1e-19) has few digits.
+        G2 = self._k6*torch.exp(s*w2 - w2*t)*torch.expm1(2*w0)
+        return f, torch.sqrt(torch.clamp(G2, min=0.0)).to(dtype)
 
     def reverse(self, score_fn, probability_flow=False):
         """The reverse-time SDE dx = [f - g^2 s] dt + g dw (or the flow ODE dx/dt = f - g^2 s / 2)."""

@@ -209,8 +209,9 @@ class SubvpSDE(torch.nn.Module):
         w2 = torch.expm1(t*(-1/2*w1 + (1/2)*self.beta_min*t - self.beta_min))**2
         growth = self._expand((torch.expm1(-1/4*(t - s)*(-s*self.beta_min + self._k3 + w0 + w1 - self.beta_min*t))).to(dtype), x)  # r - 1
         f = growth * x
-        G2 = (-w2*(-1 + torch.exp(-1/2*s*(s*self._k2 + self._k1) + (1/2)*t*(self._k1 + self._k2*t))*torch.expm1(s*((1/2)*s*self.beta_min - 1/2*w0 - self.beta_min))**2/w2)).to(dtype)
-        return f, torch.sqrt(torch.clamp(G2, min=0.0))
+        # G's square root too, before rounding: a G^2 under float32's least normal number (G < 1e-19) has few digits.
+        G2 = -w2*(-1 + torch.exp(-1/2*s*(s*self._k2 + self._k1) + (1/2)*t*(self._k1 + self._k2*t))*torch.expm1(s*((1/2)*s*self.beta_min - 1/2*w0 - self.beta_min))**2/w2)
+        return f, torch.sqrt(torch.clamp(G2, min=0.0)).to(dtype)
 
     def reverse(self, score_fn, probability_flow=False):
         """The reverse-time SDE dx = [f - g^2 s] dt + g dw (or the flow ODE dx/dt = f - g^2 s / 2)."""

@@ -206,8 +206,9 @@ class VDMSDE(torch.nn.Module):
         w0 = (t - s)*self._k0
         growth = self._expand((torch.expm1(-1/2*torch.log1p(self._k3*torch.exp(s*self.gamma_max - s*self.gamma_min)*torch.expm1(w0)/(torch.exp(s*self._k0 + self.gamma_min) + 1)))).to(dtype), x)  # r - 1
         f = growth * x
-        G2 = (-torch.expm1(-w0)/(torch.exp(-self._k0*t - self.gamma_min) + 1)).to(dtype)
-        return f, torch.sqrt(torch.clamp(G2, min=0.0))
+        # G's square root too, before rounding: a G^2 under float32's least normal number (G < 1e-19) has few digits.
+        G2 = -torch.expm1(-w0)/(torch.exp(-self._k0*t - self.gamma_min) + 1)
+        return f, torch.sqrt(torch.clamp(G2, min=0.0)).to(dtype)
 
     def reverse(self, score_fn, probability_flow=False):
         """The reverse-time SDE dx = [f - g^2 s] dt + g dw (or the flow ODE dx/dt = f - g^2 s / 2)."""

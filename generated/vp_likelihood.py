@@ -219,8 +219,9 @@ class VPLikelihoodSDE(torch.nn.Module):
         w0 = torch.expm1(-1/4*(t - s)*(s*self.beta_max - s*self.beta_min + self._k3 + self.beta_max*t - self.beta_min*t))
         growth = self._expand((w0).to(dtype), x)  # r - 1
         f = growth * x
-        G2 = (-w0*(w0 + 2)).to(dtype)
-        return f, torch.sqrt(torch.clamp(G2, min=0.0))
+        # G's square root too, before rounding: a G^2 under float32's least normal number (G < 1e-19) has few digits.
+        G2 = -w0*(w0 + 2)
+        return f, torch.sqrt(torch.clamp(G2, min=0.0)).to(dtype)
 
     def reverse(self, score_fn, probability_flow=False):
         """The reverse-time SDE dx = [f - g^2 s] dt + g dw (or the flow ODE dx/dt = f - g^2 s / 2)."""

@@ -1171,3 +1171,90 @@ def test_step_growth_of_a_logit_log_snr_keeps_its_digits():
             module = sde.to(dtype)
             for t0, rel, f, _, T, S in _short_steps(module, dtype, (1.5e-5, 3.3e-5, 1e-3, 0.3, 0.9)):
                 assert abs(f / (m(T) / m(S) - 1) - 1) <= bound, (dtype, t0, rel)
+
+
+# Hang et al.'s Cauchy logSNR schedule, mu + b tan(pi/2 (1 - 2t)) = mu + b cot(pi t): +inf at t = 0 and -inf at t = 1.
+CAUCHY = """sde cauchy
+param mu: real = 1
+param b = 1
+logsnr(t) = mu + b * tan(pi / 2 * (1 - 2 * t))
+t in [1e-3, 0.999]
+weighting likelihood
+t ~ importance
+"""
+
+
+@pytest.mark.parametrize("mu, b", [(1.0, 1.0), (0.0, 2.0), (-3.0, 0.5)])
+def test_inverse_cdf_of_the_cauchy_schedule(mu, b):
+    """t_icdf(u) = 1/2 - atan((y - mu) / b) / pi, y = logSNR(eps) - u Z, by mpmath, to 1e-9 relative for u in [0, 1],
+    float32 finite. SymPy's root atan(b / (y - mu)) / pi is the other branch once t > 1/2 (t_icdf = eps for every
+    u > 1/2), which log-spaced probes of [1e-3, 0.999] did not see; and the inverse table of logSNR was 5e-3 off
+    near u = 1/2, its tolerance taken from the logSNR's size below eps (6e13 at 1e-14 of t)."""
+    sde = type(sdelang.load(CAUCHY))(mu=mu, b=b).double()
+    u = np.concatenate([np.linspace(0.0, 1.0, 201), 0.5 + np.geomspace(1e-9, 1e-2, 8), 0.5 - np.geomspace(1e-9, 1e-2, 8)])
+    with mpmath.workdps(30):
+        L = lambda t: mu + b * mpmath.cot(mpmath.pi * t)   # noqa: E731
+        top, Z = L(mpmath.mpf("1e-3")), L(mpmath.mpf("1e-3")) - L(mpmath.mpf("0.999"))
+        want = np.array([float(mpmath.mpf(1) / 2 - mpmath.atan((top - mpmath.mpf(x) * Z - mu) / b) / mpmath.pi)
+                         for x in u])
+    with torch.no_grad():
+        got = sde.t_icdf(torch.tensor(u, dtype=torch.float64)).numpy()
+        got32 = sde.float().t_icdf(torch.tensor(u, dtype=torch.float32))
+    assert np.abs(got / want - 1).max() < 1e-9
+    assert torch.isfinite(got32).all() and (got32 >= 1e-3 * (1 - 1e-6)).all() and (got32 <= 0.999 * (1 + 1e-6)).all()
+
+
+def test_float32_noise_of_a_tiny_step():
+    """G below float32's normal range (1e-19) keeps its digits: its square, 1e-38 and below, was rounded to float32
+    before the square root (12 % off at t = 1e-3, s = t/2 for logSNR = 100 - 110 t). Against G^2 = -v(t)
+    expm1(logSNR(t) - logSNR(s)), v = sigmoid(-logSNR), in mpmath."""
+    sde = sdelang.load("sde steep\nlogsnr(t) = 100 - 110 * t\nt in [1e-4, 1]\n").float()
+    t = torch.tensor([1e-3, 2e-3, 1e-2], dtype=torch.float32)
+    s = t / 2
+    with torch.no_grad():
+        _, G = sde.discretize(torch.zeros(3, 1), t, s)
+    with mpmath.workdps(30):
+        want = [float(mpmath.sqrt(-mpmath.expm1(110 * (float(b) - float(a))) / (1 + mpmath.exp(100 - 110 * float(a)))))
+                for a, b in zip(t.tolist(), s.tolist())]
+    assert want[0] < 1e-19   # the case: a G^2 under float32's least normal number
+    assert np.abs(G.reshape(-1).double().numpy() / np.array(want) - 1).max() < 1e-5
+
+
+def test_step_growth_of_a_power_law_logsnr():
+    """r - 1 = m(t)/m(s) - 1 of a VP given by logSNR = -k log t + c0 (m^2 = sigmoid(logSNR)), over steps of 1e-5
+    and 1e-3 of t near eps and from s = 0, against mpmath: 1e-12 in float64, 1e-6 in float32. Written as a ratio of
+    square roots minus 1 it was 1.8e-4 off in float64 (the accurate form, a power's difference from s, was 0 inf at
+    s = 0, so it lost)."""
+    sde = sdelang.load("sde powlaw\nparam k = 2.5\nparam c0: real = 1\nlogsnr(t) = -k * log(t) + c0\n"
+                       "t in [1e-3, 5]\n")
+    t = np.array([1e-3, 1.34e-3, 1.8e-3, 1e-2, 0.3, 1e-3, 0.3])
+    s = np.concatenate([t[:5] * (1 - 1e-5), t[5:] * (1 - 1e-3)])
+    t, s = np.append(t, 2e-3), np.append(s, 0.0)
+    with mpmath.workdps(40):
+        m = lambda u: mpmath.sqrt(1 / (1 + mpmath.mpf(u) ** 2.5 * mpmath.exp(-1)))   # noqa: E731
+        want = np.array([float(m(a) / m(b) - 1) for a, b in zip(t, s)])
+    for dtype, bound in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+        with torch.no_grad():
+            f, _ = sde.to(dtype).discretize(torch.ones(len(t), 1, dtype=dtype), torch.tensor(t, dtype=dtype),
+                                            torch.tensor(s, dtype=dtype))
+        got = f.reshape(-1).double().numpy()
+        if dtype == torch.float32:   # float32 inputs: the reference at the times float32 holds
+            with mpmath.workdps(40):
+                want = np.array([float(m(float(np.float32(a))) / m(float(np.float32(b))) - 1) for a, b in zip(t, s)])
+        assert np.abs(got / want - 1).max() < bound, dtype
+
+
+def test_importance_cdf_near_eps_with_a_decaying_rate():
+    """Q(t) = (logSNR(eps) - logSNR(t)) / Z for an OU process with rate th0 / (1 + t), logSNR = -log((1 + t)^(2 th0)
+    - 1), in mpmath: 1e-9 relative at t = eps (1 + 1e-5), where Q ~ 6e-7. Its constant log(1 + eps), which SymPy
+    writes log(100001/100000), was math.log of the rounded ratio: Q(eps) = -4e-13 and 6.6e-7 relative off there."""
+    sde = sdelang.load("sde ou_decay\nparam th0 = 1.5\ndx = -th0 / (1 + t) * x dt + sqrt(2 * th0 / (1 + t)) dw\n"
+                       "t in [1e-5, 5]\nweighting likelihood\nt ~ importance\n").double()
+    t = 1e-5 * (1 + np.array([0.0, 1e-7, 1e-5, 1e-3, 0.1]))
+    with mpmath.workdps(40):
+        L = lambda u: -mpmath.log((1 + mpmath.mpf(u)) ** 3 - 1)   # noqa: E731
+        want = np.array([float((L(1e-5) - L(u)) / (L(1e-5) - L(5))) for u in t])
+    with torch.no_grad():
+        got = sde.t_cdf(torch.tensor(t, dtype=torch.float64)).numpy()
+    assert got[0] == want[0] == 0.0
+    assert np.abs(got[2:] / want[2:] - 1).max() < 1e-9 and abs(got[1] - want[1]) < 5e-16

@@ -241,7 +241,11 @@ def _solve(equation, t, target, forward, defaults, eps, T) -> sp.Expr | None:
         return None
     subs = {k: v for k, v in defaults.items()}
     lo, hi = float(eps.subs(subs)), float(T.subs(subs))
-    probes = np.exp(np.linspace(np.log(lo), np.log(hi), 7))[1:-1]
+    # Log-spaced and uniform: a root on the wrong branch for the upper half of the interval (atan(b / (y - mu)) / pi
+    # for a logSNR mu + b cot(pi t), wrong once t > 1/2) inverts every log-spaced probe of [1e-3, 0.999]. The uniform
+    # ones off the interval's round fractions, where a right root may be 0/0 (rectified flow's at t = 1/2).
+    probes = np.concatenate([np.exp(np.linspace(np.log(lo), np.log(hi), 7))[1:-1],
+                             lo + (hi - lo) * (np.arange(1, 6) + 0.1) / 6])
     for root in roots:
         # expand_log(force) turns log((1 + e^-y)^k) into k log(1 + e^-y), which cannot overflow.
         root = sp.expand_log(simplest(root), force=True)
