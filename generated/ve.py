@@ -86,7 +86,9 @@ class VESDE(torch.nn.Module):
             self._k2 = math.sqrt(math.log(self.sigma_max) - math.log(self.sigma_min))
             self._k3 = self.sigma_max**2
             self._k4 = self.sigma_min**2
-            self._k5 = math.log(self.sigma_max) - math.log(self.sigma_min)
+            self._k5 = math.log(self.sigma_min)
+            self._k6 = math.log(self.sigma_max)
+            self._k7 = math.log(self.sigma_max) - math.log(self.sigma_min)
         except (OverflowError, ValueError, ZeroDivisionError) as exc:
             # ValueError: math's 'math domain error', the log or root of a number these values make negative.
             problem = {OverflowError: "overflow float64", ZeroDivisionError: "divide by zero"}.get(
@@ -195,7 +197,7 @@ class VESDE(torch.nn.Module):
         """Exact transition over [s, t], by default s = max(t - T/N, 0): x_t = x_s + f + G z.
 
         r = m(t)/m(s), f = (r - 1) x + c(t) - r c(s), G^2 = v(t) - r^2 v(s) = -v(t) expm1(logSNR(t) - logSNR(s))
-          = -sigma_min^2*(sigma_max/sigma_min)^(2*t)*expm1(-2*(-s + t)*(log(sigma_max) - log(sigma_min)))
+          = sigma_min^2*exp(2*s*log(sigma_max) - 2*s*log(sigma_min))*expm1(2*(-s + t)*(log(sigma_max) - log(sigma_min)))
         Pass s (shape [B], s <= t) for a step of another length, as samplers on their own grids do.
         """
         if s is None:
@@ -207,7 +209,7 @@ class VESDE(torch.nn.Module):
         growth = self._expand((torch.full_like(t, 0)).to(dtype), x)  # r - 1
         f = growth * x
         # G's square root too, before rounding: a G^2 under float32's least normal number (G < 1e-19) has few digits.
-        G2 = -self._k0**(2*t)*self._k4*torch.expm1(-2*(t - s)*self._k5)
+        G2 = self._k4*torch.exp(-2*s*self._k5 + 2*s*self._k6)*torch.expm1(2*(t - s)*self._k7)
         return f, torch.sqrt(torch.clamp(G2, min=0.0)).to(dtype)
 
     def reverse(self, score_fn, probability_flow=False):

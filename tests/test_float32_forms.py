@@ -123,3 +123,29 @@ def test_float32_discretize_noise_with_initial_variance(ve_v0, smin, ratio, v0, 
     for ti, si, gi in zip(t.tolist(), starts.tolist(), G.tolist()):
         want = G_exact(smin, smin * ratio, ti, si)
         assert abs(gi - want) <= 1e-5 * want, (ti, si, gi, want)
+
+
+def test_forms_at_moved_parameters_are_measured_as_the_module_computes_them():
+    """symbolic._stressed_errors (the tie-break at parameters moved 100-fold) evaluates each form with its constant
+    subexpressions computed once at 30 digits and the rest in float32, without putting the values into the SymPy
+    form: log(expm1(k t)) overflows float32 at k = 100 on [0, 2] (inf), k t + log(-expm1(-k t)) does not; and where
+    both are finite the errors agree with those of the forms with the values put in (the slower path it replaced)
+    to a factor of 3, or both are float32 rounding."""
+    import sympy as sp
+    from sympy.codegen.cfunctions import expm1
+
+    from sdelang.compiler.derive import symbolic
+
+    t, k = sp.Symbol("t", positive=True), sp.Symbol("k", positive=True)
+    forms = [sp.log(expm1(k * t)), k * t + sp.log(-expm1(-k * t))]
+    columns = (np.geomspace(1e-5, 2.0, 25).astype(np.float32).astype(np.float64),)
+    errors = symbolic._stressed_errors(forms, (t,), columns, {k: 100.0}, 0.0)
+    assert errors[0] == np.inf and errors[1] < 1e-6
+    forms = [sp.exp(-k * t) * expm1(k * t), -expm1(-k * t), (1 + k * t - sp.exp(-k * t) - k * t)]
+    for value in (0.01, 1.0, 100.0):
+        fast = symbolic._stressed_errors(forms, (t,), columns, {k: value}, 0.0)
+        ats = [symbolic._at_defaults(f, {k: value}) for f in forms]
+        reference = symbolic._reference(ats, (t,), columns)
+        slow = [symbolic._float32_error(at, (t,), columns, reference) for at in ats]
+        for a, b in zip(fast, slow):
+            assert max(a, b) < symbolic.ROUNDING_TIE or a / 3 <= b <= 3 * a, (value, fast, slow)

@@ -835,19 +835,101 @@ def most_accurate(candidates: list[sp.Expr], t: sp.Symbol | tuple[sp.Symbol, ...
         # Only the parameters the forms use (a program with 10,000 parameters made 20,000 copies of all of them).
         used = set().union(*(s[3].free_symbols for s in tied))
         for stressed in _stressed({k: v for k, v in defaults.items() if k in used}):
-            ats = [bounded(_at_defaults, s[3], stressed, seconds=SIMPLIFY_LIMIT) for s in tied]
-            if any(at is None for at in ats):
-                continue
-            reference = _reference(ats, variables, columns)
-            if reference is None or not np.isfinite(reference).all():
-                continue
-            errors = [_float32_error(at, variables, columns, reference, floor) for at in ats]
-            if any(e is None for e in errors):
+            errors = _stressed_errors([s[3] for s in tied], variables, columns, stressed, floor)
+            if errors is None:
                 continue
             for s, e in zip(tied, errors):
                 worst[id(s[3])] = max(worst[id(s[3])], e)
         tied = _tied([(worst[id(s[3])], *s[1:]) for s in tied])
     return min(tied, key=lambda s: (s[1], s[0], s[2]))[3]
+
+
+def _stressed_errors(exprs, variables, columns, values: dict, floor: float) -> list[float] | None:
+    """The float32 error of each form at the parameter values, or None where a form cannot be evaluated there or
+    the reference is not finite.
+
+    Where numpy's long double is wider than float64, each form is evaluated as the module evaluates it, its
+    constant subexpressions (parameters included) computed once with 30 digits and the rest in float32 (and in
+    long double for the reference), without putting the values into the SymPy form: that makes SymPy evaluate
+    the whole form again for every parameter set, which took 2.5-11 s of a compile with seven parameters."""
+    if np.finfo(np.longdouble).eps >= 1e-18:
+        ats = [bounded(_at_defaults, e, values, seconds=SIMPLIFY_LIMIT) for e in exprs]
+        if any(at is None for at in ats):
+            return None
+        reference = _reference(ats, variables, columns)
+        if reference is None or not np.isfinite(reference).all():
+            return None
+        errors = [_float32_error(at, variables, columns, reference, floor) for at in ats]
+        return None if any(e is None for e in errors) else errors
+    exact = {k: exact_value(v) for k, v in values.items()}
+    evaluated = []
+    for expr in exprs:
+        try:
+            fn, constants = _with_constants(expr, tuple(variables))
+            with mpmath.workdps(30):
+                consts = constants(exact)
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError, KeyError):
+            return None
+        if not all(isinstance(c, mpmath.mpf) and mpmath.isfinite(c) for c in consts):
+            return None
+        try:
+            with np.errstate(all="ignore"):
+                low = [np.asarray(fn(*(c.astype(np.float32) for c in columns), *map(float, consts)), np.float32)
+                       * np.ones(len(columns[0]), np.float32)]
+                high = np.asarray(fn(*(c.astype(np.longdouble) for c in columns),
+                                     *(np.longdouble(mpmath.nstr(c, 25)) for c in consts)), np.longdouble)
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+            return None
+        evaluated.append((low[0], high * np.ones(len(columns[0]), np.longdouble)))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "All-NaN slice encountered", RuntimeWarning)
+        reference = np.nanmedian(np.array([h for _, h in evaluated]), axis=0).astype(np.float64)
+    if not np.isfinite(reference).all():
+        return None
+    errors = []
+    for low, _ in evaluated:
+        values32 = low.astype(np.float64)
+        with np.errstate(all="ignore"):
+            rel = np.abs(values32 - reference) / np.maximum(np.abs(reference), max(floor, 1e-300))
+        err = float(np.max(rel))
+        errors.append(err if np.isfinite(err) and not np.isnan(values32).any() else np.inf)
+    return errors
+
+
+@lru_cache(maxsize=256)
+def _with_constants(expr: sp.Expr, variables: tuple[sp.Symbol, ...]):
+    """(fn, constants): expr (expm1 and log1p written as code generation writes them) as a numpy function of the
+    variables and of its constant subexpressions, each largest subexpression free of the variables (a parameter,
+    exp(k/2), sqrt(2)) an argument; and a function of the parameters' exact values giving the constants' values in
+    mpmath. Printed, not rebuilt: SymPy's constructors with a symbol in each constant's place were as slow as
+    putting the values in."""
+    body = use_expm1_log1p(expr)
+    dependent = set(variables)
+    for node in sp.postorder_traversal(body):
+        if any(a in dependent for a in node.args):
+            dependent.add(node)
+    constants: dict[sp.Expr, str] = {}
+
+    class Hoisting(_NumPyText):
+        def _print(self, e, **kwargs):
+            if isinstance(e, sp.Expr) and not e.is_Number and e not in dependent:
+                return constants.setdefault(e, f"_c{len(constants)}")
+            return super()._print(e, **kwargs)
+
+    printer = Hoisting({"inline": True, "allow_unknown_functions": True})
+    text = printer.doprint(body)
+    names = [printer.doprint(v) for v in variables] + list(constants.values())
+    if any(not n.isidentifier() or keyword.iskeyword(n) or n in _NUMPY_NAMES for n in names):
+        raise ValueError("a variable's printed name is not an identifier")
+    fn = eval(f"lambda {', '.join(names)}: ({text})", dict(_NUMPY_NAMES))  # noqa: S307
+    params = sorted(set().union(*(c.free_symbols for c in constants)), key=sp.default_sort_key)
+    values = sp.lambdify(params, list(constants), modules=[{"softplus": lambda u: mpmath.log1p(mpmath.exp(u))},
+                                                           "mpmath"])
+
+    def at(exact):
+        return [mpmath.mpmathify(v) for v in values(*(mpmath.mpf(exact[p].p) / exact[p].q if exact[p].is_Rational
+                                                      else mpmath.mpf(float(exact[p])) for p in params))]
+    return fn, at
 
 
 def _tied_in_float64(tied, forms, variables, columns):
