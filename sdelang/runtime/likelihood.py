@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .config import DEFAULT_LIKELIHOOD_SOLVER, DEFAULT_NORM
 from .logsnr import log_snr_times
-from .ode import ADAPTIVE_SOLVERS, NORMS, solve
+from .ode import ADAPTIVE_SOLVERS, NORMS, breakpoints, solve_through
 from .kinds import kind_of, unavailable_reason
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -125,13 +125,13 @@ def log_likelihood(sde, score_fn: ScoreFn, x: Tensor, *, exact_trace: bool = Fal
             rest = divergence(drift - sde.sde(xg, tb)[0], xg)
         return drift.detach(), sde.drift_divergence(xt, tb) + rest
 
-    # float64 times: torchdiffeq keeps time in float64 whatever the state's dtype.
-    times = torch.tensor([float(sde.eps), float(sde.T)], dtype=torch.float64, device=x.device)
     with torch.no_grad():
-        # ode.solve lands the last step on T: the coefficients may not exist past it (cosine schedule).
-        xs, integrals = solve(flow, (x0, x0.new_zeros(x0.shape[0])), times, rtol=rtol, atol=atol,
-                              method=method, norm=norm)
-        estimates = sde.prior_logp(xs[-1]) + integrals[-1]
+        # ode.solve lands the last step on T: the coefficients may not exist past it (cosine schedule). float64 times:
+        # torchdiffeq keeps time in float64 whatever the state's dtype. The kinks of the coefficients, if any, are
+        # segment ends on the way.
+        xT, integral = solve_through(flow, (x0, x0.new_zeros(x0.shape[0])), breakpoints(sde), rtol=rtol, atol=atol,
+                                     method=method, norm=norm, device=x.device)
+        estimates = sde.prior_logp(xT) + integral
         if coupled:
             estimates = estimates - initial
         estimates = estimates.reshape(copies, batch)

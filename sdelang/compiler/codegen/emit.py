@@ -284,6 +284,18 @@ def emit_coupled(d: CoupledDerivation) -> str:
     return _env.get_template("coupled.py.j2").render(**context)
 
 
+def _kink_arguments(d: Derivation) -> list[sp.Expr]:
+    """The arguments u(t) of abs and sign in the SDE's coefficients, its kernel and its table columns: where one crosses
+    0 they have a kink or a jump. The module finds those times at construction (the parameters move them): its table
+    builder places a piece boundary there, and the runtime's ODE solves land on them (kink_times)."""
+    t = d.program.t
+    exprs = [d.a, d.b, d.g2, d.kernel.m, d.kernel.c, d.kernel.v]
+    exprs += [spec.expr.xreplace({BUILD_VARIABLE: t}) for spec in d.tables.columns] if d.tables else []
+    return sorted({f.args[0] for e in exprs for f in e.atoms(sp.Abs, sp.sign)
+                   if f.args[0].has(t) and not f.args[0].has(Column, Total, Tabulated, sp.Integral)},
+                  key=sp.default_sort_key)
+
+
 def _tables_context(d: Derivation, pool: ConstantPool, names: dict) -> dict | None:
     """What templates/_tables.j2 needs: the columns' code and the builder's arguments."""
     tables = d.tables
@@ -306,10 +318,6 @@ def _tables_context(d: Derivation, pool: ConstantPool, names: dict) -> dict | No
             describe = f"integrand of an integral from {_formula(spec.lower)}"
             lowers.append(bound.results[0])
         columns.append(dict(code=code, describe=describe))
-    # Where an argument of abs or sign in a column crosses 0 the column has a kink or a jump: the builder places a
-    # piece boundary there (found at construction, as the parameters move it).
-    kinks = sorted({f.args[0] for spec in tables.columns for f in spec.expr.atoms(sp.Abs, sp.sign)
-                    if f.args[0].has(BUILD_VARIABLE) and not f.args[0].has(Column, Total)}, key=sp.default_sort_key)
     definitions = [f"Tabulated({k}, t) = {spec.name} = {_formula(plain_names(spec.definition))}"
                    for k, spec in enumerate(tables.columns[j] for j in tables.stored)]
     if tables.inverse is not None:
@@ -322,7 +330,6 @@ def _tables_context(d: Derivation, pool: ConstantPool, names: dict) -> dict | No
         floors="(" + ", ".join(floors) + ",)",
         stored="(" + ", ".join(map(str, tables.stored)) + ",)",
         inverse=tables.inverse,
-        kinks=generate(kinks, pool, build_names) if kinks else None,
         definitions=definitions,
         summary=(f"piecewise Chebyshev series ({TABLE_DEGREE} points a piece) built when the module is "
                  f"constructed, pieces halved until resolved to {TABLE_TOLERANCE:g}:"),
@@ -370,6 +377,7 @@ def emit_affine(d: Derivation) -> str:
     numeric_inverse = not uniform and imp.inverse is None
     settings = code(p.eps, p.T, p.v0)
     tables = _tables_context(d, pool, names)
+    kinks = _kink_arguments(d)
 
     def written(expr: sp.Expr) -> sp.Expr:
         return fold(expr, p.helpers, p.t)
@@ -394,6 +402,7 @@ def emit_affine(d: Derivation) -> str:
         _shared(p, pool),
         table_constants=pool.lines(scalar.names, tables=True),
         tables=tables,
+        kinks=code(*kinks) if kinks else None,
         degree=TABLE_DEGREE,
         tolerance=f"{TABLE_TOLERANCE:g}",
         rounds=TABLE_ROUNDS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..kinds import kind_of
-from ..ode import ADAPTIVE_SOLVERS, solve
+from ..ode import ADAPTIVE_SOLVERS, breakpoints, solve_through
 from .common import Counted, Samples, check_choice, check_positive, fixed_step, require_kernel, run, start, tweedie
 
 
@@ -23,10 +23,10 @@ def probability_flow(sde, score_fn, shape, *, rtol=1e-5, atol=1e-5, solver="dopr
     score = Counted(score_fn)
     flow = sde.reverse(score, probability_flow=True)
     batch = x.shape[:1]
-    times = torch.tensor([float(sde.T), float(sde.eps)], dtype=x.dtype, device=x.device)
-    # The drift is evaluated in x's dtype; ode.solve never steps past eps (below it, VP's g^2 < 0).
-    x = solve(lambda t, y: flow.sde(y, t.to(y.dtype).expand(batch))[0], x, times, rtol=rtol, atol=atol,
-              method=solver)[-1]
+    # The drift is evaluated in x's dtype; ode.solve never steps past eps (below it, VP's g^2 < 0). Kinks of the
+    # coefficients, if any, are segment ends on the way.
+    x = solve_through(lambda t, y: flow.sde(y, t.to(y.dtype).expand(batch))[0], x, breakpoints(sde)[::-1], rtol=rtol,
+                      atol=atol, method=solver, dtype=x.dtype, device=x.device)
     if denoise:
         x = tweedie(sde, score, x)
     return Samples(x, score.calls)
