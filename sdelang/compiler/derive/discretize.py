@@ -286,13 +286,23 @@ def power_steps(N: sp.Expr, t: sp.Symbol) -> tuple[sp.Expr, sp.Expr, sp.Expr, sp
         if Q != 1 and e_den != e:
             return None
         q = P / Q
-    if e.has(t) or not q.has(t) or e == 1 or q.xreplace({t: 0}).is_zero is not False:
+    if e.has(t) or not q.has(t) or e == 1 or _at_zero(q, t).is_zero is not False:
         return None
     q_start = q.xreplace({t: START})
     d = sp.factor(sp.together(q - q_start)) if q.is_rational_function(t) else step_difference(q, t)
     if not d.has(START) or d.has(sp.Integral):
         return None
     return C, e, q_start, d
+
+
+def _at_zero(q: sp.Expr, t: sp.Symbol) -> sp.Expr:
+    """q at t = 0, as the limit from above where putting 0 in is undefined: 1 + exp(k log t - c0) (a VP given by
+    logSNR = -k log t + c0) is 1 there, not nan."""
+    value = q.xreplace({t: 0})
+    if value.has(sp.nan, sp.zoo, sp.oo, -sp.oo):
+        limit = bounded(sp.limit, q, t, 0, "+", seconds=SIMPLIFY_LIMIT)
+        return limit if limit is not None else value
+    return value
 
 
 def _monomial(term, X, Y):
