@@ -553,3 +553,18 @@ def test_a_stiff_stable_drift_gets_its_input_scaling_table():
     calm = sdelang.load("sde calm\ndx = -x^3 dt + dw\nt in [1e-3, 2]\nprior normal(0, 1)\nweighting 1\n")
     assert torch.equal(models.simulated_moments(calm, 1.0, paths=1024),
                        models._moment_table(calm.to("cpu", torch.float64), 1.0, models.MOMENT_POINTS, 1024, 0, 1))
+
+
+def test_sign_of_the_state_is_differentiated_almost_everywhere():
+    """sign(x) in a general SDE's drift and diffusion: d/dx sign(x) is 0 away from x = 0 (SymPy's 2 DiracDelta(x),
+    which stopped the compile with an internal error). The module's drift divergence and d(g^2)/dx are autograd's,
+    written here: for f = -sign(x) x^2, div f = -2 |x| per entry; for g^2 = 2 + sign(x), d(g^2)/dx = 0."""
+    sde = sdelang.load("sde signs\ndx = -sign(x) * x^2 dt + sqrt(2 + sign(x)) dw\nprior normal(0, 1)\nweighting 1\n")
+    x = torch.tensor([[-1.5, 0.3, 2.0], [0.7, -0.2, -3.0]], dtype=F64)
+    t = torch.full((2,), 0.5, dtype=F64)
+    sde = sde.double()
+    assert torch.allclose(sde.drift_divergence(x, t), (-2 * x.abs()).sum(1), rtol=1e-14, atol=0)
+    assert torch.equal(sde.noise_gradient(x, t), torch.zeros_like(x))
+    drift, g = sde.sde(x, t)
+    assert torch.allclose(drift, -torch.sign(x) * x**2, rtol=1e-15, atol=0)
+    assert torch.allclose(g**2, 2 + torch.sign(x), rtol=1e-15, atol=0)

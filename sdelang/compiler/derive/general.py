@@ -62,10 +62,16 @@ def unavailable(p: Program) -> dict[str, str]:
     }
 
 
+def _almost_everywhere(expr: sp.Expr) -> sp.Expr:
+    """expr with the Dirac deltas that d/dx of sign(x) (or of |x|'s derivative) brings dropped: the derivative
+    almost everywhere, as autograd takes it. (Printed, a DiracDelta stopped the compile with an internal error.)"""
+    return expr.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.S.Zero)
+
+
 def derive_general(p: Program) -> GeneralDerivation:
     x = p.x
     g2 = p.diffusion**2
-    gradient = sp.diff(g2, x)
+    gradient = _almost_everywhere(sp.diff(g2, x))
     weight = g2 if p.weighting == "likelihood" else p.weighting_expr
     assert p.prior_mean is not None and p.prior_variance is not None, "the checker requires a stated prior"
     return GeneralDerivation(
@@ -74,7 +80,7 @@ def derive_general(p: Program) -> GeneralDerivation:
         noise_gradient=gradient,
         reverse_drift=p.drift - gradient - g2 * SCORE,
         flow_drift=p.drift - gradient / 2 - g2 * SCORE / 2,
-        divergence=sp.diff(p.drift, x),
+        divergence=_almost_everywhere(sp.diff(p.drift, x)),
         weight=weight,
         prior_mean=p.prior_mean,
         prior_variance=p.prior_variance,
