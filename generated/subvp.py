@@ -102,10 +102,10 @@ class SubvpSDE(torch.nn.Module):
         return f"the parameters beta_min = {self.beta_min!r}, beta_max = {self.beta_max!r}"
 
     def _check_parameters(self):
-        """The functions of t finite at 65 times in [eps, T] and t_icdf inverting t_cdf to 1e-6 at 65 values of u,
-        at the parameters given (float64, once, where the module is built): see _FAR_FROM_DEFAULTS. On the meta
-        device (deferred initialisation) there are no values to check; the same parameters built on a real device
-        are checked."""
+        """The functions of t finite at 65 times in [eps, T], the weighting and the density of t not negative there,
+        and t_icdf inverting t_cdf to 1e-6 at 65 values of u, at the parameters given (float64, once, where the
+        module is built): see _FAR_FROM_DEFAULTS. On the meta device (deferred initialisation) there are no values
+        to check; the same parameters built on a real device are checked."""
         if self._anchor.is_meta:
             return
         u = torch.linspace(0.0, 1.0, 65, dtype=torch.float64, device=self._anchor.device)
@@ -117,6 +117,11 @@ class SubvpSDE(torch.nn.Module):
                     at = (u if name == "t_icdf" else t)[~torch.isfinite(values)][0]
                     raise ValueError(f"{name} is not finite at {'u' if name == 't_icdf' else 't'} = {float(at):.4g} "
                                      f"with {self._parameter_values()}: {self._FAR_FROM_DEFAULTS}")
+                if name in ("weight", "t_density") and (values < 0).any():
+                    raise ValueError(f"{name} is negative at t = {float(t[values < 0][0]):.4g} with "
+                                     f"{self._parameter_values()}: the weighting must be positive on [eps, T] (the "
+                                     f"compiler proved it at the program's defaults, not at these values); choose "
+                                     f"other values")
             miss = (self.t_cdf(values) - u).abs().max()   # values: t_icdf(u), the loop's last
         if not miss <= 1e-6:
             raise ValueError(f"t_icdf misses the inverse of t_cdf by {float(miss):.2g} with "
