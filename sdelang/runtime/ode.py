@@ -69,14 +69,16 @@ def breakpoints(sde) -> list[float]:
 def solve_through(func, y0, points, *, rtol: float, atol: float, method: str = "dopri5", norm: str = DEFAULT_NORM,
                   dtype=torch.float64, device=None):
     """The state at points[-1]: solve (below) from points[0] over each segment between consecutive points (breakpoints'
-    list, or its reverse), each segment from one unit of float64 inside its start, so that no evaluation sits on
-    a kink: there sign(0) = 0 gives the coefficient neither side's value, and the step that ends on the kink hands
-    its last evaluation (Dormand and Prince's first-same-as-last) to the next as its first. Times as `dtype` on
-    `device` (the state's for the flow sampler, float64 for the likelihood)."""
+    list, or its reverse), each segment after the first from one unit of `dtype` inside its start, so that no
+    evaluation sits on a kink: there sign(0) = 0 gives the coefficient neither side's value, and the step that ends
+    on the kink hands its last evaluation (Dormand and Prince's first-same-as-last) to the next as its first; in
+    float32, 0.4 rounds to above 0.4. Times as `dtype` on `device` (the state's for the flow sampler, float64 for
+    the likelihood)."""
     state = y0
     for i, (a, b) in enumerate(zip(points[:-1], points[1:])):
-        start = a if i == 0 else math.nextafter(a, b)
-        times = torch.tensor([start, b], dtype=dtype, device=device)
+        times = torch.tensor([a, b], dtype=dtype, device=device)
+        if i > 0:
+            times[0] = torch.nextafter(times[0], times[1])
         if not times[0] != times[1]:   # a segment under one unit of `dtype`: nothing to solve
             continue
         out = solve(func, state, times, rtol=rtol, atol=atol, method=method, norm=norm)
