@@ -68,6 +68,20 @@ def _almost_everywhere(expr: sp.Expr) -> sp.Expr:
     return expr.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.S.Zero)
 
 
+def _sech_squared(expr: sp.Expr) -> sp.Expr:
+    """c - c tanh(u)^2 (SymPy's derivative of tanh) as c / cosh(u)^2: in float32 the difference kept 6e-5 of the
+    divergence of a tanh drift at |x| = 4 and nothing past |x| = 9 (float64: past 19)."""
+    def rewrite(e):
+        if len(e.args) != 2:
+            return e
+        for a, b in (e.args, e.args[::-1]):
+            for f in sp.Mul.make_args(b):
+                if f.is_Pow and f.exp == 2 and isinstance(f.base, sp.tanh) and b / f == -a:
+                    return a / sp.cosh(f.base.args[0])**2
+        return e
+    return expr.replace(lambda e: e.is_Add, rewrite)
+
+
 def derive_general(p: Program) -> GeneralDerivation:
     x = p.x
     g2 = p.diffusion**2
@@ -80,7 +94,7 @@ def derive_general(p: Program) -> GeneralDerivation:
         noise_gradient=gradient,
         reverse_drift=p.drift - gradient - g2 * SCORE,
         flow_drift=p.drift - gradient / 2 - g2 * SCORE / 2,
-        divergence=_almost_everywhere(sp.diff(p.drift, x)),
+        divergence=_sech_squared(_almost_everywhere(sp.diff(p.drift, x))),
         weight=weight,
         prior_mean=p.prior_mean,
         prior_variance=p.prior_variance,
