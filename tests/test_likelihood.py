@@ -453,14 +453,15 @@ def test_flow_solves_land_on_the_kinks_of_the_coefficients():
         return -(x - mean[:, None]) / var[:, None]
 
     x = mu + s0 * torch.randn(64, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    (me, ve, _), (mT, vT, noise) = moments(torch.tensor(1e-5, dtype=torch.float64)), moments(torch.tensor(1.0, dtype=torch.float64))
+    eps, T = torch.tensor(1e-5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    (me, ve, _), (mT, vT, noise) = moments(eps), moments(T)
     xT = mT + (vT / ve).sqrt() * (x - me)
     want = -0.5 * (xT**2).sum(1) / noise - 0.5 * d * torch.log(2 * math.pi * noise) + 0.5 * d * torch.log(vT / ve)
     got = log_likelihood(sde, score, x, exact_trace=True, rtol=1e-9, atol=1e-9).logp
     assert (got - want).abs().max() < 4e-8
     start = mT + vT.sqrt() * torch.randn(4000, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     at_eps = me + (ve / vT).sqrt() * (start - mT)
-    _, _, v_eps = moments(torch.tensor(1e-5, dtype=torch.float64))
+    _, _, v_eps = moments(eps)
     want = (at_eps - v_eps * (at_eps - me) / ve) / (me / mu)   # Tweedie's denoised mean at eps
     out = sample(sde, score, (4000, d), method="ode", x_T=start)
     assert ((out.x - want).pow(2).mean().sqrt() / s0) < 1e-4

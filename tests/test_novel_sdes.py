@@ -1191,7 +1191,8 @@ def test_inverse_cdf_of_the_cauchy_schedule(mu, b):
     u > 1/2), which log-spaced probes of [1e-3, 0.999] did not see; and the inverse table of logSNR was 5e-3 off
     near u = 1/2, its tolerance taken from the logSNR's size below eps (6e13 at 1e-14 of t)."""
     sde = type(sdelang.load(CAUCHY))(mu=mu, b=b).double()
-    u = np.concatenate([np.linspace(0.0, 1.0, 201), 0.5 + np.geomspace(1e-9, 1e-2, 8), 0.5 - np.geomspace(1e-9, 1e-2, 8)])
+    near = np.geomspace(1e-9, 1e-2, 8)
+    u = np.concatenate([np.linspace(0.0, 1.0, 201), 0.5 + near, 0.5 - near])
     with mpmath.workdps(30):
         L = lambda t: mu + b * mpmath.cot(mpmath.pi * t)   # noqa: E731
         top, Z = L(mpmath.mpf("1e-3")), L(mpmath.mpf("1e-3")) - L(mpmath.mpf("0.999"))

@@ -874,13 +874,13 @@ def _stressed_errors(exprs, variables, columns, values: dict, floor: float) -> l
             return None
         try:
             with np.errstate(all="ignore"):
-                low = [np.asarray(fn(*(c.astype(np.float32) for c in columns), *map(float, consts)), np.float32)
-                       * np.ones(len(columns[0]), np.float32)]
+                low = np.asarray(fn(*(c.astype(np.float32) for c in columns), *map(float, consts)), np.float32)
                 high = np.asarray(fn(*(c.astype(np.longdouble) for c in columns),
                                      *(np.longdouble(mpmath.nstr(c, 25)) for c in consts)), np.longdouble)
         except (TypeError, ValueError, ZeroDivisionError, OverflowError):
             return None
-        evaluated.append((low[0], high * np.ones(len(columns[0]), np.longdouble)))
+        ones = np.ones(len(columns[0]))   # a form constant in the variables gives one number
+        evaluated.append((low * ones.astype(np.float32), high * ones.astype(np.longdouble)))
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "All-NaN slice encountered", RuntimeWarning)
         reference = np.nanmedian(np.array([h for _, h in evaluated]), axis=0).astype(np.float64)
