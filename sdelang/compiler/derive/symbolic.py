@@ -881,19 +881,10 @@ def _stressed_errors(exprs, variables, columns, values: dict, floor: float) -> l
             return None
         ones = np.ones(len(columns[0]))   # a form constant in the variables gives one number
         evaluated.append((low * ones.astype(np.float32), high * ones.astype(np.longdouble)))
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "All-NaN slice encountered", RuntimeWarning)
-        reference = np.nanmedian(np.array([h for _, h in evaluated]), axis=0).astype(np.float64)
+    reference = _median([high for _, high in evaluated])
     if not np.isfinite(reference).all():
         return None
-    errors = []
-    for low, _ in evaluated:
-        values32 = low.astype(np.float64)
-        with np.errstate(all="ignore"):
-            rel = np.abs(values32 - reference) / np.maximum(np.abs(reference), max(floor, 1e-300))
-        err = float(np.max(rel))
-        errors.append(err if np.isfinite(err) and not np.isnan(values32).any() else np.inf)
-    return errors
+    return [_relative_error(low.astype(np.float64), reference, floor) for low, _ in evaluated]
 
 
 @lru_cache(maxsize=256)
@@ -1043,7 +1034,12 @@ def _float32_error(at: sp.Expr, variables, columns, reference: np.ndarray, floor
     values = _evaluate(at, variables, columns, np.float32)
     if values is None:
         return None
-    values = values.astype(np.float64)
+    return _relative_error(values.astype(np.float64), reference, floor)
+
+
+def _relative_error(values: np.ndarray, reference: np.ndarray, floor: float) -> float:
+    """The largest |values - reference| / max(|reference|, floor) where the reference is finite; inf if a value is
+    NaN or the error is not finite."""
     finite = np.isfinite(reference)
     with np.errstate(all="ignore"):
         rel = np.abs(values - reference) / np.maximum(np.abs(reference), max(floor, 1e-300))
@@ -1073,11 +1069,16 @@ def _reference(ats, variables, columns) -> np.ndarray | None:
     if np.finfo(np.longdouble).eps < 1e-18:
         values = [v for at in ats if (v := _evaluate(at, variables, columns, np.longdouble)) is not None]
         if values:
-            # A point where every candidate is NaN has no reference: NaN there, which numpy also warns of.
-            with np.errstate(all="ignore"), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "All-NaN slice encountered", RuntimeWarning)
-                return np.nanmedian(np.array(values), axis=0).astype(np.float64)
+            return _median(values)
     return _exact(ats, variables, columns)
+
+
+def _median(values: list[np.ndarray]) -> np.ndarray:
+    """The elementwise median of equal-length value arrays, in float64; NaN where all are NaN (a point where every
+    candidate is NaN has no reference), without numpy's warning of it."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "All-NaN slice encountered", RuntimeWarning)
+        return np.nanmedian(np.array(values), axis=0).astype(np.float64)
 
 
 def rationalize_roots(expr: sp.Expr) -> sp.Expr:
